@@ -1,0 +1,339 @@
+//! Configuration: the TOML file, its defaults, and the checks that refuse a bad one.
+//!
+//! Every section and key is documented in `turnstile.toml` at the repository root. Unknown keys
+//! and wrong types are errors (serde's `deny_unknown_fields`), and the message names the key, so
+//! a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::router::HashKind;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The HTTP server.
+    pub server: ServerConfig,
+    /// How many partitions there are and how keys map to them.
+    pub partitions: PartitionsConfig,
+    /// The route cache (user → key).
+    pub routes: RoutesConfig,
+    /// The rule component and the limits it runs under.
+    pub rule: RuleConfig,
+    /// The per-partition store.
+    pub store: StoreConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP API listens on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger bodies get 400 before any parsing.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[partitions]`: N = servers × containers (patent claim 6).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartitionsConfig {
+    /// Number of servers in the deployment.
+    pub servers: u32,
+    /// Number of containers per server.
+    pub containers: u32,
+    /// Hash function of the partitioner.
+    pub hash: HashKind,
+    /// Capacity of each partition's queue; a full queue answers 503 (backpressure).
+    pub queue_capacity: usize,
+    /// Most requests one partition applies in one group commit.
+    pub max_batch: usize,
+}
+
+impl Default for PartitionsConfig {
+    fn default() -> Self {
+        PartitionsConfig {
+            servers: 1,
+            containers: 4,
+            hash: HashKind::Java,
+            queue_capacity: 4096,
+            max_batch: 256,
+        }
+    }
+}
+
+impl PartitionsConfig {
+    /// N, the number of partitions.
+    pub fn count(&self) -> u32 {
+        self.servers.saturating_mul(self.containers)
+    }
+}
+
+/// `[routes]`: the temporary route cache of patent claims 3 and 5.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutesConfig {
+    /// How long a user's route lives after its last keyed request, in seconds.
+    pub ttl_seconds: u64,
+    /// Most routes kept in memory; older ones are still found in the partitions' stores.
+    pub capacity: usize,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        RoutesConfig {
+            ttl_seconds: 24 * 60 * 60,
+            capacity: 1_000_000,
+        }
+    }
+}
+
+impl RoutesConfig {
+    /// The TTL as a duration.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_seconds)
+    }
+}
+
+/// `[rule]`: which component decides transitions, and the sandbox it runs in.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleConfig {
+    /// Path of the rule component; none means the embedded reference rule.
+    pub path: Option<PathBuf>,
+    /// Instruction budget of one call (wasmtime fuel).
+    pub fuel: u64,
+    /// Wall-clock limit of one call, in milliseconds.
+    pub deadline_ms: u64,
+    /// Most linear memory a rule instance may have, in bytes.
+    pub max_memory_bytes: usize,
+    /// Most bytes of a rule component file.
+    pub max_module_bytes: usize,
+    /// Most bytes of each string a rule returns (status, data, reject reason).
+    pub max_output_bytes: usize,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        RuleConfig {
+            path: None,
+            fuel: 10_000_000,
+            deadline_ms: 100,
+            max_memory_bytes: 16 * 1024 * 1024,
+            max_module_bytes: 8 * 1024 * 1024,
+            max_output_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Directory of the partition files; none keeps all state in memory (lost on exit).
+    pub data_dir: Option<PathBuf>,
+    /// `sync`: a request is acknowledged only after its batch is on disk. `none`: commits are
+    /// not synced, so a crash loses the last moments (for benchmarks and tests).
+    pub durability: Durability,
+    /// How many client request ids each partition remembers for deduplication.
+    pub dedup_retention: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            data_dir: None,
+            durability: Durability::Sync,
+            dedup_retention: 1_000_000,
+        }
+    }
+}
+
+/// When a commit counts as done.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Synced to disk before the requests are acknowledged.
+    Sync,
+    /// Not synced; a crash may lose recently acknowledged requests.
+    None,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `turnstile=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, ...).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and its line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.partitions;
+        if p.servers == 0 {
+            return Err(invalid("partitions.servers must be at least 1"));
+        }
+        if p.containers == 0 {
+            return Err(invalid("partitions.containers must be at least 1"));
+        }
+        if p.count() < 2 {
+            return Err(invalid(format!(
+                "partitions.servers × partitions.containers must be at least 2 (is {})",
+                p.count()
+            )));
+        }
+        if p.count() > 4096 {
+            return Err(invalid(format!(
+                "partitions.servers × partitions.containers is {}; at most 4096 partitions (one thread each)",
+                p.count()
+            )));
+        }
+        if p.queue_capacity == 0 {
+            return Err(invalid("partitions.queue_capacity must be at least 1"));
+        }
+        if p.max_batch == 0 {
+            return Err(invalid("partitions.max_batch must be at least 1"));
+        }
+        if self.routes.capacity == 0 {
+            return Err(invalid("routes.capacity must be at least 1"));
+        }
+        if self.routes.ttl_seconds == 0 {
+            return Err(invalid("routes.ttl_seconds must be at least 1"));
+        }
+        let r = &self.rule;
+        if r.fuel == 0 {
+            return Err(invalid("rule.fuel must be at least 1"));
+        }
+        if r.deadline_ms == 0 {
+            return Err(invalid("rule.deadline_ms must be at least 1"));
+        }
+        if r.max_memory_bytes < 64 * 1024 {
+            return Err(invalid(
+                "rule.max_memory_bytes must be at least 65536 (one wasm page)",
+            ));
+        }
+        if r.max_module_bytes == 0 || r.max_output_bytes == 0 {
+            return Err(invalid(
+                "rule.max_module_bytes and rule.max_output_bytes must be at least 1",
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        assert_eq!(Config::default().partitions.count(), 4);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[partitions]\nserverz = 2\n").unwrap_err();
+        assert!(err.to_string().contains("serverz"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::parse("[partitions]\nservers = \"two\"\n").unwrap_err();
+        assert!(err.to_string().contains("servers"), "{err}");
+    }
+
+    #[test]
+    fn zero_partitions_is_refused() {
+        let err = Config::parse("[partitions]\nservers = 0\n").unwrap_err();
+        assert!(err.to_string().contains("partitions.servers"), "{err}");
+        let err = Config::parse("[partitions]\nservers = 1\ncontainers = 1\n").unwrap_err();
+        assert!(err.to_string().contains("at least 2"), "{err}");
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../../turnstile.toml");
+        Config::parse(text).unwrap();
+    }
+}

@@ -1,0 +1,322 @@
+//! Routing: which partition owns a key, and which key a user's request belongs to.
+//!
+//! The partition of a key is `abs(hash(key)) % N` (patent claim 4). Two hash functions:
+//!
+//! * `java`: Java's `String.hashCode`, computed exactly as the JVM does (over UTF-16 code units,
+//!   wrapping `i32` arithmetic), so a Java service and Turnstile agree. The absolute value is taken
+//!   without overflow: Java's `Math.abs(Integer.MIN_VALUE)` is still negative, which would give a
+//!   negative partition; here `|i32::MIN|` is 2^31.
+//! * `murmur2`: Kafka's default partitioner (`murmur2(key bytes) & 0x7fffffff`), so a Kafka
+//!   producer with default settings writes a key to the partition Turnstile expects.
+//!
+//! The route cache maps user → key (claims 3, 5, 7). It is recorded *before* a keyed request is
+//! routed, and consulted for requests that carry only a user. It is a bounded, sharded in-memory
+//! cache; the partitions' stores hold every route durably, so the cache may forget an entry (when
+//! full) without losing the route: a miss is answered by asking the partitions.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Which hash function picks a key's partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HashKind {
+    /// Java's `String.hashCode`, with an overflow-free absolute value.
+    #[default]
+    Java,
+    /// Kafka's default partitioner: murmur2 of the UTF-8 bytes, masked to 31 bits.
+    Murmur2,
+}
+
+impl HashKind {
+    /// The name used in the configuration and the data dir's metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashKind::Java => "java",
+            HashKind::Murmur2 => "murmur2",
+        }
+    }
+}
+
+/// Maps keys to partitions: `abs(hash(key)) % partitions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitioner {
+    hash: HashKind,
+    partitions: u32,
+}
+
+impl Partitioner {
+    /// A partitioner over `partitions` partitions. Panics if `partitions` is 0, which the
+    /// configuration refuses before this is reached.
+    pub fn new(hash: HashKind, partitions: u32) -> Partitioner {
+        assert!(partitions > 0, "a partitioner needs at least one partition");
+        Partitioner { hash, partitions }
+    }
+
+    /// N.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The hash function.
+    pub fn hash(&self) -> HashKind {
+        self.hash
+    }
+
+    /// The partition that owns `key`, always `< N`.
+    pub fn partition(&self, key: &str) -> u32 {
+        let positive: u32 = match self.hash {
+            HashKind::Java => java_string_hash(key).unsigned_abs(),
+            HashKind::Murmur2 => (murmur2(key.as_bytes()) & 0x7fff_ffff) as u32,
+        };
+        positive % self.partitions
+    }
+}
+
+/// Java's `String.hashCode`: `s[0]*31^(n-1) + ... + s[n-1]` over UTF-16 code units, in wrapping
+/// 32-bit arithmetic. Characters outside the BMP count as their two surrogates, as in Java.
+pub fn java_string_hash(s: &str) -> i32 {
+    s.encode_utf16()
+        .fold(0i32, |h, unit| h.wrapping_mul(31).wrapping_add(i32::from(unit)))
+}
+
+/// Kafka's `Utils.murmur2` (seed `0x9747b28c`), bit for bit.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+
+    let mut h: u32 = SEED ^ (data.len() as u32);
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        if tail.len() == 3 {
+            h ^= u32::from(tail[2]) << 16;
+        }
+        if tail.len() >= 2 {
+            h ^= u32::from(tail[1]) << 8;
+        }
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// A user's route: the key of their latest keyed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// The key (reservation number).
+    pub key: String,
+    /// When the route was recorded (host time, ms since the Unix epoch); the TTL counts from here.
+    pub recorded_at_ms: u64,
+}
+
+/// The in-memory route cache: user → key, bounded, with a TTL.
+#[derive(Debug)]
+pub struct RouteCache {
+    /// Independent locks so concurrent HTTP handlers rarely contend.
+    shards: Box<[Mutex<HashMap<String, Route>>]>,
+    /// Picks a user's shard; random per process so users cannot aim at one shard.
+    shard_hasher: RandomState,
+    /// Most entries one shard holds before it evicts.
+    shard_capacity: usize,
+    /// Routes older than this are gone (as if never recorded).
+    ttl_ms: u64,
+}
+
+impl RouteCache {
+    /// A cache holding about `capacity` routes for `ttl_ms` each.
+    pub fn new(capacity: usize, ttl_ms: u64) -> RouteCache {
+        let shard_count = 64usize.min(capacity.max(1));
+        RouteCache {
+            shards: (0..shard_count).map(|_| Mutex::default()).collect(),
+            shard_hasher: RandomState::new(),
+            shard_capacity: capacity.div_ceil(shard_count).max(1),
+            ttl_ms,
+        }
+    }
+
+    fn shard(&self, user: &str) -> &Mutex<HashMap<String, Route>> {
+        let index = self.shard_hasher.hash_one(user) as usize % self.shards.len();
+        &self.shards[index]
+    }
+
+    /// Whether a route recorded at `recorded_at_ms` is still alive at `now_ms`.
+    pub fn is_live(&self, recorded_at_ms: u64, now_ms: u64) -> bool {
+        now_ms.saturating_sub(recorded_at_ms) < self.ttl_ms
+    }
+
+    /// Records (or refreshes) `user → key`. A newer route replaces an older one; an older one
+    /// (e.g. loaded from a store at start) never replaces a newer one.
+    pub fn record(&self, user: &str, route: Route) {
+        let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = shard.get_mut(user) {
+            if existing.recorded_at_ms <= route.recorded_at_ms {
+                *existing = route;
+            }
+            return;
+        }
+        if shard.len() >= self.shard_capacity {
+            // Full: drop the expired, and if that is not enough an eighth of the rest. Evicting
+            // a live route costs only a slower lookup later, since the stores keep every route.
+            let now = route.recorded_at_ms;
+            shard.retain(|_, r| now.saturating_sub(r.recorded_at_ms) < self.ttl_ms);
+            if shard.len() >= self.shard_capacity {
+                let mut n = 0usize;
+                shard.retain(|_, _| {
+                    n += 1;
+                    n % 8 != 0
+                });
+            }
+        }
+        shard.insert(user.to_string(), route);
+    }
+
+    /// The user's live route, if the cache has it.
+    pub fn lookup(&self, user: &str, now_ms: u64) -> Option<Route> {
+        let shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
+        shard
+            .get(user)
+            .filter(|r| self.is_live(r.recorded_at_ms, now_ms))
+            .cloned()
+    }
+
+    /// How many routes the cache holds (live or not yet evicted).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Whether the cache holds no route.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values printed by a real JVM (`"...".hashCode()`, OpenJDK 17).
+    #[test]
+    fn java_hash_matches_the_jvm() {
+        for (s, expected) in JAVA_VECTORS {
+            assert_eq!(java_string_hash(s), *expected, "hashCode of {s:?}");
+        }
+    }
+
+    /// `"polygenelubricants".hashCode()` is `Integer.MIN_VALUE`: Java's `Math.abs` would leave it
+    /// negative; the partition must still be in range and equal 2^31 mod N.
+    #[test]
+    fn min_value_hash_is_not_negative() {
+        assert_eq!(java_string_hash("polygenelubricants"), i32::MIN);
+        for n in [2u32, 3, 4, 7, 12, 1000] {
+            let p = Partitioner::new(HashKind::Java, n);
+            assert_eq!(
+                p.partition("polygenelubricants"),
+                ((1u64 << 31) % u64::from(n)) as u32
+            );
+        }
+    }
+
+    /// Values from Kafka's own `UtilsTest.testMurmur2`.
+    #[test]
+    fn murmur2_matches_kafka() {
+        let cases: &[(&[u8], i32)] = &[
+            (b"21", -973932308),
+            (b"foobar", -790332482),
+            (b"a-little-bit-long-string", -985981536),
+            (b"a-little-bit-longer-string", -1486304829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            (b"abc", 479470107),
+        ];
+        for (data, expected) in cases {
+            assert_eq!(
+                murmur2(data),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+
+    #[test]
+    fn murmur2_partition_is_kafka_to_positive_mod_n() {
+        let p = Partitioner::new(HashKind::Murmur2, 12);
+        // toPositive(-973932308) % 12, as Kafka's DefaultPartitioner computes it.
+        assert_eq!(p.partition("21"), ((-973932308i32 & 0x7fffffff) % 12) as u32);
+    }
+
+    #[test]
+    fn every_partition_is_in_range() {
+        for hash in [HashKind::Java, HashKind::Murmur2] {
+            for n in [2u32, 3, 5, 12, 64] {
+                let p = Partitioner::new(hash, n);
+                let mut seen = vec![false; n as usize];
+                for i in 0..5000 {
+                    let key = format!("key-{i}-é-中-😀");
+                    let partition = p.partition(&key);
+                    assert!(partition < n);
+                    seen[partition as usize] = true;
+                }
+                for (s, _) in JAVA_VECTORS {
+                    assert!(p.partition(s) < n);
+                }
+                assert!(seen.iter().all(|s| *s), "{hash:?} with {n}: some partition unused");
+            }
+        }
+    }
+
+    #[test]
+    fn route_cache_ttl_and_recency() {
+        let cache = RouteCache::new(100, 1000);
+        let route = |key: &str, at| Route {
+            key: key.to_string(),
+            recorded_at_ms: at,
+        };
+        cache.record("u", route("k1", 10));
+        assert_eq!(cache.lookup("u", 500).unwrap().key, "k1");
+        cache.record("u", route("k2", 20));
+        cache.record("u", route("k0", 5)); // older: ignored
+        assert_eq!(cache.lookup("u", 500).unwrap().key, "k2");
+        assert!(cache.lookup("u", 1020).is_none(), "expired after the TTL");
+        assert!(cache.lookup("nobody", 0).is_none());
+    }
+
+    #[test]
+    fn route_cache_is_bounded() {
+        let cache = RouteCache::new(1000, u64::MAX);
+        for i in 0..50_000u64 {
+            cache.record(
+                &format!("user-{i}"),
+                Route {
+                    key: format!("k{i}"),
+                    recorded_at_ms: i,
+                },
+            );
+        }
+        assert!(cache.len() <= 1000 + 64, "len {}", cache.len());
+        assert_eq!(cache.lookup("user-49999", 0).unwrap().key, "k49999");
+    }
+
+    include!("../tests_data/java_vectors.rs");
+}

@@ -1,0 +1,474 @@
+//! The runtime: routing plus the partition threads, behind one library API.
+//!
+//! [`Runtime::submit`] is the patent's method end to end: check the request, record the route
+//! (claim 5) or resolve it (claim 3), pick the partition `abs(hash(key)) % N` (claim 4), queue the
+//! request to that partition's single thread, and wait for the decision, which comes only after
+//! it is durable. The HTTP API, the benchmark and the rule test toolkit all drive this API.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
+use crate::partition::{ApplyError, Command, Partition, PartitionSetup, QueueError};
+use crate::router::{Partitioner, Route, RouteCache};
+use crate::sandbox::{CompiledRule, REFERENCE_RULE, RuleFailure, RuleLimits, Sandbox};
+use crate::store::{self, DeadLetter, Layout, Location, StoreError};
+
+/// Longest accepted kind, user, key or id, in bytes.
+pub const MAX_FIELD_BYTES: usize = 1024;
+
+/// Why a request got no decision. Each variant is one API error code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    /// The request is malformed; it reached no partition.
+    #[error("{0}")]
+    Invalid(String),
+    /// The request has no key and the user has no live route.
+    #[error("no route for user `{0}`: send a request with a key first (routes expire after routes.ttl_seconds)")]
+    UnknownRoute(String),
+    /// The partition's queue is full.
+    #[error("partition {0} is at capacity; retry shortly")]
+    Backpressure(u32),
+    /// The runtime is stopping.
+    #[error("the runtime is shutting down")]
+    ShuttingDown,
+    /// The rule failed on this request.
+    #[error("{0}")]
+    Rule(RuleFailure),
+    /// The id was used before for another request.
+    #[error("request id `{0}` was already used for a different request (kind, key, user or payload differ); use a new id for a new request")]
+    IdConflict(String),
+    /// The store failed; nothing was applied.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl SubmitError {
+    /// The stable error code the API returns.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubmitError::Invalid(_) => "invalid_request",
+            SubmitError::UnknownRoute(_) => "unknown_route",
+            SubmitError::Backpressure(_) => "backpressure",
+            SubmitError::ShuttingDown => "shutting_down",
+            SubmitError::Rule(f) => f.kind.code(),
+            SubmitError::IdConflict(_) => "id_conflict",
+            SubmitError::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+impl From<ApplyError> for SubmitError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Rule(f) => SubmitError::Rule(f),
+            ApplyError::IdConflict(id) => SubmitError::IdConflict(id),
+            e @ ApplyError::Store(_) => SubmitError::Store(e.to_string()),
+        }
+    }
+}
+
+/// Why a read could not be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    /// The partition's queue is full.
+    #[error("partition {0} is at capacity; retry shortly")]
+    Backpressure(u32),
+    /// The runtime is stopping.
+    #[error("the runtime is shutting down")]
+    ShuttingDown,
+    /// The store failed.
+    #[error("the partition's store failed: {0}")]
+    Store(String),
+}
+
+impl From<StoreError> for ReadError {
+    fn from(e: StoreError) -> Self {
+        ReadError::Store(e.0)
+    }
+}
+
+/// A user's route with the state of its key.
+#[derive(Debug, Clone)]
+pub struct UserView {
+    /// The key the user's route points to.
+    pub key: String,
+    /// Its partition.
+    pub partition: u32,
+    /// When the route was recorded.
+    pub recorded_at_ms: u64,
+    /// The key's state, if it has one.
+    pub state: Option<State>,
+}
+
+/// What `GET /v1/partitions` shows of one partition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionInfo {
+    /// Index.
+    pub id: u32,
+    /// OS thread name.
+    pub thread: String,
+    /// Messages waiting in its queue.
+    pub queue_depth: usize,
+    /// Requests applied (transitions + rejects).
+    pub processed: u64,
+    /// Requests answered from the dedup table.
+    pub deduplicated: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// Requests failed because their batch could not be stored.
+    pub store_failures: u64,
+    /// Rule failures by error code.
+    pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
+    /// Version id of the rule it runs.
+    pub rule_version: String,
+}
+
+/// The running system: router, route cache, partition threads.
+pub struct Runtime {
+    partitioner: Partitioner,
+    routes: RouteCache,
+    partitions: Vec<Partition>,
+    rule: Arc<CompiledRule>,
+    /// Random per process, so generated ids never collide with another run's.
+    id_prefix: String,
+    next_id: AtomicU64,
+    location: Location,
+}
+
+impl Runtime {
+    /// Starts a runtime: compiles the rule (`rule_bytes`, else `config.rule.path`, else the
+    /// embedded reference rule), checks the data dir, and starts one thread per partition.
+    pub fn start(config: &Config, rule_bytes: Option<Vec<u8>>) -> anyhow::Result<Runtime> {
+        config.validate()?;
+        let sandbox = Sandbox::new(RuleLimits::from(&config.rule)).context("starting wasmtime")?;
+        let (bytes, origin) = match (rule_bytes, &config.rule.path) {
+            (Some(bytes), _) => (bytes, "the given rule".to_string()),
+            (None, Some(path)) => (
+                std::fs::read(path).with_context(|| format!("reading rule {}", path.display()))?,
+                format!("rule {}", path.display()),
+            ),
+            (None, None) => (REFERENCE_RULE.to_vec(), "the embedded reference rule".to_string()),
+        };
+        let rule = Arc::new(
+            sandbox
+                .compile(&bytes)
+                .with_context(|| format!("loading {origin}"))?,
+        );
+
+        let n = config.partitions.count();
+        let partitioner = Partitioner::new(config.partitions.hash, n);
+        let location = match &config.store.data_dir {
+            Some(dir) => {
+                store::prepare_dir(
+                    dir,
+                    &Layout {
+                        format: store::FORMAT,
+                        partitions: n,
+                        hash: config.partitions.hash,
+                    },
+                )?;
+                Location::Dir(dir.clone())
+            }
+            None => Location::Memory,
+        };
+
+        let routes = RouteCache::new(config.routes.capacity, config.routes.ttl_seconds * 1000);
+        let mut partitions = Vec::with_capacity(n as usize);
+        let now = now_ms();
+        for id in 0..n {
+            let (partition, stored_routes) = Partition::start(PartitionSetup {
+                id,
+                sandbox: sandbox.clone(),
+                rule: rule.clone(),
+                location: location.clone(),
+                durability: config.store.durability,
+                dedup_retention: config.store.dedup_retention,
+                queue_capacity: config.partitions.queue_capacity,
+                max_batch: config.partitions.max_batch,
+            })?;
+            for (user, route) in stored_routes {
+                if routes.is_live(route.recorded_at_ms, now) {
+                    routes.record(&user, route);
+                }
+            }
+            partitions.push(partition);
+        }
+        tracing::info!(
+            partitions = n,
+            hash = config.partitions.hash.name(),
+            rule = crate::sandbox::short_version(&rule.version),
+            routes = routes.len(),
+            store = ?location,
+            "runtime started"
+        );
+        Ok(Runtime {
+            partitioner,
+            routes,
+            partitions,
+            rule,
+            id_prefix: format!("{:08x}", rand::random::<u32>()),
+            next_id: AtomicU64::new(1),
+            location,
+        })
+    }
+
+    /// The partitioner.
+    pub fn partitioner(&self) -> Partitioner {
+        self.partitioner
+    }
+
+    /// Where the partitions' data lives.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The rule every partition started with.
+    pub fn rule(&self) -> &Arc<CompiledRule> {
+        &self.rule
+    }
+
+    /// Applies one request and returns its decision once it is durable.
+    pub async fn submit(&self, request: Request) -> Result<Decision, SubmitError> {
+        validate(&request)?;
+        let received_at_ms = now_ms();
+        let key = match request.key {
+            Some(key) => {
+                // Claim 5: record the route before routing.
+                self.routes.record(
+                    &request.user,
+                    Route {
+                        key: key.clone(),
+                        recorded_at_ms: received_at_ms,
+                    },
+                );
+                key
+            }
+            None => match self.resolve_route(&request.user, received_at_ms).await? {
+                Some(route) => route.key,
+                None => return Err(SubmitError::UnknownRoute(request.user)),
+            },
+        };
+        let partition = self.partitioner.partition(&key);
+        let payload = request.payload.unwrap_or_else(|| "null".to_string());
+        let fingerprint = fingerprint(&request.kind, &key, &request.user, &payload);
+        let (id, idempotent) = match request.id {
+            Some(id) => (id, true),
+            None => (
+                format!(
+                    "{}-{}",
+                    self.id_prefix,
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                ),
+                false,
+            ),
+        };
+        let routed = RoutedRequest {
+            id,
+            idempotent,
+            kind: request.kind,
+            key,
+            user: request.user,
+            payload,
+            received_at_ms,
+        };
+        let (reply, answer) = oneshot::channel();
+        self.partitions[partition as usize]
+            .try_send(Command::Apply {
+                request: routed,
+                fingerprint,
+                reply,
+            })
+            .map_err(|e| match e {
+                QueueError::Full => SubmitError::Backpressure(partition),
+                QueueError::Stopped => SubmitError::ShuttingDown,
+            })?;
+        match answer.await {
+            Ok(result) => result.map_err(SubmitError::from),
+            Err(_) => Err(SubmitError::ShuttingDown),
+        }
+    }
+
+    /// The user's live route: from the cache, else from the partitions' stores (the newest one
+    /// any partition holds), which then refills the cache.
+    async fn resolve_route(&self, user: &str, now: u64) -> Result<Option<Route>, SubmitError> {
+        if let Some(route) = self.routes.lookup(user, now) {
+            return Ok(Some(route));
+        }
+        let mut answers = Vec::with_capacity(self.partitions.len());
+        for partition in &self.partitions {
+            let (reply, answer) = oneshot::channel();
+            partition
+                .try_send(Command::ReadRoute {
+                    user: user.to_string(),
+                    reply,
+                })
+                .map_err(|e| match e {
+                    QueueError::Full => SubmitError::Backpressure(partition.id),
+                    QueueError::Stopped => SubmitError::ShuttingDown,
+                })?;
+            answers.push(answer);
+        }
+        let mut newest: Option<Route> = None;
+        for answer in answers {
+            let route = answer
+                .await
+                .map_err(|_| SubmitError::ShuttingDown)?
+                .map_err(|e| SubmitError::Store(e.0))?;
+            if let Some(route) = route
+                && self.routes.is_live(route.recorded_at_ms, now)
+                && newest
+                    .as_ref()
+                    .is_none_or(|n| n.recorded_at_ms < route.recorded_at_ms)
+            {
+                newest = Some(route);
+            }
+        }
+        if let Some(route) = &newest {
+            self.routes.record(user, route.clone());
+        }
+        Ok(newest)
+    }
+
+    async fn ask<T>(
+        &self,
+        partition: u32,
+        command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, ReadError> {
+        let (reply, answer) = oneshot::channel();
+        self.partitions[partition as usize]
+            .try_send(command(reply))
+            .map_err(|e| match e {
+                QueueError::Full => ReadError::Backpressure(partition),
+                QueueError::Stopped => ReadError::ShuttingDown,
+            })?;
+        Ok(answer.await.map_err(|_| ReadError::ShuttingDown)??)
+    }
+
+    /// The committed state of `key` and its partition.
+    pub async fn key_state(&self, key: &str) -> Result<(u32, Option<State>), ReadError> {
+        let partition = self.partitioner.partition(key);
+        let key = key.to_string();
+        let state = self
+            .ask(partition, |reply| Command::ReadState { key, reply })
+            .await?;
+        Ok((partition, state))
+    }
+
+    /// The user's route and the state of its key; `None` for a user with no live route.
+    pub async fn user(&self, user: &str) -> Result<Option<UserView>, ReadError> {
+        let route = match self.resolve_route(user, now_ms()).await {
+            Ok(route) => route,
+            Err(SubmitError::Backpressure(p)) => return Err(ReadError::Backpressure(p)),
+            Err(SubmitError::Store(e)) => return Err(ReadError::Store(e)),
+            Err(_) => return Err(ReadError::ShuttingDown),
+        };
+        let Some(route) = route else { return Ok(None) };
+        let (partition, state) = self.key_state(&route.key).await?;
+        Ok(Some(UserView {
+            key: route.key,
+            partition,
+            recorded_at_ms: route.recorded_at_ms,
+            state,
+        }))
+    }
+
+    /// Dead letters of one partition after sequence number `after`.
+    pub async fn dead_letters(
+        &self,
+        partition: u32,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, ReadError> {
+        self.ask(partition, |reply| Command::DeadLetters {
+            after,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// One entry per partition.
+    pub fn partitions(&self) -> Vec<PartitionInfo> {
+        self.partitions
+            .iter()
+            .map(|p| PartitionInfo {
+                id: p.id,
+                thread: p.thread_name.clone(),
+                queue_depth: p.queue_depth(),
+                processed: p.stats.applied.load(Ordering::Relaxed),
+                deduplicated: p.stats.deduplicated.load(Ordering::Relaxed),
+                batches: p.stats.batches.load(Ordering::Relaxed),
+                store_failures: p.stats.store_failures.load(Ordering::Relaxed),
+                rule_failures: crate::sandbox::FailureKind::ALL
+                    .iter()
+                    .zip(&p.stats.rule_failures)
+                    .map(|(k, n)| (k.code(), n.load(Ordering::Relaxed)))
+                    .collect(),
+                rule_version: self.rule.version.clone(),
+            })
+            .collect()
+    }
+
+    /// Stops every partition after it has applied what it already accepted. Blocks; idempotent.
+    pub fn shutdown(&self) {
+        for partition in &self.partitions {
+            partition.stop();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Checks a request's fields before it is routed, so nothing malformed reaches a partition.
+pub fn validate(request: &Request) -> Result<(), SubmitError> {
+    let field = |name: &str, value: &str| {
+        if value.is_empty() {
+            Err(SubmitError::Invalid(format!("`{name}` must not be empty")))
+        } else if value.len() > MAX_FIELD_BYTES {
+            Err(SubmitError::Invalid(format!(
+                "`{name}` is {} bytes, more than {MAX_FIELD_BYTES}",
+                value.len()
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    field("kind", &request.kind)?;
+    field("user", &request.user)?;
+    if let Some(key) = &request.key {
+        field("key", key)?;
+    }
+    if let Some(id) = &request.id {
+        field("id", id)?;
+    }
+    if let Some(payload) = &request.payload
+        && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(payload)
+    {
+        return Err(SubmitError::Invalid(format!("`payload` is not JSON: {e}")));
+    }
+    Ok(())
+}
+
+/// What makes two requests "the same" for deduplication: kind, key, user and payload.
+fn fingerprint(kind: &str, key: &str, user: &str, payload: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [kind, key, user, payload] {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
