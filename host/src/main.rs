@@ -1,1 +1,77 @@
-fn main() {}
+//! The `turnstile` command line: parses arguments and hands off to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use turnstile::config::Config;
+
+/// Keyed state machines whose transition rules are WebAssembly components.
+#[derive(Parser)]
+#[command(name = "turnstile", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: partition threads, rule instances, HTTP API.
+    Run {
+        /// Configuration file (see turnstile.toml for every key).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides server.listen); port 0 picks a free one.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Directory for durable state (overrides store.data_dir); without one, state is in memory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Rule component (overrides rule.path); without one, the embedded reference rule.
+        #[arg(long, value_name = "FILE.wasm")]
+        rule: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            config,
+            listen,
+            data_dir,
+            rule,
+        } => {
+            let mut config = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if let Some(dir) = data_dir {
+                config.store.data_dir = Some(dir);
+            }
+            if let Some(rule) = rule {
+                config.rule.path = Some(rule);
+            }
+            turnstile::logging::init(&config.log.level).context("setting up logging")?;
+            if config.store.data_dir.is_none() {
+                tracing::warn!("no data dir: state is kept in memory and lost on exit (use --data-dir)");
+            }
+            turnstile::server::serve(config)
+        }
+    }
+}

@@ -82,8 +82,8 @@ impl GuestBuild {
             .with_context(|| format!("running {}", self.cargo.display()))?;
         if !status.success() {
             bail!(
-                "cargo build for {WASM_TARGET} failed ({status}); is the target installed? \
-                 `rustup target add {WASM_TARGET}` installs it"
+                "cargo build for {WASM_TARGET} failed ({status}); see cargo's output above \
+                 (a missing target is installed with `rustup target add {WASM_TARGET}`)"
             );
         }
 

@@ -1,0 +1,297 @@
+//! The HTTP API (axum): JSON in, JSON out, errors as `{"error": {"code", "message"}}`.
+//!
+//! This module only translates: it parses and checks bodies (so nothing malformed reaches a
+//! partition), calls the [`Runtime`], and maps its results and errors to status codes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::model::{Decision, Request, State, Verdict};
+use crate::runtime::{ReadError, Runtime, SubmitError};
+
+/// What every handler shares.
+#[derive(Clone)]
+struct Api {
+    runtime: Arc<Runtime>,
+    /// Largest body accepted, in bytes.
+    max_body_bytes: usize,
+}
+
+/// The router with every endpoint, over `runtime`.
+pub fn router(runtime: Arc<Runtime>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/requests", post(submit))
+        .route("/v1/keys/{key}", get(key))
+        .route("/v1/users/{user}", get(user))
+        .route("/v1/partitions", get(partitions))
+        .route("/v1/dead-letters", get(dead_letters))
+        .fallback(not_found)
+        .with_state(Api {
+            runtime,
+            max_body_bytes,
+        })
+}
+
+/// An error response: status, stable code, message.
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        let status = match &e {
+            SubmitError::Invalid(_) => StatusCode::BAD_REQUEST,
+            SubmitError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+            SubmitError::Backpressure(_) | SubmitError::ShuttingDown | SubmitError::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            SubmitError::Rule(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubmitError::IdConflict(_) => StatusCode::CONFLICT,
+        };
+        ApiError {
+            status,
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        let code = match &e {
+            ReadError::Backpressure(_) => "backpressure",
+            ReadError::ShuttingDown => "shutting_down",
+            ReadError::Store(_) => "store_unavailable",
+        };
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A JSON response body (axum's `Json` with the `json` feature is only used for output here:
+/// input is parsed by hand for better messages).
+struct Json(Value);
+
+impl IntoResponse for Json {
+    fn into_response(self) -> Response {
+        (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            self.0.to_string(),
+        )
+            .into_response()
+    }
+}
+
+/// The body of `POST /v1/requests`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestBody {
+    kind: String,
+    key: Option<String>,
+    user: String,
+    payload: Option<Value>,
+    id: Option<String>,
+}
+
+async fn healthz() -> Json {
+    Json(json!({"status": "ok"}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "not_found",
+        message: "no such endpoint".into(),
+    }
+}
+
+async fn submit(AxumState(api): AxumState<Api>, body: Body) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(body, api.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "request body is larger than {} bytes (server.max_body_bytes)",
+                api.max_body_bytes
+            ))
+        })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "request body is empty; send a JSON object with `kind` and `user`",
+        ));
+    }
+    let body: RequestBody = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("request body is not a valid request: {e}")))?;
+    let request = Request {
+        id: body.id,
+        kind: body.kind,
+        key: body.key,
+        user: body.user,
+        payload: body.payload.map(|p| p.to_string()),
+    };
+    let decision = api.runtime.submit(request).await?;
+    Ok(decision_response(&decision))
+}
+
+/// 200 with the new state for a transition, 409 with the reason for a reject.
+fn decision_response(decision: &Decision) -> Response {
+    match &decision.verdict {
+        Verdict::Transition(state) => (
+            StatusCode::OK,
+            Json(json!({
+                "outcome": "transition",
+                "id": decision.id,
+                "key": decision.key,
+                "partition": decision.partition,
+                "state": state_json(state),
+            })),
+        )
+            .into_response(),
+        Verdict::Reject(reason) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "outcome": "reject",
+                "id": decision.id,
+                "key": decision.key,
+                "partition": decision.partition,
+                "reason": reason,
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// A state as the API shows it: `data` as JSON (it was checked to be JSON before it was stored).
+pub fn state_json(state: &State) -> Value {
+    json!({
+        "status": state.status,
+        "user": state.user,
+        "data": serde_json::from_str::<Value>(&state.data).unwrap_or(Value::String(state.data.clone())),
+        "version": state.version,
+        "rule_version": state.rule_version,
+        "updated_at_ms": state.updated_at_ms,
+    })
+}
+
+async fn key(AxumState(api): AxumState<Api>, Path(key): Path<String>) -> Result<Json, ApiError> {
+    let (partition, state) = api.runtime.key_state(&key).await?;
+    match state {
+        Some(state) => Ok(Json(json!({
+            "key": key,
+            "partition": partition,
+            "state": state_json(&state),
+        }))),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_key",
+            message: format!("key `{key}` has no state (partition {partition})"),
+        }),
+    }
+}
+
+async fn user(AxumState(api): AxumState<Api>, Path(user): Path<String>) -> Result<Json, ApiError> {
+    match api.runtime.user(&user).await? {
+        Some(view) => Ok(Json(json!({
+            "user": user,
+            "key": view.key,
+            "partition": view.partition,
+            "route_recorded_at_ms": view.recorded_at_ms,
+            "state": view.state.as_ref().map(state_json),
+        }))),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_route",
+            message: format!("no route for user `{user}`"),
+        }),
+    }
+}
+
+async fn partitions(AxumState(api): AxumState<Api>) -> Json {
+    let partitioner = api.runtime.partitioner();
+    Json(json!({
+        "count": partitioner.partitions(),
+        "hash": partitioner.hash().name(),
+        "partitions": api.runtime.partitions(),
+    }))
+}
+
+/// Query of `GET /v1/dead-letters`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterQuery {
+    /// Only this partition (default: all).
+    partition: Option<u32>,
+    /// Only letters with a sequence number above this (per partition).
+    after: Option<u64>,
+    /// Most letters per partition (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+async fn dead_letters(
+    AxumState(api): AxumState<Api>,
+    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let n = api.runtime.partitioner().partitions();
+    let partitions: Vec<u32> = match query.partition {
+        Some(p) if p >= n => {
+            return Err(ApiError::bad_request(format!(
+                "partition {p} does not exist (there are {n})"
+            )));
+        }
+        Some(p) => vec![p],
+        None => (0..n).collect(),
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let mut letters = Vec::new();
+    for p in partitions {
+        letters.extend(
+            api.runtime
+                .dead_letters(p, query.after.unwrap_or(0), limit)
+                .await?,
+        );
+    }
+    Ok(Json(json!({ "dead_letters": letters })))
+}

@@ -1,0 +1,188 @@
+//! The HTTP API of `turnstile run`: the reserve → associate flow, every reject path of the
+//! reference rule, routing errors, input validation.
+
+use serde_json::json;
+
+use crate::support::{Server, body};
+
+/// The patent's flow: reserve with key + user, then associate with only the user. Both land on
+/// the same partition, whose one dedicated thread applied both.
+#[tokio::test(flavor = "multi_thread")]
+async fn reserve_then_associate_by_user_lands_on_the_same_partition() {
+    let server = Server::start();
+    let (status, reserved) = server.request(body("reserve", Some("R-1001"), "alice")).await;
+    assert_eq!(status, 200, "{reserved}");
+    assert_eq!(reserved["outcome"], "transition");
+    assert_eq!(reserved["state"]["status"], "reserved");
+    assert_eq!(reserved["state"]["user"], "alice");
+    assert_eq!(reserved["state"]["version"], 1);
+
+    let (status, associated) = server.request(body("associate", None, "alice")).await;
+    assert_eq!(status, 200, "{associated}");
+    assert_eq!(associated["key"], "R-1001", "routed through the route cache");
+    assert_eq!(associated["state"]["status"], "associated");
+    assert_eq!(associated["state"]["version"], 2);
+    assert_eq!(associated["partition"], reserved["partition"]);
+    let partition = reserved["partition"].as_u64().unwrap();
+
+    let (_, partitions) = server.get("/v1/partitions").await;
+    assert_eq!(partitions["count"], 4);
+    for p in partitions["partitions"].as_array().unwrap() {
+        let id = p["id"].as_u64().unwrap();
+        assert_eq!(p["thread"], format!("partition-{id}"));
+        let expected = if id == partition { 2 } else { 0 };
+        assert_eq!(p["processed"], expected, "partition {id}: {p}");
+    }
+
+    // The threads are real, named OS threads of the server process: one per partition.
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with("partition-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["partition-0", "partition-1", "partition-2", "partition-3"]);
+
+    let (status, user) = server.get("/v1/users/alice").await;
+    assert_eq!(status, 200);
+    assert_eq!(user["key"], "R-1001");
+    assert_eq!(user["state"]["status"], "associated");
+    let (status, key) = server.get("/v1/keys/R-1001").await;
+    assert_eq!(status, 200);
+    assert_eq!(key["state"]["version"], 2);
+    assert_eq!(key["partition"], reserved["partition"]);
+}
+
+/// Every reject path of the reference rule answers 409 with a reason that says which, and
+/// leaves the state unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn reference_rule_reject_paths() {
+    let server = Server::start();
+    let cases = [
+        // associate on a key with no state
+        (body("associate", Some("K-none"), "alice"), "no reservation"),
+        // unknown kind
+        (body("cancel", Some("K-1"), "alice"), "unknown kind"),
+    ];
+    for (request, reason) in cases {
+        let (status, answer) = server.request(request.clone()).await;
+        assert_eq!(status, 409, "{request} -> {answer}");
+        assert_eq!(answer["outcome"], "reject");
+        assert!(answer["reason"].as_str().unwrap().contains(reason), "{answer}");
+    }
+    assert_eq!(server.get("/v1/keys/K-none").await.0, 404);
+
+    assert_eq!(server.request(body("reserve", Some("K-1"), "alice")).await.0, 200);
+    // reserve on an existing key
+    let (status, answer) = server.request(body("reserve", Some("K-1"), "bob")).await;
+    assert_eq!(status, 409);
+    assert!(answer["reason"].as_str().unwrap().contains("already reserved"), "{answer}");
+    // associate by another user
+    let (status, answer) = server.request(body("associate", Some("K-1"), "carol")).await;
+    assert_eq!(status, 409);
+    assert!(answer["reason"].as_str().unwrap().contains("another user"), "{answer}");
+    assert_eq!(server.get("/v1/keys/K-1").await.1["state"]["version"], 1);
+
+    assert_eq!(server.request(body("associate", Some("K-1"), "alice")).await.0, 200);
+    // associate on an associated key
+    let (status, answer) = server.request(body("associate", Some("K-1"), "alice")).await;
+    assert_eq!(status, 409);
+    assert!(answer["reason"].as_str().unwrap().contains("already associated"), "{answer}");
+    let (_, key) = server.get("/v1/keys/K-1").await;
+    assert_eq!(key["state"]["status"], "associated");
+    assert_eq!(key["state"]["version"], 2);
+}
+
+/// A request with only a user, for a user never seen, is 404 `unknown_route`: never a guess.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_user_is_404() {
+    let server = Server::start();
+    let (status, answer) = server.request(body("associate", None, "nobody")).await;
+    assert_eq!(status, 404);
+    assert_eq!(answer["error"]["code"], "unknown_route");
+    let (status, answer) = server.get("/v1/users/nobody").await;
+    assert_eq!(status, 404);
+    assert_eq!(answer["error"]["code"], "unknown_route");
+}
+
+/// Malformed input is 400 with a message that says what is wrong, and reaches no partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_inputs_are_400_and_reach_no_partition() {
+    let server = Server::start();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"kind\": \"reserve\", \"user\": ".to_vec(), "EOF"),
+        (b"".to_vec(), "empty"),
+        (b"[1, 2]".to_vec(), "valid request"),
+        (json!({"kind": "reserve"}).to_string().into_bytes(), "missing field `user`"),
+        (json!({"user": "a"}).to_string().into_bytes(), "missing field `kind`"),
+        (json!({"kind": "", "user": "a"}).to_string().into_bytes(), "`kind` must not be empty"),
+        (json!({"kind": "reserve", "user": ""}).to_string().into_bytes(), "`user` must not be empty"),
+        (json!({"kind": "reserve", "user": "a", "key": ""}).to_string().into_bytes(), "`key` must not be empty"),
+        (json!({"kind": "reserve", "user": "a", "id": ""}).to_string().into_bytes(), "`id` must not be empty"),
+        (json!({"kind": "reserve", "user": "a", "kye": "k"}).to_string().into_bytes(), "unknown field `kye`"),
+        (json!({"kind": 7, "user": "a"}).to_string().into_bytes(), "invalid type"),
+        (json!({"kind": "reserve", "user": "x".repeat(2000)}).to_string().into_bytes(), "more than 1024"),
+        (b"{\"kind\": \"reserve\", \"user\": \"\xff\xfe\"}".to_vec(), "UTF-8"),
+        (
+            json!({"kind": "reserve", "user": "a", "payload": "x".repeat(70_000)}).to_string().into_bytes(),
+            "larger than 65536 bytes",
+        ),
+    ];
+    for (raw, expected) in cases {
+        let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();
+        let (status, answer) = server.request_raw(raw).await;
+        assert_eq!(status, 400, "{shown} -> {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_request");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{shown}: {message:?} lacks {expected:?}");
+    }
+    let (_, partitions) = server.get("/v1/partitions").await;
+    for p in partitions["partitions"].as_array().unwrap() {
+        assert_eq!(p["processed"], 0, "{p}");
+        assert_eq!(p["queue_depth"], 0, "{p}");
+    }
+    assert_eq!(server.get("/v1/no-such-thing").await.0, 404);
+}
+
+/// Retrying with the same id returns the first answer and changes nothing; reusing an id for a
+/// different request is a 409 `id_conflict`.
+#[tokio::test(flavor = "multi_thread")]
+async fn same_id_twice_is_applied_once() {
+    let server = Server::start();
+    let mut reserve = body("reserve", Some("K-idem"), "alice");
+    reserve["id"] = "req-1".into();
+    let first = server.request(reserve.clone()).await;
+    let second = server.request(reserve.clone()).await;
+    assert_eq!(first.0, 200);
+    assert_eq!(first, second, "a retry gets the original answer");
+    assert_eq!(server.get("/v1/keys/K-idem").await.1["state"]["version"], 1);
+
+    // Same id, same key, another body (here another payload): refused, nothing applied.
+    let mut other = body("reserve", Some("K-idem"), "alice");
+    other["id"] = "req-1".into();
+    other["payload"] = serde_json::json!({"seats": 2});
+    let (status, answer) = server.request(other).await;
+    assert_eq!(status, 409);
+    assert_eq!(answer["error"]["code"], "id_conflict");
+    assert_eq!(server.get("/v1/keys/K-idem").await.1["state"]["version"], 1);
+
+    // A rejected request is deduplicated too: its retry is the same reject, not a new decision.
+    let mut again = body("reserve", Some("K-idem"), "bob");
+    again["id"] = "req-2".into();
+    let first = server.request(again.clone()).await;
+    assert_eq!(first.0, 409);
+    assert_eq!(server.request(again).await, first);
+
+    let (_, partitions) = server.get("/v1/partitions").await;
+    let total = |field: &str| -> u64 {
+        partitions["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(total("processed"), 2);
+    assert_eq!(total("deduplicated"), 2);
+}
