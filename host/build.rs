@@ -10,8 +10,16 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
     let workspace = manifest_dir.parent().unwrap().to_path_buf();
 
-    for watched in ["wit", "guest/src", "guest/Cargo.toml", "guest/rules/reservation"] {
-        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
+    for watched in [
+        "wit",
+        "guest/src",
+        "guest/Cargo.toml",
+        "guest/rules/reservation",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
     }
 
     let build = GuestBuild {

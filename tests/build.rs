@@ -8,7 +8,6 @@ use turnstile_guest_build::GuestBuild;
 
 /// Test guests: cargo package name, constant name.
 const GUESTS: &[(&str, &str)] = &[
-    ("reservation", "RESERVATION"),
     ("guest-echo", "ECHO"),
     ("guest-misbehave", "MISBEHAVE"),
     ("guest-forbidden-import", "FORBIDDEN_IMPORT"),
@@ -20,7 +19,10 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
     let workspace = manifest_dir.parent().unwrap().to_path_buf();
     for watched in ["wit", "guest/src", "guest/rules", "tests/guests"] {
-        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
     }
 
     let target_dir = match out_dir.ancestors().nth(4) {

@@ -15,6 +15,7 @@
 //! - [`runtime`]: the library API: submit a request, read keys and users, inspect partitions.
 //! - [`api`]: the HTTP API over the runtime.
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
+//! - [`toolkit`]: the rule author's commands: `build`, `check`.
 //! - [`logging`]: `tracing` setup.
 
 pub mod api;
@@ -27,3 +28,4 @@ pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+pub mod toolkit;

@@ -33,6 +33,24 @@ enum Command {
         #[arg(long, value_name = "FILE.wasm")]
         rule: Option<PathBuf>,
     },
+    /// Build a rule crate into the component `run --rule` accepts, and check it.
+    Build {
+        /// The rule crate (default: the current directory).
+        #[arg(value_name = "RULE_CRATE_DIR", default_value = ".")]
+        crate_dir: PathBuf,
+        /// Configuration whose [rule] limits the component is checked against.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check a rule component against the world and the limits, without running a server.
+    Check {
+        /// The component file.
+        #[arg(value_name = "RULE.wasm")]
+        rule: PathBuf,
+        /// Configuration whose [rule] limits the component is checked against.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,18 +64,38 @@ fn main() -> ExitCode {
     }
 }
 
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Build { crate_dir, config } => {
+            let built = turnstile::toolkit::build(&crate_dir, &load_config(config.as_ref())?)?;
+            println!("built {}", built.path.display());
+            println!("version {}", built.rule.version);
+            println!("size {} bytes", built.rule.size);
+            Ok(())
+        }
+        Command::Check { rule, config } => {
+            let checked = turnstile::toolkit::check(&rule, &load_config(config.as_ref())?)?;
+            println!("ok {}", rule.display());
+            println!("version {}", checked.version);
+            println!("size {} bytes", checked.size);
+            println!("imports {}", checked.imports.join(", "));
+            println!("exports {}", checked.exports.join(", "));
+            Ok(())
+        }
         Command::Run {
             config,
             listen,
             data_dir,
             rule,
         } => {
-            let mut config = match &config {
-                Some(path) => Config::load(path)?,
-                None => Config::default(),
-            };
+            let mut config = load_config(config.as_ref())?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
@@ -69,7 +107,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             turnstile::logging::init(&config.log.level).context("setting up logging")?;
             if config.store.data_dir.is_none() {
-                tracing::warn!("no data dir: state is kept in memory and lost on exit (use --data-dir)");
+                tracing::warn!(
+                    "no data dir: state is kept in memory and lost on exit (use --data-dir)"
+                );
             }
             turnstile::server::serve(config)
         }

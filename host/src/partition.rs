@@ -119,7 +119,9 @@ pub(crate) enum QueueError {
 impl Partition {
     /// Starts the thread, opens its store and instance, and returns once it is ready (with the
     /// routes its store holds) or failed to start.
-    pub(crate) fn start(setup: PartitionSetup) -> anyhow::Result<(Partition, Vec<(String, Route)>)> {
+    pub(crate) fn start(
+        setup: PartitionSetup,
+    ) -> anyhow::Result<(Partition, Vec<(String, Route)>)> {
         let (sender, receiver) = crossbeam_channel::bounded(setup.queue_capacity);
         let stats = Arc::new(PartitionStats::default());
         let thread_name = format!("partition-{}", setup.id);
@@ -259,7 +261,15 @@ impl Worker {
             let (requests, results) = (&buffers.requests, &mut buffers.results);
             let committed = self.store.write_batch(|tx| {
                 for (request, fingerprint) in requests {
-                    results.push(apply_one(tx, instance, stats, id, now, request, fingerprint)?);
+                    results.push(apply_one(
+                        tx,
+                        instance,
+                        stats,
+                        id,
+                        now,
+                        request,
+                        fingerprint,
+                    )?);
                 }
                 Ok(())
             });
@@ -276,7 +286,10 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(partition = self.id, "batch failed, nothing acknowledged: {e}");
+                    tracing::error!(
+                        partition = self.id,
+                        "batch failed, nothing acknowledged: {e}"
+                    );
                     self.stats
                         .store_failures
                         .fetch_add(buffers.replies.len() as u64, Ordering::Relaxed);
@@ -299,7 +312,11 @@ impl Worker {
                 Command::ReadRoute { user, reply } => {
                     let _ = reply.send(self.store.route(&user));
                 }
-                Command::DeadLetters { after, limit, reply } => {
+                Command::DeadLetters {
+                    after,
+                    limit,
+                    reply,
+                } => {
                     let _ = reply.send(self.store.dead_letters(after, limit));
                 }
                 Command::Stop => stop = true,
@@ -361,7 +378,7 @@ fn apply_one(
 
     let current = tx.state(&request.key)?;
     let rule_version = instance.rule().version.clone();
-    let outcome = match instance.handle(current.as_ref(), &request) {
+    let outcome = match instance.handle(current.as_ref(), request) {
         Ok(outcome) => outcome,
         Err(failure) => {
             stats.rule_failures[FailureKind::ALL

@@ -79,8 +79,9 @@ impl Partitioner {
 /// Java's `String.hashCode`: `s[0]*31^(n-1) + ... + s[n-1]` over UTF-16 code units, in wrapping
 /// 32-bit arithmetic. Characters outside the BMP count as their two surrogates, as in Java.
 pub fn java_string_hash(s: &str) -> i32 {
-    s.encode_utf16()
-        .fold(0i32, |h, unit| h.wrapping_mul(31).wrapping_add(i32::from(unit)))
+    s.encode_utf16().fold(0i32, |h, unit| {
+        h.wrapping_mul(31).wrapping_add(i32::from(unit))
+    })
 }
 
 /// Kafka's `Utils.murmur2` (seed `0x9747b28c`), bit for bit.
@@ -179,7 +180,7 @@ impl RouteCache {
                 let mut n = 0usize;
                 shard.retain(|_, _| {
                     n += 1;
-                    n % 8 != 0
+                    !n.is_multiple_of(8)
                 });
             }
         }
@@ -263,7 +264,10 @@ mod tests {
     fn murmur2_partition_is_kafka_to_positive_mod_n() {
         let p = Partitioner::new(HashKind::Murmur2, 12);
         // toPositive(-973932308) % 12, as Kafka's DefaultPartitioner computes it.
-        assert_eq!(p.partition("21"), ((-973932308i32 & 0x7fffffff) % 12) as u32);
+        assert_eq!(
+            p.partition("21"),
+            ((-973932308i32 & 0x7fffffff) % 12) as u32
+        );
     }
 
     #[test]
@@ -281,7 +285,10 @@ mod tests {
                 for (s, _) in JAVA_VECTORS {
                     assert!(p.partition(s) < n);
                 }
-                assert!(seen.iter().all(|s| *s), "{hash:?} with {n}: some partition unused");
+                assert!(
+                    seen.iter().all(|s| *s),
+                    "{hash:?} with {n}: some partition unused"
+                );
             }
         }
     }

@@ -29,7 +29,9 @@ pub enum SubmitError {
     #[error("{0}")]
     Invalid(String),
     /// The request has no key and the user has no live route.
-    #[error("no route for user `{0}`: send a request with a key first (routes expire after routes.ttl_seconds)")]
+    #[error(
+        "no route for user `{0}`: send a request with a key first (routes expire after routes.ttl_seconds)"
+    )]
     UnknownRoute(String),
     /// The partition's queue is full.
     #[error("partition {0} is at capacity; retry shortly")]
@@ -41,7 +43,9 @@ pub enum SubmitError {
     #[error("{0}")]
     Rule(RuleFailure),
     /// The id was used before for another request.
-    #[error("request id `{0}` was already used for a different request (kind, key, user or payload differ); use a new id for a new request")]
+    #[error(
+        "request id `{0}` was already used for a different request (kind, key, user or payload differ); use a new id for a new request"
+    )]
     IdConflict(String),
     /// The store failed; nothing was applied.
     #[error("{0}")]
@@ -153,7 +157,10 @@ impl Runtime {
                 std::fs::read(path).with_context(|| format!("reading rule {}", path.display()))?,
                 format!("rule {}", path.display()),
             ),
-            (None, None) => (REFERENCE_RULE.to_vec(), "the embedded reference rule".to_string()),
+            (None, None) => (
+                REFERENCE_RULE.to_vec(),
+                "the embedded reference rule".to_string(),
+            ),
         };
         let rule = Arc::new(
             sandbox

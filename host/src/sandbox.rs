@@ -80,7 +80,9 @@ impl From<&RuleConfig> for RuleLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// Bigger than `rule.max_module_bytes`.
-    #[error("the component is {size} bytes, more than the {max}-byte limit (rule.max_module_bytes)")]
+    #[error(
+        "the component is {size} bytes, more than the {max}-byte limit (rule.max_module_bytes)"
+    )]
     TooLarge {
         /// Its size.
         size: usize,
@@ -177,6 +179,10 @@ pub struct CompiledRule {
     pub version: String,
     /// Size of the component in bytes.
     pub size: usize,
+    /// Names of the component's imports.
+    pub imports: Vec<String>,
+    /// Names of the component's exports.
+    pub exports: Vec<String>,
     pre: bindings::RulePre<HostState>,
 }
 
@@ -249,10 +255,18 @@ impl bindings::RuleImports for HostState {
         let message = truncate(&message, MAX_LOG_LINE);
         let (partition, version) = (self.partition, &*self.rule_version);
         match level {
-            wit::Level::Debug => tracing::debug!(target: "turnstile::rule", partition, version, "{message}"),
-            wit::Level::Info => tracing::info!(target: "turnstile::rule", partition, version, "{message}"),
-            wit::Level::Warn => tracing::warn!(target: "turnstile::rule", partition, version, "{message}"),
-            wit::Level::Error => tracing::error!(target: "turnstile::rule", partition, version, "{message}"),
+            wit::Level::Debug => {
+                tracing::debug!(target: "turnstile::rule", partition, version, "{message}")
+            }
+            wit::Level::Info => {
+                tracing::info!(target: "turnstile::rule", partition, version, "{message}")
+            }
+            wit::Level::Warn => {
+                tracing::warn!(target: "turnstile::rule", partition, version, "{message}")
+            }
+            wit::Level::Error => {
+                tracing::error!(target: "turnstile::rule", partition, version, "{message}")
+            }
         }
     }
 }
@@ -319,10 +333,17 @@ impl Sandbox {
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
 
         let component_type = component.component_type();
-        let forbidden: Vec<String> = component_type
+        let imports: Vec<String> = component_type
             .imports(&self.engine)
-            .map(|(name, _)| name)
-            .filter(|name| !ALLOWED_IMPORTS.contains(name))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let exports: Vec<String> = component_type
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let forbidden: Vec<String> = imports
+            .iter()
+            .filter(|name| !ALLOWED_IMPORTS.contains(&name.as_str()))
             .map(|name| format!("`{name}`"))
             .collect();
         if !forbidden.is_empty() {
@@ -338,6 +359,8 @@ impl Sandbox {
         Ok(CompiledRule {
             version: version_id(bytes),
             size: bytes.len(),
+            imports,
+            exports,
             pre,
         })
     }
@@ -514,7 +537,9 @@ fn validate(outcome: wit::Outcome, max_output_bytes: usize) -> Result<Outcome, R
                 }
             }
             if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&t.data) {
-                return Err(output(format!("the rule returned data that is not JSON: {e}")));
+                return Err(output(format!(
+                    "the rule returned data that is not JSON: {e}"
+                )));
             }
             Ok(Outcome::Transition {
                 status: t.status,

@@ -46,11 +46,11 @@
 use std::path::{Path, PathBuf};
 
 use redb::{
-    Database, Durability as RedbDurability, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition,
+    Database, Durability as RedbDurability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
 };
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Durability;
 use crate::model::{Decision, Outcome, RoutedRequest, State};
@@ -145,8 +145,12 @@ pub fn prepare_dir(dir: &Path, layout: &Layout) -> Result<(), LayoutError> {
     let layout_path = dir.join(LAYOUT_FILE);
     match std::fs::read(&layout_path) {
         Ok(bytes) => {
-            let old: Layout = serde_json::from_slice(&bytes)
-                .map_err(|e| other(format!("{} is not a layout file: {e}", layout_path.display())))?;
+            let old: Layout = serde_json::from_slice(&bytes).map_err(|e| {
+                other(format!(
+                    "{} is not a layout file: {e}",
+                    layout_path.display()
+                ))
+            })?;
             if old.format != FORMAT {
                 return Err(other(format!(
                     "{} has data dir format {}, this turnstile reads format {FORMAT}",
@@ -170,7 +174,10 @@ pub fn prepare_dir(dir: &Path, layout: &Layout) -> Result<(), LayoutError> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(stray) = (0..4096).map(|p| partition_path(dir, p)).find(|p| p.exists()) {
+            if let Some(stray) = (0..4096)
+                .map(|p| partition_path(dir, p))
+                .find(|p| p.exists())
+            {
                 return Err(other(format!(
                     "{} exists but {} does not; refusing to guess the layout of this data dir",
                     stray.display(),
@@ -322,7 +329,10 @@ impl PartitionStore {
         txn.commit().map_err(db_error)?;
         let txn = db.begin_read().map_err(db_error)?;
         let last = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
-            Ok(t.last().map_err(db_error)?.map(|(k, _)| k.value()).unwrap_or(0))
+            Ok(t.last()
+                .map_err(db_error)?
+                .map(|(k, _)| k.value())
+                .unwrap_or(0))
         };
         let log = txn.open_table(LOG).map_err(db_error)?;
         let dead = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
@@ -330,7 +340,12 @@ impl PartitionStore {
         Ok(Counters {
             next_log_seq: last(&log)? + 1,
             next_dead_seq: last(&dead)? + 1,
-            next_dedup_seq: order.last().map_err(db_error)?.map(|(k, _)| k.value()).unwrap_or(0) + 1,
+            next_dedup_seq: order
+                .last()
+                .map_err(db_error)?
+                .map(|(k, _)| k.value())
+                .unwrap_or(0)
+                + 1,
             dedup_len: order.len().map_err(db_error)?,
         })
     }
@@ -409,11 +424,19 @@ impl PartitionStore {
     }
 
     /// Up to `limit` dead letters with a sequence number above `after`, oldest first.
-    pub fn dead_letters(&mut self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    pub fn dead_letters(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let txn = self.db()?.begin_read().map_err(db_error)?;
         let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
         let mut out = Vec::new();
-        for row in table.range(after.saturating_add(1)..).map_err(db_error)?.take(limit) {
+        for row in table
+            .range(after.saturating_add(1)..)
+            .map_err(db_error)?
+            .take(limit)
+        {
             let (_, value) = row.map_err(db_error)?;
             out.push(decode(value.value())?);
         }
@@ -437,7 +460,9 @@ fn open_db(location: &Location, partition: u32) -> Result<Database, StoreError> 
     match location {
         Location::Memory => redb::Builder::new()
             .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(|e| StoreError::at(format_args!("partition {partition} (memory)"), db_error(e))),
+            .map_err(|e| {
+                StoreError::at(format_args!("partition {partition} (memory)"), db_error(e))
+            }),
         Location::Dir(dir) => {
             let path = partition_path(dir, partition);
             Database::create(&path).map_err(|e| StoreError::at(path.display(), db_error(e)))
@@ -470,13 +495,17 @@ impl Batch<'_> {
 
     /// Records `user → route` durably.
     pub fn record_route(&mut self, user: &str, route: &Route) -> Result<(), StoreError> {
-        self.routes.insert(user, encode(route).as_slice()).map_err(db_error)?;
+        self.routes
+            .insert(user, encode(route).as_slice())
+            .map_err(db_error)?;
         Ok(())
     }
 
     /// Stores a new state for `key`.
     pub fn put_state(&mut self, key: &str, state: &State) -> Result<(), StoreError> {
-        self.states.insert(key, encode(state).as_slice()).map_err(db_error)?;
+        self.states
+            .insert(key, encode(state).as_slice())
+            .map_err(db_error)?;
         Ok(())
     }
 
@@ -484,14 +513,19 @@ impl Batch<'_> {
     pub fn append_log(&mut self, mut entry: LogEntry) -> Result<u64, StoreError> {
         let seq = self.counters.next_log_seq;
         entry.seq = seq;
-        self.log.insert(seq, encode(&entry).as_slice()).map_err(db_error)?;
+        self.log
+            .insert(seq, encode(&entry).as_slice())
+            .map_err(db_error)?;
         self.counters.next_log_seq += 1;
         Ok(seq)
     }
 
     /// Remembers the answer to a client request id.
     pub fn put_dedup(&mut self, id: &str, entry: &DedupEntry) -> Result<(), StoreError> {
-        let previous = self.dedup.insert(id, encode(entry).as_slice()).map_err(db_error)?;
+        let previous = self
+            .dedup
+            .insert(id, encode(entry).as_slice())
+            .map_err(db_error)?;
         if previous.is_none() {
             drop(previous);
             let seq = self.counters.next_dedup_seq;
@@ -506,7 +540,9 @@ impl Batch<'_> {
     pub fn dead_letter(&mut self, mut letter: DeadLetter) -> Result<u64, StoreError> {
         let seq = self.counters.next_dead_seq;
         letter.seq = seq;
-        self.dead_letters.insert(seq, encode(&letter).as_slice()).map_err(db_error)?;
+        self.dead_letters
+            .insert(seq, encode(&letter).as_slice())
+            .map_err(db_error)?;
         self.counters.next_dead_seq += 1;
         Ok(seq)
     }

@@ -10,7 +10,9 @@ use crate::support::{Server, body};
 #[tokio::test(flavor = "multi_thread")]
 async fn reserve_then_associate_by_user_lands_on_the_same_partition() {
     let server = Server::start();
-    let (status, reserved) = server.request(body("reserve", Some("R-1001"), "alice")).await;
+    let (status, reserved) = server
+        .request(body("reserve", Some("R-1001"), "alice"))
+        .await;
     assert_eq!(status, 200, "{reserved}");
     assert_eq!(reserved["outcome"], "transition");
     assert_eq!(reserved["state"]["status"], "reserved");
@@ -19,7 +21,10 @@ async fn reserve_then_associate_by_user_lands_on_the_same_partition() {
 
     let (status, associated) = server.request(body("associate", None, "alice")).await;
     assert_eq!(status, 200, "{associated}");
-    assert_eq!(associated["key"], "R-1001", "routed through the route cache");
+    assert_eq!(
+        associated["key"], "R-1001",
+        "routed through the route cache"
+    );
     assert_eq!(associated["state"]["status"], "associated");
     assert_eq!(associated["state"]["version"], 2);
     assert_eq!(associated["partition"], reserved["partition"]);
@@ -42,7 +47,10 @@ async fn reserve_then_associate_by_user_lands_on_the_same_partition() {
         .filter(|n| n.starts_with("partition-"))
         .collect();
     names.sort();
-    assert_eq!(names, ["partition-0", "partition-1", "partition-2", "partition-3"]);
+    assert_eq!(
+        names,
+        ["partition-0", "partition-1", "partition-2", "partition-3"]
+    );
 
     let (status, user) = server.get("/v1/users/alice").await;
     assert_eq!(status, 200);
@@ -69,26 +77,60 @@ async fn reference_rule_reject_paths() {
         let (status, answer) = server.request(request.clone()).await;
         assert_eq!(status, 409, "{request} -> {answer}");
         assert_eq!(answer["outcome"], "reject");
-        assert!(answer["reason"].as_str().unwrap().contains(reason), "{answer}");
+        assert!(
+            answer["reason"].as_str().unwrap().contains(reason),
+            "{answer}"
+        );
     }
     assert_eq!(server.get("/v1/keys/K-none").await.0, 404);
 
-    assert_eq!(server.request(body("reserve", Some("K-1"), "alice")).await.0, 200);
+    assert_eq!(
+        server
+            .request(body("reserve", Some("K-1"), "alice"))
+            .await
+            .0,
+        200
+    );
     // reserve on an existing key
     let (status, answer) = server.request(body("reserve", Some("K-1"), "bob")).await;
     assert_eq!(status, 409);
-    assert!(answer["reason"].as_str().unwrap().contains("already reserved"), "{answer}");
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .contains("already reserved"),
+        "{answer}"
+    );
     // associate by another user
-    let (status, answer) = server.request(body("associate", Some("K-1"), "carol")).await;
+    let (status, answer) = server
+        .request(body("associate", Some("K-1"), "carol"))
+        .await;
     assert_eq!(status, 409);
-    assert!(answer["reason"].as_str().unwrap().contains("another user"), "{answer}");
+    assert!(
+        answer["reason"].as_str().unwrap().contains("another user"),
+        "{answer}"
+    );
     assert_eq!(server.get("/v1/keys/K-1").await.1["state"]["version"], 1);
 
-    assert_eq!(server.request(body("associate", Some("K-1"), "alice")).await.0, 200);
+    assert_eq!(
+        server
+            .request(body("associate", Some("K-1"), "alice"))
+            .await
+            .0,
+        200
+    );
     // associate on an associated key
-    let (status, answer) = server.request(body("associate", Some("K-1"), "alice")).await;
+    let (status, answer) = server
+        .request(body("associate", Some("K-1"), "alice"))
+        .await;
     assert_eq!(status, 409);
-    assert!(answer["reason"].as_str().unwrap().contains("already associated"), "{answer}");
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .contains("already associated"),
+        "{answer}"
+    );
     let (_, key) = server.get("/v1/keys/K-1").await;
     assert_eq!(key["state"]["status"], "associated");
     assert_eq!(key["state"]["version"], 2);
@@ -114,18 +156,60 @@ async fn bad_inputs_are_400_and_reach_no_partition() {
         (b"{\"kind\": \"reserve\", \"user\": ".to_vec(), "EOF"),
         (b"".to_vec(), "empty"),
         (b"[1, 2]".to_vec(), "valid request"),
-        (json!({"kind": "reserve"}).to_string().into_bytes(), "missing field `user`"),
-        (json!({"user": "a"}).to_string().into_bytes(), "missing field `kind`"),
-        (json!({"kind": "", "user": "a"}).to_string().into_bytes(), "`kind` must not be empty"),
-        (json!({"kind": "reserve", "user": ""}).to_string().into_bytes(), "`user` must not be empty"),
-        (json!({"kind": "reserve", "user": "a", "key": ""}).to_string().into_bytes(), "`key` must not be empty"),
-        (json!({"kind": "reserve", "user": "a", "id": ""}).to_string().into_bytes(), "`id` must not be empty"),
-        (json!({"kind": "reserve", "user": "a", "kye": "k"}).to_string().into_bytes(), "unknown field `kye`"),
-        (json!({"kind": 7, "user": "a"}).to_string().into_bytes(), "invalid type"),
-        (json!({"kind": "reserve", "user": "x".repeat(2000)}).to_string().into_bytes(), "more than 1024"),
-        (b"{\"kind\": \"reserve\", \"user\": \"\xff\xfe\"}".to_vec(), "UTF-8"),
         (
-            json!({"kind": "reserve", "user": "a", "payload": "x".repeat(70_000)}).to_string().into_bytes(),
+            json!({"kind": "reserve"}).to_string().into_bytes(),
+            "missing field `user`",
+        ),
+        (
+            json!({"user": "a"}).to_string().into_bytes(),
+            "missing field `kind`",
+        ),
+        (
+            json!({"kind": "", "user": "a"}).to_string().into_bytes(),
+            "`kind` must not be empty",
+        ),
+        (
+            json!({"kind": "reserve", "user": ""})
+                .to_string()
+                .into_bytes(),
+            "`user` must not be empty",
+        ),
+        (
+            json!({"kind": "reserve", "user": "a", "key": ""})
+                .to_string()
+                .into_bytes(),
+            "`key` must not be empty",
+        ),
+        (
+            json!({"kind": "reserve", "user": "a", "id": ""})
+                .to_string()
+                .into_bytes(),
+            "`id` must not be empty",
+        ),
+        (
+            json!({"kind": "reserve", "user": "a", "kye": "k"})
+                .to_string()
+                .into_bytes(),
+            "unknown field `kye`",
+        ),
+        (
+            json!({"kind": 7, "user": "a"}).to_string().into_bytes(),
+            "invalid type",
+        ),
+        (
+            json!({"kind": "reserve", "user": "x".repeat(2000)})
+                .to_string()
+                .into_bytes(),
+            "more than 1024",
+        ),
+        (
+            b"{\"kind\": \"reserve\", \"user\": \"\xff\xfe\"}".to_vec(),
+            "UTF-8",
+        ),
+        (
+            json!({"kind": "reserve", "user": "a", "payload": "x".repeat(70_000)})
+                .to_string()
+                .into_bytes(),
             "larger than 65536 bytes",
         ),
     ];
@@ -135,7 +219,10 @@ async fn bad_inputs_are_400_and_reach_no_partition() {
         assert_eq!(status, 400, "{shown} -> {answer}");
         assert_eq!(answer["error"]["code"], "invalid_request");
         let message = answer["error"]["message"].as_str().unwrap();
-        assert!(message.contains(expected), "{shown}: {message:?} lacks {expected:?}");
+        assert!(
+            message.contains(expected),
+            "{shown}: {message:?} lacks {expected:?}"
+        );
     }
     let (_, partitions) = server.get("/v1/partitions").await;
     for p in partitions["partitions"].as_array().unwrap() {

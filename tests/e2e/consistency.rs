@@ -66,11 +66,24 @@ async fn every_user_ends_associated_under_concurrent_load() {
     let (_, partitions) = server.get("/v1/partitions").await;
     let partitions = partitions["partitions"].as_array().unwrap().clone();
     assert_eq!(partitions.len(), 6);
-    let processed: u64 = partitions.iter().map(|p| p["processed"].as_u64().unwrap()).sum();
-    let deduplicated: u64 = partitions.iter().map(|p| p["deduplicated"].as_u64().unwrap()).sum();
-    assert_eq!(processed, 2 * USERS as u64, "every request applied exactly once");
+    let processed: u64 = partitions
+        .iter()
+        .map(|p| p["processed"].as_u64().unwrap())
+        .sum();
+    let deduplicated: u64 = partitions
+        .iter()
+        .map(|p| p["deduplicated"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        processed,
+        2 * USERS as u64,
+        "every request applied exactly once"
+    );
     assert_eq!(deduplicated, 0);
     for p in &partitions {
-        assert!(p["processed"].as_u64().unwrap() > 0, "load reached every partition: {p}");
+        assert!(
+            p["processed"].as_u64().unwrap() > 0,
+            "load reached every partition: {p}"
+        );
     }
 }

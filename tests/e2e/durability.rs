@@ -27,7 +27,9 @@ async fn restart_keeps_associate_by_user_routing() {
 
     let server = Server::start_with(args);
     for u in 0..20 {
-        let (status, answer) = server.request(body("associate", None, &format!("u-{u}"))).await;
+        let (status, answer) = server
+            .request(body("associate", None, &format!("u-{u}")))
+            .await;
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["key"], format!("K-{u}"));
         assert_eq!(answer["state"]["status"], "associated");
@@ -40,7 +42,10 @@ async fn restart_keeps_associate_by_user_routing() {
 async fn other_partition_count_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
-    assert_eq!(server.request(body("reserve", Some("K"), "alice")).await.0, 200);
+    assert_eq!(
+        server.request(body("reserve", Some("K"), "alice")).await.0,
+        200
+    );
     assert!(server.terminate());
 
     let err = match Server::try_start(
@@ -64,7 +69,10 @@ async fn other_partition_count_is_refused() {
     assert!(err.contains("murmur2"), "{err}");
 
     let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
-    assert_eq!(server.get("/v1/keys/K").await.1["state"]["status"], "reserved");
+    assert_eq!(
+        server.get("/v1/keys/K").await.1["state"]["status"],
+        "reserved"
+    );
 }
 
 /// A missing partition file is reported by path, not silently recreated empty.
@@ -111,7 +119,9 @@ async fn kill_9_loses_no_acknowledged_request() {
                     for request in user_requests(u) {
                         match try_request(&server, &request).await {
                             Some((200, answer)) => {
-                                acks.lock().unwrap().insert(request["id"].as_str().unwrap().into(), answer);
+                                acks.lock()
+                                    .unwrap()
+                                    .insert(request["id"].as_str().unwrap().into(), answer);
                             }
                             Some((status, answer)) => panic!("{request} -> {status} {answer}"),
                             None => return, // the server is gone
@@ -134,12 +144,18 @@ async fn kill_9_loses_no_acknowledged_request() {
         for w in workers {
             w.await.unwrap();
         }
-        eprintln!("round {round}: {} requests acknowledged so far", acks.lock().unwrap().len());
+        eprintln!(
+            "round {round}: {} requests acknowledged so far",
+            acks.lock().unwrap().len()
+        );
     }
 
     let server = Server::start_with(args);
     check_acknowledged(&server, &acks).await;
-    assert!(acks.lock().unwrap().len() > 50, "the load generator got acknowledgements");
+    assert!(
+        acks.lock().unwrap().len() > 50,
+        "the load generator got acknowledgements"
+    );
 
     // Retry every request of every user, acknowledged or not: the acknowledged ones get their
     // original answer (a transition, not a reject: nothing is applied twice), the others apply now.
@@ -147,7 +163,11 @@ async fn kill_9_loses_no_acknowledged_request() {
         for (i, request) in user_requests(u).into_iter().enumerate() {
             let (status, answer) = server.request(request.clone()).await;
             assert_eq!(status, 200, "{request} -> {answer}");
-            assert_eq!(answer["state"]["version"], i as u64 + 1, "{request} -> {answer}");
+            assert_eq!(
+                answer["state"]["version"],
+                i as u64 + 1,
+                "{request} -> {answer}"
+            );
             if let Some(first) = acks.lock().unwrap().get(request["id"].as_str().unwrap()) {
                 assert_eq!(&answer, first, "a retry returns the acknowledged answer");
             }
@@ -190,6 +210,9 @@ async fn check_acknowledged(server: &Server, acks: &Acks) {
         assert_eq!(status, 200, "acknowledged {id} lost: {key} has no state");
         let acked_version = answer["state"]["version"].as_u64().unwrap();
         let version = state["state"]["version"].as_u64().unwrap();
-        assert!(version >= acked_version, "acknowledged {id} (version {acked_version}) lost: now {version}");
+        assert!(
+            version >= acked_version,
+            "acknowledged {id} (version {acked_version}) lost: now {version}"
+        );
     }
 }

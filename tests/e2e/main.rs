@@ -6,6 +6,8 @@
 mod support;
 
 mod api;
+mod cli;
 mod consistency;
 mod durability;
 mod rules;
+mod sandbox;

@@ -9,7 +9,10 @@ async fn another_rule_changes_the_outcomes() {
     let reference = Server::start();
     let echo = Server::start_with(ServerArgs::default().rule(guests::ECHO));
     for server in [&reference, &echo] {
-        assert_eq!(server.request(body("reserve", Some("K"), "alice")).await.0, 200);
+        assert_eq!(
+            server.request(body("reserve", Some("K"), "alice")).await.0,
+            200
+        );
     }
     let (status, answer) = reference.request(body("reserve", Some("K"), "alice")).await;
     assert_eq!(status, 409, "{answer}");
@@ -37,7 +40,10 @@ fn bad_components_are_refused_at_start() {
     let cases: Vec<(std::path::PathBuf, &str)> = vec![
         (not_wasm, "not a WebAssembly file"),
         (core, "core WebAssembly module, not a component"),
-        (guests::OTHER_WORLD.into(), "does not implement the turnstile:rule world"),
+        (
+            guests::OTHER_WORLD.into(),
+            "does not implement the turnstile:rule world",
+        ),
         (guests::FORBIDDEN_IMPORT.into(), "imports `now`"),
         (dir.path().join("missing.wasm"), "reading rule"),
     ];

@@ -21,7 +21,10 @@ pub fn turnstile_bin() -> &'static Path {
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // <target>/<profile>/deps/e2e-<hash>
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile dir");
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
@@ -29,8 +32,13 @@ pub fn turnstile_bin() -> &'static Path {
         if release {
             build.arg("--release");
         }
-        let status = build.status().expect("running cargo build for the turnstile binary");
-        assert!(status.success(), "cargo build of the turnstile binary failed");
+        let status = build
+            .status()
+            .expect("running cargo build for the turnstile binary");
+        assert!(
+            status.success(),
+            "cargo build of the turnstile binary failed"
+        );
         let bin = profile_dir.join("turnstile");
         assert!(bin.exists(), "{} not found after building", bin.display());
         bin

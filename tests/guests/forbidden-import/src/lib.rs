@@ -1,7 +1,10 @@
 //! Test guest `forbidden-import`: a rule that imports `now`, which the world does not offer.
 //! Expected: refused at load with `forbidden import` naming `now`; never instantiated.
 
-#![allow(unsafe_code, reason = "wit-bindgen's generated exports use `export_name`")]
+#![allow(
+    unsafe_code,
+    reason = "wit-bindgen's generated exports use `export_name`"
+)]
 
 wit_bindgen::generate!({
     world: "test:forbidden/rule-with-clock",

@@ -1,0 +1,157 @@
+//! The sandbox: a rule that loops, allocates without end, panics, overflows its stack or returns
+//! garbage costs exactly one failed request, never the partition, the process or another key.
+//! Assertions are on error codes, never on message text.
+
+use serde_json::{Value, json};
+use turnstile::router::{HashKind, Partitioner};
+
+use crate::support::{Server, ServerArgs, guests};
+
+/// Keys that the default partitioner (java, N = 4) puts on `partition`.
+fn keys_on(partition: u32, count: usize) -> Vec<String> {
+    let partitioner = Partitioner::new(HashKind::Java, 4);
+    (0..)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| partitioner.partition(k) == partition)
+        .take(count)
+        .collect()
+}
+
+fn request(kind: &str, key: &str, id: &str) -> Value {
+    json!({"kind": kind, "key": key, "user": "tester", "id": id})
+}
+
+fn failures(partitions: &Value, id: u64) -> Value {
+    partitions["partitions"][id as usize]["rule_failures"].clone()
+}
+
+/// Each misbehaviour fails its own request with its code; the state is unchanged, the next
+/// request on the same partition succeeds, a dead letter is recorded, other partitions see
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_misbehaviour_costs_one_request() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE));
+    let cases = [
+        ("loop", "rule_fuel_exhausted"),
+        ("alloc", "rule_memory"),
+        ("panic", "rule_trap"),
+        ("recurse", "rule_trap"),
+        ("huge", "rule_output"),
+        ("bad-json", "rule_output"),
+        ("empty", "rule_output"),
+    ];
+    let keys = keys_on(1, cases.len());
+    let bystander = keys_on(2, 1).remove(0);
+    for ((kind, code), key) in cases.iter().zip(&keys) {
+        let (status, answer) = server
+            .request(request("set", key, &format!("{kind}-before")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+
+        let (status, answer) = server
+            .request(request(kind, key, &format!("{kind}-bad")))
+            .await;
+        assert_eq!(status, 500, "{kind}: {answer}");
+        assert_eq!(answer["error"]["code"], *code, "{kind}: {answer}");
+
+        let (_, state) = server.get(&format!("/v1/keys/{key}")).await;
+        assert_eq!(
+            state["state"]["version"], 1,
+            "{kind} changed the state: {state}"
+        );
+        assert_eq!(state["partition"], 1);
+
+        let (status, answer) = server
+            .request(request("set", key, &format!("{kind}-after")))
+            .await;
+        assert_eq!(status, 200, "{kind}: next request failed: {answer}");
+        assert_eq!(answer["state"]["version"], 2);
+        assert_eq!(answer["state"]["data"]["seen_version"], 1);
+
+        // Another partition is untouched.
+        let (status, _) = server
+            .request(request("set", &bystander, &format!("{kind}-bystander")))
+            .await;
+        assert_eq!(status, 200);
+    }
+
+    let (_, partitions) = server.get("/v1/partitions").await;
+    let on_1 = failures(&partitions, 1);
+    assert_eq!(on_1["rule_fuel_exhausted"], 1);
+    assert_eq!(on_1["rule_memory"], 1);
+    assert_eq!(on_1["rule_trap"], 2);
+    assert_eq!(on_1["rule_output"], 3);
+    for other in [0, 2, 3] {
+        let counts = failures(&partitions, other);
+        for (code, n) in counts.as_object().unwrap() {
+            assert_eq!(n, 0, "partition {other} counted {code}");
+        }
+    }
+    assert_eq!(partitions["partitions"][2]["processed"], cases.len());
+
+    let (status, letters) = server.get("/v1/dead-letters?partition=1").await;
+    assert_eq!(status, 200);
+    let letters = letters["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), cases.len());
+    for ((kind, code), letter) in cases.iter().zip(letters) {
+        assert_eq!(letter["request"]["id"], format!("{kind}-bad"));
+        assert_eq!(letter["request"]["kind"], *kind);
+        assert_eq!(letter["failure"]["kind"], code.trim_start_matches("rule_"));
+        assert_eq!(letter["partition"], 1);
+        assert_eq!(letter["rule_version"].as_str().unwrap().len(), 64);
+    }
+    // Paging: after the third letter come the other four.
+    let (_, page) = server
+        .get("/v1/dead-letters?partition=1&after=3&limit=2")
+        .await;
+    let page = page["dead_letters"].as_array().unwrap();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0]["seq"], 4);
+    assert_eq!(server.get("/v1/dead-letters?partition=9").await.0, 400);
+}
+
+/// With fuel out of the way, the wall-clock deadline stops a runaway loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn deadline_stops_a_loop_when_fuel_does_not() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[rule]\nfuel = 1000000000000000\ndeadline_ms = 50\n"),
+    );
+    let (status, answer) = server.request(request("loop", "k", "slow")).await;
+    assert_eq!(status, 500, "{answer}");
+    assert_eq!(answer["error"]["code"], "rule_deadline");
+    assert_eq!(server.request(request("set", "k", "fine")).await.0, 200);
+}
+
+/// Requests queued in the same batch as a failing one are applied normally.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_does_not_touch_its_batch() {
+    let server = std::sync::Arc::new(Server::start_with(
+        ServerArgs::default().rule(guests::MISBEHAVE),
+    ));
+    let keys = keys_on(0, 40);
+    let mut tasks = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let server = server.clone();
+        let kind = if i % 10 == 5 { "panic" } else { "set" };
+        let body = request(kind, key, &format!("batch-{i}"));
+        tasks.push(tokio::spawn(
+            async move { (kind, server.request(body).await) },
+        ));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        let (kind, (status, answer)) = task.await.unwrap();
+        if kind == "panic" {
+            assert_eq!(answer["error"]["code"], "rule_trap");
+        } else {
+            assert_eq!(status, 200, "{answer}");
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 36);
+    let (_, partitions) = server.get("/v1/partitions").await;
+    assert_eq!(partitions["partitions"][0]["processed"], 36);
+    assert_eq!(failures(&partitions, 0)["rule_trap"], 4);
+}
