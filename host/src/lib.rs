@@ -13,6 +13,7 @@
 //! - [`store`]: one redb database per partition: states, routes, dedup, log, dead letters.
 //! - [`partition`]: one thread per partition: its queue, its rule instance, its store, group commit.
 //! - [`runtime`]: the library API: submit a request, read keys and users, inspect partitions.
+//! - [`repartition`]: `turnstile repartition`: a data dir to another N or hash, all or nothing.
 //! - [`api`]: the HTTP API over the runtime.
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod logging;
 pub mod model;
 pub mod partition;
+pub mod repartition;
 pub mod router;
 pub mod runtime;
 pub mod sandbox;

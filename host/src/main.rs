@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use turnstile::config::Config;
+use turnstile::router::HashKind;
 
 /// Keyed state machines whose transition rules are WebAssembly components.
 #[derive(Parser)]
@@ -41,6 +42,21 @@ enum Command {
         /// Configuration whose [rule] limits the component is checked against.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// Move a stopped data dir to another partition count or hash, all or nothing.
+    Repartition {
+        /// The data dir (the server must be stopped).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Servers in the new layout.
+        #[arg(long)]
+        servers: u32,
+        /// Containers per server in the new layout.
+        #[arg(long)]
+        containers: u32,
+        /// Hash of the new layout (default: the data dir's current one).
+        #[arg(long, value_parser = ["java", "murmur2"])]
+        hash: Option<String>,
     },
     /// Check a rule component against the world and the limits, without running a server.
     Check {
@@ -78,6 +94,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("built {}", built.path.display());
             println!("version {}", built.rule.version);
             println!("size {} bytes", built.rule.size);
+            Ok(())
+        }
+        Command::Repartition {
+            data_dir,
+            servers,
+            containers,
+            hash,
+        } => {
+            let hash = match hash.as_deref() {
+                Some("murmur2") => HashKind::Murmur2,
+                Some(_) => HashKind::Java,
+                None => turnstile::store::read_layout(&data_dir)?
+                    .map(|l| l.hash)
+                    .with_context(|| {
+                        format!("{} is not a turnstile data dir", data_dir.display())
+                    })?,
+            };
+            let partitions = servers
+                .checked_mul(containers)
+                .filter(|n| *n >= 2)
+                .context("--servers × --containers must be at least 2")?;
+            let report =
+                turnstile::repartition::repartition(&data_dir, partitions, hash, &mut |line| {
+                    eprintln!("{line}");
+                })?;
+            println!(
+                "repartitioned {}: {} → {} partitions ({} → {}), {} states, {} routes, {} dedup entries, {} log entries, {} dead letters in {:.2?}",
+                data_dir.display(),
+                report.old.partitions,
+                report.new.partitions,
+                report.old.hash.name(),
+                report.new.hash.name(),
+                report.states,
+                report.routes,
+                report.dedup,
+                report.log,
+                report.dead_letters,
+                report.elapsed
+            );
             Ok(())
         }
         Command::Check { rule, config } => {

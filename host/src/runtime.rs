@@ -17,7 +17,7 @@ use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
 use crate::partition::{ApplyError, Command, Partition, PartitionSetup, QueueError};
 use crate::router::{Partitioner, Route, RouteCache};
 use crate::sandbox::{CompiledRule, REFERENCE_RULE, RuleFailure, RuleLimits, Sandbox};
-use crate::store::{self, DeadLetter, Layout, Location, StoreError};
+use crate::store::{self, DeadLetter, Location, StoreError};
 
 /// Longest accepted kind, user, key or id, in bytes.
 pub const MAX_FIELD_BYTES: usize = 1024;
@@ -171,17 +171,7 @@ impl Runtime {
         let n = config.partitions.count();
         let partitioner = Partitioner::new(config.partitions.hash, n);
         let location = match &config.store.data_dir {
-            Some(dir) => {
-                store::prepare_dir(
-                    dir,
-                    &Layout {
-                        format: store::FORMAT,
-                        partitions: n,
-                        hash: config.partitions.hash,
-                    },
-                )?;
-                Location::Dir(dir.clone())
-            }
+            Some(dir) => Location::Dir(store::prepare_dir(dir, n, config.partitions.hash)?),
             None => Location::Memory,
         };
 

@@ -31,8 +31,11 @@
 //! 5. **The log is the history.** Sequence numbers grow by one per applied request (accepted or
 //!    rejected) with no gaps, in the order the partition applied them; replaying the log through
 //!    the same rule gives the same states.
-//! 6. **The layout is fixed.** `turnstile.json` in the data dir records the number of partitions
-//!    and the hash; a process with other settings refuses to start rather than misroute keys.
+//! 6. **The layout is fixed.** `turnstile.json` in the data dir records the number of partitions,
+//!    the hash and the generation directory that holds the files; a process with other settings
+//!    refuses to start rather than misroute keys. `turnstile repartition` writes a whole new
+//!    generation and then replaces `turnstile.json` atomically: that rename is its only commit
+//!    point, so a crash leaves either the old layout or the new one, never a mix.
 //!
 //! # Assumptions about the disk
 //!
@@ -57,12 +60,12 @@ use crate::model::{Decision, Outcome, RoutedRequest, State};
 use crate::router::{HashKind, Route};
 use crate::sandbox::RuleFailure;
 
-const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
-const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
-const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("dedup");
-const DEDUP_ORDER: TableDefinition<u64, &str> = TableDefinition::new("dedup_order");
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+pub(crate) const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
+pub(crate) const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
+pub(crate) const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("dedup");
+pub(crate) const DEDUP_ORDER: TableDefinition<u64, &str> = TableDefinition::new("dedup_order");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 /// File in the data dir that records the layout (invariant 6).
 pub const LAYOUT_FILE: &str = "turnstile.json";
@@ -86,13 +89,13 @@ fn db_error(e: impl Into<redb::Error>) -> StoreError {
 /// Where partition files live.
 #[derive(Debug, Clone)]
 pub enum Location {
-    /// Files under this directory.
+    /// Files in this directory (a data dir's generation directory).
     Dir(PathBuf),
     /// In memory, lost on exit.
     Memory,
 }
 
-/// The layout a data dir was created with (`turnstile.json`).
+/// The layout a data dir was created with (`turnstile.json`, the data dir's commit point).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// Format of the data dir; bumped on incompatible changes.
@@ -101,6 +104,9 @@ pub struct Layout {
     pub partitions: u32,
     /// The partitioner's hash.
     pub hash: HashKind,
+    /// Which `generation-G` directory holds the partition files. `turnstile repartition` writes
+    /// a new generation beside the old one and switches by replacing this file atomically.
+    pub generation: u64,
 }
 
 /// The current data dir format.
@@ -114,7 +120,7 @@ pub enum LayoutError {
         "{dir} holds {old_n} partitions hashed with `{old_hash}`, but the configuration asks for {new_n} with `{new_hash}`; \
          keys would be routed to partitions that do not hold them. Start with the old settings, or migrate with \
          `turnstile repartition --data-dir {dir} --servers S --containers C --hash {new_hash}` while the server is stopped",
-        old_hash = .old.hash.name(), old_n = .old.partitions, new_n = .new.partitions, new_hash = .new.hash.name(),
+        old_hash = .old.hash.name(), old_n = .old.partitions, new_n = .new_partitions, new_hash = .new_hash.name(),
         dir = .dir.display()
     )]
     Mismatch {
@@ -122,8 +128,10 @@ pub enum LayoutError {
         dir: PathBuf,
         /// What it holds.
         old: Layout,
-        /// What was asked.
-        new: Layout,
+        /// N asked for.
+        new_partitions: u32,
+        /// Hash asked for.
+        new_hash: HashKind,
     },
     /// A partition file is missing.
     #[error("partition file {0} is missing; the data dir is incomplete (restore it from a backup)")]
@@ -133,64 +141,97 @@ pub enum LayoutError {
     Other(String),
 }
 
-/// The file of partition `p` under `dir`.
-pub fn partition_path(dir: &Path, partition: u32) -> PathBuf {
-    dir.join(format!("partition-{partition:04}.redb"))
+/// The directory of generation `generation` under `dir`.
+pub fn generation_dir(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("generation-{generation}"))
 }
 
-/// Checks (or, for a new dir, writes) the layout of a data dir before any partition opens.
-pub fn prepare_dir(dir: &Path, layout: &Layout) -> Result<(), LayoutError> {
+/// The file of partition `partition` in a generation directory.
+pub fn partition_path(generation_dir: &Path, partition: u32) -> PathBuf {
+    generation_dir.join(format!("partition-{partition:04}.redb"))
+}
+
+/// Reads `turnstile.json`, if the data dir has one.
+pub fn read_layout(dir: &Path) -> Result<Option<Layout>, LayoutError> {
     let other = |what: String| LayoutError::Other(what);
-    std::fs::create_dir_all(dir).map_err(|e| other(format!("creating {}: {e}", dir.display())))?;
     let layout_path = dir.join(LAYOUT_FILE);
     match std::fs::read(&layout_path) {
         Ok(bytes) => {
-            let old: Layout = serde_json::from_slice(&bytes).map_err(|e| {
+            let layout: Layout = serde_json::from_slice(&bytes).map_err(|e| {
                 other(format!(
                     "{} is not a layout file: {e}",
                     layout_path.display()
                 ))
             })?;
-            if old.format != FORMAT {
+            if layout.format != FORMAT {
                 return Err(other(format!(
                     "{} has data dir format {}, this turnstile reads format {FORMAT}",
                     layout_path.display(),
-                    old.format
+                    layout.format
                 )));
             }
-            if old.partitions != layout.partitions || old.hash != layout.hash {
-                return Err(LayoutError::Mismatch {
-                    dir: dir.to_path_buf(),
-                    old,
-                    new: layout.clone(),
-                });
-            }
-            for p in 0..layout.partitions {
-                let path = partition_path(dir, p);
-                if !path.exists() {
-                    return Err(LayoutError::MissingPartition(path));
-                }
-            }
-            Ok(())
+            Ok(Some(layout))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(stray) = (0..4096)
-                .map(|p| partition_path(dir, p))
-                .find(|p| p.exists())
-            {
-                return Err(other(format!(
-                    "{} exists but {} does not; refusing to guess the layout of this data dir",
-                    stray.display(),
-                    layout_path.display()
-                )));
-            }
-            write_layout(dir, layout).map_err(other)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(other(format!("reading {}: {e}", layout_path.display()))),
     }
 }
 
-/// Writes `turnstile.json` atomically (write a temporary file, sync it, rename it).
+/// Checks (or, for a new dir, creates) a data dir for `partitions` partitions hashed with
+/// `hash`, before any partition opens. Returns the directory that holds the partition files.
+pub fn prepare_dir(dir: &Path, partitions: u32, hash: HashKind) -> Result<PathBuf, LayoutError> {
+    let other = |what: String| LayoutError::Other(what);
+    std::fs::create_dir_all(dir).map_err(|e| other(format!("creating {}: {e}", dir.display())))?;
+    match read_layout(dir)? {
+        Some(old) => {
+            if old.partitions != partitions || old.hash != hash {
+                return Err(LayoutError::Mismatch {
+                    dir: dir.to_path_buf(),
+                    old,
+                    new_partitions: partitions,
+                    new_hash: hash,
+                });
+            }
+            let generation = generation_dir(dir, old.generation);
+            for p in 0..partitions {
+                let path = partition_path(&generation, p);
+                if !path.exists() {
+                    return Err(LayoutError::MissingPartition(path));
+                }
+            }
+            Ok(generation)
+        }
+        None => {
+            let entries = std::fs::read_dir(dir)
+                .map_err(|e| other(format!("reading {}: {e}", dir.display())))?;
+            if let Some(stray) = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "redb") || p.is_dir())
+            {
+                return Err(other(format!(
+                    "{} exists but {} does not; refusing to guess the layout of this data dir",
+                    stray.display(),
+                    dir.join(LAYOUT_FILE).display()
+                )));
+            }
+            let layout = Layout {
+                format: FORMAT,
+                partitions,
+                hash,
+                generation: 1,
+            };
+            let generation = generation_dir(dir, layout.generation);
+            std::fs::create_dir_all(&generation)
+                .map_err(|e| other(format!("creating {}: {e}", generation.display())))?;
+            write_layout(dir, &layout).map_err(other)?;
+            Ok(generation)
+        }
+    }
+}
+
+/// Writes `turnstile.json` atomically (write a temporary file, sync it, rename it, sync the
+/// directory): the rename is the commit point of a new data dir or of a repartition.
 pub fn write_layout(dir: &Path, layout: &Layout) -> Result<(), String> {
     let path = dir.join(LAYOUT_FILE);
     let tmp = dir.join(format!("{LAYOUT_FILE}.tmp"));
@@ -560,11 +601,11 @@ impl Batch<'_> {
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("store values always serialize")
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError(format!("corrupt record: {e}")))
 }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::Value;
 
-use crate::support::{Server, ServerArgs, body};
+use turnstile::router::{HashKind, Partitioner};
+
+use crate::support::{Server, ServerArgs, body, run_cli};
 
 /// Users reserved before a restart can still associate by user alone after it.
 #[tokio::test(flavor = "multi_thread")]
@@ -75,13 +77,103 @@ async fn other_partition_count_is_refused() {
     );
 }
 
+/// `turnstile repartition` moves a data dir from N = 4 (java) to N = 6 (murmur2): every state,
+/// route and dedup entry follows its key; a running server's data dir is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn repartition_moves_every_key_route_and_id() {
+    const USERS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
+    let mut answers = Vec::new();
+    for u in 0..USERS {
+        let mut reserve = body("reserve", Some(&format!("M-{u}")), &format!("mu-{u}"));
+        reserve["id"] = format!("m-{u}").into();
+        let (status, answer) = server.request(reserve).await;
+        assert_eq!(status, 200);
+        answers.push(answer);
+        if u % 2 == 0 {
+            assert_eq!(
+                server
+                    .request(body("associate", None, &format!("mu-{u}")))
+                    .await
+                    .0,
+                200
+            );
+        }
+    }
+    let data_dir = dir.path().to_str().unwrap();
+    let (ok, _, stderr) = run_cli(&[
+        "repartition",
+        "--data-dir",
+        data_dir,
+        "--servers",
+        "2",
+        "--containers",
+        "3",
+    ]);
+    assert!(!ok, "repartitioned under a running server");
+    assert!(stderr.contains("still running"), "{stderr}");
+    assert!(server.terminate());
+
+    let (ok, stdout, stderr) = run_cli(&[
+        "repartition",
+        "--data-dir",
+        data_dir,
+        "--servers",
+        "2",
+        "--containers",
+        "3",
+        "--hash",
+        "murmur2",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(&format!("{USERS} states")), "{stdout}");
+    assert!(stdout.contains(&format!("{USERS} routes")), "{stdout}");
+
+    assert!(Server::try_start(ServerArgs::default().data_dir(dir.path())).is_err());
+    let server = Server::start_with(
+        ServerArgs::default()
+            .data_dir(dir.path())
+            .config("[partitions]\nservers = 2\ncontainers = 3\nhash = \"murmur2\"\n"),
+    );
+    let partitioner = Partitioner::new(HashKind::Murmur2, 6);
+    for u in 0..USERS {
+        let key = format!("M-{u}");
+        let (status, state) = server.get(&format!("/v1/keys/{key}")).await;
+        assert_eq!(status, 200, "{key} lost");
+        assert_eq!(state["partition"], partitioner.partition(&key));
+        let expected = if u % 2 == 0 {
+            ("associated", 2)
+        } else {
+            ("reserved", 1)
+        };
+        assert_eq!(state["state"]["status"], expected.0);
+        assert_eq!(state["state"]["version"], expected.1);
+        if u % 2 == 1 {
+            // The route moved with its key: associate by user alone.
+            let (status, answer) = server
+                .request(body("associate", None, &format!("mu-{u}")))
+                .await;
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["key"], key);
+        }
+        // The dedup entry moved too: a retry is answered, not applied.
+        let mut retry = body("reserve", Some(&key), &format!("mu-{u}"));
+        retry["id"] = format!("m-{u}").into();
+        let (status, answer) = server.request(retry).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer["state"], answers[u]["state"]);
+        assert_eq!(answer["partition"], partitioner.partition(&key));
+    }
+}
+
 /// A missing partition file is reported by path, not silently recreated empty.
 #[test]
 fn missing_partition_file_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
     assert!(server.terminate());
-    let file = dir.path().join("partition-0002.redb");
+    let file = dir.path().join("generation-1/partition-0002.redb");
     std::fs::remove_file(&file).unwrap();
     let err = match Server::try_start(ServerArgs::default().data_dir(dir.path())) {
         Ok(_) => panic!("started without a partition file"),
