@@ -308,3 +308,87 @@ async fn check_acknowledged(server: &Server, acks: &Acks) {
         );
     }
 }
+
+/// A tmpfs mount that is unmounted when dropped (also when the test panics).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "this test needs to mount a small tmpfs (run it as root, as CI does)"
+        );
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk fails the requests of the batch with 503 `store_unavailable` (nothing of them is
+/// stored or acknowledged), and the partition recovers when space comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn full_disk_fails_the_batch_and_recovers() {
+    let disk = SmallDisk::mount("8m");
+    let data = disk.dir.path().join("data");
+    let server = Server::start_with(ServerArgs::default().data_dir(&data));
+    assert_eq!(server.request(body("reserve", Some("before"), "u0")).await.0, 200);
+
+    // Fill the disk.
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    let payload = "x".repeat(16 * 1024);
+    let mut failed = Vec::new();
+    for i in 0..400 {
+        let mut request = body("reserve", Some(&format!("full-{i}")), &format!("fu-{i}"));
+        request["id"] = format!("full-{i}").into();
+        request["payload"] = payload.clone().into();
+        let (status, answer) = server.request(request.clone()).await;
+        match status {
+            200 => {}
+            503 => {
+                assert_eq!(answer["error"]["code"], "store_unavailable", "{answer}");
+                failed.push(request);
+                if failed.len() >= 3 {
+                    break;
+                }
+            }
+            _ => panic!("{status} {answer}"),
+        }
+    }
+    assert!(!failed.is_empty(), "the disk never filled up");
+    for request in &failed {
+        let key = request["key"].as_str().unwrap();
+        assert_eq!(server.get(&format!("/v1/keys/{key}")).await.0, 404, "{key} was stored");
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    for request in &failed {
+        let (status, answer) = server.request(request.clone()).await;
+        assert_eq!(status, 200, "no recovery after the disk freed up: {answer}");
+        assert_eq!(answer["state"]["version"], 1);
+    }
+    assert_eq!(server.get("/v1/keys/before").await.1["state"]["version"], 1);
+    assert!(server.terminate());
+}
