@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State as AxumState};
+use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,19 +16,39 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::model::{Decision, Request, State, Verdict};
+use crate::reload::InstallError;
 use crate::runtime::{ReadError, Runtime, SubmitError};
 
 /// What every handler shares.
 #[derive(Clone)]
 struct Api {
     runtime: Arc<Runtime>,
-    /// Largest body accepted, in bytes.
+    /// Largest request body accepted, in bytes.
     max_body_bytes: usize,
+    /// Largest rule component accepted by `PUT /v1/admin/rule`, in bytes.
+    max_module_bytes: usize,
+    /// sha256 of the admin token; `None` turns the admin API off. Comparing digests keeps the
+    /// comparison's time independent of the token's length and content.
+    admin_token_digest: Option<[u8; 32]>,
+}
+
+/// Settings of the HTTP API.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest rule component accepted by the admin API, in bytes.
+    pub max_module_bytes: usize,
+    /// The admin token; `None` turns the admin API off.
+    pub admin_token: Option<String>,
 }
 
 /// The router with every endpoint, over `runtime`.
-pub fn router(runtime: Arc<Runtime>, max_body_bytes: usize) -> Router {
+pub fn router(runtime: Arc<Runtime>, settings: ApiSettings) -> Router {
+    use sha2::Digest;
     Router::new()
+        .route("/v1/admin/rule", get(admin_status).put(admin_install))
+        .route("/v1/admin/rule/rollback", post(admin_rollback))
         .route("/healthz", get(healthz))
         .route("/v1/requests", post(submit))
         .route("/v1/keys/{key}", get(key))
@@ -37,7 +58,11 @@ pub fn router(runtime: Arc<Runtime>, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .with_state(Api {
             runtime,
-            max_body_bytes,
+            max_body_bytes: settings.max_body_bytes,
+            max_module_bytes: settings.max_module_bytes,
+            admin_token_digest: settings
+                .admin_token
+                .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
         })
 }
 
@@ -188,6 +213,7 @@ fn decision_response(decision: &Decision) -> Response {
                 "id": decision.id,
                 "key": decision.key,
                 "partition": decision.partition,
+                "seq": decision.seq,
                 "state": state_json(state),
             })),
         )
@@ -199,6 +225,7 @@ fn decision_response(decision: &Decision) -> Response {
                 "id": decision.id,
                 "key": decision.key,
                 "partition": decision.partition,
+                "seq": decision.seq,
                 "reason": reason,
             })),
         )
@@ -297,4 +324,121 @@ async fn dead_letters(
         );
     }
     Ok(Json(json!({ "dead_letters": letters })))
+}
+
+impl From<InstallError> for ApiError {
+    fn from(e: InstallError) -> Self {
+        let (status, code) = match &e {
+            InstallError::Refused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rule_refused"),
+            InstallError::BadPartitions(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            InstallError::NothingToRollBack => (StatusCode::CONFLICT, "nothing_to_roll_back"),
+            InstallError::SwapFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "swap_failed"),
+            InstallError::Persist(_) => (StatusCode::INTERNAL_SERVER_ERROR, "persist_failed"),
+        };
+        ApiError {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Lets a request through only with the right bearer token.
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
+    use sha2::Digest;
+    let Some(expected) = &api.admin_token_digest else {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "admin_disabled",
+            message: "the admin API is off: set admin.token in the configuration or TURNSTILE_ADMIN_TOKEN".into(),
+        });
+    };
+    let unauthorized = || ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthorized",
+        message: "missing or wrong bearer token (Authorization: Bearer <admin token>)".into(),
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(unauthorized)?;
+    let given: [u8; 32] = sha2::Sha256::digest(given.trim().as_bytes()).into();
+    let difference = given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if difference == 0 {
+        Ok(())
+    } else {
+        Err(unauthorized())
+    }
+}
+
+/// Query of `PUT /v1/admin/rule`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstallQuery {
+    /// A canary: only these partitions, e.g. `0,3`.
+    partitions: Option<String>,
+}
+
+fn install_json(report: &crate::reload::InstallReport) -> Json {
+    let mut versions = report.versions.clone();
+    versions.dedup();
+    Json(json!({
+        "version": if versions.len() == 1 { Value::from(versions[0].clone()) } else { Value::Null },
+        "partitions": report.partitions,
+        "versions": report.versions,
+        "pause_us": report.pause_us,
+        "elapsed_ms": report.elapsed_ms,
+    }))
+}
+
+async fn admin_install(
+    AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
+    query: Result<Query<InstallQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Json, ApiError> {
+    authorize(&api, &headers)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let bytes = axum::body::to_bytes(body, api.max_module_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::from(InstallError::Refused(crate::sandbox::LoadError::TooLarge {
+                size: api.max_module_bytes + 1,
+                max: api.max_module_bytes,
+            }))
+        })?;
+    let report = api
+        .runtime
+        .install_rule(bytes.to_vec(), query.partitions.as_deref())
+        .await?;
+    Ok(install_json(&report))
+}
+
+async fn admin_rollback(
+    AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
+) -> Result<Json, ApiError> {
+    authorize(&api, &headers)?;
+    let report = api.runtime.rollback_rule().await?;
+    Ok(install_json(&report))
+}
+
+async fn admin_status(
+    AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
+) -> Result<Json, ApiError> {
+    authorize(&api, &headers)?;
+    let running = api.runtime.running_versions();
+    Ok(Json(json!({
+        "partitions": running
+            .iter()
+            .enumerate()
+            .map(|(id, version)| json!({"id": id, "version": version}))
+            .collect::<Vec<_>>(),
+        "history": api.runtime.rule_history(),
+    })))
 }

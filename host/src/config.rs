@@ -26,8 +26,29 @@ pub struct Config {
     pub rule: RuleConfig,
     /// The per-partition store.
     pub store: StoreConfig,
+    /// The admin API (hot reload).
+    pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token of the admin API; `TURNSTILE_ADMIN_TOKEN` overrides it. Without one the
+    /// admin API is off.
+    pub token: Option<String>,
+}
+
+impl AdminConfig {
+    /// The token in force: the environment's, else the file's; empty counts as none.
+    pub fn effective_token(&self) -> Option<String> {
+        std::env::var("TURNSTILE_ADMIN_TOKEN")
+            .ok()
+            .or_else(|| self.token.clone())
+            .filter(|t| !t.is_empty())
+    }
 }
 
 /// `[server]`
@@ -126,6 +147,10 @@ pub struct RuleConfig {
     pub max_module_bytes: usize,
     /// Most bytes of each string a rule returns (status, data, reject reason).
     pub max_output_bytes: usize,
+    /// Reload the rule when the file at `path` changes.
+    pub watch: bool,
+    /// How often the watched file is checked, in milliseconds.
+    pub watch_interval_ms: u64,
 }
 
 impl Default for RuleConfig {
@@ -137,6 +162,8 @@ impl Default for RuleConfig {
             max_memory_bytes: 16 * 1024 * 1024,
             max_module_bytes: 8 * 1024 * 1024,
             max_output_bytes: 64 * 1024,
+            watch: false,
+            watch_interval_ms: 500,
         }
     }
 }
@@ -289,6 +316,14 @@ impl Config {
             return Err(invalid(
                 "rule.max_module_bytes and rule.max_output_bytes must be at least 1",
             ));
+        }
+        if r.watch && r.path.is_none() {
+            return Err(invalid(
+                "rule.watch needs rule.path (or --rule): there is no file to watch",
+            ));
+        }
+        if r.watch_interval_ms == 0 {
+            return Err(invalid("rule.watch_interval_ms must be at least 1"));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes must be at least 1"));

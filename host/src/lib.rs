@@ -14,6 +14,7 @@
 //! - [`partition`]: one thread per partition: its queue, its rule instance, its store, group commit.
 //! - [`runtime`]: the library API: submit a request, read keys and users, inspect partitions.
 //! - [`repartition`]: `turnstile repartition`: a data dir to another N or hash, all or nothing.
+//! - [`reload`]: hot reload: rule versions, install, rollback, canary, the watched file.
 //! - [`api`]: the HTTP API over the runtime.
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod logging;
 pub mod model;
 pub mod partition;
+pub mod reload;
 pub mod repartition;
 pub mod router;
 pub mod runtime;

@@ -84,6 +84,8 @@ pub struct Decision {
     pub key: String,
     /// The partition that applied it.
     pub partition: u32,
+    /// Its position in the partition's log of applied requests.
+    pub seq: u64,
     /// What happened.
     pub verdict: Verdict,
 }

@@ -64,6 +64,13 @@ pub(crate) enum Command {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<DeadLetter>, StoreError>>,
     },
+    /// Switch to another rule between two requests: everything queued before this is decided
+    /// by the old rule, everything after by the new one.
+    Swap {
+        rule: Arc<CompiledRule>,
+        /// Answers with how long the switch held the partition, or why it failed.
+        reply: oneshot::Sender<Result<std::time::Duration, String>>,
+    },
     /// Finish everything queued before this, then stop the thread.
     Stop,
 }
@@ -183,6 +190,12 @@ impl Partition {
         })
     }
 
+    /// A sender for messages that must wait for room in the queue rather than be refused
+    /// (swaps). Use it from a blocking thread.
+    pub(crate) fn blocking_sender(&self) -> Sender<Command> {
+        self.sender.clone()
+    }
+
     /// Messages waiting in the queue.
     pub fn queue_depth(&self) -> usize {
         self.sender.len()
@@ -235,10 +248,12 @@ impl Worker {
         let mut buffers = BatchBuffers::default();
         while let Ok(first) = receiver.recv() {
             let mut taken = 1;
+            let mut boundary = first.ends_batch();
             buffers.push(first);
-            while taken < self.max_batch {
+            while taken < self.max_batch && !boundary {
                 match receiver.try_recv() {
                     Ok(command) => {
+                        boundary = command.ends_batch();
                         buffers.push(command);
                         taken += 1;
                     }
@@ -319,10 +334,33 @@ impl Worker {
                 } => {
                     let _ = reply.send(self.store.dead_letters(after, limit));
                 }
+                Command::Swap { rule, reply } => {
+                    let started = std::time::Instant::now();
+                    let version = rule.version.clone();
+                    let result = self.instance.replace_rule(rule).map(|()| started.elapsed());
+                    match &result {
+                        Ok(pause) => tracing::info!(
+                            partition = self.id,
+                            rule = crate::sandbox::short_version(&version),
+                            pause_us = pause.as_micros() as u64,
+                            "rule swapped"
+                        ),
+                        Err(e) => tracing::error!(partition = self.id, "rule swap failed: {e:#}"),
+                    }
+                    let _ = reply.send(result.map_err(|e| format!("{e:#}")));
+                }
                 Command::Stop => stop = true,
             }
         }
         stop
+    }
+}
+
+impl Command {
+    /// Whether the batch must end after this message: a swap changes the rule for what follows,
+    /// and nothing follows a stop.
+    fn ends_batch(&self) -> bool {
+        matches!(self, Command::Swap { .. } | Command::Stop)
     }
 }
 
@@ -423,10 +461,19 @@ fn apply_one(
             current.as_ref().map_or(0, |s| s.version),
         ),
     };
+    let seq = tx.append_log(LogEntry {
+        seq: 0,
+        request: request.clone(),
+        outcome,
+        state_version,
+        rule_version,
+        applied_at_ms: now,
+    })?;
     let decision = Decision {
         id: request.id.clone(),
         key: request.key.clone(),
         partition,
+        seq,
         verdict,
     };
     if request.idempotent {
@@ -438,14 +485,6 @@ fn apply_one(
             },
         )?;
     }
-    tx.append_log(LogEntry {
-        seq: 0,
-        request: request.clone(),
-        outcome,
-        state_version,
-        rule_version,
-        applied_at_ms: now,
-    })?;
     Ok(Applied {
         result: Ok(decision),
         applied: true,

@@ -15,8 +15,9 @@ use tokio::sync::oneshot;
 use crate::config::Config;
 use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
 use crate::partition::{ApplyError, Command, Partition, PartitionSetup, QueueError};
+use crate::reload::{Action, InstallError, InstallReport, RuleRegistry, parse_partitions};
 use crate::router::{Partitioner, Route, RouteCache};
-use crate::sandbox::{CompiledRule, REFERENCE_RULE, RuleFailure, RuleLimits, Sandbox};
+use crate::sandbox::{REFERENCE_RULE, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{self, DeadLetter, Location, StoreError};
 
 /// Longest accepted kind, user, key or id, in bytes.
@@ -138,7 +139,10 @@ pub struct Runtime {
     partitioner: Partitioner,
     routes: RouteCache,
     partitions: Vec<Partition>,
-    rule: Arc<CompiledRule>,
+    /// Rule versions and who runs which; locked only for short bookkeeping.
+    rules: std::sync::Mutex<RuleRegistry>,
+    /// Serializes installs and rollbacks (held across the swaps, which await).
+    install_lock: tokio::sync::Mutex<()>,
     /// Random per process, so generated ids never collide with another run's.
     id_prefix: String,
     next_id: AtomicU64,
@@ -162,7 +166,7 @@ impl Runtime {
                 "the embedded reference rule".to_string(),
             ),
         };
-        let rule = Arc::new(
+        let initial = Arc::new(
             sandbox
                 .compile(&bytes)
                 .with_context(|| format!("loading {origin}"))?,
@@ -174,6 +178,13 @@ impl Runtime {
             Some(dir) => Location::Dir(store::prepare_dir(dir, n, config.partitions.hash)?),
             None => Location::Memory,
         };
+        let (registry, partition_rules) = RuleRegistry::open(
+            sandbox.clone(),
+            config.store.data_dir.as_deref(),
+            initial,
+            &bytes,
+            n,
+        )?;
 
         let routes = RouteCache::new(config.routes.capacity, config.routes.ttl_seconds * 1000);
         let mut partitions = Vec::with_capacity(n as usize);
@@ -182,7 +193,7 @@ impl Runtime {
             let (partition, stored_routes) = Partition::start(PartitionSetup {
                 id,
                 sandbox: sandbox.clone(),
-                rule: rule.clone(),
+                rule: partition_rules[id as usize].clone(),
                 location: location.clone(),
                 durability: config.store.durability,
                 dedup_retention: config.store.dedup_retention,
@@ -199,7 +210,7 @@ impl Runtime {
         tracing::info!(
             partitions = n,
             hash = config.partitions.hash.name(),
-            rule = crate::sandbox::short_version(&rule.version),
+            rule = crate::sandbox::short_version(&partition_rules[0].version),
             routes = routes.len(),
             store = ?location,
             "runtime started"
@@ -208,7 +219,8 @@ impl Runtime {
             partitioner,
             routes,
             partitions,
-            rule,
+            rules: std::sync::Mutex::new(registry),
+            install_lock: tokio::sync::Mutex::new(()),
             id_prefix: format!("{:08x}", rand::random::<u32>()),
             next_id: AtomicU64::new(1),
             location,
@@ -225,9 +237,141 @@ impl Runtime {
         &self.location
     }
 
-    /// The rule every partition started with.
-    pub fn rule(&self) -> &Arc<CompiledRule> {
-        &self.rule
+    fn registry(&self) -> std::sync::MutexGuard<'_, RuleRegistry> {
+        self.rules.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The rule version each partition runs.
+    pub fn running_versions(&self) -> Vec<String> {
+        self.registry().running().to_vec()
+    }
+
+    /// The history of installs and rollbacks, oldest first.
+    pub fn rule_history(&self) -> Vec<crate::reload::HistoryEntry> {
+        self.registry().history().to_vec()
+    }
+
+    /// Compiles and checks `bytes` (off the partition threads), then switches `partitions`
+    /// (all when `None`, or a canary subset given as `"0,3"`) to it between two requests.
+    /// Answers once every target partition runs it.
+    pub async fn install_rule(
+        &self,
+        bytes: Vec<u8>,
+        partitions: Option<&str>,
+    ) -> Result<InstallReport, InstallError> {
+        let started = std::time::Instant::now();
+        let n = self.partitioner.partitions();
+        let targets = match partitions {
+            Some(list) => parse_partitions(list, n)?,
+            None => (0..n).collect(),
+        };
+        let _installing = self.install_lock.lock().await;
+        let version = crate::sandbox::version_id(&bytes);
+        let known = self.registry().compiled(&version);
+        let rule = match known {
+            Some(rule) => rule,
+            None => {
+                let sandbox = self.registry().sandbox().clone();
+                let compiled = tokio::task::spawn_blocking(move || {
+                    sandbox.compile(&bytes).map(|rule| (Arc::new(rule), bytes))
+                })
+                .await
+                .map_err(|e| InstallError::SwapFailed(format!("compiling: {e}")))??;
+                let (rule, bytes) = compiled;
+                self.registry().add(rule.clone(), &bytes)?;
+                rule
+            }
+        };
+        let versions = vec![rule.version.clone(); targets.len()];
+        self.switch(&targets, &versions, Action::Install, None, started)
+            .await
+    }
+
+    /// Undoes the newest install not yet rolled back: its partitions go back to the versions
+    /// they ran before it.
+    pub async fn rollback_rule(&self) -> Result<InstallReport, InstallError> {
+        let started = std::time::Instant::now();
+        let _installing = self.install_lock.lock().await;
+        let (index, entry) = {
+            let registry = self.registry();
+            let (index, entry) = registry
+                .last_install()
+                .ok_or(InstallError::NothingToRollBack)?;
+            (index, entry.clone())
+        };
+        self.switch(
+            &entry.partitions,
+            &entry.previous,
+            Action::Rollback,
+            Some(index),
+            started,
+        )
+        .await
+    }
+
+    /// Sends a swap to each target partition through its queue and waits for all of them.
+    async fn switch(
+        &self,
+        targets: &[u32],
+        versions: &[String],
+        action: Action,
+        undone: Option<usize>,
+        started: std::time::Instant,
+    ) -> Result<InstallReport, InstallError> {
+        let mut answers = Vec::with_capacity(targets.len());
+        for (p, version) in targets.iter().zip(versions) {
+            let rule = self.registry().compiled(version).ok_or_else(|| {
+                InstallError::SwapFailed(format!("version {version} is not loaded"))
+            })?;
+            let (reply, answer) = oneshot::channel();
+            // The swap must queue behind the requests already accepted, so it waits for room
+            // rather than fail: a reload never turns into a lost request or a refused swap.
+            let sender = self.partitions[*p as usize].blocking_sender();
+            let queued = tokio::task::spawn_blocking(move || {
+                sender
+                    .send_timeout(
+                        Command::Swap { rule, reply },
+                        std::time::Duration::from_secs(30),
+                    )
+                    .is_ok()
+            })
+            .await
+            .map_err(|e| InstallError::SwapFailed(format!("partition {p}: {e}")))?;
+            if !queued {
+                return Err(InstallError::SwapFailed(format!(
+                    "partition {p} did not take the swap within 30 s (stopped or stuck)"
+                )));
+            }
+            answers.push(answer);
+        }
+        let mut pause_us = Vec::with_capacity(targets.len());
+        let mut switched = Vec::with_capacity(targets.len());
+        let mut failures = Vec::new();
+        for ((p, version), answer) in targets.iter().zip(versions).zip(answers) {
+            match answer.await {
+                Ok(Ok(pause)) => {
+                    pause_us.push(pause.as_micros() as u64);
+                    switched.push((*p, version.clone()));
+                }
+                Ok(Err(e)) => failures.push(format!("partition {p}: {e}")),
+                Err(_) => failures.push(format!("partition {p}: stopped")),
+            }
+        }
+        let (partitions, versions): (Vec<u32>, Vec<String>) = switched.into_iter().unzip();
+        self.registry()
+            .record(action, &partitions, &versions, undone)?;
+        if !failures.is_empty() {
+            return Err(InstallError::SwapFailed(format!(
+                "some partitions kept their old version: {}",
+                failures.join("; ")
+            )));
+        }
+        Ok(InstallReport {
+            partitions,
+            versions,
+            pause_us,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
     }
 
     /// Applies one request and returns its decision once it is durable.
@@ -392,6 +536,7 @@ impl Runtime {
 
     /// One entry per partition.
     pub fn partitions(&self) -> Vec<PartitionInfo> {
+        let running = self.running_versions();
         self.partitions
             .iter()
             .map(|p| PartitionInfo {
@@ -407,7 +552,7 @@ impl Runtime {
                     .zip(&p.stats.rule_failures)
                     .map(|(k, n)| (k.code(), n.load(Ordering::Relaxed)))
                     .collect(),
-                rule_version: self.rule.version.clone(),
+                rule_version: running[p.id as usize].clone(),
             })
             .collect()
     }

@@ -464,6 +464,16 @@ impl RuleInstance {
         }
     }
 
+    /// Switches this instance to another rule: a fresh `Store` and instance of `rule`. On error
+    /// the old rule stays.
+    pub fn replace_rule(&mut self, rule: Arc<CompiledRule>) -> anyhow::Result<()> {
+        let (store, bindings) = self.sandbox.new_store(&rule, self.partition)?;
+        self.store = store;
+        self.bindings = bindings;
+        self.rule = rule;
+        Ok(())
+    }
+
     /// Fuel the last call used.
     pub fn fuel_used(&self) -> u64 {
         self.sandbox

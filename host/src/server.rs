@@ -42,7 +42,28 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(%bound, "serving");
 
-    let app = crate::api::router(turnstile.clone(), config.server.max_body_bytes);
+    let admin_token = config.admin.effective_token();
+    if admin_token.is_none() {
+        tracing::info!("admin API off (no admin.token or TURNSTILE_ADMIN_TOKEN)");
+    }
+    let app = crate::api::router(
+        turnstile.clone(),
+        crate::api::ApiSettings {
+            max_body_bytes: config.server.max_body_bytes,
+            max_module_bytes: config.rule.max_module_bytes,
+            admin_token,
+        },
+    );
+    if config.rule.watch
+        && let Some(path) = config.rule.path.clone()
+    {
+        tracing::info!(path = %path.display(), "watching the rule file");
+        tokio::spawn(crate::reload::watch_rule_file(
+            turnstile.clone(),
+            path,
+            std::time::Duration::from_millis(config.rule.watch_interval_ms),
+        ));
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -137,7 +137,7 @@ async fn repartition_moves_every_key_route_and_id() {
             .config("[partitions]\nservers = 2\ncontainers = 3\nhash = \"murmur2\"\n"),
     );
     let partitioner = Partitioner::new(HashKind::Murmur2, 6);
-    for u in 0..USERS {
+    for (u, first) in answers.iter().enumerate() {
         let key = format!("M-{u}");
         let (status, state) = server.get(&format!("/v1/keys/{key}")).await;
         assert_eq!(status, 200, "{key} lost");
@@ -162,7 +162,7 @@ async fn repartition_moves_every_key_route_and_id() {
         retry["id"] = format!("m-{u}").into();
         let (status, answer) = server.request(retry).await;
         assert_eq!(status, 200);
-        assert_eq!(answer["state"], answers[u]["state"]);
+        assert_eq!(answer["state"], first["state"]);
         assert_eq!(answer["partition"], partitioner.partition(&key));
     }
 }
@@ -346,7 +346,13 @@ async fn full_disk_fails_the_batch_and_recovers() {
     let disk = SmallDisk::mount("8m");
     let data = disk.dir.path().join("data");
     let server = Server::start_with(ServerArgs::default().data_dir(&data));
-    assert_eq!(server.request(body("reserve", Some("before"), "u0")).await.0, 200);
+    assert_eq!(
+        server
+            .request(body("reserve", Some("before"), "u0"))
+            .await
+            .0,
+        200
+    );
 
     // Fill the disk.
     let filler = disk.dir.path().join("filler");
@@ -380,7 +386,11 @@ async fn full_disk_fails_the_batch_and_recovers() {
     assert!(!failed.is_empty(), "the disk never filled up");
     for request in &failed {
         let key = request["key"].as_str().unwrap();
-        assert_eq!(server.get(&format!("/v1/keys/{key}")).await.0, 404, "{key} was stored");
+        assert_eq!(
+            server.get(&format!("/v1/keys/{key}")).await.0,
+            404,
+            "{key} was stored"
+        );
     }
 
     std::fs::remove_file(&filler).unwrap();

@@ -9,5 +9,6 @@ mod api;
 mod cli;
 mod consistency;
 mod durability;
+mod reload;
 mod rules;
 mod sandbox;

@@ -190,6 +190,28 @@ impl Server {
         (status, json)
     }
 
+    /// Calls the admin API: `method` `path` with an optional body and bearer token.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.expect("admin request");
+        let status = response.status().as_u16();
+        let json = response.json().await.expect("JSON response");
+        (status, json)
+    }
+
     /// Sends SIGKILL: no chance to flush or finish anything.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,354 @@
+//! Hot reload: which rule version each partition runs, the history of installs, and how a new
+//! version reaches the partitions without losing, failing or reordering a request.
+//!
+//! A new component is compiled and checked off the partition threads (the same checks as at
+//! start). Each target partition then gets a `Swap` message through its own queue, so it switches
+//! between two requests in its own arrival order: everything queued before the swap is decided by
+//! the old version, everything after by the new one. The install answers only once every target
+//! partition runs the new version. State and routes are untouched.
+//!
+//! With a data dir, every version ever installed is kept as `rules/<version>.wasm` and the
+//! running versions and history as `rules/installed.json`, so a restart comes back on the
+//! versions that were running (they win over `rule.path` and `--rule`, with a warning).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::model::now_ms;
+use crate::sandbox::{CompiledRule, LoadError, Sandbox, short_version};
+
+/// Why an install or rollback did not happen (or not everywhere).
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The component would be refused; nothing changed.
+    #[error("rule refused: {0}")]
+    Refused(#[from] LoadError),
+    /// The partition list is malformed or names a partition that does not exist.
+    #[error("{0}")]
+    BadPartitions(String),
+    /// There is no install to roll back.
+    #[error("nothing to roll back: no install in the history")]
+    NothingToRollBack,
+    /// A partition could not switch (it keeps its old version).
+    #[error("{0}")]
+    SwapFailed(String),
+    /// Saving the version or the install record failed; nothing changed.
+    #[error("saving the rule: {0}")]
+    Persist(String),
+}
+
+/// One entry of the install history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// `install` or `rollback`.
+    pub action: Action,
+    /// The partitions it changed.
+    pub partitions: Vec<u32>,
+    /// The version each of those partitions runs after it (same order).
+    pub versions: Vec<String>,
+    /// The version each ran before it (same order): what a rollback restores.
+    pub previous: Vec<String>,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// Whether a later rollback undid it.
+    pub rolled_back: bool,
+}
+
+/// What a history entry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// A new version was installed (`PUT /v1/admin/rule` or the watched file).
+    Install,
+    /// An install was undone.
+    Rollback,
+}
+
+/// The result of an install or rollback.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    /// The partitions that switched.
+    pub partitions: Vec<u32>,
+    /// The version each runs now (same order).
+    pub versions: Vec<String>,
+    /// How long each partition's thread was held by the switch, in microseconds (same order).
+    pub pause_us: Vec<u64>,
+    /// From the request to every partition running it, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// What `rules/installed.json` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Installed {
+    /// Version per partition.
+    running: Vec<String>,
+    history: Vec<HistoryEntry>,
+}
+
+/// The versions known to this process and which partition runs which.
+pub struct RuleRegistry {
+    sandbox: Arc<Sandbox>,
+    /// `DATA_DIR/rules`, or none for a memory store.
+    dir: Option<PathBuf>,
+    compiled: HashMap<String, Arc<CompiledRule>>,
+    installed: Installed,
+}
+
+impl RuleRegistry {
+    /// Opens the registry: with saved installs, loads the versions they name; otherwise every
+    /// partition runs `initial` (saved, with a data dir). Returns the rule of each partition.
+    pub fn open(
+        sandbox: Arc<Sandbox>,
+        data_dir: Option<&Path>,
+        initial: Arc<CompiledRule>,
+        initial_bytes: &[u8],
+        partitions: u32,
+    ) -> anyhow::Result<(RuleRegistry, Vec<Arc<CompiledRule>>)> {
+        let dir = data_dir.map(|d| d.join("rules"));
+        let mut registry = RuleRegistry {
+            sandbox,
+            dir,
+            compiled: HashMap::new(),
+            installed: Installed::default(),
+        };
+        let saved = match &registry.dir {
+            Some(dir) => read_installed(dir)?,
+            None => None,
+        };
+        match saved {
+            Some(saved) if saved.running.len() == partitions as usize => {
+                for version in &saved.running {
+                    if !registry.compiled.contains_key(version) {
+                        let path = registry.version_path(version).expect("has a dir");
+                        let bytes = std::fs::read(&path)
+                            .with_context(|| format!("reading saved rule {}", path.display()))?;
+                        let rule = registry
+                            .sandbox
+                            .compile(&bytes)
+                            .with_context(|| format!("loading saved rule {}", path.display()))?;
+                        registry.compiled.insert(version.clone(), Arc::new(rule));
+                    }
+                }
+                if saved.running.iter().any(|v| *v != initial.version) {
+                    tracing::warn!(
+                        "the data dir runs rule versions installed through the admin API; the configured rule {} is not used (install it with PUT /v1/admin/rule)",
+                        short_version(&initial.version)
+                    );
+                }
+                registry.installed = saved;
+            }
+            _ => {
+                registry.save_version(&initial.version, initial_bytes)?;
+                registry.installed.running = vec![initial.version.clone(); partitions as usize];
+                registry.compiled.insert(initial.version.clone(), initial);
+                registry.save_installed()?;
+            }
+        }
+        let rules = registry
+            .installed
+            .running
+            .iter()
+            .map(|v| registry.compiled[v].clone())
+            .collect();
+        Ok((registry, rules))
+    }
+
+    /// The sandbox rules are compiled in.
+    pub fn sandbox(&self) -> &Arc<Sandbox> {
+        &self.sandbox
+    }
+
+    /// The version each partition runs.
+    pub fn running(&self) -> &[String] {
+        &self.installed.running
+    }
+
+    /// The history of installs and rollbacks, oldest first.
+    pub fn history(&self) -> &[HistoryEntry] {
+        &self.installed.history
+    }
+
+    /// A compiled version, if known.
+    pub fn compiled(&self, version: &str) -> Option<Arc<CompiledRule>> {
+        self.compiled.get(version).cloned()
+    }
+
+    /// Remembers a compiled version and saves its bytes (before any partition runs it, so a
+    /// restart can always load what runs).
+    pub fn add(&mut self, rule: Arc<CompiledRule>, bytes: &[u8]) -> Result<(), InstallError> {
+        self.save_version(&rule.version, bytes)
+            .map_err(|e| InstallError::Persist(format!("{e:#}")))?;
+        self.compiled.insert(rule.version.clone(), rule);
+        Ok(())
+    }
+
+    /// The entry a rollback undoes: the newest install not yet rolled back.
+    pub fn last_install(&self) -> Option<(usize, &HistoryEntry)> {
+        self.installed
+            .history
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, e)| e.action == Action::Install && !e.rolled_back)
+    }
+
+    /// Records that `partitions` now run `versions`, and saves it.
+    pub fn record(
+        &mut self,
+        action: Action,
+        partitions: &[u32],
+        versions: &[String],
+        undone: Option<usize>,
+    ) -> Result<(), InstallError> {
+        let previous = partitions
+            .iter()
+            .map(|p| self.installed.running[*p as usize].clone())
+            .collect();
+        for (p, v) in partitions.iter().zip(versions) {
+            self.installed.running[*p as usize] = v.clone();
+        }
+        if let Some(i) = undone {
+            self.installed.history[i].rolled_back = true;
+        }
+        self.installed.history.push(HistoryEntry {
+            action,
+            partitions: partitions.to_vec(),
+            versions: versions.to_vec(),
+            previous,
+            at_ms: now_ms(),
+            rolled_back: false,
+        });
+        self.save_installed()
+            .map_err(|e| InstallError::Persist(format!("{e:#}")))
+    }
+
+    fn version_path(&self, version: &str) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(format!("{version}.wasm")))
+    }
+
+    fn save_version(&self, version: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let Some(path) = self.version_path(version) else {
+            return Ok(());
+        };
+        if path.exists() {
+            return Ok(());
+        }
+        write_atomically(&path, bytes)
+    }
+
+    fn save_installed(&self) -> anyhow::Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let text = serde_json::to_vec_pretty(&self.installed)?;
+        write_atomically(&dir.join("installed.json"), &text)
+    }
+}
+
+fn read_installed(dir: &Path) -> anyhow::Result<Option<Installed>> {
+    let path = dir.join("installed.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes a file so that a crash leaves the old content or the new, never a mix.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("a file in a directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Parses `?partitions=0,3` against N.
+pub fn parse_partitions(text: &str, partitions: u32) -> Result<Vec<u32>, InstallError> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let p: u32 = part.parse().map_err(|_| {
+            InstallError::BadPartitions(format!("`{part}` is not a partition number"))
+        })?;
+        if p >= partitions {
+            return Err(InstallError::BadPartitions(format!(
+                "partition {p} does not exist (there are {partitions})"
+            )));
+        }
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        return Err(InstallError::BadPartitions(
+            "`partitions` names no partition".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Polls the rule file and installs it on every partition when its content changes. A file that
+/// fails to load is logged and ignored: the running version goes on.
+pub async fn watch_rule_file(
+    runtime: Arc<crate::runtime::Runtime>,
+    path: PathBuf,
+    interval: Duration,
+) {
+    let mut last_seen: Option<(std::time::SystemTime, u64)> = None;
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let Ok(meta) = tokio::fs::metadata(&path).await else {
+            continue;
+        };
+        let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+        if last_seen.is_none() {
+            last_seen = Some(stamp);
+            continue;
+        }
+        if last_seen == Some(stamp) {
+            continue;
+        }
+        last_seen = Some(stamp);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(path = %path.display(), "watched rule unreadable: {e}");
+                continue;
+            }
+        };
+        if runtime
+            .running_versions()
+            .iter()
+            .all(|v| *v == crate::sandbox::version_id(&bytes))
+        {
+            continue;
+        }
+        match runtime.install_rule(bytes, None).await {
+            Ok(report) => tracing::info!(
+                path = %path.display(),
+                version = short_version(&report.versions[0]),
+                elapsed_ms = report.elapsed_ms,
+                "watched rule changed: installed"
+            ),
+            Err(e) => tracing::error!(
+                path = %path.display(),
+                "watched rule changed but was not installed, the running version goes on: {e}"
+            ),
+        }
+    }
+}
