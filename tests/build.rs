@@ -8,7 +8,10 @@ use turnstile_guest_build::GuestBuild;
 
 /// Test guests: cargo package name, constant name.
 const GUESTS: &[(&str, &str)] = &[
+    ("reservation", "RESERVATION"),
+    ("expiring-hold", "EXPIRING_HOLD"),
     ("guest-echo", "ECHO"),
+    ("guest-reservation-v2", "RESERVATION_V2"),
     ("guest-misbehave", "MISBEHAVE"),
     ("guest-forbidden-import", "FORBIDDEN_IMPORT"),
     ("guest-other-world", "OTHER_WORLD"),

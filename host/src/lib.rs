@@ -15,8 +15,11 @@
 //! - [`runtime`]: the library API: submit a request, read keys and users, inspect partitions.
 //! - [`repartition`]: `turnstile repartition`: a data dir to another N or hash, all or nothing.
 //! - [`reload`]: hot reload: rule versions, install, rollback, canary, the watched file.
+//! - [`replay`]: `turnstile replay`: shadow evaluation of a candidate rule over a data dir's log.
+//! - [`progress`]: a terminal progress bar for long commands.
 //! - [`api`]: the HTTP API over the runtime.
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
+//! - [`scenario`]: `turnstile test`: scenario files run against a rule in fresh runtimes.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
 //! - [`logging`]: `tracing` setup.
 
@@ -25,11 +28,14 @@ pub mod config;
 pub mod logging;
 pub mod model;
 pub mod partition;
+pub mod progress;
 pub mod reload;
 pub mod repartition;
+pub mod replay;
 pub mod router;
 pub mod runtime;
 pub mod sandbox;
+pub mod scenario;
 pub mod server;
 pub mod store;
 pub mod toolkit;

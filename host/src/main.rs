@@ -43,6 +43,39 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Run scenario files against a rule, exactly as production would run it.
+    Test {
+        /// The rule component.
+        #[arg(value_name = "RULE.wasm")]
+        rule: PathBuf,
+        /// Scenario files (TOML).
+        #[arg(value_name = "SCENARIOS.toml", required = true)]
+        scenarios: Vec<PathBuf>,
+        /// Also write the results as JUnit XML.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Production configuration to start from (scenario files may override parts).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Replay a data dir's log through a candidate rule and report what it would decide differently.
+    Replay {
+        /// The data dir (only read; the server may be stopped, or use a copy).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The candidate rule component.
+        #[arg(long, value_name = "CANDIDATE.wasm")]
+        rule: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// How many differences to show in full.
+        #[arg(long, default_value_t = 5)]
+        examples: usize,
+        /// Configuration whose [rule] limits the candidate runs under.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Move a stopped data dir to another partition count or hash, all or nothing.
     Repartition {
         /// The data dir (the server must be stopped).
@@ -94,6 +127,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("built {}", built.path.display());
             println!("version {}", built.rule.version);
             println!("size {} bytes", built.rule.size);
+            Ok(())
+        }
+        Command::Test {
+            rule,
+            scenarios,
+            junit,
+            config,
+        } => {
+            let config = load_config(config.as_ref())?;
+            let bytes =
+                std::fs::read(&rule).with_context(|| format!("reading {}", rule.display()))?;
+            let report = turnstile::scenario::run(&bytes, &scenarios, &config, &mut |line| {
+                println!("{line}");
+            })?;
+            let failures: Vec<_> = report
+                .results
+                .iter()
+                .filter(|r| r.failure.is_some())
+                .collect();
+            if !failures.is_empty() {
+                println!("\nfailures:\n");
+                for r in &failures {
+                    println!("---- {} ({}) ----", r.name, r.file.display());
+                    println!("{}", r.failure.as_deref().unwrap_or_default());
+                }
+            }
+            println!("\ncoverage (status before, kind) → outcomes seen:");
+            for line in turnstile::scenario::coverage_lines(&report.coverage) {
+                println!("{line}");
+            }
+            if let Some(path) = junit {
+                std::fs::write(&path, turnstile::scenario::junit(&report))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!();
+            println!(
+                "scenarios: {} passed, {} failed",
+                report.passed(),
+                report.failed()
+            );
+            if report.failed() > 0 {
+                anyhow::bail!("{} scenario(s) failed", report.failed());
+            }
+            Ok(())
+        }
+        Command::Replay {
+            data_dir,
+            rule,
+            json,
+            examples,
+            config,
+        } => {
+            let config = load_config(config.as_ref())?;
+            let bytes =
+                std::fs::read(&rule).with_context(|| format!("reading {}", rule.display()))?;
+            let mut bar = turnstile::progress::Progress::new("replaying");
+            let report = turnstile::replay::replay(
+                &data_dir,
+                &bytes,
+                &config,
+                examples,
+                &mut |done, total| bar.update(done, total),
+            )?;
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", turnstile::replay::render(&report, &data_dir));
+            }
             Ok(())
         }
         Command::Repartition {

@@ -155,6 +155,16 @@ impl Runtime {
     pub fn start(config: &Config, rule_bytes: Option<Vec<u8>>) -> anyhow::Result<Runtime> {
         config.validate()?;
         let sandbox = Sandbox::new(RuleLimits::from(&config.rule)).context("starting wasmtime")?;
+        Runtime::start_in(config, sandbox, rule_bytes)
+    }
+
+    /// [`Runtime::start`] in an existing sandbox, whose limits must be the configuration's. Lets
+    /// a caller that starts many runtimes (`turnstile test`) share one engine.
+    pub fn start_in(
+        config: &Config,
+        sandbox: Arc<Sandbox>,
+        rule_bytes: Option<Vec<u8>>,
+    ) -> anyhow::Result<Runtime> {
         let (bytes, origin) = match (rule_bytes, &config.rule.path) {
             (Some(bytes), _) => (bytes, "the given rule".to_string()),
             (None, Some(path)) => (
@@ -166,11 +176,9 @@ impl Runtime {
                 "the embedded reference rule".to_string(),
             ),
         };
-        let initial = Arc::new(
-            sandbox
-                .compile(&bytes)
-                .with_context(|| format!("loading {origin}"))?,
-        );
+        let initial = sandbox
+            .compile_shared(&bytes)
+            .with_context(|| format!("loading {origin}"))?;
 
         let n = config.partitions.count();
         let partitioner = Partitioner::new(config.partitions.hash, n);
@@ -376,8 +384,18 @@ impl Runtime {
 
     /// Applies one request and returns its decision once it is durable.
     pub async fn submit(&self, request: Request) -> Result<Decision, SubmitError> {
+        self.submit_at(request, now_ms()).await
+    }
+
+    /// [`Runtime::submit`] with the request time given instead of read from the clock: the time
+    /// rules see and routes are stamped with. For deterministic tests (`turnstile test`) and
+    /// benchmarks; the HTTP API never lets a client choose it.
+    pub async fn submit_at(
+        &self,
+        request: Request,
+        received_at_ms: u64,
+    ) -> Result<Decision, SubmitError> {
         validate(&request)?;
-        let received_at_ms = now_ms();
         let key = match request.key {
             Some(key) => {
                 // Claim 5: record the route before routing.
@@ -503,7 +521,13 @@ impl Runtime {
 
     /// The user's route and the state of its key; `None` for a user with no live route.
     pub async fn user(&self, user: &str) -> Result<Option<UserView>, ReadError> {
-        let route = match self.resolve_route(user, now_ms()).await {
+        self.user_at(user, now_ms()).await
+    }
+
+    /// [`Runtime::user`] with the time the route's TTL is judged at given, to match
+    /// [`Runtime::submit_at`].
+    pub async fn user_at(&self, user: &str, now: u64) -> Result<Option<UserView>, ReadError> {
+        let route = match self.resolve_route(user, now).await {
             Ok(route) => route,
             Err(SubmitError::Backpressure(p)) => return Err(ReadError::Backpressure(p)),
             Err(SubmitError::Store(e)) => return Err(ReadError::Store(e)),

@@ -165,6 +165,9 @@ pub struct Sandbox {
     limits: RuleLimits,
     /// Tells the ticker thread to stop when the sandbox goes away.
     ticker_stop: Arc<AtomicBool>,
+    /// Rules compiled by [`Sandbox::compile_shared`], by version, so starting many runtimes
+    /// with one rule (`turnstile test`) compiles it once.
+    shared: std::sync::Mutex<std::collections::HashMap<String, Arc<CompiledRule>>>,
 }
 
 impl Drop for Sandbox {
@@ -305,6 +308,7 @@ impl Sandbox {
             linker,
             limits,
             ticker_stop,
+            shared: Default::default(),
         }))
     }
 
@@ -363,6 +367,25 @@ impl Sandbox {
             exports,
             pre,
         })
+    }
+
+    /// [`Sandbox::compile`], remembered by version: the same bytes compile once per sandbox.
+    pub fn compile_shared(&self, bytes: &[u8]) -> Result<Arc<CompiledRule>, LoadError> {
+        let version = version_id(bytes);
+        if let Some(rule) = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&version)
+        {
+            return Ok(rule.clone());
+        }
+        let rule = Arc::new(self.compile(bytes)?);
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(version, rule.clone());
+        Ok(rule)
     }
 
     /// A fresh instance of `rule` in a fresh `Store`, for one partition's thread.

@@ -12,3 +12,4 @@ mod durability;
 mod reload;
 mod rules;
 mod sandbox;
+mod toolkit;

@@ -9,10 +9,9 @@
 
 use turnstile_rule::{Outcome, Request, Rule, State, export_rule};
 
-/// Status of a key after a successful `reserve`.
-pub const RESERVED: &str = "reserved";
-/// Status of a key after a successful `associate`.
-pub const ASSOCIATED: &str = "associated";
+mod decide;
+
+pub use decide::{ASSOCIATED, RESERVED, decide};
 
 /// The reference reservation rule.
 pub struct Reservation;
@@ -20,48 +19,6 @@ pub struct Reservation;
 impl Rule for Reservation {
     fn handle(current: Option<State>, request: Request) -> Outcome {
         decide(current.as_ref(), &request)
-    }
-}
-
-/// The rule's decision as a plain function, so native code (tests, the benchmark's native
-/// baseline) can run exactly the same logic without Wasm.
-pub fn decide(current: Option<&State>, request: &Request) -> Outcome {
-    match request.kind.as_str() {
-        "reserve" => match current {
-            None => Outcome::transition(
-                RESERVED,
-                format!("{{\"reserved_at_ms\":{}}}", request.received_at_ms),
-            ),
-            Some(state) => Outcome::reject(format!("key is already {}", state.status)),
-        },
-        "associate" => match current {
-            None => Outcome::reject("key has no reservation"),
-            Some(state) if state.status == ASSOCIATED => {
-                Outcome::reject("key is already associated")
-            }
-            Some(state) if state.status != RESERVED => {
-                Outcome::reject(format!("key is {}, not reserved", state.status))
-            }
-            Some(state) if state.user != request.user => {
-                Outcome::reject("key is reserved by another user")
-            }
-            Some(state) => Outcome::transition(
-                ASSOCIATED,
-                with_field(&state.data, "associated_at_ms", request.received_at_ms),
-            ),
-        },
-        other => Outcome::reject(format!("unknown kind: {other}")),
-    }
-}
-
-/// Adds `"name":value` to a JSON object this rule wrote itself (always a non-empty object ending
-/// in `}`), so the rule needs no JSON library and stays small and fast.
-fn with_field(object: &str, name: &str, value: u64) -> String {
-    let body = object.trim_end().trim_end_matches('}');
-    if body.trim() == "{" {
-        format!("{{\"{name}\":{value}}}")
-    } else {
-        format!("{body},\"{name}\":{value}}}")
     }
 }
 

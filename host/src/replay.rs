@@ -1,0 +1,271 @@
+//! `turnstile replay`: shadow evaluation of a candidate rule against a data dir's history.
+//!
+//! Every applied request in every partition's log is decided again by the candidate, against the
+//! state the log implies just before that request (the state the running rule saw), and the
+//! candidate's decision is compared with the logged one. The report counts the decisions that
+//! would differ, grouped by (kind, logged outcome → candidate outcome), with the first examples in
+//! full. This is how a team sees what a new policy would change before installing it.
+//!
+//! The data dir is only read: partition files are opened with redb's read-only open, nothing is
+//! created or written, and it works on a stopped server's data dir or on a copy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use redb::{ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::model::{Outcome, RoutedRequest, State};
+use crate::sandbox::{RuleFailure, RuleLimits, Sandbox};
+use crate::store::{self, LOG, LogEntry};
+
+/// What a replay found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// Version id of the candidate.
+    pub candidate_version: String,
+    /// Partitions read.
+    pub partitions: u32,
+    /// Logged decisions replayed.
+    pub decisions: u64,
+    /// Decisions the candidate makes the same way.
+    pub same: u64,
+    /// Decisions the candidate makes differently.
+    pub different: u64,
+    /// Differences by kind and outcome change.
+    pub groups: Vec<Group>,
+    /// The first differences, in full.
+    pub examples: Vec<Example>,
+}
+
+/// A count of differences of one kind and one outcome change.
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    /// The request kind.
+    pub kind: String,
+    /// The logged outcome (`transition:<status>`, `reject`).
+    pub logged: String,
+    /// The candidate's outcome (`transition:<status>`, `reject`, `error:<code>`).
+    pub candidate: String,
+    /// How many decisions.
+    pub count: u64,
+}
+
+/// One difference in full.
+#[derive(Debug, Clone, Serialize)]
+pub struct Example {
+    /// The partition.
+    pub partition: u32,
+    /// Position in the partition's log.
+    pub seq: u64,
+    /// The request.
+    pub request: RoutedRequest,
+    /// The state the request met.
+    pub state: Option<State>,
+    /// What was decided.
+    pub logged: Outcome,
+    /// What the candidate decides.
+    pub candidate: Result<Outcome, RuleFailure>,
+}
+
+/// Replays `dir`'s logs through `candidate`. `progress(done, total)` is called as it goes.
+pub fn replay(
+    dir: &Path,
+    candidate: &[u8],
+    config: &Config,
+    max_examples: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> anyhow::Result<ReplayReport> {
+    let layout = store::read_layout(dir)?.with_context(|| {
+        format!(
+            "{} is not a turnstile data dir (no turnstile.json)",
+            dir.display()
+        )
+    })?;
+    let sandbox = Sandbox::new(RuleLimits::from(&config.rule))?;
+    let rule = Arc::new(
+        sandbox
+            .compile(candidate)
+            .context("the candidate would be refused")?,
+    );
+    let generation = store::generation_dir(dir, layout.generation);
+
+    let mut databases = Vec::new();
+    let mut total = 0;
+    for p in 0..layout.partitions {
+        let path = store::partition_path(&generation, p);
+        let db = ReadOnlyDatabase::open(&path).with_context(|| {
+            format!(
+                "opening {} read-only (a file left by a crash needs one start of the server, or replay a copy)",
+                path.display()
+            )
+        })?;
+        total += db.begin_read()?.open_table(LOG)?.len()?;
+        databases.push(db);
+    }
+
+    let mut report = ReplayReport {
+        candidate_version: rule.version.clone(),
+        partitions: layout.partitions,
+        decisions: 0,
+        same: 0,
+        different: 0,
+        groups: Vec::new(),
+        examples: Vec::new(),
+    };
+    let mut groups: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+    for (p, db) in databases.iter().enumerate() {
+        let mut instance = sandbox.instantiate(rule.clone(), p as u32)?;
+        let mut states: HashMap<String, State> = HashMap::new();
+        let txn = db.begin_read()?;
+        for row in txn.open_table(LOG)?.iter()? {
+            let (_, value) = row?;
+            let entry: LogEntry = store::decode(value.value())?;
+            let current = states.get(&entry.request.key).cloned();
+            let decided = instance.handle(current.as_ref(), &entry.request);
+            report.decisions += 1;
+            if decided
+                .as_ref()
+                .is_ok_and(|o| same_outcome(o, &entry.outcome))
+            {
+                report.same += 1;
+            } else {
+                report.different += 1;
+                let candidate_label = match &decided {
+                    Ok(o) => label(o),
+                    Err(f) => format!("error:{}", f.kind.code()),
+                };
+                *groups
+                    .entry((
+                        entry.request.kind.clone(),
+                        label(&entry.outcome),
+                        candidate_label,
+                    ))
+                    .or_default() += 1;
+                if report.examples.len() < max_examples {
+                    report.examples.push(Example {
+                        partition: p as u32,
+                        seq: entry.seq,
+                        request: entry.request.clone(),
+                        state: current.clone(),
+                        logged: entry.outcome.clone(),
+                        candidate: decided,
+                    });
+                }
+            }
+            // Move on along the logged history, not the candidate's.
+            if let Outcome::Transition { status, data } = &entry.outcome {
+                let user = current.map_or_else(|| entry.request.user.clone(), |s| s.user);
+                states.insert(
+                    entry.request.key.clone(),
+                    State {
+                        status: status.clone(),
+                        user,
+                        data: data.clone(),
+                        version: entry.state_version,
+                        rule_version: entry.rule_version.clone(),
+                        updated_at_ms: entry.request.received_at_ms,
+                    },
+                );
+            }
+            if report.decisions % 1000 == 0 {
+                progress(report.decisions, total);
+            }
+        }
+    }
+    progress(report.decisions, total);
+    report.groups = groups
+        .into_iter()
+        .map(|((kind, logged, candidate), count)| Group {
+            kind,
+            logged,
+            candidate,
+            count,
+        })
+        .collect();
+    Ok(report)
+}
+
+/// Same decision: same outcome, same status, and data equal as JSON (key order and spacing do
+/// not count as a difference).
+fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
+    match (a, b) {
+        (
+            Outcome::Transition {
+                status: s1,
+                data: d1,
+            },
+            Outcome::Transition {
+                status: s2,
+                data: d2,
+            },
+        ) => {
+            s1 == s2
+                && (d1 == d2
+                    || serde_json::from_str::<serde_json::Value>(d1).ok()
+                        == serde_json::from_str::<serde_json::Value>(d2).ok())
+        }
+        (Outcome::Reject { reason: r1 }, Outcome::Reject { reason: r2 }) => r1 == r2,
+        _ => false,
+    }
+}
+
+fn label(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Transition { status, .. } => format!("transition:{status}"),
+        Outcome::Reject { .. } => "reject".into(),
+    }
+}
+
+/// The report as text for people.
+pub fn render(report: &ReplayReport, dir: &Path) -> String {
+    let mut out = format!(
+        "replayed {} decisions from {} partitions of {} through candidate {}\n  same:      {}\n  different: {}\n",
+        report.decisions,
+        report.partitions,
+        dir.display(),
+        crate::sandbox::short_version(&report.candidate_version),
+        report.same,
+        report.different
+    );
+    if !report.groups.is_empty() {
+        out.push_str("\ndifferences by kind, logged → candidate:\n");
+        for g in &report.groups {
+            out.push_str(&format!(
+                "  {:<12} {} → {}: {}\n",
+                g.kind, g.logged, g.candidate, g.count
+            ));
+        }
+    }
+    if !report.examples.is_empty() {
+        out.push_str(&format!("\nfirst {} differences:\n", report.examples.len()));
+        for e in &report.examples {
+            out.push_str(&format!(
+                "  partition {} seq {}: {} {} by {} (id {})\n    state:     {}\n    logged:    {}\n    candidate: {}\n",
+                e.partition,
+                e.seq,
+                e.request.kind,
+                e.request.key,
+                e.request.user,
+                e.request.id,
+                e.state.as_ref().map_or("none".to_string(), |s| format!("{} (version {}) {}", s.status, s.version, s.data)),
+                describe(&e.logged),
+                match &e.candidate {
+                    Ok(o) => describe(o),
+                    Err(f) => format!("error {}: {}", f.kind.code(), f.message),
+                }
+            ));
+        }
+    }
+    out
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Transition { status, data } => format!("transition to {status:?} with {data}"),
+        Outcome::Reject { reason } => format!("reject: {reason:?}"),
+    }
+}

@@ -1,0 +1,265 @@
+//! The rule author's toolkit, through the real binary: `turnstile test` (scenarios, diffs,
+//! JUnit, coverage), `turnstile check`, and `turnstile replay` (shadow evaluation, read-only).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::support::{Server, ServerArgs, body, guests, run_cli};
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// The reference rule's and the example rule's own scenario files pass, through `turnstile test`.
+#[test]
+fn shipped_scenarios_pass() {
+    for (rule, scenarios, count) in [
+        (
+            guests::RESERVATION,
+            "guest/rules/reservation/scenarios.toml",
+            10,
+        ),
+        (
+            guests::EXPIRING_HOLD,
+            "guest/rules/expiring-hold/scenarios.toml",
+            4,
+        ),
+    ] {
+        let scenarios = workspace().join(scenarios);
+        let (ok, stdout, stderr) = run_cli(&["test", rule, scenarios.to_str().unwrap()]);
+        assert!(ok, "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains(&format!("scenarios: {count} passed, 0 failed")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("coverage"), "{stdout}");
+    }
+}
+
+/// A wrong expectation fails with a readable diff, a non-zero exit and a failure in JUnit.
+#[test]
+fn failing_scenario_shows_a_diff_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("wrong.toml");
+    std::fs::write(
+        &scenarios,
+        r#"
+[[scenario]]
+name = "right"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "alice"
+expect = "transition"
+status = "reserved"
+
+[[scenario]]
+name = "wrong <status> & \"quotes\""
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "alice"
+expect = "transition"
+status = "held"
+version = 7
+"#,
+    )
+    .unwrap();
+    let junit = dir.path().join("junit.xml");
+    let (ok, stdout, _) = run_cli(&[
+        "test",
+        guests::RESERVATION,
+        scenarios.to_str().unwrap(),
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
+    assert!(!ok, "a failing scenario must fail the command");
+    assert!(stdout.contains("scenario right ... ok"), "{stdout}");
+    assert!(stdout.contains("... FAILED"), "{stdout}");
+    assert!(stdout.contains("- expected \"held\""), "{stdout}");
+    assert!(stdout.contains("+ actual   \"reserved\""), "{stdout}");
+    assert!(stdout.contains("- expected 7"), "{stdout}");
+    assert!(stdout.contains("scenarios: 1 passed, 1 failed"), "{stdout}");
+
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let doc = roxmltree::Document::parse(&xml).expect("well-formed JUnit XML");
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "testsuites");
+    assert_eq!(root.attribute("tests"), Some("2"));
+    assert_eq!(root.attribute("failures"), Some("1"));
+    let cases: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .collect();
+    assert_eq!(cases.len(), 2);
+    assert_eq!(
+        cases[1].attribute("name"),
+        Some("wrong <status> & \"quotes\"")
+    );
+    let failure = cases[1]
+        .children()
+        .find(|n| n.has_tag_name("failure"))
+        .expect("a failure");
+    assert!(failure.text().unwrap().contains("expected \"held\""));
+    assert!(cases[0].children().all(|n| !n.has_tag_name("failure")));
+}
+
+/// `check` prints what a good component is, and refuses each kind of bad one with its reason.
+#[test]
+fn check_good_and_bad_modules() {
+    let (ok, stdout, stderr) = run_cli(&["check", guests::RESERVATION]);
+    assert!(ok, "{stderr}");
+    for line in [
+        "version ",
+        "size ",
+        "imports turnstile:rule/types@0.1.0",
+        "exports handle",
+    ] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"garbage").unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let small = dir.path().join("small.toml");
+    std::fs::write(&small, "[rule]\nmax_module_bytes = 1000\n").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![garbage.to_str().unwrap()], "not a WebAssembly file"),
+        (vec![core.to_str().unwrap()], "not a component"),
+        (
+            vec![guests::OTHER_WORLD],
+            "does not implement the turnstile:rule world",
+        ),
+        (vec![guests::FORBIDDEN_IMPORT], "imports `now`"),
+        (
+            vec![guests::RESERVATION, "--config", small.to_str().unwrap()],
+            "1000-byte limit",
+        ),
+    ];
+    for (args, reason) in cases {
+        let mut full = vec!["check"];
+        full.extend(args.iter().copied());
+        let (ok, _, stderr) = run_cli(&full);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(
+            stderr.contains("would be refused") && stderr.contains(reason),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// Hashes of every file under `dir`, to prove a command left it byte-for-byte unchanged.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.insert(path.display().to_string(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Replay of a recorded data dir: the running rule changes nothing, a candidate that changes one
+/// policy changes exactly the decisions it should, and the data dir is left untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_reports_exact_differences_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
+    let send = |kind: &'static str, key: String, user: String| {
+        let server = &server;
+        async move { server.request(body(kind, Some(&key), &user)).await.0 }
+    };
+    for u in 0..30 {
+        assert_eq!(
+            send("reserve", format!("K-{u}"), format!("u-{u}")).await,
+            200
+        );
+    }
+    for u in 0..10 {
+        assert_eq!(
+            send("associate", format!("K-{u}"), format!("u-{u}")).await,
+            200
+        );
+    }
+    // Re-reserve by the holder: rejected now, a refresh under v2 (6 differences).
+    for u in 10..16 {
+        assert_eq!(
+            send("reserve", format!("K-{u}"), format!("u-{u}")).await,
+            409
+        );
+    }
+    // Re-reserve of an associated key, and reserves by other users: rejected by both versions.
+    for u in 0..4 {
+        assert_eq!(
+            send("reserve", format!("K-{u}"), format!("u-{u}")).await,
+            409
+        );
+    }
+    for u in 20..25 {
+        assert_eq!(
+            send("reserve", format!("K-{u}"), "intruder".into()).await,
+            409
+        );
+    }
+    assert!(server.terminate());
+    let before = snapshot(dir.path());
+
+    let data_dir = dir.path().to_str().unwrap();
+    let (ok, stdout, stderr) = run_cli(&[
+        "replay",
+        "--data-dir",
+        data_dir,
+        "--rule",
+        guests::RESERVATION,
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let same: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(same["decisions"], 55);
+    assert_eq!(same["different"], 0);
+    assert_eq!(same["same"], 55);
+
+    let (ok, stdout, stderr) = run_cli(&[
+        "replay",
+        "--data-dir",
+        data_dir,
+        "--rule",
+        guests::RESERVATION_V2,
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let changed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(changed["decisions"], 55);
+    assert_eq!(changed["different"], 6);
+    let groups = changed["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["kind"], "reserve");
+    assert_eq!(groups[0]["logged"], "reject");
+    assert_eq!(groups[0]["candidate"], "transition:reserved");
+    assert_eq!(groups[0]["count"], 6);
+    assert_eq!(changed["examples"].as_array().unwrap().len(), 5);
+
+    let (ok, text, _) = run_cli(&[
+        "replay",
+        "--data-dir",
+        data_dir,
+        "--rule",
+        guests::RESERVATION_V2,
+    ]);
+    assert!(ok);
+    assert!(text.contains("different: 6"), "{text}");
+    assert!(
+        text.contains("reserve") && text.contains("reject → transition:reserved: 6"),
+        "{text}"
+    );
+
+    assert_eq!(snapshot(dir.path()), before, "replay changed the data dir");
+}
