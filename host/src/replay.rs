@@ -171,7 +171,7 @@ pub fn replay(
                     },
                 );
             }
-            if report.decisions % 1000 == 0 {
+            if report.decisions.is_multiple_of(1000) {
                 progress(report.decisions, total);
             }
         }
