@@ -50,6 +50,7 @@ pub fn router(runtime: Arc<Runtime>, settings: ApiSettings) -> Router {
         .route("/v1/admin/rule", get(admin_status).put(admin_install))
         .route("/v1/admin/rule/rollback", post(admin_rollback))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/requests", post(submit))
         .route("/v1/keys/{key}", get(key))
         .route("/v1/users/{user}", get(user))
@@ -160,6 +161,17 @@ struct RequestBody {
 
 async fn healthz() -> Json {
     Json(json!({"status": "ok"}))
+}
+
+async fn metrics(AxumState(api): AxumState<Api>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        api.runtime.render_metrics(),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -7,6 +7,7 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML configuration, defaults and validation.
+//! - [`metrics`]: Prometheus metrics in atomics, rendered on `GET /metrics`.
 //! - [`model`]: requests, states, outcomes and decisions, the host's own types.
 //! - [`router`]: the partitioner (`abs(hash(key)) % N`) and the user → key route cache.
 //! - [`sandbox`]: the wasmtime engine, load-time checks, per-call limits; the only `bindgen!`.
@@ -26,6 +27,7 @@
 pub mod api;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod partition;
 pub mod progress;

@@ -76,7 +76,7 @@ pub(crate) enum Command {
 }
 
 /// Counters a partition thread publishes; written only by that thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PartitionStats {
     /// Requests applied (transitions and rejects).
     pub applied: AtomicU64,
@@ -88,6 +88,24 @@ pub struct PartitionStats {
     pub store_failures: AtomicU64,
     /// Rule failures, by [`FailureKind::ALL`] order.
     pub rule_failures: [AtomicU64; 5],
+    /// Requests per committed batch.
+    pub batch_sizes: crate::metrics::Histogram,
+    /// Fuel the rule used, summed over calls.
+    pub fuel_used: AtomicU64,
+}
+
+impl Default for PartitionStats {
+    fn default() -> Self {
+        PartitionStats {
+            applied: AtomicU64::default(),
+            deduplicated: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            store_failures: AtomicU64::default(),
+            rule_failures: Default::default(),
+            batch_sizes: crate::metrics::Histogram::new(&crate::metrics::BATCH_BUCKETS),
+            fuel_used: AtomicU64::default(),
+        }
+    }
 }
 
 /// What a partition thread needs to start.
@@ -291,6 +309,7 @@ impl Worker {
             match committed {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats.batch_sizes.record(buffers.requests.len() as u64);
                     for (reply, done) in buffers.replies.drain(..).zip(buffers.results.drain(..)) {
                         if done.applied {
                             self.stats.applied.fetch_add(1, Ordering::Relaxed);
@@ -416,7 +435,11 @@ fn apply_one(
 
     let current = tx.state(&request.key)?;
     let rule_version = instance.rule().version.clone();
-    let outcome = match instance.handle(current.as_ref(), request) {
+    let decided = instance.handle(current.as_ref(), request);
+    stats
+        .fuel_used
+        .fetch_add(instance.fuel_used(), Ordering::Relaxed);
+    let outcome = match decided {
         Ok(outcome) => outcome,
         Err(failure) => {
             stats.rule_failures[FailureKind::ALL

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
-use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
+use crate::model::{Decision, Request, RoutedRequest, State, Verdict, now_ms};
 use crate::partition::{ApplyError, Command, Partition, PartitionSetup, QueueError};
 use crate::reload::{Action, InstallError, InstallReport, RuleRegistry, parse_partitions};
 use crate::router::{Partitioner, Route, RouteCache};
@@ -146,6 +146,8 @@ pub struct Runtime {
     /// Random per process, so generated ids never collide with another run's.
     id_prefix: String,
     next_id: AtomicU64,
+    /// Request counts and latency, for `/metrics`.
+    metrics: crate::metrics::RequestMetrics,
     location: Location,
 }
 
@@ -231,6 +233,7 @@ impl Runtime {
             install_lock: tokio::sync::Mutex::new(()),
             id_prefix: format!("{:08x}", rand::random::<u32>()),
             next_id: AtomicU64::new(1),
+            metrics: crate::metrics::RequestMetrics::default(),
             location,
         })
     }
@@ -391,6 +394,28 @@ impl Runtime {
     /// rules see and routes are stamped with. For deterministic tests (`turnstile test`) and
     /// benchmarks; the HTTP API never lets a client choose it.
     pub async fn submit_at(
+        &self,
+        request: Request,
+        received_at_ms: u64,
+    ) -> Result<Decision, SubmitError> {
+        use crate::metrics::OutcomeClass;
+        let started = std::time::Instant::now();
+        let kind = request.kind.clone();
+        let result = self.route_and_apply(request, received_at_ms).await;
+        let class = match &result {
+            Ok(Decision {
+                verdict: Verdict::Transition(_),
+                ..
+            }) => OutcomeClass::Transition,
+            Ok(_) => OutcomeClass::Reject,
+            Err(_) => OutcomeClass::Error,
+        };
+        self.metrics
+            .record(&kind, class, started.elapsed().as_micros() as u64);
+        result
+    }
+
+    async fn route_and_apply(
         &self,
         request: Request,
         received_at_ms: u64,
@@ -579,6 +604,95 @@ impl Runtime {
                 rule_version: running[p.id as usize].clone(),
             })
             .collect()
+    }
+
+    /// Every metric, in the Prometheus text exposition format.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        self.metrics.render(&mut out);
+        let running = self.running_versions();
+        let series: [(&str, &str, &str, fn(&Partition) -> u64); 6] = [
+            (
+                "turnstile_partition_queue_depth",
+                "gauge",
+                "Messages waiting in the partition's queue.",
+                |p| p.queue_depth() as u64,
+            ),
+            (
+                "turnstile_partition_applied_total",
+                "counter",
+                "Requests applied (transitions and rejects).",
+                |p| p.stats.applied.load(Ordering::Relaxed),
+            ),
+            (
+                "turnstile_partition_deduplicated_total",
+                "counter",
+                "Retries answered from the dedup table.",
+                |p| p.stats.deduplicated.load(Ordering::Relaxed),
+            ),
+            (
+                "turnstile_partition_batches_total",
+                "counter",
+                "Group commits.",
+                |p| p.stats.batches.load(Ordering::Relaxed),
+            ),
+            (
+                "turnstile_partition_store_failures_total",
+                "counter",
+                "Requests failed because their batch could not be stored.",
+                |p| p.stats.store_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "turnstile_partition_fuel_used_total",
+                "counter",
+                "Fuel the rule used.",
+                |p| p.stats.fuel_used.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for p in &self.partitions {
+                let _ = writeln!(out, "{name}{{partition=\"{}\"}} {}", p.id, value(p));
+            }
+        }
+        out.push_str("# HELP turnstile_rule_failures_total Rule failures by kind.\n# TYPE turnstile_rule_failures_total counter\n");
+        for p in &self.partitions {
+            for (kind, n) in crate::sandbox::FailureKind::ALL
+                .iter()
+                .zip(&p.stats.rule_failures)
+            {
+                let _ = writeln!(
+                    out,
+                    "turnstile_rule_failures_total{{partition=\"{}\",code=\"{}\"}} {}",
+                    p.id,
+                    kind.code(),
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP turnstile_batch_size Requests per group commit.\n# TYPE turnstile_batch_size histogram\n");
+        for p in &self.partitions {
+            crate::metrics::render_histogram(
+                &mut out,
+                &p.stats.batch_sizes,
+                "turnstile_batch_size",
+                &format!("partition=\"{}\"", p.id),
+            );
+        }
+        out.push_str("# HELP turnstile_rule_version_info The rule version each partition runs.\n# TYPE turnstile_rule_version_info gauge\n");
+        for (p, version) in running.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "turnstile_rule_version_info{{partition=\"{p}\",version=\"{version}\"}} 1"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_route_cache_entries Routes held in memory.\n# TYPE turnstile_route_cache_entries gauge\nturnstile_route_cache_entries {}",
+            self.routes.len()
+        );
+        out
     }
 
     /// Stops every partition after it has applied what it already accepted. Blocks; idempotent.

@@ -273,3 +273,50 @@ async fn same_id_twice_is_applied_once() {
     assert_eq!(total("processed"), 2);
     assert_eq!(total("deduplicated"), 2);
 }
+
+/// `/metrics` speaks Prometheus: requests by kind and outcome, latency, per-partition series.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_requests_by_kind_and_outcome() {
+    let server = Server::start();
+    assert_eq!(
+        server
+            .request(body("reserve", Some("M-1"), "alice"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        server.request(body("reserve", Some("M-1"), "bob")).await.0,
+        409
+    );
+    assert_eq!(
+        server.request(body("associate", None, "nobody")).await.0,
+        404
+    );
+    let (status, text) = server.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "turnstile_requests_total{kind=\"reserve\",outcome=\"transition\"} 1",
+        "turnstile_requests_total{kind=\"reserve\",outcome=\"reject\"} 1",
+        "turnstile_requests_total{kind=\"associate\",outcome=\"error\"} 1",
+        "turnstile_request_duration_seconds_count{} 3",
+        "turnstile_partition_queue_depth{partition=\"3\"} 0",
+        "turnstile_rule_failures_total{partition=\"0\",code=\"rule_trap\"} 0",
+        "turnstile_route_cache_entries 2",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    let applied: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("turnstile_partition_applied_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(applied, 2);
+    assert!(text.contains("turnstile_batch_size_bucket{partition=\"0\",le=\"1\"}"));
+    assert!(text.contains("turnstile_rule_version_info{partition=\"0\",version=\""));
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("turnstile_partition_fuel_used_total"))
+            .any(|l| !l.ends_with(" 0"))
+    );
+}

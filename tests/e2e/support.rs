@@ -212,6 +212,18 @@ impl Server {
         (status, json)
     }
 
+    /// GETs a path and returns status and body text.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
     /// Sends SIGKILL: no chance to flush or finish anything.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,221 @@
+//! Prometheus metrics, kept in atomics so that recording costs the hot path a few relaxed
+//! increments, and rendered in the text exposition format on `GET /metrics`.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// Upper bounds (µs) of the request latency histogram buckets.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000,
+];
+
+/// Upper bounds of the batch size histogram buckets.
+pub const BATCH_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
+/// At most this many distinct request kinds get their own series; the rest count as `other`,
+/// so a client sending random kinds cannot blow up the metrics.
+const MAX_KINDS: usize = 64;
+
+/// A fixed-bucket histogram.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// One counter per bound, plus +Inf; not cumulative (made cumulative when rendered).
+    counts: Box<[AtomicU64]>,
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram over `bounds`.
+    pub fn new(bounds: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one value.
+    pub fn record(&self, value: u64) {
+        let index = self.bounds.partition_point(|b| *b < value);
+        self.counts[index].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
+                *bound as f64 * scale
+            );
+        }
+        cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum.load(Ordering::Relaxed) as f64 * scale
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// Counters of one request kind.
+#[derive(Debug, Default)]
+struct KindCounters {
+    transition: AtomicU64,
+    reject: AtomicU64,
+    error: AtomicU64,
+}
+
+/// The outcome class of a finished request.
+#[derive(Debug, Clone, Copy)]
+pub enum OutcomeClass {
+    /// A transition.
+    Transition,
+    /// A reject.
+    Reject,
+    /// Any error (validation, routing, rule failure, store).
+    Error,
+}
+
+/// Process-wide request metrics (per-partition ones live in the partitions' stats).
+#[derive(Debug)]
+pub struct RequestMetrics {
+    kinds: RwLock<HashMap<String, Arc<KindCounters>>>,
+    other: Arc<KindCounters>,
+    /// Latency from submit to decision, in µs.
+    pub latency: Histogram,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        RequestMetrics {
+            kinds: RwLock::default(),
+            other: Arc::default(),
+            latency: Histogram::new(&LATENCY_BUCKETS_US),
+        }
+    }
+}
+
+impl RequestMetrics {
+    /// Counts one finished request.
+    pub fn record(&self, kind: &str, outcome: OutcomeClass, latency_us: u64) {
+        self.latency.record(latency_us);
+        let counters = self.counters(kind);
+        match outcome {
+            OutcomeClass::Transition => &counters.transition,
+            OutcomeClass::Reject => &counters.reject,
+            OutcomeClass::Error => &counters.error,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn counters(&self, kind: &str) -> Arc<KindCounters> {
+        if let Some(c) = self
+            .kinds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kind)
+        {
+            return c.clone();
+        }
+        let mut kinds = self.kinds.write().unwrap_or_else(|e| e.into_inner());
+        if kinds.len() >= MAX_KINDS && !kinds.contains_key(kind) {
+            return self.other.clone();
+        }
+        kinds.entry(kind.to_string()).or_default().clone()
+    }
+
+    /// Renders the request series.
+    pub fn render(&self, out: &mut String) {
+        out.push_str("# HELP turnstile_requests_total Requests finished, by kind and outcome.\n");
+        out.push_str("# TYPE turnstile_requests_total counter\n");
+        let kinds = self.kinds.read().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<&String> = kinds.keys().collect();
+        names.sort();
+        let series = names
+            .into_iter()
+            .map(|k| (escape_label(k), &kinds[k]))
+            .chain(std::iter::once(("other".to_string(), &self.other)));
+        for (kind, c) in series {
+            for (outcome, n) in [
+                ("transition", &c.transition),
+                ("reject", &c.reject),
+                ("error", &c.error),
+            ] {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "turnstile_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}"
+                    );
+                }
+            }
+        }
+        out.push_str(
+            "# HELP turnstile_request_duration_seconds From submit to durable decision.\n",
+        );
+        out.push_str("# TYPE turnstile_request_duration_seconds histogram\n");
+        self.latency
+            .render(out, "turnstile_request_duration_seconds", "", 1e-6);
+    }
+}
+
+/// Renders a histogram with labels (for per-partition histograms).
+pub fn render_histogram(out: &mut String, histogram: &Histogram, name: &str, labels: &str) {
+    histogram.render(out, name, labels, 1.0);
+}
+
+/// Escapes a label value.
+pub fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::new(&BATCH_BUCKETS);
+        for v in [1, 3, 3, 2000] {
+            h.record(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "", 1.0);
+        assert!(out.contains("x_bucket{le=\"1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"4\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"1024\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_count{} 4\n"), "{out}");
+    }
+
+    #[test]
+    fn kinds_are_bounded() {
+        let m = RequestMetrics::default();
+        for i in 0..200 {
+            m.record(&format!("kind-{i}"), OutcomeClass::Reject, 10);
+        }
+        let mut out = String::new();
+        m.render(&mut out);
+        assert_eq!(out.matches("outcome=\"reject\"").count(), MAX_KINDS + 1);
+        assert!(
+            out.contains("kind=\"other\",outcome=\"reject\"} 136"),
+            "{out}"
+        );
+    }
+}
