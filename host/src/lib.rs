@@ -6,12 +6,14 @@
 //!
 //! # Layout
 //!
+//! - [`bench`]: `turnstile bench`: the runtime under load, and the baselines it is compared with.
 //! - [`config`]: the TOML configuration, defaults and validation.
 //! - [`metrics`]: Prometheus metrics in atomics, rendered on `GET /metrics`.
 //! - [`model`]: requests, states, outcomes and decisions, the host's own types.
 //! - [`router`]: the partitioner (`abs(hash(key)) % N`) and the user → key route cache.
 //! - [`sandbox`]: the wasmtime engine, load-time checks, per-call limits; the only `bindgen!`.
 //! - [`store`]: one redb database per partition: states, routes, dedup, log, dead letters.
+//! - [`native`]: the reference rule compiled natively, the benchmark's sandbox-cost baseline.
 //! - [`partition`]: one thread per partition: its queue, its rule instance, its store, group commit.
 //! - [`runtime`]: the library API: submit a request, read keys and users, inspect partitions.
 //! - [`repartition`]: `turnstile repartition`: a data dir to another N or hash, all or nothing.
@@ -25,10 +27,12 @@
 //! - [`logging`]: `tracing` setup.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod native;
 pub mod partition;
 pub mod progress;
 pub mod reload;

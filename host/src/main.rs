@@ -76,6 +76,36 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Measure throughput and latency, in process or over HTTP, against the baselines.
+    Bench {
+        /// Partitions (the baselines use as many worker threads).
+        #[arg(long, default_value_t = 4)]
+        partitions: u32,
+        /// Users; each sends reserve then associate.
+        #[arg(long, default_value_t = 50_000)]
+        users: u64,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 256)]
+        clients: usize,
+        /// Store durability.
+        #[arg(long, default_value = "sync", value_parser = ["sync", "none"])]
+        durability: String,
+        /// Most requests per group commit.
+        #[arg(long, default_value_t = 256)]
+        max_batch: usize,
+        /// Rule component (default: the embedded reference rule).
+        #[arg(long, value_name = "FILE.wasm")]
+        rule: Option<PathBuf>,
+        /// Also run the baselines: native rule, lock-based workers, unordered workers.
+        #[arg(long)]
+        compare: bool,
+        /// Drive a running server at this URL over HTTP instead.
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a stopped data dir to another partition count or hash, all or nothing.
     Repartition {
         /// The data dir (the server must be stopped).
@@ -195,6 +225,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", turnstile::replay::render(&report, &data_dir));
+            }
+            Ok(())
+        }
+        Command::Bench {
+            partitions,
+            users,
+            clients,
+            durability,
+            max_batch,
+            rule,
+            compare,
+            url,
+            json,
+        } => {
+            anyhow::ensure!(partitions >= 2, "--partitions must be at least 2");
+            anyhow::ensure!(
+                users >= 1 && clients >= 1,
+                "--users and --clients must be at least 1"
+            );
+            let options = turnstile::bench::BenchOptions {
+                partitions,
+                users,
+                clients,
+                durability: if durability == "none" {
+                    turnstile::config::Durability::None
+                } else {
+                    turnstile::config::Durability::Sync
+                },
+                max_batch,
+                rule: rule
+                    .map(|p| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
+                    .transpose()?,
+                compare,
+                url: url.map(|u| u.trim_end_matches('/').to_string()),
+            };
+            let mut bar = turnstile::progress::Progress::new("bench");
+            let rows = turnstile::bench::run(&options, &mut |done, total| bar.update(done, total))?;
+            bar.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", turnstile::bench::render(&rows, &options));
             }
             Ok(())
         }

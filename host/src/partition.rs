@@ -118,6 +118,8 @@ pub(crate) struct PartitionSetup {
     pub dedup_retention: u64,
     pub queue_capacity: usize,
     pub max_batch: usize,
+    /// Decide with this native function instead of the Wasm rule (benchmarks only).
+    pub native: Option<crate::native::NativeRule>,
 }
 
 /// The handle other threads hold to a partition.
@@ -165,7 +167,12 @@ impl Partition {
                 .map_err(|e| anyhow::anyhow!("opening the store of partition {}: {e}", setup.id))
                 .and_then(|mut store| {
                     let routes = store.routes()?;
-                    let instance = setup.sandbox.instantiate(setup.rule.clone(), setup.id)?;
+                    let instance = match setup.native {
+                        Some(native) => Decider::Native(native),
+                        None => {
+                            Decider::Wasm(setup.sandbox.instantiate(setup.rule.clone(), setup.id)?)
+                        }
+                    };
                     Ok((store, instance, routes))
                 });
                 match opened {
@@ -232,11 +239,54 @@ impl Partition {
     }
 }
 
+/// What decides a partition's requests: the Wasm rule, or (benchmarks only) the reference rule
+/// compiled natively into the host, to measure what the sandbox costs.
+pub(crate) enum Decider {
+    /// A rule component instance.
+    Wasm(RuleInstance),
+    /// A native function.
+    Native(crate::native::NativeRule),
+}
+
+impl Decider {
+    fn version(&self) -> &str {
+        match self {
+            Decider::Wasm(instance) => &instance.rule().version,
+            Decider::Native(rule) => rule.version,
+        }
+    }
+
+    fn handle(
+        &mut self,
+        current: Option<&State>,
+        request: &RoutedRequest,
+    ) -> Result<Outcome, RuleFailure> {
+        match self {
+            Decider::Wasm(instance) => instance.handle(current, request),
+            Decider::Native(rule) => (rule.decide)(current, request),
+        }
+    }
+
+    fn fuel_used(&self) -> u64 {
+        match self {
+            Decider::Wasm(instance) => instance.fuel_used(),
+            Decider::Native(_) => 0,
+        }
+    }
+
+    fn replace_rule(&mut self, rule: Arc<CompiledRule>) -> anyhow::Result<()> {
+        match self {
+            Decider::Wasm(instance) => instance.replace_rule(rule),
+            Decider::Native(_) => anyhow::bail!("a native rule cannot be swapped"),
+        }
+    }
+}
+
 /// The thread's own state: nothing here is shared.
 struct Worker {
     id: u32,
     store: PartitionStore,
-    instance: RuleInstance,
+    instance: Decider,
     stats: Arc<PartitionStats>,
     max_batch: usize,
 }
@@ -403,7 +453,7 @@ impl BatchBuffers {
 /// commit. A store error aborts the whole batch.
 fn apply_one(
     tx: &mut crate::store::Batch<'_>,
-    instance: &mut RuleInstance,
+    instance: &mut Decider,
     stats: &PartitionStats,
     partition: u32,
     now: u64,
@@ -434,7 +484,7 @@ fn apply_one(
     )?;
 
     let current = tx.state(&request.key)?;
-    let rule_version = instance.rule().version.clone();
+    let rule_version = instance.version().to_string();
     let decided = instance.handle(current.as_ref(), request);
     stats
         .fuel_used

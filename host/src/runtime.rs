@@ -167,6 +167,27 @@ impl Runtime {
         sandbox: Arc<Sandbox>,
         rule_bytes: Option<Vec<u8>>,
     ) -> anyhow::Result<Runtime> {
+        Runtime::start_with(config, sandbox, rule_bytes, None)
+    }
+
+    /// A runtime whose partitions decide with a native function instead of a Wasm rule: the
+    /// benchmark's baseline for what the sandbox costs. Everything else (routing, queues, group
+    /// commit, store) is the same.
+    pub fn start_native(
+        config: &Config,
+        rule: crate::native::NativeRule,
+    ) -> anyhow::Result<Runtime> {
+        config.validate()?;
+        let sandbox = Sandbox::new(RuleLimits::from(&config.rule)).context("starting wasmtime")?;
+        Runtime::start_with(config, sandbox, None, Some(rule))
+    }
+
+    fn start_with(
+        config: &Config,
+        sandbox: Arc<Sandbox>,
+        rule_bytes: Option<Vec<u8>>,
+        native: Option<crate::native::NativeRule>,
+    ) -> anyhow::Result<Runtime> {
         let (bytes, origin) = match (rule_bytes, &config.rule.path) {
             (Some(bytes), _) => (bytes, "the given rule".to_string()),
             (None, Some(path)) => (
@@ -209,6 +230,7 @@ impl Runtime {
                 dedup_retention: config.store.dedup_retention,
                 queue_capacity: config.partitions.queue_capacity,
                 max_batch: config.partitions.max_batch,
+                native,
             })?;
             for (user, route) in stored_routes {
                 if routes.is_live(route.recorded_at_ms, now) {
