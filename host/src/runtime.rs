@@ -634,7 +634,9 @@ impl Runtime {
         let mut out = String::new();
         self.metrics.render(&mut out);
         let running = self.running_versions();
-        let series: [(&str, &str, &str, fn(&Partition) -> u64); 6] = [
+        /// Name, type, help, and how to read one partition's value.
+        type Series = (&'static str, &'static str, &'static str, fn(&Partition) -> u64);
+        let series: [Series; 6] = [
             (
                 "turnstile_partition_queue_depth",
                 "gauge",
