@@ -462,7 +462,11 @@ impl Runtime {
         };
         let partition = self.partitioner.partition(&key);
         let payload = request.payload.unwrap_or_else(|| "null".to_string());
-        let fingerprint = fingerprint(&request.kind, &key, &request.user, &payload);
+        // Only a client id is remembered for retries, so only then is the body fingerprinted.
+        let fingerprint = match request.id {
+            Some(_) => fingerprint(&request.kind, &key, &request.user, &payload),
+            None => String::new(),
+        };
         let (id, idempotent) = match request.id {
             Some(id) => (id, true),
             None => (

@@ -1,0 +1,103 @@
+//! Micro-benchmarks of the pieces on the hot path: `cargo bench -p turnstile`.
+//!
+//! - the partitioner (Java `String.hashCode` and Kafka murmur2) on a typical key;
+//! - one call of the reference rule as a Wasm component, and the same rule compiled natively;
+//! - one group commit of 256 transitions into a partition store.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use turnstile::config::{Config, Durability};
+use turnstile::model::{Outcome, RoutedRequest, State};
+use turnstile::router::{HashKind, Partitioner};
+use turnstile::sandbox::{REFERENCE_RULE, RuleLimits, Sandbox};
+use turnstile::store::{Location, LogEntry, PartitionStore};
+
+fn request(kind: &str) -> RoutedRequest {
+    RoutedRequest {
+        id: "bench-1".into(),
+        idempotent: false,
+        kind: kind.into(),
+        key: "R-2022-08-30-000042".into(),
+        user: "user-000042".into(),
+        payload: "null".into(),
+        received_at_ms: 1_700_000_000_000,
+    }
+}
+
+fn partitioner(c: &mut Criterion) {
+    let key = "R-2022-08-30-000042";
+    for hash in [HashKind::Java, HashKind::Murmur2] {
+        let p = Partitioner::new(hash, 12);
+        c.bench_function(&format!("partition/{}", hash.name()), |b| {
+            b.iter(|| p.partition(black_box(key)))
+        });
+    }
+}
+
+fn rule_call(c: &mut Criterion) {
+    let sandbox = Sandbox::new(RuleLimits::from(&Config::default().rule)).unwrap();
+    let rule = Arc::new(sandbox.compile(REFERENCE_RULE).unwrap());
+    let mut instance = sandbox.instantiate(rule, 0).unwrap();
+    let reserved = State {
+        status: "reserved".into(),
+        user: "user-000042".into(),
+        data: "{\"reserved_at_ms\":1700000000000}".into(),
+        version: 1,
+        rule_version: String::new(),
+        updated_at_ms: 0,
+    };
+    let associate = request("associate");
+    c.bench_function("rule/wasm associate", |b| {
+        b.iter(|| instance.handle(black_box(Some(&reserved)), black_box(&associate)))
+    });
+    let native = turnstile::native::REFERENCE;
+    c.bench_function("rule/native associate", |b| {
+        b.iter(|| (native.decide)(black_box(Some(&reserved)), black_box(&associate)))
+    });
+    c.bench_function("rule/wasm re-instantiate after a trap (new store)", |b| {
+        b.iter(|| instance.replace_rule(instance.rule().clone()).unwrap())
+    });
+}
+
+fn group_commit(c: &mut Criterion) {
+    let mut store = PartitionStore::open(&Location::Memory, 0, Durability::None, 1_000).unwrap();
+    let mut round = 0u64;
+    c.bench_function("store/group commit of 256 transitions", |b| {
+        b.iter(|| {
+            round += 1;
+            store
+                .write_batch(|tx| {
+                    for i in 0..256u64 {
+                        let key = format!("k-{}", (round * 256 + i) % 100_000);
+                        let state = State {
+                            status: "reserved".into(),
+                            user: "u".into(),
+                            data: "{}".into(),
+                            version: 1,
+                            rule_version: String::new(),
+                            updated_at_ms: 0,
+                        };
+                        tx.put_state(&key, &state)?;
+                        tx.append_log(LogEntry {
+                            seq: 0,
+                            request: request("reserve"),
+                            outcome: Outcome::Transition {
+                                status: "reserved".into(),
+                                data: "{}".into(),
+                            },
+                            state_version: 1,
+                            rule_version: String::new(),
+                            applied_at_ms: 0,
+                        })?;
+                    }
+                    Ok(())
+                })
+                .unwrap()
+        })
+    });
+}
+
+criterion_group!(pieces, partitioner, rule_call, group_commit);
+criterion_main!(pieces);
