@@ -19,10 +19,19 @@ use crate::model::{Decision, Request, State, Verdict};
 use crate::reload::InstallError;
 use crate::runtime::{ReadError, Runtime, SubmitError};
 
+/// What serves requests: this process's partitions, or a Kafka cluster's.
+#[derive(Clone)]
+pub enum Backend {
+    /// `turnstile run` on its own: every partition is in this process.
+    Local(Arc<Runtime>),
+    /// Kafka mode: this process owns some partitions of a cluster.
+    Kafka(Arc<crate::kafka::KafkaNode>),
+}
+
 /// What every handler shares.
 #[derive(Clone)]
 struct Api {
-    runtime: Arc<Runtime>,
+    backend: Backend,
     /// Largest request body accepted, in bytes.
     max_body_bytes: usize,
     /// Largest rule component accepted by `PUT /v1/admin/rule`, in bytes.
@@ -44,7 +53,7 @@ pub struct ApiSettings {
 }
 
 /// The router with every endpoint, over `runtime`.
-pub fn router(runtime: Arc<Runtime>, settings: ApiSettings) -> Router {
+pub fn router(backend: Backend, settings: ApiSettings) -> Router {
     use sha2::Digest;
     Router::new()
         .route("/v1/admin/rule", get(admin_status).put(admin_install))
@@ -58,7 +67,7 @@ pub fn router(runtime: Arc<Runtime>, settings: ApiSettings) -> Router {
         .route("/v1/dead-letters", get(dead_letters))
         .fallback(not_found)
         .with_state(Api {
-            runtime,
+            backend,
             max_body_bytes: settings.max_body_bytes,
             max_module_bytes: settings.max_module_bytes,
             admin_token_digest: settings
@@ -72,6 +81,20 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+}
+
+impl Api {
+    /// The local runtime, or 501 for endpoints Kafka mode does not have.
+    fn local(&self) -> Result<&Arc<Runtime>, ApiError> {
+        match &self.backend {
+            Backend::Local(runtime) => Ok(runtime),
+            Backend::Kafka(_) => Err(ApiError {
+                status: StatusCode::NOT_IMPLEMENTED,
+                code: "not_in_kafka_mode",
+                message: "this endpoint is not available in Kafka mode (see the README, Running a cluster)".into(),
+            }),
+        }
+    }
 }
 
 impl ApiError {
@@ -107,6 +130,7 @@ impl From<SubmitError> for ApiError {
             }
             SubmitError::Rule(_) => StatusCode::INTERNAL_SERVER_ERROR,
             SubmitError::IdConflict(_) => StatusCode::CONFLICT,
+            SubmitError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         };
         ApiError {
             status,
@@ -163,15 +187,15 @@ async fn healthz() -> Json {
     Json(json!({"status": "ok"}))
 }
 
-async fn metrics(AxumState(api): AxumState<Api>) -> Response {
-    (
+async fn metrics(AxumState(api): AxumState<Api>) -> Result<Response, ApiError> {
+    Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        api.runtime.render_metrics(),
+        api.local()?.render_metrics(),
     )
-        .into_response()
+        .into_response())
 }
 
 async fn not_found() -> ApiError {
@@ -211,7 +235,10 @@ async fn submit(AxumState(api): AxumState<Api>, body: Body) -> Result<Response, 
         user: body.user,
         payload: body.payload.map(|p| p.to_string()),
     };
-    let decision = api.runtime.submit(request).await?;
+    let decision = match &api.backend {
+        Backend::Local(runtime) => runtime.submit(request).await?,
+        Backend::Kafka(node) => node.submit(request).await?,
+    };
     Ok(decision_response(&decision))
 }
 
@@ -257,8 +284,24 @@ pub fn state_json(state: &State) -> Value {
     })
 }
 
+fn not_owned(key: &str, partition: u32) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "not_owned",
+        message: format!(
+            "key `{key}` is in partition {partition}, which another process of the cluster owns; ask that process"
+        ),
+    }
+}
+
 async fn key(AxumState(api): AxumState<Api>, Path(key): Path<String>) -> Result<Json, ApiError> {
-    let (partition, state) = api.runtime.key_state(&key).await?;
+    let (partition, state) = match &api.backend {
+        Backend::Local(runtime) => runtime.key_state(&key).await?,
+        Backend::Kafka(node) => node
+            .key_state(&key)
+            .await
+            .map_err(|partition| not_owned(&key, partition))?,
+    };
     match state {
         Some(state) => Ok(Json(json!({
             "key": key,
@@ -274,7 +317,25 @@ async fn key(AxumState(api): AxumState<Api>, Path(key): Path<String>) -> Result<
 }
 
 async fn user(AxumState(api): AxumState<Api>, Path(user): Path<String>) -> Result<Json, ApiError> {
-    match api.runtime.user(&user).await? {
+    let view = match &api.backend {
+        Backend::Local(runtime) => runtime.user(&user).await?,
+        Backend::Kafka(node) => match node.route(&user) {
+            None => None,
+            Some(route) => {
+                let (partition, state) = node
+                    .key_state(&route.key)
+                    .await
+                    .map_err(|partition| not_owned(&route.key, partition))?;
+                Some(crate::runtime::UserView {
+                    key: route.key,
+                    partition,
+                    recorded_at_ms: route.recorded_at_ms,
+                    state,
+                })
+            }
+        },
+    };
+    match view {
         Some(view) => Ok(Json(json!({
             "user": user,
             "key": view.key,
@@ -291,12 +352,26 @@ async fn user(AxumState(api): AxumState<Api>, Path(user): Path<String>) -> Resul
 }
 
 async fn partitions(AxumState(api): AxumState<Api>) -> Json {
-    let partitioner = api.runtime.partitioner();
-    Json(json!({
-        "count": partitioner.partitions(),
-        "hash": partitioner.hash().name(),
-        "partitions": api.runtime.partitions(),
-    }))
+    match &api.backend {
+        Backend::Local(runtime) => {
+            let partitioner = runtime.partitioner();
+            Json(json!({
+                "count": partitioner.partitions(),
+                "hash": partitioner.hash().name(),
+                "partitions": runtime.partitions(),
+            }))
+        }
+        Backend::Kafka(node) => {
+            let partitioner = node.partitioner();
+            Json(json!({
+                "mode": "kafka",
+                "node": node.node_id(),
+                "count": partitioner.partitions(),
+                "hash": partitioner.hash().name(),
+                "partitions": node.owned_partitions(),
+            }))
+        }
+    }
 }
 
 /// Query of `GET /v1/dead-letters`.
@@ -316,7 +391,8 @@ async fn dead_letters(
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let n = api.runtime.partitioner().partitions();
+    let runtime = api.local()?;
+    let n = runtime.partitioner().partitions();
     let partitions: Vec<u32> = match query.partition {
         Some(p) if p >= n => {
             return Err(ApiError::bad_request(format!(
@@ -330,7 +406,7 @@ async fn dead_letters(
     let mut letters = Vec::new();
     for p in partitions {
         letters.extend(
-            api.runtime
+            runtime
                 .dead_letters(p, query.after.unwrap_or(0), limit)
                 .await?,
         );
@@ -424,7 +500,7 @@ async fn admin_install(
             }))
         })?;
     let report = api
-        .runtime
+        .local()?
         .install_rule(bytes.to_vec(), query.partitions.as_deref())
         .await?;
     Ok(install_json(&report))
@@ -435,7 +511,7 @@ async fn admin_rollback(
     headers: HeaderMap,
 ) -> Result<Json, ApiError> {
     authorize(&api, &headers)?;
-    let report = api.runtime.rollback_rule().await?;
+    let report = api.local()?.rollback_rule().await?;
     Ok(install_json(&report))
 }
 
@@ -444,13 +520,14 @@ async fn admin_status(
     headers: HeaderMap,
 ) -> Result<Json, ApiError> {
     authorize(&api, &headers)?;
-    let running = api.runtime.running_versions();
+    let runtime = api.local()?;
+    let running = runtime.running_versions();
     Ok(Json(json!({
         "partitions": running
             .iter()
             .enumerate()
             .map(|(id, version)| json!({"id": id, "version": version}))
             .collect::<Vec<_>>(),
-        "history": api.runtime.rule_history(),
+        "history": runtime.rule_history(),
     })))
 }

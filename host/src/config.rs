@@ -28,8 +28,52 @@ pub struct Config {
     pub store: StoreConfig,
     /// The admin API (hot reload).
     pub admin: AdminConfig,
+    /// Kafka mode: partitions consumed from a Kafka-protocol log by a group of processes.
+    pub kafka: Option<KafkaConfig>,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// `[kafka]`: present means Kafka mode.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port,host:port`.
+    pub brokers: String,
+    /// Consumer group every `turnstile run` process of the cluster joins.
+    pub group: String,
+    /// Requests, N partitions, keyed by routing key.
+    pub requests_topic: String,
+    /// Decisions, keyed by request id; every process reads it to answer its HTTP clients.
+    pub outcomes_topic: String,
+    /// Each partition's state changes with the request offset that made them, N partitions:
+    /// what a process that gains a partition restores from.
+    pub changelog_topic: String,
+    /// user → key routes, read by every process (the shared route cache).
+    pub routes_topic: String,
+    /// Group session timeout: how long a dead process keeps its partitions, in milliseconds.
+    pub session_timeout_ms: u64,
+    /// How long an HTTP request waits for its outcome before answering 504, in milliseconds.
+    pub reply_timeout_ms: u64,
+    /// How long a request with only a user waits for the user's route to arrive from the
+    /// routes topic (it may have been recorded by another process a moment ago), in milliseconds.
+    pub route_wait_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group: "turnstile".into(),
+            requests_topic: "turnstile-requests".into(),
+            outcomes_topic: "turnstile-outcomes".into(),
+            changelog_topic: "turnstile-changelog".into(),
+            routes_topic: "turnstile-routes".into(),
+            session_timeout_ms: 6000,
+            reply_timeout_ms: 30_000,
+            route_wait_ms: 3000,
+        }
+    }
 }
 
 /// `[admin]`
@@ -324,6 +368,16 @@ impl Config {
         }
         if r.watch_interval_ms == 0 {
             return Err(invalid("rule.watch_interval_ms must be at least 1"));
+        }
+        if self.kafka.is_some() && r.watch {
+            return Err(invalid(
+                "rule.watch is not available in Kafka mode (hot reload is per process)",
+            ));
+        }
+        if self.kafka.is_some() && self.store.data_dir.is_some() {
+            return Err(invalid(
+                "store.data_dir has no use in Kafka mode: partition state lives in the changelog topic",
+            ));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes must be at least 1"));

@@ -24,11 +24,13 @@
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
 //! - [`scenario`]: `turnstile test`: scenario files run against a rule in fresh runtimes.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
+//! - [`kafka`]: Kafka mode: partitions shared by a group of processes over a Kafka-protocol log.
 //! - [`logging`]: `tracing` setup.
 
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod kafka;
 pub mod logging;
 pub mod metrics;
 pub mod model;

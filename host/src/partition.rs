@@ -249,7 +249,8 @@ pub(crate) enum Decider {
 }
 
 impl Decider {
-    fn version(&self) -> &str {
+    /// The version id of what decides.
+    pub(crate) fn version(&self) -> &str {
         match self {
             Decider::Wasm(instance) => &instance.rule().version,
             Decider::Native(rule) => rule.version,
@@ -305,8 +306,8 @@ struct BatchBuffers {
 }
 
 /// The result of one request in a batch, before the batch commits.
-struct Applied {
-    result: Result<Decision, ApplyError>,
+pub(crate) struct Applied {
+    pub(crate) result: Result<Decision, ApplyError>,
     /// Whether the rule ran and its effect is in the batch (not a dedup answer or a failure).
     applied: bool,
 }
@@ -451,7 +452,7 @@ impl BatchBuffers {
 
 /// Applies one request inside the batch's transaction and returns the reply to send after the
 /// commit. A store error aborts the whole batch.
-fn apply_one(
+pub(crate) fn apply_one(
     tx: &mut crate::store::Batch<'_>,
     instance: &mut Decider,
     stats: &PartitionStats,

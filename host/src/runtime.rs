@@ -51,6 +51,10 @@ pub enum SubmitError {
     /// The store failed; nothing was applied.
     #[error("{0}")]
     Store(String),
+    /// Kafka mode: no outcome came back in time. The request may still be applied; retry it
+    /// with the same id to learn its answer.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl SubmitError {
@@ -64,6 +68,7 @@ impl SubmitError {
             SubmitError::Rule(f) => f.kind.code(),
             SubmitError::IdConflict(_) => "id_conflict",
             SubmitError::Store(_) => "store_unavailable",
+            SubmitError::Timeout(_) => "outcome_timeout",
         }
     }
 }
@@ -639,7 +644,12 @@ impl Runtime {
         self.metrics.render(&mut out);
         let running = self.running_versions();
         /// Name, type, help, and how to read one partition's value.
-        type Series = (&'static str, &'static str, &'static str, fn(&Partition) -> u64);
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&Partition) -> u64,
+        );
         let series: [Series; 6] = [
             (
                 "turnstile_partition_queue_depth",
@@ -768,7 +778,7 @@ pub fn validate(request: &Request) -> Result<(), SubmitError> {
 }
 
 /// What makes two requests "the same" for deduplication: kind, key, user and payload.
-fn fingerprint(kind: &str, key: &str, user: &str, payload: &str) -> String {
+pub(crate) fn fingerprint(kind: &str, key: &str, user: &str, payload: &str) -> String {
     let mut hasher = Sha256::new();
     for part in [kind, key, user, payload] {
         hasher.update((part.len() as u64).to_le_bytes());

@@ -136,6 +136,11 @@ impl FailureKind {
         FailureKind::Output,
     ];
 
+    /// The kind an API error code names, if it names one.
+    pub fn from_code(code: &str) -> Option<FailureKind> {
+        FailureKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
     /// The API error code.
     pub fn code(self) -> &'static str {
         match self {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::api::Backend;
 use crate::config::Config;
+use crate::kafka::KafkaNode;
 use crate::runtime::Runtime;
 
 /// Runs the server until a shutdown signal. Prints `listening on http://ADDR` (the real bound
@@ -23,10 +25,15 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 async fn serve_async(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let start_config = config.clone();
-    let turnstile = tokio::task::spawn_blocking(move || Runtime::start(&start_config, None))
-        .await
-        .context("starting the runtime")??;
-    let turnstile = Arc::new(turnstile);
+    let backend = tokio::task::spawn_blocking(move || -> anyhow::Result<Backend> {
+        Ok(if start_config.kafka.is_some() {
+            Backend::Kafka(KafkaNode::start(&start_config)?)
+        } else {
+            Backend::Local(Arc::new(Runtime::start(&start_config, None)?))
+        })
+    })
+    .await
+    .context("starting the runtime")??;
 
     // Register the handlers before announcing the address: a SIGTERM that arrives right after
     // `listening on` must drain cleanly, not hit the default action and kill the process.
@@ -47,7 +54,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         tracing::info!("admin API off (no admin.token or TURNSTILE_ADMIN_TOKEN)");
     }
     let app = crate::api::router(
-        turnstile.clone(),
+        backend.clone(),
         crate::api::ApiSettings {
             max_body_bytes: config.server.max_body_bytes,
             max_module_bytes: config.rule.max_module_bytes,
@@ -56,6 +63,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     );
     if config.rule.watch
         && let Some(path) = config.rule.path.clone()
+        && let Backend::Local(turnstile) = &backend
     {
         tracing::info!(path = %path.display(), "watching the rule file");
         tokio::spawn(crate::reload::watch_rule_file(
@@ -70,9 +78,12 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         .context("serving HTTP")?;
 
     tracing::info!("draining partition queues");
-    tokio::task::spawn_blocking(move || turnstile.shutdown())
-        .await
-        .context("stopping partitions")?;
+    tokio::task::spawn_blocking(move || match backend {
+        Backend::Local(runtime) => runtime.shutdown(),
+        Backend::Kafka(node) => node.shutdown(),
+    })
+    .await
+    .context("stopping partitions")?;
     tracing::info!("stopped");
     Ok(())
 }

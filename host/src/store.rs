@@ -561,6 +561,13 @@ impl Batch<'_> {
         Ok(seq)
     }
 
+    /// Makes the next log entry's sequence number `seq`. Kafka mode numbers its log by the
+    /// requests partition's offsets (offset + 1), so a partition's numbers do not restart when
+    /// it moves to another process.
+    pub fn set_next_log_seq(&mut self, seq: u64) {
+        self.counters.next_log_seq = seq;
+    }
+
     /// Remembers the answer to a client request id.
     pub fn put_dedup(&mut self, id: &str, entry: &DedupEntry) -> Result<(), StoreError> {
         let previous = self

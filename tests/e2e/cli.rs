@@ -38,13 +38,32 @@ fn bad_config_files_are_refused_with_the_key_named() {
 #[test]
 fn bench_smoke() {
     let (ok, stdout, stderr) = run_cli(&[
-        "bench", "--users", "300", "--clients", "16", "--durability", "none", "--compare", "--json",
+        "bench",
+        "--users",
+        "300",
+        "--clients",
+        "16",
+        "--durability",
+        "none",
+        "--compare",
+        "--json",
     ]);
     assert!(ok, "{stderr}");
     let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let rows = rows.as_array().unwrap();
-    let names: Vec<&str> = rows.iter().map(|r| r["variant"].as_str().unwrap()).collect();
-    assert_eq!(names, ["turnstile", "turnstile-native", "locked-workers", "unordered-workers"]);
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "turnstile",
+            "turnstile-native",
+            "locked-workers",
+            "unordered-workers"
+        ]
+    );
     for row in rows {
         assert_eq!(row["requests"], 600);
         assert!(row["throughput"].as_f64().unwrap() > 0.0);

