@@ -50,8 +50,9 @@ pub struct BenchOptions {
     pub rule: Option<Vec<u8>>,
     /// Run every baseline too.
     pub compare: bool,
-    /// Drive a running server over HTTP instead.
-    pub url: Option<String>,
+    /// Drive running servers over HTTP instead (clients are spread over the URLs, e.g. the
+    /// processes of a Kafka-mode cluster).
+    pub url: Option<Vec<String>>,
 }
 
 /// One line of the results table.
@@ -85,8 +86,8 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(u64, u64)) -> anyhow
         .enable_all()
         .thread_name("bench-client")
         .build()?;
-    if let Some(url) = &options.url {
-        return Ok(vec![tokio.block_on(http(url, options, progress))?]);
+    if let Some(urls) = &options.url {
+        return Ok(vec![tokio.block_on(http(urls, options, progress))?]);
     }
     let mut rows = Vec::new();
     rows.push(turnstile_variant(&tokio, options, false, progress)?);
@@ -532,7 +533,7 @@ async fn enqueue(
 /// Drives a running server over HTTP: each client owns keep-alive connections and sends, per
 /// user, the reserve and (after its answer) the associate by user.
 async fn http(
-    url: &str,
+    urls: &[String],
     options: &BenchOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> anyhow::Result<Row> {
@@ -545,13 +546,10 @@ async fn http(
     let measure = Measure::start();
     let tasks: Vec<_> = shares(options.users, options.clients)
         .into_iter()
-        .map(|range| {
-            let (client, done, url, run_id) = (
-                client.clone(),
-                done.clone(),
-                url.to_string(),
-                run_id.clone(),
-            );
+        .enumerate()
+        .map(|(c, range)| {
+            let url = urls[c % urls.len()].clone();
+            let (client, done, run_id) = (client.clone(), done.clone(), run_id.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut wrong = 0u64;

@@ -99,8 +99,9 @@ enum Command {
         /// Also run the baselines: native rule, lock-based workers, unordered workers.
         #[arg(long)]
         compare: bool,
-        /// Drive a running server at this URL over HTTP instead.
-        #[arg(long, value_name = "URL")]
+        /// Drive running servers over HTTP instead; several URLs, comma-separated, spread the
+        /// clients over the processes of a cluster.
+        #[arg(long, value_name = "URL[,URL...]")]
         url: Option<String>,
         /// Print the results as JSON.
         #[arg(long)]
@@ -258,7 +259,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|p| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
                     .transpose()?,
                 compare,
-                url: url.map(|u| u.trim_end_matches('/').to_string()),
+                url: url.map(|list| {
+                    list.split(',')
+                        .map(|u| u.trim().trim_end_matches('/').to_string())
+                        .filter(|u| !u.is_empty())
+                        .collect()
+                }),
             };
             let mut bar = turnstile::progress::Progress::new("bench");
             let rows = turnstile::bench::run(&options, &mut |done, total| bar.update(done, total))?;
