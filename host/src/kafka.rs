@@ -62,7 +62,7 @@ use crate::config::{Config, Durability, KafkaConfig};
 use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
 use crate::partition::{ApplyError, Decider, PartitionStats, apply_one};
 use crate::router::{Partitioner, Route, RouteCache};
-use crate::runtime::{SubmitError, fingerprint, validate};
+use crate::runtime::{RequestIds, SubmitError, validate};
 use crate::sandbox::{CompiledRule, FailureKind, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{DedupEntry, Location, PartitionStore};
 
@@ -76,6 +76,10 @@ pub struct RequestRecord {
 }
 
 /// A record of the changelog topic.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "built and serialized once per request; boxing would only add an allocation"
+)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChangelogRecord {
@@ -210,8 +214,8 @@ pub struct KafkaNode {
     pending: Arc<Mutex<HashMap<String, Vec<oneshot::Sender<OutcomeRecord>>>>>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    id_prefix: String,
-    next_id: AtomicU64,
+    /// Makes ids for requests that come without one.
+    ids: RequestIds,
 }
 
 fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -278,8 +282,7 @@ impl KafkaNode {
             pending: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(Vec::new()),
-            id_prefix: node_id.clone(),
-            next_id: AtomicU64::new(1),
+            ids: RequestIds::new(node_id.clone()),
         });
         let threads = vec![
             node.spawn_routes_reader()?,
@@ -330,32 +333,10 @@ impl KafkaNode {
             None => self.wait_for_route(&request.user).await?,
         };
         let partition = self.partitioner.partition(&key);
-        let payload = request.payload.unwrap_or_else(|| "null".into());
-        let fingerprint = match &request.id {
-            Some(_) => fingerprint(&request.kind, &key, &request.user, &payload),
-            None => String::new(),
-        };
-        let (id, idempotent) = match request.id {
-            Some(id) => (id, true),
-            None => (
-                format!(
-                    "{}-{}",
-                    self.id_prefix,
-                    self.next_id.fetch_add(1, Ordering::Relaxed)
-                ),
-                false,
-            ),
-        };
+        let (request, fingerprint) = self.ids.route(request, key.clone(), received_at_ms);
+        let id = request.id.clone();
         let record = RequestRecord {
-            request: RoutedRequest {
-                id: id.clone(),
-                idempotent,
-                kind: request.kind,
-                key: key.clone(),
-                user: request.user,
-                payload,
-                received_at_ms,
-            },
+            request,
             fingerprint,
         };
         let (reply, answer) = oneshot::channel();

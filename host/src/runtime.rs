@@ -148,9 +148,8 @@ pub struct Runtime {
     rules: std::sync::Mutex<RuleRegistry>,
     /// Serializes installs and rollbacks (held across the swaps, which await).
     install_lock: tokio::sync::Mutex<()>,
-    /// Random per process, so generated ids never collide with another run's.
-    id_prefix: String,
-    next_id: AtomicU64,
+    /// Makes ids for requests that come without one.
+    ids: RequestIds,
     /// Request counts and latency, for `/metrics`.
     metrics: crate::metrics::RequestMetrics,
     location: Location,
@@ -258,8 +257,7 @@ impl Runtime {
             partitions,
             rules: std::sync::Mutex::new(registry),
             install_lock: tokio::sync::Mutex::new(()),
-            id_prefix: format!("{:08x}", rand::random::<u32>()),
-            next_id: AtomicU64::new(1),
+            ids: RequestIds::new(format!("{:08x}", rand::random::<u32>())),
             metrics: crate::metrics::RequestMetrics::default(),
             location,
         })
@@ -448,7 +446,7 @@ impl Runtime {
         received_at_ms: u64,
     ) -> Result<Decision, SubmitError> {
         validate(&request)?;
-        let key = match request.key {
+        let key = match request.key.clone() {
             Some(key) => {
                 // Claim 5: record the route before routing.
                 self.routes.record(
@@ -466,32 +464,7 @@ impl Runtime {
             },
         };
         let partition = self.partitioner.partition(&key);
-        let payload = request.payload.unwrap_or_else(|| "null".to_string());
-        // Only a client id is remembered for retries, so only then is the body fingerprinted.
-        let fingerprint = match request.id {
-            Some(_) => fingerprint(&request.kind, &key, &request.user, &payload),
-            None => String::new(),
-        };
-        let (id, idempotent) = match request.id {
-            Some(id) => (id, true),
-            None => (
-                format!(
-                    "{}-{}",
-                    self.id_prefix,
-                    self.next_id.fetch_add(1, Ordering::Relaxed)
-                ),
-                false,
-            ),
-        };
-        let routed = RoutedRequest {
-            id,
-            idempotent,
-            kind: request.kind,
-            key,
-            user: request.user,
-            payload,
-            received_at_ms,
-        };
+        let (routed, fingerprint) = self.ids.route(request, key, received_at_ms);
         let (reply, answer) = oneshot::channel();
         self.partitions[partition as usize]
             .try_send(Command::Apply {
@@ -744,6 +717,59 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Makes the ids of requests that come without one: a prefix unique to the process (or run),
+/// then a counter.
+#[derive(Debug)]
+pub(crate) struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    pub(crate) fn new(prefix: String) -> RequestIds {
+        RequestIds {
+            prefix,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The routed request a partition applies, and its dedup fingerprint (empty without a
+    /// client id: only a client id is remembered for retries, so only then is the body hashed).
+    pub(crate) fn route(
+        &self,
+        request: Request,
+        key: String,
+        received_at_ms: u64,
+    ) -> (RoutedRequest, String) {
+        let payload = request.payload.unwrap_or_else(|| "null".to_string());
+        let fingerprint = match &request.id {
+            Some(_) => fingerprint(&request.kind, &key, &request.user, &payload),
+            None => String::new(),
+        };
+        let (id, idempotent) = match request.id {
+            Some(id) => (id, true),
+            None => (
+                format!(
+                    "{}-{}",
+                    self.prefix,
+                    self.next.fetch_add(1, Ordering::Relaxed)
+                ),
+                false,
+            ),
+        };
+        let routed = RoutedRequest {
+            id,
+            idempotent,
+            kind: request.kind,
+            key,
+            user: request.user,
+            payload,
+            received_at_ms,
+        };
+        (routed, fingerprint)
     }
 }
 

@@ -238,7 +238,8 @@ async fn kill_9_moves_partitions_without_loss() {
     }
 
     // Every acknowledged transition survived.
-    for (id, answer) in acks.lock().unwrap().iter() {
+    let acks = acks.lock().unwrap().clone();
+    for (id, answer) in &acks {
         let key = answer["key"].as_str().unwrap();
         let (status, doc) = p2.get(&format!("/v1/keys/{key}")).await;
         assert_eq!(status, 200, "acknowledged {id} lost");
@@ -258,7 +259,7 @@ async fn kill_9_moves_partitions_without_loss() {
                 .await;
             assert_eq!(status, 200, "{id}: {answer}");
             assert_eq!(answer["state"]["version"], i as u64 + 1, "{id}: {answer}");
-            if let Some(first) = acks.lock().unwrap().get(&id) {
+            if let Some(first) = acks.get(&id) {
                 assert_eq!(
                     answer["state"], first["state"],
                     "{id}: a retry must repeat the answer"

@@ -151,16 +151,8 @@ impl Server {
 
     /// POSTs a request body and returns status and JSON.
     pub async fn request(&self, body: Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}/v1/requests", self.url))
-            .json(&body)
-            .send()
+        self.request_raw(serde_json::to_vec(&body).expect("JSON"))
             .await
-            .expect("POST /v1/requests");
-        let status = response.status().as_u16();
-        let json = response.json().await.expect("JSON response");
-        (status, json)
     }
 
     /// POSTs raw bytes.
