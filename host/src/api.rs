@@ -65,6 +65,10 @@ pub fn router(backend: Backend, settings: ApiSettings) -> Router {
         .route("/v1/users/{user}", get(user))
         .route("/v1/partitions", get(partitions))
         .route("/v1/dead-letters", get(dead_letters))
+        .route(
+            "/v1/dead-letters/{partition}/{seq}/resubmit",
+            post(resubmit_dead_letter),
+        )
         .fallback(not_found)
         .with_state(Api {
             backend,
@@ -428,6 +432,27 @@ impl From<InstallError> for ApiError {
             code,
             message: e.to_string(),
         }
+    }
+}
+
+async fn resubmit_dead_letter(
+    AxumState(api): AxumState<Api>,
+    Path((partition, seq)): Path<(u32, u64)>,
+) -> Result<Response, ApiError> {
+    let runtime = api.local()?;
+    let n = runtime.partitioner().partitions();
+    if partition >= n {
+        return Err(ApiError::bad_request(format!(
+            "partition {partition} does not exist (there are {n})"
+        )));
+    }
+    match runtime.resubmit_dead_letter(partition, seq).await? {
+        Some(decision) => Ok(decision_response(&decision)),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_dead_letter",
+            message: format!("partition {partition} has no dead letter {seq}"),
+        }),
     }
 }
 

@@ -587,6 +587,37 @@ impl Runtime {
         .await
     }
 
+    /// Applies the request of dead letter `seq` of `partition` again (typically after a fixed
+    /// rule was installed): same kind, key, user, payload, and the same id if the client gave
+    /// one. `Ok(None)` if there is no such dead letter. The dead letter itself stays on record.
+    pub async fn resubmit_dead_letter(
+        &self,
+        partition: u32,
+        seq: u64,
+    ) -> Result<Option<Decision>, SubmitError> {
+        let letters = self
+            .dead_letters(partition, seq.saturating_sub(1), 1)
+            .await
+            .map_err(|e| match e {
+                ReadError::Backpressure(p) => SubmitError::Backpressure(p),
+                ReadError::ShuttingDown => SubmitError::ShuttingDown,
+                ReadError::Store(e) => SubmitError::Store(e),
+            })?;
+        let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
+            return Ok(None);
+        };
+        let request = letter.request;
+        self.submit(Request {
+            id: request.idempotent.then_some(request.id),
+            kind: request.kind,
+            key: Some(request.key),
+            user: request.user,
+            payload: Some(request.payload),
+        })
+        .await
+        .map(Some)
+    }
+
     /// One entry per partition.
     pub fn partitions(&self) -> Vec<PartitionInfo> {
         let running = self.running_versions();

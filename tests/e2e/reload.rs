@@ -367,3 +367,46 @@ async fn wait_for_version(server: &Server, version: &str) {
     }
     panic!("the watched file was not installed within 10 s");
 }
+
+/// The dead-letter workflow: a rule fails on a request, a fixed rule is installed, and the dead
+/// letter is resubmitted and applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_can_be_resubmitted_after_a_fix() {
+    let server = Server::start_with(with_token().rule(guests::MISBEHAVE));
+    let (status, answer) = server
+        .request(json!({"kind": "panic", "key": "DL", "user": "u", "id": "dl-1"}))
+        .await;
+    assert_eq!(status, 500, "{answer}");
+    let (_, letters) = server.get("/v1/dead-letters").await;
+    let letter = &letters["dead_letters"][0];
+    let path = format!(
+        "/v1/dead-letters/{}/{}/resubmit",
+        letter["partition"], letter["seq"]
+    );
+
+    let (status, answer) = server.admin("POST", &path, None, None).await;
+    assert_eq!(status, 500, "the same rule fails again: {answer}");
+    assert_eq!(answer["error"]["code"], "rule_trap");
+
+    assert_eq!(
+        server
+            .admin(
+                "PUT",
+                "/v1/admin/rule",
+                Some(wasm(guests::ECHO)),
+                Some(TOKEN)
+            )
+            .await
+            .0,
+        200
+    );
+    let (status, answer) = server.admin("POST", &path, None, None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["id"], "dl-1", "the client's id is kept");
+    assert_eq!(answer["state"]["status"], "echo-panic");
+    let (status, answer) = server
+        .admin("POST", "/v1/dead-letters/0/999/resubmit", None, None)
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(answer["error"]["code"], "unknown_dead_letter");
+}
