@@ -167,9 +167,9 @@ async fn repartition_moves_every_key_route_and_id() {
     }
 }
 
-/// A missing partition file is reported by path, not silently recreated empty.
+/// A missing or corrupt partition file is reported by path, not silently recreated empty.
 #[test]
-fn missing_partition_file_is_reported() {
+fn missing_or_corrupt_partition_file_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
     assert!(server.terminate());
@@ -177,6 +177,18 @@ fn missing_partition_file_is_reported() {
     std::fs::remove_file(&file).unwrap();
     let err = match Server::try_start(ServerArgs::default().data_dir(dir.path())) {
         Ok(_) => panic!("started without a partition file"),
+        Err(e) => e,
+    };
+    assert!(err.contains("partition-0002.redb"), "{err}");
+
+    // A corrupt one is reported by path too, not replaced by an empty one.
+    std::fs::write(
+        &file,
+        b"this is not a redb file, it is garbage of some length",
+    )
+    .unwrap();
+    let err = match Server::try_start(ServerArgs::default().data_dir(dir.path())) {
+        Ok(_) => panic!("started with a corrupt partition file"),
         Err(e) => e,
     };
     assert!(err.contains("partition-0002.redb"), "{err}");

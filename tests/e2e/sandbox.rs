@@ -155,3 +155,48 @@ async fn a_failure_does_not_touch_its_batch() {
     assert_eq!(partitions["partitions"][0]["processed"], 36);
     assert_eq!(failures(&partitions, 0)["rule_trap"], 4);
 }
+
+/// A full partition queue answers 503 `backpressure` with `Retry-After` at once, instead of
+/// queueing without bound; the server stays healthy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_is_backpressure() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[partitions]\nqueue_capacity = 1\nmax_batch = 1\n"),
+    );
+    let key = keys_on(3, 1).remove(0);
+    let client = reqwest::Client::new();
+    let mut calls = Vec::new();
+    for i in 0..64 {
+        // Each `loop` request holds the partition for about a millisecond (its fuel budget).
+        let request = client
+            .post(format!("{}/v1/requests", server.url))
+            .json(&request("loop", &key, &format!("bp-{i}")));
+        calls.push(tokio::spawn(async move { request.send().await.unwrap() }));
+    }
+    let mut backpressure = 0;
+    for call in calls {
+        let response = call.await.unwrap();
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body: Value = response.json().await.unwrap();
+        match status {
+            503 => {
+                assert_eq!(body["error"]["code"], "backpressure", "{body}");
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                backpressure += 1;
+            }
+            500 => assert_eq!(body["error"]["code"], "rule_fuel_exhausted", "{body}"),
+            _ => panic!("{status} {body}"),
+        }
+    }
+    assert!(
+        backpressure > 0,
+        "64 concurrent slow requests never filled a one-slot queue"
+    );
+    assert_eq!(server.request(request("set", &key, "after")).await.0, 200);
+}
