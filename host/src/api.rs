@@ -288,23 +288,27 @@ pub fn state_json(state: &State) -> Value {
     })
 }
 
-fn not_owned(key: &str, partition: u32) -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        code: "not_owned",
-        message: format!(
-            "key `{key}` is in partition {partition}, which another process of the cluster owns; ask that process"
-        ),
+fn not_owned(key: &str, error: crate::kafka::KeyReadError) -> ApiError {
+    match error {
+        crate::kafka::KeyReadError::NotOwned(partition) => ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_owned",
+            message: format!(
+                "key `{key}` is in partition {partition}, which another process of the cluster owns; ask that process"
+            ),
+        },
+        crate::kafka::KeyReadError::Store(e) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "store_unavailable",
+            message: e.to_string(),
+        },
     }
 }
 
 async fn key(AxumState(api): AxumState<Api>, Path(key): Path<String>) -> Result<Json, ApiError> {
     let (partition, state) = match &api.backend {
         Backend::Local(runtime) => runtime.key_state(&key).await?,
-        Backend::Kafka(node) => node
-            .key_state(&key)
-            .await
-            .map_err(|partition| not_owned(&key, partition))?,
+        Backend::Kafka(node) => node.key_state(&key).await.map_err(|e| not_owned(&key, e))?,
     };
     match state {
         Some(state) => Ok(Json(json!({
@@ -329,7 +333,7 @@ async fn user(AxumState(api): AxumState<Api>, Path(user): Path<String>) -> Resul
                 let (partition, state) = node
                     .key_state(&route.key)
                     .await
-                    .map_err(|partition| not_owned(&route.key, partition))?;
+                    .map_err(|e| not_owned(&route.key, e))?;
                 Some(crate::runtime::UserView {
                     key: route.key,
                     partition,

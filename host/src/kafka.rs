@@ -191,7 +191,24 @@ struct Owned {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
     stats: Arc<OwnedStats>,
-    reads: crossbeam_channel::Sender<(String, oneshot::Sender<Option<State>>)>,
+    reads: crossbeam_channel::Sender<StateRead>,
+}
+
+/// A read of one key's state, answered by the partition's thread.
+type StateRead = (
+    String,
+    oneshot::Sender<Result<Option<State>, crate::store::StoreError>>,
+);
+
+/// Why a key's state could not be read in Kafka mode.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyReadError {
+    /// Another process owns the key's partition (or it is still being restored here).
+    #[error("partition {0} is owned by another process")]
+    NotOwned(u32),
+    /// The partition's store failed.
+    #[error("{0}")]
+    Store(crate::store::StoreError),
 }
 
 /// What the group's rebalance callbacks and the partition threads share.
@@ -397,21 +414,26 @@ impl KafkaNode {
         }
     }
 
-    /// A key's state, if this process owns its partition (`Err` with the partition otherwise).
-    pub async fn key_state(&self, key: &str) -> Result<(u32, Option<State>), u32> {
+    /// A key's state, if this process owns its partition.
+    pub async fn key_state(&self, key: &str) -> Result<(u32, Option<State>), KeyReadError> {
         let partition = self.partitioner.partition(key);
         let reads = {
             let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
             match owned.get(&partition) {
                 Some(o) if o.stats.restored.load(Ordering::Relaxed) => o.reads.clone(),
-                _ => return Err(partition),
+                _ => return Err(KeyReadError::NotOwned(partition)),
             }
         };
         let (reply, answer) = oneshot::channel();
         if reads.send((key.to_string(), reply)).is_err() {
-            return Err(partition);
+            return Err(KeyReadError::NotOwned(partition));
         }
-        answer.await.map(|s| (partition, s)).map_err(|_| partition)
+        match answer.await {
+            Ok(Ok(state)) => Ok((partition, state)),
+            Ok(Err(e)) => Err(KeyReadError::Store(e)),
+            // The partition was revoked between the lookup and the read.
+            Err(_) => Err(KeyReadError::NotOwned(partition)),
+        }
     }
 
     /// The user's route as this process knows it.
@@ -468,11 +490,15 @@ impl KafkaNode {
                             else {
                                 continue;
                             };
-                            if let (Ok(user), Ok(route)) = (
+                            match (
                                 std::str::from_utf8(user),
                                 serde_json::from_slice::<Route>(value),
                             ) {
-                                routes.record(user, route);
+                                (Ok(user), Ok(route)) => routes.record(user, route),
+                                _ => tracing::warn!(
+                                    offset = message.offset(),
+                                    "skipping an unreadable record of the routes topic"
+                                ),
                             }
                         }
                         Some(Err(e)) => tracing::warn!("reading routes: {e}"),
@@ -739,7 +765,7 @@ fn run_partition(
     p: u32,
     stop: &AtomicBool,
     stats: &OwnedStats,
-    reads: &crossbeam_channel::Receiver<(String, oneshot::Sender<Option<State>>)>,
+    reads: &crossbeam_channel::Receiver<StateRead>,
 ) -> anyhow::Result<()> {
     let kafka = &shared.kafka;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -782,7 +808,7 @@ fn run_partition(
 
     while !stop.load(Ordering::Relaxed) {
         while let Ok((key, reply)) = reads.try_recv() {
-            let _ = reply.send(store.state(&key).ok().flatten());
+            let _ = reply.send(store.state(&key));
         }
         if last_watermark.elapsed() > Duration::from_secs(1) {
             last_watermark = Instant::now();
