@@ -421,6 +421,21 @@ mod tests {
     }
 
     #[test]
+    fn kafka_section_turns_kafka_mode_on() {
+        let config = Config::parse("[kafka]\nbrokers = \"b:9092\"\n").unwrap();
+        let kafka = config.kafka.unwrap();
+        assert_eq!(kafka.brokers, "b:9092");
+        assert_eq!(kafka.group, "turnstile");
+        assert!(Config::parse("").unwrap().kafka.is_none());
+        let err = Config::parse("[kafka]\n[store]\ndata_dir = \"d\"\n").unwrap_err();
+        assert!(err.to_string().contains("store.data_dir"), "{err}");
+        let err = Config::parse("[kafka]\n[rule]\npath = \"r.wasm\"\nwatch = true\n").unwrap_err();
+        assert!(err.to_string().contains("rule.watch"), "{err}");
+        let err = Config::parse("[kafka]\nbrokerz = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("brokerz"), "{err}");
+    }
+
+    #[test]
     fn example_file_parses() {
         let text = include_str!("../../turnstile.toml");
         Config::parse(text).unwrap();
