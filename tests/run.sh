@@ -38,4 +38,17 @@ done
 echo "== Tansu broker on 127.0.0.1:$port (log: $dir/broker.log)"
 
 export TURNSTILE_TEST_KAFKA="127.0.0.1:$port"
-cargo test --workspace "$@"
+log="$dir/cargo-test.log"
+set +e
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line with the totals of every test binary (cargo prints one line per binary).
+awk '/^test result:/ {
+       for (i = 2; i <= NF; i++) {
+         if ($i == "passed;") passed += $(i - 1)
+         if ($i == "failed;") failed += $(i - 1)
+       }
+     }
+     END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
