@@ -587,12 +587,28 @@ fn ensure_topics(kafka: &KafkaConfig, n: u32) -> anyhow::Result<()> {
         &kafka.outcomes_topic,
         &kafka.routes_topic,
     ];
+    // A bounded first contact, so unreachable brokers are an error at start, not a hang.
+    admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .with_context(|| format!("cannot reach the Kafka brokers at {}", kafka.brokers))?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, n as i32, TopicReplication::Fixed(1)))
         .collect();
+    let options = AdminOptions::new()
+        .request_timeout(Some(Duration::from_secs(10)))
+        .operation_timeout(Some(Duration::from_secs(10)));
     let created = runtime
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), admin.create_topics(&new, &options)).await
+        })
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "creating topics on {}: no answer within 20 s",
+                kafka.brokers
+            )
+        })?
         .context("creating topics")?;
     for result in created {
         if let Err((topic, code)) = result

@@ -341,7 +341,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.rule.path = Some(rule);
             }
             turnstile::logging::init(&config.log.level).context("setting up logging")?;
-            if config.store.data_dir.is_none() {
+            if config.store.data_dir.is_none() && config.kafka.is_none() {
                 tracing::warn!(
                     "no data dir: state is kept in memory and lost on exit (use --data-dir)"
                 );
