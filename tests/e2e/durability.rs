@@ -50,24 +50,18 @@ async fn other_partition_count_is_refused() {
     );
     assert!(server.terminate());
 
-    let err = match Server::try_start(
+    let err = Server::refused(
         ServerArgs::default()
             .data_dir(dir.path())
             .config("[partitions]\nservers = 2\ncontainers = 4\n"),
-    ) {
-        Ok(_) => panic!("started with another partition count"),
-        Err(e) => e,
-    };
+    );
     assert!(err.contains("holds 4 partitions"), "{err}");
     assert!(err.contains("turnstile repartition"), "{err}");
-    let err = match Server::try_start(
+    let err = Server::refused(
         ServerArgs::default()
             .data_dir(dir.path())
             .config("[partitions]\nhash = \"murmur2\"\n"),
-    ) {
-        Ok(_) => panic!("started with another hash"),
-        Err(e) => e,
-    };
+    );
     assert!(err.contains("murmur2"), "{err}");
 
     let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
@@ -130,7 +124,7 @@ async fn repartition_moves_every_key_route_and_id() {
     assert!(stdout.contains(&format!("{USERS} states")), "{stdout}");
     assert!(stdout.contains(&format!("{USERS} routes")), "{stdout}");
 
-    assert!(Server::try_start(ServerArgs::default().data_dir(dir.path())).is_err());
+    Server::refused(ServerArgs::default().data_dir(dir.path()));
     let server = Server::start_with(
         ServerArgs::default()
             .data_dir(dir.path())
@@ -175,10 +169,7 @@ fn missing_or_corrupt_partition_file_is_reported() {
     assert!(server.terminate());
     let file = dir.path().join("generation-1/partition-0002.redb");
     std::fs::remove_file(&file).unwrap();
-    let err = match Server::try_start(ServerArgs::default().data_dir(dir.path())) {
-        Ok(_) => panic!("started without a partition file"),
-        Err(e) => e,
-    };
+    let err = Server::refused(ServerArgs::default().data_dir(dir.path()));
     assert!(err.contains("partition-0002.redb"), "{err}");
 
     // A corrupt one is reported by path too, not replaced by an empty one.
@@ -187,10 +178,7 @@ fn missing_or_corrupt_partition_file_is_reported() {
         b"this is not a redb file, it is garbage of some length",
     )
     .unwrap();
-    let err = match Server::try_start(ServerArgs::default().data_dir(dir.path())) {
-        Ok(_) => panic!("started with a corrupt partition file"),
-        Err(e) => e,
-    };
+    let err = Server::refused(ServerArgs::default().data_dir(dir.path()));
     assert!(err.contains("partition-0002.redb"), "{err}");
 }
 

@@ -88,6 +88,17 @@ impl Server {
         Server::try_start(args).unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
+    /// Starts a server that must be refused, and returns what it printed on stderr.
+    pub fn refused(args: ServerArgs) -> String {
+        match Server::try_start(args) {
+            Ok(server) => panic!(
+                "the server started on {} but should have been refused",
+                server.url
+            ),
+            Err(e) => e,
+        }
+    }
+
     /// Starts a server; on failure returns what it printed on stderr.
     pub fn try_start(args: ServerArgs) -> Result<Server, String> {
         let mut command = Command::new(turnstile_bin());
@@ -171,14 +182,9 @@ impl Server {
 
     /// GETs a path and returns status and JSON.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        let status = response.status().as_u16();
-        let json = response.json().await.expect("JSON response");
+        let (status, text) = self.get_text(path).await;
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {text}"));
         (status, json)
     }
 
