@@ -197,7 +197,10 @@ async fn metrics(AxumState(api): AxumState<Api>) -> Result<Response, ApiError> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        api.local()?.render_metrics(),
+        match &api.backend {
+            Backend::Local(runtime) => runtime.render_metrics(),
+            Backend::Kafka(node) => node.render_metrics(),
+        },
     )
         .into_response())
 }

@@ -233,6 +233,8 @@ pub struct KafkaNode {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Makes ids for requests that come without one.
     ids: RequestIds,
+    /// Request counts and latency, for `/metrics`.
+    metrics: crate::metrics::RequestMetrics,
 }
 
 fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -300,6 +302,7 @@ impl KafkaNode {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(Vec::new()),
             ids: RequestIds::new(node_id.clone()),
+            metrics: crate::metrics::RequestMetrics::default(),
         });
         let threads = vec![
             node.spawn_routes_reader()?,
@@ -323,6 +326,18 @@ impl KafkaNode {
 
     /// Routes and produces a request, and waits for its outcome.
     pub async fn submit(&self, request: Request) -> Result<Decision, SubmitError> {
+        let started = Instant::now();
+        let kind = request.kind.clone();
+        let result = self.route_and_wait(request).await;
+        self.metrics.record(
+            &kind,
+            crate::metrics::OutcomeClass::of(&result),
+            started.elapsed().as_micros() as u64,
+        );
+        result
+    }
+
+    async fn route_and_wait(&self, request: Request) -> Result<Decision, SubmitError> {
         validate(&request)?;
         let kafka = &self.shared.kafka;
         let received_at_ms = now_ms();
@@ -461,6 +476,57 @@ impl KafkaNode {
                 }
             })
             .collect()
+    }
+
+    /// This process's metrics, in the Prometheus text exposition format: requests, the
+    /// partitions it owns (with their lag as queue depth), restore times and offsets.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        self.metrics.render(&mut out);
+        let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
+        let samples: Vec<crate::metrics::PartitionSample<'_>> = owned
+            .iter()
+            .map(|(id, o)| {
+                let next = o.stats.next_offset.load(Ordering::Relaxed);
+                let high = o.stats.high_watermark.load(Ordering::Relaxed);
+                crate::metrics::PartitionSample {
+                    id: *id,
+                    queue_depth: if high >= 0 {
+                        (high - next).max(0) as u64
+                    } else {
+                        0
+                    },
+                    stats: &o.stats.partition,
+                    rule_version: &self.shared.rule.version,
+                }
+            })
+            .collect();
+        crate::metrics::render_partitions(&mut out, &samples);
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_kafka_owned_partitions Partitions of the requests topic this process owns.\n# TYPE turnstile_kafka_owned_partitions gauge\nturnstile_kafka_owned_partitions {}",
+            owned.len()
+        );
+        out.push_str("# HELP turnstile_kafka_restore_seconds How long restoring each owned partition took.\n# TYPE turnstile_kafka_restore_seconds gauge\n");
+        for (id, o) in owned.iter() {
+            let _ = writeln!(
+                out,
+                "turnstile_kafka_restore_seconds{{partition=\"{id}\"}} {}",
+                o.stats.restore_ms.load(Ordering::Relaxed) as f64 / 1000.0
+            );
+        }
+        out.push_str("# HELP turnstile_kafka_next_offset Offset of the next request each owned partition consumes.\n# TYPE turnstile_kafka_next_offset gauge\n");
+        for (id, o) in owned.iter() {
+            let _ = writeln!(
+                out,
+                "turnstile_kafka_next_offset{{partition=\"{id}\"}} {}",
+                o.stats.next_offset.load(Ordering::Relaxed)
+            );
+        }
+        drop(owned);
+        crate::metrics::render_route_cache(&mut out, self.routes.len());
+        out
     }
 
     /// Leaves the group (each owned partition finishes its batch and stops) and stops the readers.
@@ -959,6 +1025,8 @@ async fn apply_batch(
         .partition
         .applied
         .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+    stats.partition.batches.fetch_add(1, Ordering::Relaxed);
+    stats.partition.batch_sizes.record(batch.len() as u64);
 
     let answers: Vec<(String, Vec<u8>)> = outcomes
         .iter()

@@ -89,6 +89,22 @@ pub enum OutcomeClass {
     Error,
 }
 
+impl OutcomeClass {
+    /// The class of a request's result.
+    pub fn of(
+        result: &Result<crate::model::Decision, crate::runtime::SubmitError>,
+    ) -> OutcomeClass {
+        match result {
+            Ok(crate::model::Decision {
+                verdict: crate::model::Verdict::Transition(_),
+                ..
+            }) => OutcomeClass::Transition,
+            Ok(_) => OutcomeClass::Reject,
+            Err(_) => OutcomeClass::Error,
+        }
+    }
+}
+
 /// Process-wide request metrics (per-partition ones live in the partitions' stats).
 #[derive(Debug)]
 pub struct RequestMetrics {
@@ -172,9 +188,112 @@ impl RequestMetrics {
     }
 }
 
-/// Renders a histogram with labels (for per-partition histograms).
-pub fn render_histogram(out: &mut String, histogram: &Histogram, name: &str, labels: &str) {
-    histogram.render(out, name, labels, 1.0);
+/// What the metrics show of one partition.
+pub struct PartitionSample<'a> {
+    /// Partition index.
+    pub id: u32,
+    /// Requests waiting for it: its queue, or in Kafka mode its lag in the requests topic.
+    pub queue_depth: u64,
+    /// The counters its thread publishes.
+    pub stats: &'a crate::partition::PartitionStats,
+    /// The rule version it runs.
+    pub rule_version: &'a str,
+}
+
+/// The per-partition series, shared by `turnstile run` and Kafka mode.
+pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
+    /// Name, type, help, and how to read one partition's value.
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&PartitionSample<'_>) -> u64,
+    );
+    let series: [Series; 6] = [
+        (
+            "turnstile_partition_queue_depth",
+            "gauge",
+            "Requests waiting for the partition (its queue; in Kafka mode its lag).",
+            |p| p.queue_depth,
+        ),
+        (
+            "turnstile_partition_applied_total",
+            "counter",
+            "Requests applied (transitions and rejects).",
+            |p| p.stats.applied.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_deduplicated_total",
+            "counter",
+            "Retries answered from the dedup table.",
+            |p| p.stats.deduplicated.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_batches_total",
+            "counter",
+            "Group commits.",
+            |p| p.stats.batches.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_store_failures_total",
+            "counter",
+            "Requests failed because their batch could not be stored.",
+            |p| p.stats.store_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_fuel_used_total",
+            "counter",
+            "Fuel the rule used.",
+            |p| p.stats.fuel_used.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in partitions {
+            let _ = writeln!(out, "{name}{{partition=\"{}\"}} {}", p.id, value(p));
+        }
+    }
+    out.push_str("# HELP turnstile_rule_failures_total Rule failures by kind.\n# TYPE turnstile_rule_failures_total counter\n");
+    for p in partitions {
+        for (kind, n) in crate::sandbox::FailureKind::ALL
+            .iter()
+            .zip(&p.stats.rule_failures)
+        {
+            let _ = writeln!(
+                out,
+                "turnstile_rule_failures_total{{partition=\"{}\",code=\"{}\"}} {}",
+                p.id,
+                kind.code(),
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
+    out.push_str("# HELP turnstile_batch_size Requests per group commit.\n# TYPE turnstile_batch_size histogram\n");
+    for p in partitions {
+        p.stats.batch_sizes.render(
+            out,
+            "turnstile_batch_size",
+            &format!("partition=\"{}\"", p.id),
+            1.0,
+        );
+    }
+    out.push_str("# HELP turnstile_rule_version_info The rule version each partition runs.\n# TYPE turnstile_rule_version_info gauge\n");
+    for p in partitions {
+        let _ = writeln!(
+            out,
+            "turnstile_rule_version_info{{partition=\"{}\",version=\"{}\"}} 1",
+            p.id,
+            escape_label(p.rule_version)
+        );
+    }
+}
+
+/// The route cache's size.
+pub fn render_route_cache(out: &mut String, entries: usize) {
+    let _ = writeln!(
+        out,
+        "# HELP turnstile_route_cache_entries Routes held in memory.\n# TYPE turnstile_route_cache_entries gauge\nturnstile_route_cache_entries {entries}"
+    );
 }
 
 /// Escapes a label value.

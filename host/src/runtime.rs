@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
-use crate::model::{Decision, Request, RoutedRequest, State, Verdict, now_ms};
+use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
 use crate::partition::{ApplyError, Command, Partition, PartitionSetup, QueueError};
 use crate::reload::{Action, InstallError, InstallReport, RuleRegistry, parse_partitions};
 use crate::router::{Partitioner, Route, RouteCache};
@@ -423,20 +423,14 @@ impl Runtime {
         request: Request,
         received_at_ms: u64,
     ) -> Result<Decision, SubmitError> {
-        use crate::metrics::OutcomeClass;
         let started = std::time::Instant::now();
         let kind = request.kind.clone();
         let result = self.route_and_apply(request, received_at_ms).await;
-        let class = match &result {
-            Ok(Decision {
-                verdict: Verdict::Transition(_),
-                ..
-            }) => OutcomeClass::Transition,
-            Ok(_) => OutcomeClass::Reject,
-            Err(_) => OutcomeClass::Error,
-        };
-        self.metrics
-            .record(&kind, class, started.elapsed().as_micros() as u64);
+        self.metrics.record(
+            &kind,
+            crate::metrics::OutcomeClass::of(&result),
+            started.elapsed().as_micros() as u64,
+        );
         result
     }
 
@@ -643,97 +637,21 @@ impl Runtime {
 
     /// Every metric, in the Prometheus text exposition format.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
         let mut out = String::new();
         self.metrics.render(&mut out);
         let running = self.running_versions();
-        /// Name, type, help, and how to read one partition's value.
-        type Series = (
-            &'static str,
-            &'static str,
-            &'static str,
-            fn(&Partition) -> u64,
-        );
-        let series: [Series; 6] = [
-            (
-                "turnstile_partition_queue_depth",
-                "gauge",
-                "Messages waiting in the partition's queue.",
-                |p| p.queue_depth() as u64,
-            ),
-            (
-                "turnstile_partition_applied_total",
-                "counter",
-                "Requests applied (transitions and rejects).",
-                |p| p.stats.applied.load(Ordering::Relaxed),
-            ),
-            (
-                "turnstile_partition_deduplicated_total",
-                "counter",
-                "Retries answered from the dedup table.",
-                |p| p.stats.deduplicated.load(Ordering::Relaxed),
-            ),
-            (
-                "turnstile_partition_batches_total",
-                "counter",
-                "Group commits.",
-                |p| p.stats.batches.load(Ordering::Relaxed),
-            ),
-            (
-                "turnstile_partition_store_failures_total",
-                "counter",
-                "Requests failed because their batch could not be stored.",
-                |p| p.stats.store_failures.load(Ordering::Relaxed),
-            ),
-            (
-                "turnstile_partition_fuel_used_total",
-                "counter",
-                "Fuel the rule used.",
-                |p| p.stats.fuel_used.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, kind, help, value) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for p in &self.partitions {
-                let _ = writeln!(out, "{name}{{partition=\"{}\"}} {}", p.id, value(p));
-            }
-        }
-        out.push_str("# HELP turnstile_rule_failures_total Rule failures by kind.\n# TYPE turnstile_rule_failures_total counter\n");
-        for p in &self.partitions {
-            for (kind, n) in crate::sandbox::FailureKind::ALL
-                .iter()
-                .zip(&p.stats.rule_failures)
-            {
-                let _ = writeln!(
-                    out,
-                    "turnstile_rule_failures_total{{partition=\"{}\",code=\"{}\"}} {}",
-                    p.id,
-                    kind.code(),
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP turnstile_batch_size Requests per group commit.\n# TYPE turnstile_batch_size histogram\n");
-        for p in &self.partitions {
-            crate::metrics::render_histogram(
-                &mut out,
-                &p.stats.batch_sizes,
-                "turnstile_batch_size",
-                &format!("partition=\"{}\"", p.id),
-            );
-        }
-        out.push_str("# HELP turnstile_rule_version_info The rule version each partition runs.\n# TYPE turnstile_rule_version_info gauge\n");
-        for (p, version) in running.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "turnstile_rule_version_info{{partition=\"{p}\",version=\"{version}\"}} 1"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP turnstile_route_cache_entries Routes held in memory.\n# TYPE turnstile_route_cache_entries gauge\nturnstile_route_cache_entries {}",
-            self.routes.len()
-        );
+        let samples: Vec<crate::metrics::PartitionSample<'_>> = self
+            .partitions
+            .iter()
+            .map(|p| crate::metrics::PartitionSample {
+                id: p.id,
+                queue_depth: p.queue_depth() as u64,
+                stats: &p.stats,
+                rule_version: &running[p.id as usize],
+            })
+            .collect();
+        crate::metrics::render_partitions(&mut out, &samples);
+        crate::metrics::render_route_cache(&mut out, self.routes.len());
         out
     }
 

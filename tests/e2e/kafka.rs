@@ -150,6 +150,28 @@ async fn processes_share_partitions_and_a_joiner_takes_over() {
     for u in 0..60 {
         pair(&[&p1, &p2], "two", u).await;
     }
+    // Each process reports its own requests and partitions on /metrics.
+    let (status, metrics) = p1.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("turnstile_requests_total{kind=\"reserve\",outcome=\"transition\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "turnstile_kafka_owned_partitions {}",
+            owned[0].len()
+        )),
+        "{metrics}"
+    );
+    for p in &owned[0] {
+        assert!(
+            metrics.contains(&format!(
+                "turnstile_kafka_restore_seconds{{partition=\"{p}\"}}"
+            )),
+            "{metrics}"
+        );
+    }
 
     let p3 = start(&config);
     let owned = wait_for_split(&[&p1, &p2, &p3]).await;
