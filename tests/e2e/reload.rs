@@ -21,6 +21,18 @@ fn wasm(path: &str) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+/// `PUT /v1/admin/rule[query]` with the token.
+async fn install(server: &Server, query: &str, module: Vec<u8>) -> (u16, Value) {
+    server
+        .admin(
+            "PUT",
+            &format!("/v1/admin/rule{query}"),
+            Some(module),
+            Some(TOKEN),
+        )
+        .await
+}
+
 fn version_of(path: &str) -> String {
     turnstile::sandbox::version_id(&wasm(path))
 }
@@ -92,14 +104,7 @@ async fn reload_under_load_loses_and_reorders_nothing() {
     }
     for i in 0..INSTALLS {
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let (status, answer) = server
-            .admin(
-                "PUT",
-                "/v1/admin/rule",
-                Some(rules[i % 2].clone()),
-                Some(TOKEN),
-            )
-            .await;
+        let (status, answer) = install(&server, "", rules[i % 2].clone()).await;
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["partitions"].as_array().unwrap().len(), 4);
     }
@@ -168,20 +173,11 @@ async fn refused_modules_leave_the_old_version_serving() {
         wasm(guests::OTHER_WORLD),
         wasm(guests::FORBIDDEN_IMPORT),
     ] {
-        let (status, answer) = server
-            .admin("PUT", "/v1/admin/rule", Some(module), Some(TOKEN))
-            .await;
+        let (status, answer) = install(&server, "", module).await;
         assert_eq!(status, 422, "{answer}");
         assert_eq!(answer["error"]["code"], "rule_refused");
     }
-    let (status, answer) = server
-        .admin(
-            "PUT",
-            "/v1/admin/rule?partitions=0,9",
-            Some(wasm(guests::ECHO)),
-            Some(TOKEN),
-        )
-        .await;
+    let (status, answer) = install(&server, "?partitions=0,9", wasm(guests::ECHO)).await;
     assert_eq!(status, 400, "{answer}");
     let (_, after) = server
         .admin("GET", "/v1/admin/rule", None, Some(TOKEN))
@@ -205,14 +201,7 @@ async fn canary_rollback_and_promotion() {
     let (on_0, on_2) = (key_on(0), key_on(2));
     let echo = version_of(guests::ECHO);
 
-    let (status, answer) = server
-        .admin(
-            "PUT",
-            "/v1/admin/rule?partitions=0,1",
-            Some(wasm(guests::ECHO)),
-            Some(TOKEN),
-        )
-        .await;
+    let (status, answer) = install(&server, "?partitions=0,1", wasm(guests::ECHO)).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["version"], echo);
     assert_eq!(answer["partitions"], json!([0, 1]));
@@ -254,14 +243,7 @@ async fn canary_rollback_and_promotion() {
     assert_eq!(answer["error"]["code"], "nothing_to_roll_back");
 
     // Promotion is a normal install.
-    let (status, answer) = server
-        .admin(
-            "PUT",
-            "/v1/admin/rule",
-            Some(wasm(guests::ECHO)),
-            Some(TOKEN),
-        )
-        .await;
+    let (status, answer) = install(&server, "", wasm(guests::ECHO)).await;
     assert_eq!(status, 200);
     assert_eq!(answer["partitions"], json!([0, 1, 2, 3]));
     assert_eq!(
@@ -285,18 +267,7 @@ async fn canary_rollback_and_promotion() {
 async fn installed_version_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(with_token().data_dir(dir.path()));
-    assert_eq!(
-        server
-            .admin(
-                "PUT",
-                "/v1/admin/rule",
-                Some(wasm(guests::ECHO)),
-                Some(TOKEN)
-            )
-            .await
-            .0,
-        200
-    );
+    assert_eq!(install(&server, "", wasm(guests::ECHO)).await.0, 200);
     assert!(server.terminate());
     let server = Server::start_with(with_token().data_dir(dir.path()));
     let (_, partitions) = server.get("/v1/partitions").await;
@@ -388,18 +359,7 @@ async fn dead_letters_can_be_resubmitted_after_a_fix() {
     assert_eq!(status, 500, "the same rule fails again: {answer}");
     assert_eq!(answer["error"]["code"], "rule_trap");
 
-    assert_eq!(
-        server
-            .admin(
-                "PUT",
-                "/v1/admin/rule",
-                Some(wasm(guests::ECHO)),
-                Some(TOKEN)
-            )
-            .await
-            .0,
-        200
-    );
+    assert_eq!(install(&server, "", wasm(guests::ECHO)).await.0, 200);
     let (status, answer) = server.admin("POST", &path, None, None).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["id"], "dl-1", "the client's id is kept");
