@@ -88,6 +88,14 @@ struct ApiError {
 }
 
 impl Api {
+    /// The partitioner, the same in both modes.
+    fn partitioner(&self) -> crate::router::Partitioner {
+        match &self.backend {
+            Backend::Local(runtime) => runtime.partitioner(),
+            Backend::Kafka(node) => node.partitioner(),
+        }
+    }
+
     /// The local runtime, or 501 for endpoints Kafka mode does not have.
     fn local(&self) -> Result<&Arc<Runtime>, ApiError> {
         match &self.backend {
@@ -291,6 +299,20 @@ pub fn state_json(state: &State) -> Value {
     })
 }
 
+/// A Kafka-mode read of partition `p` that could not be answered here.
+fn partition_error(p: u32, error: crate::kafka::KeyReadError) -> ApiError {
+    match error {
+        crate::kafka::KeyReadError::NotOwned(_) => ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_owned",
+            message: format!(
+                "partition {p} is owned by another process of the cluster; ask that process"
+            ),
+        },
+        other => not_owned("", other),
+    }
+}
+
 fn not_owned(key: &str, error: crate::kafka::KeyReadError) -> ApiError {
     match error {
         crate::kafka::KeyReadError::NotOwned(partition) => ApiError {
@@ -303,6 +325,11 @@ fn not_owned(key: &str, error: crate::kafka::KeyReadError) -> ApiError {
         crate::kafka::KeyReadError::Store(e) => ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "store_unavailable",
+            message: e.to_string(),
+        },
+        e @ crate::kafka::KeyReadError::Busy(_) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "backpressure",
             message: e.to_string(),
         },
     }
@@ -402,8 +429,7 @@ async fn dead_letters(
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let runtime = api.local()?;
-    let n = runtime.partitioner().partitions();
+    let n = api.partitioner().partitions();
     let partitions: Vec<u32> = match query.partition {
         Some(p) if p >= n => {
             return Err(ApiError::bad_request(format!(
@@ -415,12 +441,20 @@ async fn dead_letters(
     };
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let mut letters = Vec::new();
+    let after = query.after.unwrap_or(0);
     for p in partitions {
-        letters.extend(
-            runtime
-                .dead_letters(p, query.after.unwrap_or(0), limit)
-                .await?,
-        );
+        letters.extend(match &api.backend {
+            Backend::Local(runtime) => runtime.dead_letters(p, after, limit).await?,
+            // Kafka mode: the letters of the partitions this process owns; asking for one it
+            // does not own says which process to ask.
+            Backend::Kafka(node) => match node.dead_letters(p, after, limit).await {
+                Ok(letters) => letters,
+                Err(crate::kafka::KeyReadError::NotOwned(_)) if query.partition.is_none() => {
+                    Vec::new()
+                }
+                Err(e) => return Err(partition_error(p, e)),
+            },
+        });
     }
     Ok(Json(json!({ "dead_letters": letters })))
 }

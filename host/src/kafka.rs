@@ -60,11 +60,15 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, Durability, KafkaConfig};
 use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
-use crate::partition::{ApplyError, Decider, PartitionStats, apply_one};
+use crate::partition::{
+    Applied, ApplyError, Command, Decider, Engine, Inbox, Incoming, PartitionStats, RecordSource,
+    Transport,
+};
 use crate::router::{Partitioner, Route, RouteCache};
 use crate::runtime::{RequestIds, SubmitError, validate};
 use crate::sandbox::{CompiledRule, FailureKind, RuleFailure, RuleLimits, Sandbox};
-use crate::store::{DedupEntry, Location, PartitionStore};
+use crate::store::DeadLetter;
+use crate::store::{DedupEntry, Location, PartitionStore, StoreError};
 
 /// A record of the requests topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,12 +95,16 @@ pub enum ChangelogRecord {
         key: String,
         /// The key's state after the request (none if it still has none).
         state: Option<State>,
-        /// The user whose route the request recorded.
-        user: String,
-        /// The route it recorded.
-        route: Route,
+        /// The route the request recorded, with its user (none for a deduplicated answer).
+        route: Option<(String, Route)>,
         /// The dedup entry it left, for a request with a client id.
         dedup: Option<(String, DedupEntry)>,
+    },
+    /// A consumed record that changed nothing (a deduplicated answer, or a record refused
+    /// before the rule saw it): only its offset, so a restore resumes after it.
+    Skipped {
+        /// Offset of the record in the requests partition.
+        source_offset: i64,
     },
     /// Written by a process that is about to restore the partition; reading up to it means
     /// having read everything written before.
@@ -126,13 +134,8 @@ pub struct RemoteError {
 
 impl From<&ApplyError> for RemoteError {
     fn from(e: &ApplyError) -> Self {
-        let code = match e {
-            ApplyError::Rule(f) => f.kind.code(),
-            ApplyError::IdConflict(_) => "id_conflict",
-            ApplyError::Store(_) => "store_unavailable",
-        };
         RemoteError {
-            code: code.to_string(),
+            code: e.code().to_string(),
             message: e.to_string(),
         }
     }
@@ -148,6 +151,7 @@ impl RemoteError {
         }
         match self.code.as_str() {
             "id_conflict" => SubmitError::IdConflict(id.to_string()),
+            "invalid_request" => SubmitError::Invalid(self.message),
             _ => SubmitError::Store(self.message),
         }
     }
@@ -173,32 +177,42 @@ pub struct OwnedPartitionInfo {
     /// Requests in the partition not consumed yet (from the broker's high watermark, which
     /// some brokers report late; -1 when unknown).
     pub lag: i64,
+    /// Consumed records refused (malformed, or on the wrong partition) and dead-lettered.
+    pub refused: u64,
+    /// Changelog records restores could not decode, skipped and logged.
+    pub quarantined: u64,
+    /// Rule failures by error code.
+    pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Counters a Kafka partition thread publishes.
 #[derive(Debug, Default)]
 struct OwnedStats {
+    /// Whether the restore finished and the partition is consuming.
     restored: AtomicBool,
+    /// How long the last restore took.
     restore_ms: AtomicU64,
+    /// Changelog records the last restore applied.
     restored_records: AtomicU64,
+    /// Changelog records restores could not decode and skipped.
+    quarantined: AtomicU64,
+    /// Offset of the next request to consume.
     next_offset: AtomicI64,
+    /// The requests partition's high watermark when last read (-1 when unknown).
     high_watermark: AtomicI64,
-    partition: PartitionStats,
+    /// The engine's counters, the same as local mode's.
+    partition: Arc<PartitionStats>,
 }
 
 /// A partition this process owns: its thread and how to stop it.
 struct Owned {
+    /// Tells the thread to finish its batch and stop.
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
     stats: Arc<OwnedStats>,
-    reads: crossbeam_channel::Sender<StateRead>,
+    /// Reads, dead letters and swaps for the thread, the same messages local mode queues.
+    control: crossbeam_channel::Sender<Command>,
 }
-
-/// A read of one key's state, answered by the partition's thread.
-type StateRead = (
-    String,
-    oneshot::Sender<Result<Option<State>, crate::store::StoreError>>,
-);
 
 /// Why a key's state could not be read in Kafka mode.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +223,9 @@ pub enum KeyReadError {
     /// The partition's store failed.
     #[error("{0}")]
     Store(crate::store::StoreError),
+    /// The partition's control queue is full.
+    #[error("partition {0} is at capacity; retry shortly")]
+    Busy(u32),
 }
 
 /// What the group's rebalance callbacks and the partition threads share.
@@ -216,10 +233,104 @@ struct Shared {
     config: Config,
     kafka: KafkaConfig,
     sandbox: Arc<Sandbox>,
-    rule: Arc<CompiledRule>,
+    /// The rule version each partition runs in this process; a thread that takes a partition
+    /// starts with its entry, and an install changes it for owned and future partitions alike.
+    rules: RunningRules,
+    /// Checks that consumed records are on the partition their key belongs to.
+    partitioner: Partitioner,
     producer: FutureProducer,
     node_id: String,
     owned: Mutex<BTreeMap<u32, Owned>>,
+}
+
+/// The rule each partition runs in this process.
+struct RunningRules {
+    /// Indexed by partition.
+    versions: Mutex<Vec<Arc<CompiledRule>>>,
+}
+
+impl RunningRules {
+    /// What partition `p` runs (what its thread starts with when it takes the partition).
+    fn running(&self, p: u32) -> Arc<CompiledRule> {
+        self.versions.lock().unwrap_or_else(|e| e.into_inner())[p as usize].clone()
+    }
+
+    /// The version id of every partition's rule.
+    fn version_ids(&self) -> Vec<String> {
+        self.versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|r| r.version.clone())
+            .collect()
+    }
+}
+
+/// HTTP requests waiting for their outcome, by request id. Each waiter is removed by its own
+/// guard when its request ends in any way (answer, timeout, or the client going away), so
+/// nothing leaks and one waiter's timeout does not drop another's wait for the same id.
+#[derive(Default)]
+struct Waiters {
+    /// Waiters by request id, each with a token unique to it.
+    by_id: Mutex<HashMap<String, Vec<(u64, oneshot::Sender<OutcomeRecord>)>>>,
+    /// The next token.
+    next: AtomicU64,
+}
+
+/// Removes its waiter when dropped.
+struct Waiting<'a> {
+    waiters: &'a Waiters,
+    id: String,
+    token: u64,
+}
+
+impl Waiters {
+    fn wait(&self, id: &str) -> (Waiting<'_>, oneshot::Receiver<OutcomeRecord>) {
+        let (reply, answer) = oneshot::channel();
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .entry(id.to_string())
+            .or_default()
+            .push((token, reply));
+        let waiting = Waiting {
+            waiters: self,
+            id: id.to_string(),
+            token,
+        };
+        (waiting, answer)
+    }
+
+    /// Hands an outcome to every waiter of its id.
+    fn deliver(&self, outcome: &OutcomeRecord) {
+        let waiting = self.lock().remove(&outcome.id);
+        for (_, reply) in waiting.into_iter().flatten() {
+            let _ = reply.send(outcome.clone());
+        }
+    }
+
+    /// Waiters in total (for tests of leaks, through `/metrics`).
+    fn len(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, oneshot::Sender<OutcomeRecord>)>>>
+    {
+        self.by_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut by_id = self.waiters.lock();
+        if let Some(list) = by_id.get_mut(&self.id) {
+            list.retain(|(token, _)| *token != self.token);
+            if list.is_empty() {
+                by_id.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// One process of a Turnstile cluster in Kafka mode.
@@ -227,8 +338,8 @@ pub struct KafkaNode {
     shared: Arc<Shared>,
     partitioner: Partitioner,
     routes: Arc<RouteCache>,
-    /// HTTP requests waiting for their outcome, by request id.
-    pending: Arc<Mutex<HashMap<String, Vec<oneshot::Sender<OutcomeRecord>>>>>,
+    /// HTTP requests waiting for their outcome.
+    pending: Arc<Waiters>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Makes ids for requests that come without one.
@@ -286,7 +397,10 @@ impl KafkaNode {
             config: config.clone(),
             kafka: kafka.clone(),
             sandbox,
-            rule,
+            rules: RunningRules {
+                versions: Mutex::new(vec![rule; n as usize]),
+            },
+            partitioner,
             producer,
             node_id: node_id.clone(),
             owned: Mutex::new(BTreeMap::new()),
@@ -365,19 +479,16 @@ impl KafkaNode {
             None => self.wait_for_route(&request.user).await?,
         };
         let partition = self.partitioner.partition(&key);
-        let (request, fingerprint) = self.ids.route(request, key.clone(), received_at_ms);
+        let (mut request, fingerprint) = self.ids.route(request, key.clone(), received_at_ms);
+        // Every request is deduplicated by its id, the host-made ones too: a record the producer
+        // retried (or that two processes both consumed across a move) is applied once.
+        request.idempotent = true;
         let id = request.id.clone();
         let record = RequestRecord {
             request,
             fingerprint,
         };
-        let (reply, answer) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id.clone())
-            .or_default()
-            .push(reply);
+        let (waiter, answer) = self.pending.wait(&id);
         let value = serde_json::to_vec(&record).expect("requests serialize");
         let sent = self
             .shared
@@ -387,30 +498,32 @@ impl KafkaNode {
                     .partition(partition as i32)
                     .key(&key)
                     .payload(&value),
-                Duration::from_secs(30),
+                Duration::from_millis(kafka.reply_timeout_ms),
             )
             .await;
         if let Err((e, _)) = sent {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            return Err(SubmitError::Store(format!("producing the request: {e}")));
+            // A produce that timed out may still have reached the broker: its outcome is
+            // unknown, not "nothing applied".
+            return Err(match e {
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+                ) => SubmitError::Timeout(format!(
+                    "producing request `{id}` timed out; it may still be applied: retry with \"id\": \"{id}\" to learn its outcome"
+                )),
+                e => SubmitError::Store(format!("producing the request (not applied): {e}")),
+            });
         }
-        match tokio::time::timeout(Duration::from_millis(kafka.reply_timeout_ms), answer).await {
+        let outcome = tokio::time::timeout(Duration::from_millis(kafka.reply_timeout_ms), answer);
+        let result = match outcome.await {
             Ok(Ok(outcome)) => outcome.result.map_err(|e| e.into_submit_error(&id)),
             Ok(Err(_)) => Err(SubmitError::ShuttingDown),
-            Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                Err(SubmitError::Timeout(format!(
-                    "no outcome for request `{id}` within {} ms; it may still be applied: retry with the same id",
-                    kafka.reply_timeout_ms
-                )))
-            }
-        }
+            Err(_) => Err(SubmitError::Timeout(format!(
+                "no outcome for request `{id}` within {} ms; it may still be applied: retry with \"id\": \"{id}\" to learn its outcome",
+                kafka.reply_timeout_ms
+            ))),
+        };
+        drop(waiter);
+        result
     }
 
     /// The user's route: from this process's cache, which the routes topic fills. A route
@@ -429,26 +542,59 @@ impl KafkaNode {
         }
     }
 
-    /// A key's state, if this process owns its partition.
-    pub async fn key_state(&self, key: &str) -> Result<(u32, Option<State>), KeyReadError> {
-        let partition = self.partitioner.partition(key);
-        let reads = {
+    /// Sends a read to the thread of partition `p`, if this process owns it and it is restored.
+    async fn ask<T>(
+        &self,
+        p: u32,
+        command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, KeyReadError> {
+        let control = {
             let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
-            match owned.get(&partition) {
-                Some(o) if o.stats.restored.load(Ordering::Relaxed) => o.reads.clone(),
-                _ => return Err(KeyReadError::NotOwned(partition)),
+            match owned.get(&p) {
+                Some(o) if o.stats.restored.load(Ordering::Relaxed) => o.control.clone(),
+                _ => return Err(KeyReadError::NotOwned(p)),
             }
         };
         let (reply, answer) = oneshot::channel();
-        if reads.send((key.to_string(), reply)).is_err() {
-            return Err(KeyReadError::NotOwned(partition));
+        match control.try_send(command(reply)) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(_)) => return Err(KeyReadError::Busy(p)),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                return Err(KeyReadError::NotOwned(p));
+            }
         }
         match answer.await {
-            Ok(Ok(state)) => Ok((partition, state)),
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(KeyReadError::Store(e)),
             // The partition was revoked between the lookup and the read.
-            Err(_) => Err(KeyReadError::NotOwned(partition)),
+            Err(_) => Err(KeyReadError::NotOwned(p)),
         }
+    }
+
+    /// A key's state, if this process owns its partition.
+    pub async fn key_state(&self, key: &str) -> Result<(u32, Option<State>), KeyReadError> {
+        let partition = self.partitioner.partition(key);
+        let key = key.to_string();
+        let state = self
+            .ask(partition, |reply| Command::ReadState { key, reply })
+            .await?;
+        Ok((partition, state))
+    }
+
+    /// Dead letters of partition `p` after sequence number `after`, if this process owns it:
+    /// requests its rule failed on, and consumed records refused before the rule saw them.
+    pub async fn dead_letters(
+        &self,
+        p: u32,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, KeyReadError> {
+        self.ask(p, |reply| Command::DeadLetters {
+            after,
+            limit,
+            reply,
+        })
+        .await
     }
 
     /// The user's route as this process knows it.
@@ -473,6 +619,13 @@ impl KafkaNode {
                     processed: o.stats.partition.applied.load(Ordering::Relaxed),
                     next_offset: next,
                     lag: if high >= 0 { (high - next).max(0) } else { -1 },
+                    refused: o.stats.partition.refused.load(Ordering::Relaxed),
+                    quarantined: o.stats.quarantined.load(Ordering::Relaxed),
+                    rule_failures: FailureKind::ALL
+                        .iter()
+                        .zip(&o.stats.partition.rule_failures)
+                        .map(|(k, n)| (k.code(), n.load(Ordering::Relaxed)))
+                        .collect(),
                 }
             })
             .collect()
@@ -484,6 +637,7 @@ impl KafkaNode {
         use std::fmt::Write;
         let mut out = String::new();
         self.metrics.render(&mut out);
+        let versions = self.shared.rules.version_ids();
         let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
         let samples: Vec<crate::metrics::PartitionSample<'_>> = owned
             .iter()
@@ -498,7 +652,7 @@ impl KafkaNode {
                         0
                     },
                     stats: &o.stats.partition,
-                    rule_version: &self.shared.rule.version,
+                    rule_version: &versions[*id as usize],
                 }
             })
             .collect();
@@ -525,6 +679,11 @@ impl KafkaNode {
             );
         }
         drop(owned);
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_kafka_waiting_requests HTTP requests of this process waiting for their outcome.\n# TYPE turnstile_kafka_waiting_requests gauge\nturnstile_kafka_waiting_requests {}",
+            self.pending.len()
+        );
         crate::metrics::render_route_cache(&mut out, self.routes.len());
         out
     }
@@ -575,12 +734,12 @@ impl KafkaNode {
     }
 
     fn spawn_outcomes_reader(self: &Arc<Self>) -> anyhow::Result<JoinHandle<()>> {
-        // From the beginning, not the end: end offsets are not reliable on every broker, and
-        // outcomes of other requests are skipped cheaply.
+        // From the end: only outcomes of requests this process sends from now on matter, and a
+        // restart must not read the topic's whole history.
         let consumer = reader(
             &self.shared.kafka,
             &self.shared.kafka.outcomes_topic,
-            Offset::Beginning,
+            Offset::End,
         )?;
         let (pending, stop) = (self.pending.clone(), self.stop.clone());
         Ok(std::thread::Builder::new()
@@ -595,13 +754,7 @@ impl KafkaNode {
                             let Ok(outcome) = serde_json::from_slice::<OutcomeRecord>(value) else {
                                 continue;
                             };
-                            let waiting = pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .remove(&outcome.id);
-                            for reply in waiting.into_iter().flatten() {
-                                let _ = reply.send(outcome.clone());
-                            }
+                            pending.deliver(&outcome);
                         }
                         Some(Err(e)) => tracing::warn!("reading outcomes: {e}"),
                         None => {}
@@ -793,22 +946,13 @@ fn start_partition(shared: &Arc<Shared>, p: u32) {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(OwnedStats::default());
-    let (reads, read_queue) = crossbeam_channel::bounded(1024);
+    let (control, control_queue) =
+        crossbeam_channel::bounded(shared.config.partitions.queue_capacity);
     let thread = {
         let (shared, stop, stats) = (shared.clone(), stop.clone(), stats.clone());
         std::thread::Builder::new()
             .name(format!("kafka-p{p}"))
-            .spawn(move || {
-                if let Err(e) = run_partition(&shared, p, &stop, &stats, &read_queue) {
-                    // A partition that cannot write its changelog must not answer anything
-                    // more; stopping the process moves its partitions to the other processes.
-                    tracing::error!(
-                        partition = p,
-                        "partition failed, stopping the process: {e:#}"
-                    );
-                    std::process::exit(1);
-                }
-            })
+            .spawn(move || run_partition(&shared, p, &stop, &stats, &control_queue))
             .expect("spawning a partition thread")
     };
     owned.insert(
@@ -817,7 +961,7 @@ fn start_partition(shared: &Arc<Shared>, p: u32) {
             stop,
             thread,
             stats,
-            reads,
+            control,
         },
     );
 }
@@ -841,13 +985,66 @@ fn stop_partitions(shared: &Shared, partitions: Option<&[u32]>) {
     }
 }
 
-/// One owned partition: restore, then consume, apply, log, answer, until told to stop.
+/// One owned partition: restore, then run the partition engine over the requests partition
+/// until told to stop. Trouble with the broker or the changelog is retried with backoff; it
+/// never stops the process (the other partitions keep serving).
 fn run_partition(
     shared: &Shared,
     p: u32,
     stop: &AtomicBool,
-    stats: &OwnedStats,
-    reads: &crossbeam_channel::Receiver<StateRead>,
+    stats: &Arc<OwnedStats>,
+    control: &crossbeam_channel::Receiver<Command>,
+) {
+    let mut backoff = Backoff::default();
+    while !stop.load(Ordering::Relaxed) {
+        match restore_and_serve(shared, p, stop, stats, control) {
+            Ok(()) => break,
+            Err(e) => {
+                stats.restored.store(false, Ordering::Relaxed);
+                tracing::error!(
+                    partition = p,
+                    retry_in_ms = backoff.next().as_millis() as u64,
+                    "partition failed, retrying: {e:#}"
+                );
+                backoff.sleep(stop);
+            }
+        }
+    }
+    tracing::info!(partition = p, "partition stopped");
+}
+
+/// Exponential backoff between retries of a partition's trouble, 100 ms up to 5 s.
+#[derive(Default)]
+struct Backoff {
+    /// Consecutive failures so far.
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&self) -> Duration {
+        Duration::from_millis((100u64 << self.failures.min(6)).min(5_000))
+    }
+
+    /// Waits the next delay (waking early when `stop` is set) and lengthens the one after.
+    fn sleep(&mut self, stop: &AtomicBool) {
+        let until = Instant::now() + self.next();
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+fn restore_and_serve(
+    shared: &Shared,
+    p: u32,
+    stop: &AtomicBool,
+    stats: &Arc<OwnedStats>,
+    control: &crossbeam_channel::Receiver<Command>,
 ) -> anyhow::Result<()> {
     let kafka = &shared.kafka;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -860,18 +1057,26 @@ fn run_partition(
         Durability::None,
         shared.config.store.dedup_retention,
     )?;
-    let (resume, records) = runtime.block_on(restore(shared, p, &mut store))?;
-    stats.restored_records.store(records, Ordering::Relaxed);
+    let Some(restored) = runtime.block_on(restore(shared, p, &mut store, stop))? else {
+        return Ok(());
+    };
+    stats
+        .restored_records
+        .store(restored.records, Ordering::Relaxed);
+    stats
+        .quarantined
+        .fetch_add(restored.quarantined, Ordering::Relaxed);
     stats
         .restore_ms
         .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    stats.next_offset.store(resume, Ordering::Relaxed);
+    stats.next_offset.store(restored.resume, Ordering::Relaxed);
     stats.high_watermark.store(-1, Ordering::Relaxed);
     stats.restored.store(true, Ordering::Relaxed);
     tracing::info!(
         partition = p,
-        records,
-        resume_offset = resume,
+        records = restored.records,
+        quarantined = restored.quarantined,
+        resume_offset = restored.resume,
         took_ms = started.elapsed().as_millis() as u64,
         "partition restored"
     );
@@ -882,166 +1087,281 @@ fn run_partition(
         .set("fetch.wait.max.ms", "10")
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&kafka.requests_topic, p as i32, Offset::Offset(resume))?;
+    tpl.add_partition_offset(
+        &kafka.requests_topic,
+        p as i32,
+        Offset::Offset(restored.resume),
+    )?;
     consumer.assign(&tpl)?;
-    let mut decider = Decider::Wasm(shared.sandbox.instantiate(shared.rule.clone(), p)?);
-    let max_batch = shared.config.partitions.max_batch;
-    let mut last_watermark = Instant::now();
+    let rule = shared.rules.running(p);
+    let engine = Engine {
+        id: p,
+        partitioner: shared.partitioner,
+        store,
+        decider: Decider::Wasm(shared.sandbox.instantiate(rule, p)?),
+        stats: stats.partition.clone(),
+        max_batch: shared.config.partitions.max_batch,
+    };
+    let mut transport = KafkaLog {
+        shared,
+        p,
+        consumer,
+        control,
+        stop,
+        stats,
+        runtime,
+        next_offset: restored.resume,
+        last_watermark: Instant::now(),
+        backoff: Backoff::default(),
+        failure: None,
+    };
+    engine.run(&mut transport);
+    match transport.failure.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
 
-    while !stop.load(Ordering::Relaxed) {
-        while let Ok((key, reply)) = reads.try_recv() {
-            let _ = reply.send(store.state(&key));
+/// Where the answer to a request consumed from the log goes: the outcomes topic, under the
+/// request's id, if the record had a readable id.
+pub(crate) struct LogReply {
+    /// The request id (none for a record too damaged to name one).
+    id: Option<String>,
+    /// The record's offset.
+    offset: i64,
+}
+
+/// Kafka mode's transport: the partition's requests topic partition in front, the changelog as
+/// the commit step, the outcomes topic for answers, and the control queue for reads, swaps and
+/// stop.
+struct KafkaLog<'a> {
+    shared: &'a Shared,
+    p: u32,
+    /// Reads this partition of the requests topic, from the restored offset.
+    consumer: BaseConsumer,
+    /// Reads, dead letters, swaps from the API.
+    control: &'a crossbeam_channel::Receiver<Command>,
+    /// Set when the partition is revoked or the process stops.
+    stop: &'a AtomicBool,
+    stats: &'a OwnedStats,
+    /// Drives the producer's futures on this thread.
+    runtime: tokio::runtime::Runtime,
+    /// Offset of the next record to apply: where to seek back to after a failed batch.
+    next_offset: i64,
+    /// When the high watermark was last read, for the lag.
+    last_watermark: Instant,
+    /// Delay before retrying a failed batch.
+    backoff: Backoff,
+    /// A failure that needs the partition restored again before it can go on.
+    failure: Option<anyhow::Error>,
+}
+
+impl Transport for KafkaLog<'_> {
+    type Reply = LogReply;
+
+    fn next_batch(&mut self, inbox: &mut Inbox<LogReply>, max_batch: usize) -> bool {
+        if self.stop.load(Ordering::Relaxed) || self.failure.is_some() {
+            return false;
         }
-        if last_watermark.elapsed() > Duration::from_secs(1) {
-            last_watermark = Instant::now();
-            if let Ok((_, high)) = consumer.fetch_watermarks(
-                &kafka.requests_topic,
-                p as i32,
-                Duration::from_millis(500),
-            ) {
-                stats.high_watermark.store(high, Ordering::Relaxed);
+        while let Ok(command) = self.control.try_recv() {
+            let ends = matches!(command, Command::Swap { .. } | Command::Stop);
+            inbox.others.push(command);
+            if ends {
+                return true;
             }
         }
-        let mut batch: Vec<(i64, Result<RequestRecord, String>)> = Vec::new();
+        if self.last_watermark.elapsed() > Duration::from_secs(1) {
+            self.last_watermark = Instant::now();
+            if let Ok((_, high)) = self.consumer.fetch_watermarks(
+                &self.shared.kafka.requests_topic,
+                self.p as i32,
+                Duration::from_millis(500),
+            ) {
+                self.stats.high_watermark.store(high, Ordering::Relaxed);
+            }
+        }
         let mut timeout = Duration::from_millis(50);
-        while batch.len() < max_batch {
-            match consumer.poll(timeout) {
+        while inbox.requests.len() < max_batch {
+            match self.consumer.poll(timeout) {
                 Some(Ok(message)) => {
-                    let record = message
-                        .payload()
-                        .ok_or_else(|| "empty record".to_string())
-                        .and_then(|v| serde_json::from_slice(v).map_err(|e| e.to_string()));
-                    batch.push((message.offset(), record));
+                    inbox.requests.push(self.read_record(&message));
                     timeout = Duration::ZERO;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(partition = p, "reading requests: {e}");
+                    tracing::warn!(partition = self.p, "reading requests: {e}");
                     break;
                 }
                 None => break,
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        runtime.block_on(apply_batch(
-            shared,
-            p,
-            &mut store,
-            &mut decider,
-            stats,
-            batch,
-        ))?;
+        true
     }
-    tracing::info!(partition = p, "partition stopped");
-    Ok(())
-}
 
-/// Applies a batch, writes its changelog (and waits for it), then produces the outcomes.
-async fn apply_batch(
-    shared: &Shared,
-    p: u32,
-    store: &mut PartitionStore,
-    decider: &mut Decider,
-    stats: &OwnedStats,
-    batch: Vec<(i64, Result<RequestRecord, String>)>,
-) -> anyhow::Result<()> {
-    let kafka = &shared.kafka;
-    let now = now_ms();
-    let mut changes: Vec<ChangelogRecord> = Vec::with_capacity(batch.len());
-    let mut outcomes: Vec<OutcomeRecord> = Vec::with_capacity(batch.len());
-    let last_offset = batch.last().map_or(0, |(o, _)| *o);
-    store
-        .write_batch(|tx| {
-            for (offset, record) in &batch {
-                let record = match record {
-                    Ok(record) => record,
-                    Err(e) => {
-                        tracing::error!(
-                            partition = p,
-                            offset,
-                            "skipping an unreadable request record: {e}"
-                        );
-                        continue;
-                    }
-                };
-                let request = &record.request;
-                tx.set_next_log_seq(*offset as u64 + 1);
-                let applied = apply_one(
-                    tx,
-                    decider,
-                    &stats.partition,
-                    p,
-                    now,
-                    request,
-                    &record.fingerprint,
-                )?;
+    fn before_commit(
+        &mut self,
+        tx: &mut crate::store::Batch<'_>,
+        batch: &[Incoming<LogReply>],
+        results: &[Applied],
+    ) -> Result<(), StoreError> {
+        // Every consumed record leaves a changelog record with its offset, applied or not, so
+        // a restore resumes after it and never applies it a second time.
+        let mut changelog = Vec::with_capacity(batch.len());
+        for (incoming, done) in batch.iter().zip(results) {
+            let request = &incoming.request;
+            let offset = incoming.reply.offset;
+            let change = if done.applied || done.result.is_ok() {
                 let dedup = if request.idempotent {
                     tx.dedup(&request.id)?.map(|e| (request.id.clone(), e))
                 } else {
                     None
                 };
-                changes.push(ChangelogRecord::Applied {
-                    source_offset: *offset,
+                ChangelogRecord::Applied {
+                    source_offset: offset,
                     key: request.key.clone(),
                     state: tx.state(&request.key)?,
-                    user: request.user.clone(),
-                    route: Route {
-                        key: request.key.clone(),
-                        recorded_at_ms: request.received_at_ms,
-                    },
+                    route: Some((
+                        request.user.clone(),
+                        Route {
+                            key: request.key.clone(),
+                            recorded_at_ms: request.received_at_ms,
+                        },
+                    )),
                     dedup,
-                });
-                outcomes.push(OutcomeRecord {
-                    id: request.id.clone(),
-                    result: applied.result.map_err(|e| RemoteError::from(&e)),
-                });
-            }
-            Ok(())
-        })
-        .context("applying a batch to the partition store")?;
-
-    // The changelog first: an answer only leaves once its effect is in the log.
-    let changelog: Vec<(String, Vec<u8>)> = changes
-        .iter()
-        .filter_map(|change| match change {
-            ChangelogRecord::Applied { key, .. } => Some((
-                key.clone(),
-                serde_json::to_vec(change).expect("changelog records serialize"),
-            )),
-            ChangelogRecord::Fence { .. } => None,
-        })
-        .collect();
-    produce_all(
-        &shared.producer,
-        &kafka.changelog_topic,
-        Some(p as i32),
-        &changelog,
-    )
-    .await
-    .with_context(|| format!("writing the changelog of partition {p}"))?;
-    stats.next_offset.store(last_offset + 1, Ordering::Relaxed);
-    stats
-        .partition
-        .applied
-        .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
-    stats.partition.batches.fetch_add(1, Ordering::Relaxed);
-    stats.partition.batch_sizes.record(batch.len() as u64);
-
-    let answers: Vec<(String, Vec<u8>)> = outcomes
-        .iter()
-        .map(|o| {
-            (
-                o.id.clone(),
-                serde_json::to_vec(o).expect("outcomes serialize"),
-            )
-        })
-        .collect();
-    if let Err(e) = produce_all(&shared.producer, &kafka.outcomes_topic, None, &answers).await {
-        // The effects are in the changelog; a retry with the same id gets the answer.
-        tracing::warn!(partition = p, "producing outcomes: {e:#}");
+                }
+            } else {
+                ChangelogRecord::Skipped {
+                    source_offset: offset,
+                }
+            };
+            let key = match &change {
+                ChangelogRecord::Applied { key, .. } => key.clone(),
+                _ => "skipped".to_string(),
+            };
+            changelog.push((
+                key,
+                serde_json::to_vec(&change).expect("changelog records serialize"),
+            ));
+        }
+        let producer = &self.shared.producer;
+        let topic = &self.shared.kafka.changelog_topic;
+        self.runtime
+            .block_on(produce_all(
+                producer,
+                topic,
+                Some(self.p as i32),
+                &changelog,
+            ))
+            .map_err(|e| {
+                StoreError(format!(
+                    "writing the changelog of partition {}: {e:#}",
+                    self.p
+                ))
+            })
     }
-    Ok(())
+
+    fn answer(&mut self, answers: Vec<(LogReply, Result<Decision, ApplyError>)>) {
+        self.backoff.reset();
+        if let Some((last, _)) = answers.last() {
+            self.next_offset = last.offset + 1;
+            self.stats
+                .next_offset
+                .store(self.next_offset, Ordering::Relaxed);
+        }
+        let outcomes: Vec<(String, Vec<u8>)> = answers
+            .into_iter()
+            .filter_map(|(reply, result)| {
+                let id = reply.id?;
+                let record = OutcomeRecord {
+                    id: id.clone(),
+                    result: result.map_err(|e| RemoteError::from(&e)),
+                };
+                Some((id, serde_json::to_vec(&record).expect("outcomes serialize")))
+            })
+            .collect();
+        let producer = &self.shared.producer;
+        let topic = &self.shared.kafka.outcomes_topic;
+        if let Err(e) = self
+            .runtime
+            .block_on(produce_all(producer, topic, None, &outcomes))
+        {
+            // The effects are in the changelog; a retry with the same id gets the answer.
+            tracing::warn!(partition = self.p, "producing outcomes: {e:#}");
+        }
+    }
+
+    fn failed(&mut self, batch: Vec<Incoming<LogReply>>, error: &StoreError) {
+        // Nothing of the batch is in the local store, but part of its changelog may be: the
+        // local state is no longer known to match the changelog, so the partition restores
+        // again (from the changelog, which holds everything acknowledged) before going on.
+        drop(batch);
+        self.failure = Some(anyhow::anyhow!("{error}"));
+    }
+}
+
+impl KafkaLog<'_> {
+    /// Reads one record of the requests topic. A record that cannot be read still becomes an
+    /// incoming request (refused and dead-lettered by the engine), so nothing is skipped silently.
+    fn read_record(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming<LogReply> {
+        let offset = message.offset();
+        let source = Some(RecordSource {
+            topic: self.shared.kafka.requests_topic.clone(),
+            partition: message.partition() as u32,
+            offset,
+        });
+        let payload = message.payload().unwrap_or_default();
+        match serde_json::from_slice::<RequestRecord>(payload) {
+            Ok(record) => {
+                let request = record.request;
+                // Computed here, never taken from the record: a producer cannot make two
+                // different requests look the same to deduplication.
+                let fingerprint = crate::runtime::fingerprint(
+                    &request.kind,
+                    &request.key,
+                    &request.user,
+                    &request.payload,
+                );
+                Incoming {
+                    reply: LogReply {
+                        id: Some(request.id.clone()),
+                        offset,
+                    },
+                    request,
+                    unreadable: None,
+                    fingerprint,
+                    source,
+                }
+            }
+            Err(e) => {
+                let id = serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v["request"]["id"].as_str().map(str::to_string))
+                    .filter(|id| !id.is_empty() && id.len() <= crate::runtime::MAX_FIELD_BYTES);
+                let text = String::from_utf8_lossy(&payload[..payload.len().min(4096)]);
+                let key = message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                Incoming {
+                    request: RoutedRequest {
+                        id: id.clone().unwrap_or_else(|| format!("offset-{offset}")),
+                        idempotent: false,
+                        kind: String::new(),
+                        key,
+                        user: String::new(),
+                        payload: serde_json::to_string(&text).expect("strings serialize"),
+                        received_at_ms: now_ms(),
+                    },
+                    unreadable: Some(format!(
+                        "record {}/{}/{offset} is not a Turnstile request record: {e}",
+                        self.shared.kafka.requests_topic, self.p
+                    )),
+                    fingerprint: String::new(),
+                    source,
+                    reply: LogReply { id, offset },
+                }
+            }
+        }
+    }
 }
 
 /// Produces `records` (key, value) in order and waits until the broker has acknowledged all.
@@ -1083,13 +1403,27 @@ async fn produce_all(
     Ok(())
 }
 
+/// What a restore found.
+struct Restored {
+    /// Offset of the first request not yet applied.
+    resume: i64,
+    /// Changelog records applied.
+    records: u64,
+    /// Changelog records that could not be decoded, skipped and logged.
+    quarantined: u64,
+}
+
 /// Rebuilds partition `p` from its changelog: writes a fence, reads from the start up to it,
-/// and returns the offset to resume at and how many records were read.
+/// and returns where to resume. A record that cannot be decoded is quarantined (logged with its
+/// offset, counted, skipped) rather than stopping the partition: one bad record must not make
+/// every owner in turn fail. There is no deadline (a long changelog takes what it takes); a
+/// stop request ends the restore early with `None`.
 async fn restore(
     shared: &Shared,
     p: u32,
     store: &mut PartitionStore,
-) -> anyhow::Result<(i64, u64)> {
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<Restored>> {
     let kafka = &shared.kafka;
     let fence = format!("{}-{:016x}", shared.node_id, rand::random::<u64>());
     let value = serde_json::to_vec(&ChangelogRecord::Fence { id: fence.clone() })?;
@@ -1112,33 +1446,40 @@ async fn restore(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&kafka.changelog_topic, p as i32, Offset::Beginning)?;
     consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut resume = 0i64;
-    let mut records = 0u64;
+    let mut restored = Restored {
+        resume: 0,
+        records: 0,
+        quarantined: 0,
+    };
     let mut pending: Vec<ChangelogRecord> = Vec::new();
     let mut reached = false;
     while !reached {
-        if Instant::now() > deadline {
-            bail!("restoring partition {p}: the fence did not come back within 120 s");
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
         }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let message = message.context("reading the changelog")?;
-        let Some(value) = message.payload() else {
-            continue;
+        let value = message.payload().unwrap_or_default();
+        let record: ChangelogRecord = match serde_json::from_slice(value) {
+            Ok(record) => record,
+            Err(e) => {
+                restored.quarantined += 1;
+                tracing::error!(
+                    partition = p,
+                    offset = message.offset(),
+                    "quarantined an unreadable changelog record (skipped): {e}"
+                );
+                continue;
+            }
         };
-        let record: ChangelogRecord = serde_json::from_slice(value).with_context(|| {
-            format!(
-                "changelog partition {p} offset {} is unreadable",
-                message.offset()
-            )
-        })?;
         match &record {
             ChangelogRecord::Fence { id } => reached = *id == fence,
-            ChangelogRecord::Applied { source_offset, .. } => {
-                resume = resume.max(source_offset + 1);
-                records += 1;
+            ChangelogRecord::Applied { source_offset, .. }
+            | ChangelogRecord::Skipped { source_offset } => {
+                restored.resume = restored.resume.max(source_offset + 1);
+                restored.records += 1;
                 pending.push(record);
             }
         }
@@ -1149,7 +1490,6 @@ async fn restore(
                     if let ChangelogRecord::Applied {
                         key,
                         state,
-                        user,
                         route,
                         dedup,
                         ..
@@ -1158,7 +1498,9 @@ async fn restore(
                         if let Some(state) = state {
                             tx.put_state(key, state)?;
                         }
-                        tx.record_route(user, route)?;
+                        if let Some((user, route)) = route {
+                            tx.record_route(user, route)?;
+                        }
                         if let Some((id, entry)) = dedup {
                             tx.put_dedup(id, entry)?;
                         }
@@ -1168,5 +1510,5 @@ async fn restore(
             })?;
         }
     }
-    Ok((resume, records))
+    Ok(Some(restored))
 }

@@ -209,7 +209,7 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
         &'static str,
         fn(&PartitionSample<'_>) -> u64,
     );
-    let series: [Series; 6] = [
+    let series: [Series; 7] = [
         (
             "turnstile_partition_queue_depth",
             "gauge",
@@ -245,6 +245,12 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
             "counter",
             "Fuel the rule used.",
             |p| p.stats.fuel_used.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_refused_total",
+            "counter",
+            "Requests refused before the rule saw them (malformed, or a record on the wrong partition) and dead-lettered.",
+            |p| p.stats.refused.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, help, value) in series {

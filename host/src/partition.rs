@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Durability;
 use crate::model::{Decision, Outcome, RoutedRequest, State, Verdict, now_ms};
-use crate::router::Route;
+use crate::router::{Partitioner, Route};
 use crate::sandbox::{CompiledRule, FailureKind, RuleFailure, RuleInstance, Sandbox};
 use crate::store::{DeadLetter, DedupEntry, Location, LogEntry, PartitionStore, StoreError};
 
@@ -37,6 +37,22 @@ pub enum ApplyError {
     /// The batch could not be stored; nothing of it was applied.
     #[error("the partition's store failed: {0}")]
     Store(StoreError),
+    /// The request is malformed or on the wrong partition (a record from a producer that is not
+    /// Turnstile); it was dead-lettered, not applied.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ApplyError {
+    /// The stable error code the API returns.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApplyError::Rule(f) => f.kind.code(),
+            ApplyError::IdConflict(_) => "id_conflict",
+            ApplyError::Store(_) => "store_unavailable",
+            ApplyError::Invalid(_) => "invalid_request",
+        }
+    }
 }
 
 /// A message to a partition thread.
@@ -92,6 +108,9 @@ pub struct PartitionStats {
     pub batch_sizes: crate::metrics::Histogram,
     /// Fuel the rule used, summed over calls.
     pub fuel_used: AtomicU64,
+    /// Requests refused before the rule saw them (malformed, or on the wrong partition) and
+    /// dead-lettered.
+    pub refused: AtomicU64,
 }
 
 impl Default for PartitionStats {
@@ -104,6 +123,7 @@ impl Default for PartitionStats {
             rule_failures: Default::default(),
             batch_sizes: crate::metrics::Histogram::new(&crate::metrics::BATCH_BUCKETS),
             fuel_used: AtomicU64::default(),
+            refused: AtomicU64::default(),
         }
     }
 }
@@ -111,6 +131,7 @@ impl Default for PartitionStats {
 /// What a partition thread needs to start.
 pub(crate) struct PartitionSetup {
     pub id: u32,
+    pub partitioner: Partitioner,
     pub sandbox: Arc<Sandbox>,
     pub rule: Arc<CompiledRule>,
     pub location: Location,
@@ -178,14 +199,15 @@ impl Partition {
                 match opened {
                     Ok((store, instance, routes)) => {
                         let _ = ready_tx.send(Ok(routes));
-                        let worker = Worker {
+                        let engine = Engine {
                             id: setup.id,
+                            partitioner: setup.partitioner,
                             store,
-                            instance,
+                            decider: instance,
                             stats: thread_stats,
                             max_batch: setup.max_batch,
                         };
-                        worker.run(receiver);
+                        engine.run(&mut LocalQueue { receiver });
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -283,92 +305,176 @@ impl Decider {
     }
 }
 
-/// The thread's own state: nothing here is shared.
-struct Worker {
-    id: u32,
-    store: PartitionStore,
-    instance: Decider,
-    stats: Arc<PartitionStats>,
-    max_batch: usize,
+/// Where a request came from when it was not handed over in-process: a record of a Kafka topic.
+/// Kept with a dead letter so an operator can find the record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordSource {
+    /// The topic.
+    pub topic: String,
+    /// The topic partition.
+    pub partition: u32,
+    /// The record's offset.
+    pub offset: i64,
 }
 
-/// The batch being applied, kept between batches so its vectors are allocated once.
-#[derive(Default)]
-struct BatchBuffers {
-    /// Requests to apply, in queue order, each with its fingerprint.
-    requests: Vec<(RoutedRequest, String)>,
-    /// Where each request's answer goes; same order as `requests`.
-    replies: Vec<oneshot::Sender<Result<Decision, ApplyError>>>,
-    /// Each request's answer, sent only after the commit; same order as `requests`.
-    results: Vec<Applied>,
-    /// Reads and control messages, handled after the commit.
-    others: Vec<Command>,
+/// One request of a batch as the transport hands it to the engine.
+pub(crate) struct Incoming<R> {
+    /// The request, or why the transport could not read one (an undecodable record); the
+    /// placeholder request then carries what could be read, for the dead letter.
+    pub request: RoutedRequest,
+    /// Set when the transport already knows the request cannot be applied.
+    pub unreadable: Option<String>,
+    /// sha256 (hex) of the request's body, compared on a retry with the same id.
+    pub fingerprint: String,
+    /// Where the record came from, if it came from a log.
+    pub source: Option<RecordSource>,
+    /// Where the answer goes.
+    pub reply: R,
 }
 
-/// The result of one request in a batch, before the batch commits.
-pub(crate) struct Applied {
-    pub(crate) result: Result<Decision, ApplyError>,
-    /// Whether the rule ran and its effect is in the batch (not a dedup answer or a failure).
-    applied: bool,
+/// What one batch holds: requests in arrival order and control messages.
+pub(crate) struct Inbox<R> {
+    /// Requests to apply, in arrival order.
+    pub requests: Vec<Incoming<R>>,
+    /// Reads and control messages, handled after the batch commits (so reads see it).
+    pub others: Vec<Command>,
 }
 
-impl Worker {
-    fn run(mut self, receiver: Receiver<Command>) {
-        let mut buffers = BatchBuffers::default();
-        while let Ok(first) = receiver.recv() {
-            let mut taken = 1;
-            let mut boundary = first.ends_batch();
-            buffers.push(first);
-            while taken < self.max_batch && !boundary {
-                match receiver.try_recv() {
-                    Ok(command) => {
-                        boundary = command.ends_batch();
-                        buffers.push(command);
-                        taken += 1;
-                    }
-                    Err(_) => break,
-                }
+impl<R> Default for Inbox<R> {
+    fn default() -> Self {
+        Inbox {
+            requests: Vec::new(),
+            others: Vec::new(),
+        }
+    }
+}
+
+impl<R> Inbox<R> {
+    /// Whether a message taken into this batch ends it: a swap changes the rule for what
+    /// follows, and nothing follows a stop.
+    pub fn ended(&self) -> bool {
+        self.others
+            .last()
+            .is_some_and(|c| matches!(c, Command::Swap { .. } | Command::Stop))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty() && self.others.is_empty()
+    }
+}
+
+/// What differs between local mode and Kafka mode: where batches come from, what must be
+/// durable elsewhere before a batch commits, and where answers go. Everything else (validation,
+/// dedup, the rule call, dead letters, the transaction, reads, swaps, counters) is the engine's.
+pub(crate) trait Transport {
+    /// Where one request's answer goes.
+    type Reply;
+
+    /// Fills `inbox` with the next batch: up to `max_batch` requests, and control messages.
+    /// Returns false when the partition must stop now (nothing more will come).
+    fn next_batch(&mut self, inbox: &mut Inbox<Self::Reply>, max_batch: usize) -> bool;
+
+    /// The commit step: runs inside the batch's transaction after every request was applied,
+    /// before the transaction commits. What it writes elsewhere (Kafka: the changelog) is
+    /// therefore in place before the batch is; an error aborts the whole batch.
+    fn before_commit(
+        &mut self,
+        tx: &mut crate::store::Batch<'_>,
+        batch: &[Incoming<Self::Reply>],
+        results: &[Applied],
+    ) -> Result<(), StoreError>;
+
+    /// Delivers the answers of a committed batch, in arrival order.
+    fn answer(&mut self, answers: Vec<(Self::Reply, Result<Decision, ApplyError>)>);
+
+    /// The batch could not be committed: nothing of it is stored. Local mode fails its
+    /// requests; a log-fed transport keeps them for a retry.
+    fn failed(&mut self, batch: Vec<Incoming<Self::Reply>>, error: &StoreError);
+}
+
+/// The partition engine: one thread's store, rule instance and counters, and the loop that
+/// takes a batch, applies each request through the rule in arrival order inside one
+/// transaction, runs the transport's commit step, commits, and only then answers. It exists
+/// once; local and Kafka mode differ only in the [`Transport`] they give it.
+pub(crate) struct Engine {
+    /// The partition's index.
+    pub id: u32,
+    /// Checks that a request belongs to this partition (a log may hold records another
+    /// producer put on the wrong partition).
+    pub partitioner: Partitioner,
+    /// The partition's store; only this thread touches it.
+    pub store: PartitionStore,
+    /// What decides requests.
+    pub decider: Decider,
+    /// Counters this thread publishes.
+    pub stats: Arc<PartitionStats>,
+    /// Most requests per batch (one transaction, one commit).
+    pub max_batch: usize,
+}
+
+impl Engine {
+    /// Runs batches until the transport says stop or a Stop message is handled.
+    pub(crate) fn run<T: Transport>(mut self, transport: &mut T) {
+        let mut inbox = Inbox::default();
+        let mut results = Vec::new();
+        while transport.next_batch(&mut inbox, self.max_batch) {
+            if inbox.is_empty() {
+                continue;
             }
-            if self.process(&mut buffers) {
+            if self.process(transport, &mut inbox, &mut results) {
                 break;
             }
         }
         tracing::debug!(partition = self.id, "partition thread stopped");
     }
 
-    /// Applies one batch: requests in queue order in one transaction, replies after the commit,
-    /// then reads (from committed data). Returns whether a Stop was seen.
-    fn process(&mut self, buffers: &mut BatchBuffers) -> bool {
-        if !buffers.requests.is_empty() {
+    /// Applies one batch, then handles its control messages. Returns whether a Stop was seen.
+    fn process<T: Transport>(
+        &mut self,
+        transport: &mut T,
+        inbox: &mut Inbox<T::Reply>,
+        results: &mut Vec<Applied>,
+    ) -> bool {
+        if !inbox.requests.is_empty() {
             let now = now_ms();
-            let (id, instance, stats) = (self.id, &mut self.instance, &self.stats);
-            let (requests, results) = (&buffers.requests, &mut buffers.results);
+            let (id, partitioner) = (self.id, self.partitioner);
+            let (decider, stats) = (&mut self.decider, &self.stats);
+            let requests = &inbox.requests;
+            results.clear();
             let committed = self.store.write_batch(|tx| {
-                for (request, fingerprint) in requests {
-                    results.push(apply_one(
+                for incoming in requests {
+                    results.push(apply_incoming(
                         tx,
-                        instance,
+                        decider,
                         stats,
                         id,
+                        partitioner,
                         now,
-                        request,
-                        fingerprint,
+                        incoming,
                     )?);
                 }
-                Ok(())
+                transport.before_commit(tx, requests, results)
             });
+            let batch = std::mem::take(&mut inbox.requests);
             match committed {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                    self.stats.batch_sizes.record(buffers.requests.len() as u64);
-                    for (reply, done) in buffers.replies.drain(..).zip(buffers.results.drain(..)) {
-                        if done.applied {
-                            self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                        } else if done.result.is_ok() {
-                            self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = reply.send(done.result);
+                    self.stats.batch_sizes.record(batch.len() as u64);
+                    let mut answers = Vec::with_capacity(batch.len());
+                    for (incoming, done) in batch.into_iter().zip(results.drain(..)) {
+                        match (&done.result, done.applied) {
+                            (_, true) => self.stats.applied.fetch_add(1, Ordering::Relaxed),
+                            (Ok(_), false) => {
+                                self.stats.deduplicated.fetch_add(1, Ordering::Relaxed)
+                            }
+                            (Err(ApplyError::Invalid(_)), false) => {
+                                self.stats.refused.fetch_add(1, Ordering::Relaxed)
+                            }
+                            (Err(_), false) => 0,
+                        };
+                        answers.push((incoming.reply, done.result));
                     }
+                    transport.answer(answers);
                 }
                 Err(e) => {
                     tracing::error!(
@@ -377,18 +483,15 @@ impl Worker {
                     );
                     self.stats
                         .store_failures
-                        .fetch_add(buffers.replies.len() as u64, Ordering::Relaxed);
-                    buffers.results.clear();
-                    for reply in buffers.replies.drain(..) {
-                        let _ = reply.send(Err(ApplyError::Store(e.clone())));
-                    }
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    results.clear();
+                    transport.failed(batch, &e);
                 }
             }
-            buffers.requests.clear();
         }
 
         let mut stop = false;
-        for command in buffers.others.drain(..) {
+        for command in inbox.others.drain(..) {
             match command {
                 Command::Apply { .. } => unreachable!("applies are sorted into requests"),
                 Command::ReadState { key, reply } => {
@@ -407,7 +510,7 @@ impl Worker {
                 Command::Swap { rule, reply } => {
                     let started = std::time::Instant::now();
                     let version = rule.version.clone();
-                    let result = self.instance.replace_rule(rule).map(|()| started.elapsed());
+                    let result = self.decider.replace_rule(rule).map(|()| started.elapsed());
                     match &result {
                         Ok(pause) => tracing::info!(
                             partition = self.id,
@@ -426,32 +529,153 @@ impl Worker {
     }
 }
 
-impl Command {
-    /// Whether the batch must end after this message: a swap changes the rule for what follows,
-    /// and nothing follows a stop.
-    fn ends_batch(&self) -> bool {
-        matches!(self, Command::Swap { .. } | Command::Stop)
+/// Local mode's transport: the partition's bounded in-process queue, and oneshot replies.
+struct LocalQueue {
+    receiver: Receiver<Command>,
+}
+
+impl Transport for LocalQueue {
+    type Reply = oneshot::Sender<Result<Decision, ApplyError>>;
+
+    fn next_batch(&mut self, inbox: &mut Inbox<Self::Reply>, max_batch: usize) -> bool {
+        let Ok(first) = self.receiver.recv() else {
+            return false;
+        };
+        let mut taken = 1;
+        inbox.push(first);
+        while taken < max_batch && !inbox.ended() {
+            match self.receiver.try_recv() {
+                Ok(command) => {
+                    inbox.push(command);
+                    taken += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        true
+    }
+
+    fn before_commit(
+        &mut self,
+        _tx: &mut crate::store::Batch<'_>,
+        _batch: &[Incoming<Self::Reply>],
+        _results: &[Applied],
+    ) -> Result<(), StoreError> {
+        // The local store's own commit (fsync with durability "sync") is the whole commit.
+        Ok(())
+    }
+
+    fn answer(&mut self, answers: Vec<(Self::Reply, Result<Decision, ApplyError>)>) {
+        for (reply, result) in answers {
+            let _ = reply.send(result);
+        }
+    }
+
+    fn failed(&mut self, batch: Vec<Incoming<Self::Reply>>, error: &StoreError) {
+        for incoming in batch {
+            let _ = incoming.reply.send(Err(ApplyError::Store(error.clone())));
+        }
     }
 }
 
-impl BatchBuffers {
+impl Inbox<oneshot::Sender<Result<Decision, ApplyError>>> {
     fn push(&mut self, command: Command) {
         match command {
             Command::Apply {
                 request,
                 fingerprint,
                 reply,
-            } => {
-                self.requests.push((request, fingerprint));
-                self.replies.push(reply);
-            }
+            } => self.requests.push(Incoming {
+                request,
+                unreadable: None,
+                fingerprint,
+                source: None,
+                reply,
+            }),
             other => self.others.push(other),
         }
     }
 }
 
+/// The result of one request in a batch, before the batch commits.
+pub(crate) struct Applied {
+    pub(crate) result: Result<Decision, ApplyError>,
+    /// Whether the rule ran and its effect is in the batch (not a dedup answer or a failure).
+    pub(crate) applied: bool,
+}
+
+/// Checks a routed request the way the HTTP front end checks a submitted one, and that it
+/// belongs to this partition: a log can hold records from producers that are not Turnstile.
+pub(crate) fn check_routed(
+    request: &RoutedRequest,
+    partitioner: Partitioner,
+    partition: u32,
+) -> Result<(), ApplyError> {
+    crate::runtime::validate(&crate::model::Request {
+        id: Some(request.id.clone()),
+        kind: request.kind.clone(),
+        key: Some(request.key.clone()),
+        user: request.user.clone(),
+        payload: Some(request.payload.clone()),
+    })
+    .map_err(|e| ApplyError::Invalid(e.to_string()))?;
+    let owner = partitioner.partition(&request.key);
+    if owner != partition {
+        return Err(ApplyError::Invalid(format!(
+            "key `{}` belongs to partition {owner}, not {partition}: the record was produced to the wrong partition (use Turnstile's partitioner)",
+            request.key
+        )));
+    }
+    Ok(())
+}
+
+/// Applies one incoming request: a request the transport could not read, or one that fails
+/// the checks, is dead-lettered and refused; anything else goes through [`apply_one`].
+#[allow(clippy::too_many_arguments)]
+fn apply_incoming<R>(
+    tx: &mut crate::store::Batch<'_>,
+    decider: &mut Decider,
+    stats: &PartitionStats,
+    partition: u32,
+    partitioner: Partitioner,
+    now: u64,
+    incoming: &Incoming<R>,
+) -> Result<Applied, StoreError> {
+    let refused = match &incoming.unreadable {
+        Some(reason) => Some(ApplyError::Invalid(reason.clone())),
+        None => check_routed(&incoming.request, partitioner, partition).err(),
+    };
+    if let Some(error) = refused {
+        tracing::warn!(partition, id = %incoming.request.id, source = ?incoming.source, "request refused: {error}");
+        tx.dead_letter(DeadLetter {
+            seq: 0,
+            partition,
+            request: incoming.request.clone(),
+            failure: crate::store::Failure::refused(&error),
+            rule_version: decider.version().to_string(),
+            failed_at_ms: now,
+            source: incoming.source.clone(),
+        })?;
+        return Ok(Applied {
+            result: Err(error),
+            applied: false,
+        });
+    }
+    apply_one(
+        tx,
+        decider,
+        stats,
+        partition,
+        now,
+        &incoming.request,
+        &incoming.fingerprint,
+        incoming.source.as_ref(),
+    )
+}
+
 /// Applies one request inside the batch's transaction and returns the reply to send after the
 /// commit. A store error aborts the whole batch.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_one(
     tx: &mut crate::store::Batch<'_>,
     instance: &mut Decider,
@@ -460,6 +684,7 @@ pub(crate) fn apply_one(
     now: u64,
     request: &RoutedRequest,
     fingerprint: &str,
+    source: Option<&RecordSource>,
 ) -> Result<Applied, StoreError> {
     if request.idempotent
         && let Some(entry) = tx.dedup(&request.id)?
@@ -503,9 +728,10 @@ pub(crate) fn apply_one(
                 seq: 0,
                 partition,
                 request: request.clone(),
-                failure: failure.clone(),
+                failure: crate::store::Failure::rule(&failure),
                 rule_version,
                 failed_at_ms: now,
+                source: source.cloned(),
             })?;
             return Ok(Applied {
                 result: Err(ApplyError::Rule(failure)),

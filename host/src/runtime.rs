@@ -79,6 +79,7 @@ impl From<ApplyError> for SubmitError {
             ApplyError::Rule(f) => SubmitError::Rule(f),
             ApplyError::IdConflict(id) => SubmitError::IdConflict(id),
             e @ ApplyError::Store(_) => SubmitError::Store(e.to_string()),
+            ApplyError::Invalid(message) => SubmitError::Invalid(message),
         }
     }
 }
@@ -133,6 +134,8 @@ pub struct PartitionInfo {
     pub batches: u64,
     /// Requests failed because their batch could not be stored.
     pub store_failures: u64,
+    /// Requests refused before the rule saw them, and dead-lettered.
+    pub refused: u64,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
     /// Version id of the rule it runs.
@@ -227,6 +230,7 @@ impl Runtime {
         for id in 0..n {
             let (partition, stored_routes) = Partition::start(PartitionSetup {
                 id,
+                partitioner,
                 sandbox: sandbox.clone(),
                 rule: partition_rules[id as usize].clone(),
                 location: location.clone(),
@@ -625,6 +629,7 @@ impl Runtime {
                 deduplicated: p.stats.deduplicated.load(Ordering::Relaxed),
                 batches: p.stats.batches.load(Ordering::Relaxed),
                 store_failures: p.stats.store_failures.load(Ordering::Relaxed),
+                refused: p.stats.refused.load(Ordering::Relaxed),
                 rule_failures: crate::sandbox::FailureKind::ALL
                     .iter()
                     .zip(&p.stats.rule_failures)

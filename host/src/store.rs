@@ -283,11 +283,43 @@ pub struct DeadLetter {
     /// The request.
     pub request: RoutedRequest,
     /// What went wrong.
-    pub failure: RuleFailure,
-    /// Version id of the rule that failed.
+    pub failure: Failure,
+    /// Version id of the rule that failed (or that was running when the request was refused).
     pub rule_version: String,
     /// Host time of the failure, ms since the Unix epoch.
     pub failed_at_ms: u64,
+    /// The record the request was read from, when it came from a Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::partition::RecordSource>,
+}
+
+/// Why a request became a dead letter: the rule failed on it, or it was refused before the
+/// rule saw it (malformed, or produced to the wrong partition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// `trap`, `fuel_exhausted`, `deadline`, `memory`, `output` for a rule failure (the API code
+    /// without `rule_`); `refused` for a request that never reached the rule.
+    pub kind: String,
+    /// What happened, for the operator.
+    pub message: String,
+}
+
+impl Failure {
+    /// The failure of a rule call.
+    pub fn rule(failure: &RuleFailure) -> Failure {
+        Failure {
+            kind: failure.kind.code().trim_start_matches("rule_").to_string(),
+            message: failure.message.clone(),
+        }
+    }
+
+    /// A request refused before the rule saw it.
+    pub fn refused(error: &impl std::fmt::Display) -> Failure {
+        Failure {
+            kind: "refused".to_string(),
+            message: error.to_string(),
+        }
+    }
 }
 
 /// Counters derived from the file at open and advanced by each committed batch.
