@@ -272,10 +272,13 @@ impl RunningRules {
 #[derive(Default)]
 struct Waiters {
     /// Waiters by request id, each with a token unique to it.
-    by_id: Mutex<HashMap<String, Vec<(u64, oneshot::Sender<OutcomeRecord>)>>>,
+    by_id: Mutex<HashMap<String, WaiterList>>,
     /// The next token.
     next: AtomicU64,
 }
+
+/// The waiters of one request id: each one's token and where its outcome goes.
+type WaiterList = Vec<(u64, oneshot::Sender<OutcomeRecord>)>;
 
 /// Removes its waiter when dropped.
 struct Waiting<'a> {
@@ -313,10 +316,7 @@ impl Waiters {
         self.lock().values().map(Vec::len).sum()
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, oneshot::Sender<OutcomeRecord>)>>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, WaiterList>> {
         self.by_id.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
