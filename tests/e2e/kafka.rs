@@ -301,3 +301,235 @@ fn unreachable_brokers_are_refused_at_start() {
         "{err}"
     );
 }
+
+/// A producer that is not Turnstile: a plain rdkafka client with default settings.
+fn outside_producer() -> rdkafka::producer::FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("creating a plain Kafka producer")
+}
+
+/// Produces `value` to `topic`'s partition `partition` and waits for the broker's ack.
+async fn produce(topic: &str, partition: i32, key: &str, value: &[u8]) {
+    outside_producer()
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .partition(partition)
+                .key(key)
+                .payload(value),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("producing a record");
+}
+
+/// A topic's name in a cluster configuration made by [`cluster_config`].
+fn topic(config: &str, name: &str) -> String {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_topic = \"")))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("the topic is configured")
+        .to_string()
+}
+
+/// Waits until `server` owns (and has restored) all 12 partitions.
+async fn wait_for_all(server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while ownership(&[server]).await[0].len() != PARTITIONS as usize {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were never all owned"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A request record as Turnstile's front end writes it, for `key` and `user`.
+fn request_record(id: &str, kind: &str, key: &str, user: &str, payload: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "request": {
+            "id": id, "idempotent": true, "kind": kind, "key": key, "user": user,
+            "payload": payload, "received_at_ms": 1,
+        },
+        "fingerprint": "",
+    }))
+    .unwrap()
+}
+
+/// Records another producer writes to the requests topic go through the same checks as HTTP:
+/// one on the wrong partition for its key, one with empty fields and a non-JSON payload, and
+/// one that is not a request record at all are never applied; each is dead-lettered with its
+/// partition and offset, counted, and (when it names an id) answered with an error outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
+    let config = cluster_config();
+    let server = start(&config);
+    wait_for_all(&server).await;
+    let requests = topic(&config, "requests");
+    let partitioner =
+        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+
+    let key = "K-misrouted";
+    let right = partitioner.partition(key) as i32;
+    let wrong = (right + 1) % PARTITIONS as i32;
+    let misrouted = request_record("outside-1", "reserve", key, "mallory", "null");
+    produce(&requests, wrong, key, &misrouted).await;
+    let invalid = request_record("outside-2", "", "", "", "not json");
+    produce(&requests, wrong, "x", &invalid).await;
+    produce(&requests, wrong, "y", b"\xff\xfe definitely not a record").await;
+
+    // The misrouted reserve made no state: the key's own partition is free for its real owner.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let (status, doc) = server
+            .get(&format!("/v1/dead-letters?partition={wrong}"))
+            .await;
+        assert_eq!(status, 200, "{doc}");
+        let letters = doc["dead_letters"].as_array().unwrap().clone();
+        if letters.len() >= 3 {
+            break letters;
+        }
+        assert!(Instant::now() < deadline, "not dead-lettered: {doc}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let mut offsets = BTreeSet::new();
+    for letter in &letters {
+        assert_eq!(letter["failure"]["kind"], "refused", "{letter}");
+        assert_eq!(letter["source"]["topic"], requests.as_str(), "{letter}");
+        assert_eq!(letter["source"]["partition"], wrong, "{letter}");
+        offsets.insert(letter["source"]["offset"].as_i64().unwrap());
+    }
+    assert_eq!(offsets.len(), 3, "each letter names its own record");
+
+    let (status, doc) = server.get(&format!("/v1/keys/{key}")).await;
+    assert_eq!(status, 404, "a misrouted record was applied: {doc}");
+    let (status, answer) = server
+        .request(request("reserve", Some(key), "alice", "inside-1"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"]["version"], 1);
+    assert_eq!(answer["state"]["user"], "alice");
+
+    let (_, doc) = server.get("/v1/partitions").await;
+    let refused: u64 = doc["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["refused"].as_u64().unwrap())
+        .sum();
+    assert_eq!(refused, 3, "{doc}");
+    let (_, metrics) = server.get_text("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "turnstile_partition_refused_total{{partition=\"{wrong}\"}} 3"
+        )),
+        "{metrics}"
+    );
+
+    // A producer waiting on the outcomes topic learns why its records were refused.
+    let outcomes = topic(&config, "outcomes");
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", "outside-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::Message;
+    consumer.subscribe(&[&outcomes]).unwrap();
+    let mut errors = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while errors.len() < 2 && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let outcome: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            if let Some(code) = outcome["result"]["Err"]["code"].as_str() {
+                errors.insert(
+                    outcome["id"].as_str().unwrap().to_string(),
+                    code.to_string(),
+                );
+            }
+        }
+    }
+    assert_eq!(
+        errors.get("outside-1").map(String::as_str),
+        Some("invalid_request")
+    );
+    assert_eq!(
+        errors.get("outside-2").map(String::as_str),
+        Some("invalid_request")
+    );
+}
+
+/// A changelog record that cannot be decoded is quarantined by the process that restores the
+/// partition: logged, counted, skipped; the partition serves, the process does not exit, and
+/// the states around the bad record are intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_changelog_record_is_quarantined_and_the_partition_serves() {
+    let config = cluster_config();
+    let first = start(&config);
+    wait_for_all(&first).await;
+    for u in 0..20 {
+        let key = format!("cc-{u}");
+        let (status, answer) = first
+            .request(request(
+                "reserve",
+                Some(&key),
+                &format!("cc-user-{u}"),
+                &key,
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let partitioner =
+        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+    let damaged = partitioner.partition("cc-0") as i32;
+    produce(
+        &topic(&config, "changelog"),
+        damaged,
+        "cc-0",
+        b"{\"type\":\"applied\",garbage",
+    )
+    .await;
+    first.kill9();
+
+    let second = start(&config);
+    wait_for_all(&second).await;
+    let (_, doc) = second.get("/v1/partitions").await;
+    let quarantined: Vec<(u64, u64)> = doc["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_u64().unwrap(),
+                p["quarantined"].as_u64().unwrap(),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(quarantined, vec![(damaged as u64, 1)], "{doc}");
+    for u in 0..20 {
+        let key = format!("cc-{u}");
+        let (status, doc) = second.get(&format!("/v1/keys/{key}")).await;
+        assert_eq!(status, 200, "{key}: {doc}");
+        assert_eq!(doc["state"]["status"], "reserved");
+        let (status, answer) = second
+            .request(request(
+                "associate",
+                None,
+                &format!("cc-user-{u}"),
+                &format!("{key}-a"),
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["version"], 2);
+    }
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", second.pid())).exists(),
+        "the process exited"
+    );
+}
