@@ -58,6 +58,13 @@ pub struct KafkaConfig {
     /// How long a request with only a user waits for the user's route to arrive from the
     /// routes topic (it may have been recorded by another process a moment ago), in milliseconds.
     pub route_wait_ms: u64,
+    /// Replicas of each topic Turnstile creates; unset means 3, or fewer when the cluster has
+    /// fewer brokers (a single test broker gets 1).
+    pub replication_factor: Option<i32>,
+    /// How long the requests and outcomes topics keep records, in milliseconds (`retention.ms`
+    /// of the topics Turnstile creates). The changelog and routes topics are compacted instead:
+    /// the newest record of each key is kept forever.
+    pub retention_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -72,6 +79,8 @@ impl Default for KafkaConfig {
             session_timeout_ms: 6000,
             reply_timeout_ms: 30_000,
             route_wait_ms: 3000,
+            replication_factor: None,
+            retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }

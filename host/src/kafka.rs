@@ -811,9 +811,28 @@ fn ensure_topics(kafka: &KafkaConfig, n: u32) -> anyhow::Result<()> {
         .inner()
         .fetch_metadata(None, Duration::from_secs(10))
         .with_context(|| format!("cannot reach the Kafka brokers at {}", kafka.brokers))?;
+    let brokers = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map(|m| m.brokers().len() as i32)
+        .unwrap_or(1)
+        .max(1);
+    let replicas = kafka.replication_factor.unwrap_or(3.min(brokers));
+    let retention = kafka.retention_ms.to_string();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, n as i32, TopicReplication::Fixed(1)))
+        .map(|t| {
+            let topic = NewTopic::new(t, n as i32, TopicReplication::Fixed(replicas));
+            // State must outlive any retention window: the changelog and the routes keep the
+            // newest record of each key forever; requests and outcomes are a bounded history.
+            if **t == kafka.changelog_topic || **t == kafka.routes_topic {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+                    .set("cleanup.policy", "delete")
+                    .set("retention.ms", &retention)
+            }
+        })
         .collect();
     let options = AdminOptions::new()
         .request_timeout(Some(Duration::from_secs(10)))
@@ -830,11 +849,37 @@ fn ensure_topics(kafka: &KafkaConfig, n: u32) -> anyhow::Result<()> {
         })?
         .context("creating topics")?;
     for result in created {
-        if let Err((topic, code)) = result
-            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
-        {
-            tracing::warn!(%topic, "could not create topic: {code}");
+        match result {
+            Ok(topic) => tracing::info!(%topic, replicas, "created topic"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => tracing::warn!(%topic, "could not create topic: {code}"),
         }
+    }
+    // A changelog that deletes by age would lose every state older than the retention the next
+    // time a partition moves: refuse it rather than find out then.
+    let described = runtime
+        .block_on(admin.describe_configs(
+            &[rdkafka::admin::ResourceSpecifier::Topic(
+                &kafka.changelog_topic,
+            )],
+            &options,
+        ))
+        .context("reading the changelog topic's configuration")?;
+    let policy = described
+        .into_iter()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.get("cleanup.policy").and_then(|e| e.value.clone()));
+    match policy {
+        Some(policy) if policy.split(',').any(|p| p.trim() == "compact") => {}
+        Some(policy) => bail!(
+            "topic {} has cleanup.policy={policy}; the changelog must be compacted (cleanup.policy=compact) or states older than its retention are lost when a partition moves",
+            kafka.changelog_topic
+        ),
+        None => bail!(
+            "could not read cleanup.policy of topic {}; the changelog must be compacted",
+            kafka.changelog_topic
+        ),
     }
     let metadata = admin
         .inner()

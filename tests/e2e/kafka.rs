@@ -533,3 +533,58 @@ async fn a_corrupt_changelog_record_is_quarantined_and_the_partition_serves() {
         "the process exited"
     );
 }
+
+/// Describes `topic`'s `cleanup.policy` with a plain admin client.
+async fn cleanup_policy(topic: &str) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .unwrap();
+    let resource = described.into_iter().next().unwrap().unwrap();
+    resource
+        .get("cleanup.policy")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_default()
+}
+
+/// The changelog Turnstile creates is compacted (states outlive any retention); the requests
+/// and outcomes topics delete by age. A changelog that exists and deletes by age is refused at
+/// start with the setting named, before anything is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_changelog_is_compacted_and_a_deleting_one_is_refused() {
+    let config = cluster_config();
+    let server = start(&config);
+    assert_eq!(
+        cleanup_policy(&topic(&config, "changelog")).await,
+        "compact"
+    );
+    assert_eq!(cleanup_policy(&topic(&config, "routes")).await, "compact");
+    assert_eq!(cleanup_policy(&topic(&config, "requests")).await, "delete");
+    drop(server);
+
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let config = cluster_config();
+    let changelog = topic(&config, "changelog");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let created = admin
+        .create_topics(
+            &[
+                NewTopic::new(&changelog, PARTITIONS as i32, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "delete"),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(created[0].is_ok(), "{created:?}");
+    let err = Server::refused(ServerArgs::default().config(&config));
+    assert!(err.contains("cleanup.policy=compact"), "{err}");
+}
