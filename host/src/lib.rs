@@ -24,7 +24,8 @@
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
 //! - [`scenario`]: `turnstile test`: scenario files run against a rule in fresh runtimes.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
-//! - [`kafka`]: Kafka mode: partitions shared by a group of processes over a Kafka-protocol log.
+//! - [`kafka`]: Kafka mode: partitions shared by a group of processes over a Kafka-protocol log;
+//!   the same partition engine behind a Kafka transport, and the changelog with fencing.
 //! - [`logging`]: `tracing` setup.
 
 pub mod api;

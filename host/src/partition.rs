@@ -661,6 +661,11 @@ fn apply_incoming<R>(
             applied: false,
         });
     }
+    if let Some(source) = &incoming.source {
+        // A log-fed partition numbers its decisions by the record's offset, so the numbers do
+        // not restart when the partition moves to another process.
+        tx.set_next_log_seq(source.offset as u64 + 1);
+    }
     apply_one(
         tx,
         decider,

@@ -11,6 +11,7 @@
 //! | `dedup_order`  | sequence number    | client request id (oldest first, for retention)   |
 //! | `log`          | sequence number    | [`LogEntry`]: request, outcome, rule version, time |
 //! | `dead_letters` | sequence number    | [`DeadLetter`]: request, failure, rule version    |
+//! | `meta`         | name               | Kafka mode: the changelog position the file reflects |
 //!
 //! Values are JSON, so a file can be inspected with any redb tool and read by later versions.
 //!
@@ -66,6 +67,7 @@ pub(crate) const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("ded
 pub(crate) const DEDUP_ORDER: TableDefinition<u64, &str> = TableDefinition::new("dedup_order");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// File in the data dir that records the layout (invariant 6).
 pub const LAYOUT_FILE: &str = "turnstile.json";
@@ -398,6 +400,7 @@ impl PartitionStore {
             txn.open_table(DEDUP_ORDER).map_err(db_error)?;
             txn.open_table(LOG).map_err(db_error)?;
             txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+            txn.open_table(META).map_err(db_error)?;
         }
         txn.commit().map_err(db_error)?;
         let txn = db.begin_read().map_err(db_error)?;
@@ -443,6 +446,7 @@ impl PartitionStore {
                 dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
                 log: txn.open_table(LOG).map_err(db_error)?,
                 dead_letters: txn.open_table(DEAD_LETTERS).map_err(db_error)?,
+                meta: txn.open_table(META).map_err(db_error)?,
                 counters,
                 dedup_retention: retention,
             };
@@ -516,6 +520,13 @@ impl PartitionStore {
         Ok(out)
     }
 
+    /// A named value of the file's own bookkeeping, from committed data.
+    pub fn meta<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let table = txn.open_table(META).map_err(db_error)?;
+        get_json(&table, name)
+    }
+
     /// Up to `limit` log entries from sequence number `from`, in order.
     pub fn log(&mut self, from: u64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         let txn = self.db()?.begin_read().map_err(db_error)?;
@@ -551,6 +562,7 @@ pub struct Batch<'txn> {
     dedup_order: redb::Table<'txn, u64, &'static str>,
     log: redb::Table<'txn, u64, &'static [u8]>,
     dead_letters: redb::Table<'txn, u64, &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, &'static [u8]>,
     counters: Counters,
     dedup_retention: u64,
 }
@@ -598,6 +610,20 @@ impl Batch<'_> {
     /// it moves to another process.
     pub fn set_next_log_seq(&mut self, seq: u64) {
         self.counters.next_log_seq = seq;
+    }
+
+    /// The route of `user` as this batch has it so far.
+    pub fn route(&self, user: &str) -> Result<Option<Route>, StoreError> {
+        get_json(&self.routes, user)
+    }
+
+    /// Stores a named value of the file's own bookkeeping (Kafka mode: the changelog position
+    /// the file reflects), in the batch's transaction so it commits with the batch.
+    pub fn put_meta<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), StoreError> {
+        self.meta
+            .insert(name, encode(value).as_slice())
+            .map_err(db_error)?;
+        Ok(())
     }
 
     /// Remembers the answer to a client request id.

@@ -58,7 +58,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::config::{Config, Durability, KafkaConfig};
+use crate::config::{Config, KafkaConfig};
 use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
 use crate::partition::{
     Applied, ApplyError, Command, Decider, Engine, Inbox, Incoming, PartitionStats, RecordSource,
@@ -67,8 +67,12 @@ use crate::partition::{
 use crate::router::{Partitioner, Route, RouteCache};
 use crate::runtime::{RequestIds, SubmitError, validate};
 use crate::sandbox::{CompiledRule, FailureKind, RuleFailure, RuleLimits, Sandbox};
-use crate::store::DeadLetter;
-use crate::store::{DedupEntry, Location, PartitionStore, StoreError};
+use crate::store::{DeadLetter, Location, PartitionStore, StoreError};
+
+mod changelog;
+
+use changelog::{CHECKPOINT, Tail};
+pub use changelog::{ChangelogRecord, Checkpoint};
 
 /// A record of the requests topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,41 +81,6 @@ pub struct RequestRecord {
     pub request: RoutedRequest,
     /// Its dedup fingerprint (empty without a client id).
     pub fingerprint: String,
-}
-
-/// A record of the changelog topic.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "built and serialized once per request; boxing would only add an allocation"
-)]
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ChangelogRecord {
-    /// The effect of one applied request.
-    Applied {
-        /// Offset of the request in the requests partition.
-        source_offset: i64,
-        /// The key.
-        key: String,
-        /// The key's state after the request (none if it still has none).
-        state: Option<State>,
-        /// The route the request recorded, with its user (none for a deduplicated answer).
-        route: Option<(String, Route)>,
-        /// The dedup entry it left, for a request with a client id.
-        dedup: Option<(String, DedupEntry)>,
-    },
-    /// A consumed record that changed nothing (a deduplicated answer, or a record refused
-    /// before the rule saw it): only its offset, so a restore resumes after it.
-    Skipped {
-        /// Offset of the record in the requests partition.
-        source_offset: i64,
-    },
-    /// Written by a process that is about to restore the partition; reading up to it means
-    /// having read everything written before.
-    Fence {
-        /// Unique to one restore.
-        id: String,
-    },
 }
 
 /// A record of the outcomes topic.
@@ -181,6 +150,11 @@ pub struct OwnedPartitionInfo {
     pub refused: u64,
     /// Changelog records restores could not decode, skipped and logged.
     pub quarantined: u64,
+    /// Changelog records of fenced-out owners (zombies) ignored or overwritten.
+    pub zombie: u64,
+    /// Changelog offset the last restore started at: 0 for a full restore, more when the data
+    /// dir already held the partition and only the delta was read.
+    pub restored_from: i64,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -196,6 +170,10 @@ struct OwnedStats {
     restored_records: AtomicU64,
     /// Changelog records restores could not decode and skipped.
     quarantined: AtomicU64,
+    /// Changelog records of fenced-out owners (zombies) ignored or overwritten.
+    zombie: AtomicU64,
+    /// Changelog offset the last restore started reading at (0: the whole changelog).
+    restored_from: AtomicI64,
     /// Offset of the next request to consume.
     next_offset: AtomicI64,
     /// The requests partition's high watermark when last read (-1 when unknown).
@@ -621,6 +599,8 @@ impl KafkaNode {
                     lag: if high >= 0 { (high - next).max(0) } else { -1 },
                     refused: o.stats.partition.refused.load(Ordering::Relaxed),
                     quarantined: o.stats.quarantined.load(Ordering::Relaxed),
+                    zombie: o.stats.zombie.load(Ordering::Relaxed),
+                    restored_from: o.stats.restored_from.load(Ordering::Relaxed),
                     rule_failures: FailureKind::ALL
                         .iter()
                         .zip(&o.stats.partition.rule_failures)
@@ -1096,35 +1076,53 @@ fn restore_and_serve(
         .enable_all()
         .build()?;
     let started = Instant::now();
+    // With a data dir, each partition's state stays on disk with the changelog position it
+    // reflects, so a process that gets a partition back reads only what changed meanwhile.
+    let location = match &shared.config.store.data_dir {
+        Some(dir) => {
+            let dir = dir.join("kafka").join(&kafka.changelog_topic);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            Location::Dir(dir)
+        }
+        None => Location::Memory,
+    };
     let mut store = PartitionStore::open(
-        &Location::Memory,
+        &location,
         p,
-        Durability::None,
+        shared.config.store.durability,
         shared.config.store.dedup_retention,
     )?;
-    let Some(restored) = runtime.block_on(restore(shared, p, &mut store, stop))? else {
+    let Some(restored) = runtime.block_on(changelog::restore(shared, p, &mut store, stop))? else {
         return Ok(());
     };
+    let resume = restored.checkpoint.resume;
     stats
         .restored_records
         .store(restored.records, Ordering::Relaxed);
     stats
         .quarantined
         .fetch_add(restored.quarantined, Ordering::Relaxed);
+    stats.zombie.fetch_add(restored.zombie, Ordering::Relaxed);
     stats
         .restore_ms
         .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    stats.next_offset.store(restored.resume, Ordering::Relaxed);
+    stats
+        .restored_from
+        .store(restored.read_from, Ordering::Relaxed);
+    stats.next_offset.store(resume, Ordering::Relaxed);
     stats.high_watermark.store(-1, Ordering::Relaxed);
-    stats.restored.store(true, Ordering::Relaxed);
     tracing::info!(
         partition = p,
+        read_from = restored.read_from,
         records = restored.records,
         quarantined = restored.quarantined,
-        resume_offset = restored.resume,
+        zombie = restored.zombie,
+        resume_offset = resume,
+        epoch = restored.checkpoint.epoch,
         took_ms = started.elapsed().as_millis() as u64,
         "partition restored"
     );
+    let tail = Tail::new(shared, p, restored.checkpoint)?;
 
     let consumer: BaseConsumer = client_config(kafka)
         .set("group.id", format!("{}-partition", kafka.group))
@@ -1132,11 +1130,7 @@ fn restore_and_serve(
         .set("fetch.wait.max.ms", "10")
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(
-        &kafka.requests_topic,
-        p as i32,
-        Offset::Offset(restored.resume),
-    )?;
+    tpl.add_partition_offset(&kafka.requests_topic, p as i32, Offset::Offset(resume))?;
     consumer.assign(&tpl)?;
     let rule = shared.rules.running(p);
     let engine = Engine {
@@ -1155,12 +1149,24 @@ fn restore_and_serve(
         stop,
         stats,
         runtime,
-        next_offset: restored.resume,
+        tail,
+        next_offset: resume,
         last_watermark: Instant::now(),
         backoff: Backoff::default(),
         failure: None,
+        fenced: false,
     };
+    stats.restored.store(true, Ordering::Relaxed);
     engine.run(&mut transport);
+    if transport.fenced {
+        // Another process owns the partition now; this one leaves it alone until the group
+        // gives it back (a new thread, a new restore).
+        stats.restored.store(false, Ordering::Relaxed);
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return Ok(());
+    }
     match transport.failure.take() {
         Some(e) => Err(e),
         None => Ok(()),
@@ -1191,6 +1197,10 @@ struct KafkaLog<'a> {
     stats: &'a OwnedStats,
     /// Drives the producer's futures on this thread.
     runtime: tokio::runtime::Runtime,
+    /// Reads this owner's changelog partition back before each acknowledgement (fencing).
+    tail: Tail,
+    /// Set when a newer owner fenced this one: nothing more is acknowledged.
+    fenced: bool,
     /// Offset of the next record to apply: where to seek back to after a failed batch.
     next_offset: i64,
     /// When the high watermark was last read, for the lag.
@@ -1205,7 +1215,7 @@ impl Transport for KafkaLog<'_> {
     type Reply = LogReply;
 
     fn next_batch(&mut self, inbox: &mut Inbox<LogReply>, max_batch: usize) -> bool {
-        if self.stop.load(Ordering::Relaxed) || self.failure.is_some() {
+        if self.stop.load(Ordering::Relaxed) || self.failure.is_some() || self.fenced {
             return false;
         }
         while let Ok(command) = self.control.try_recv() {
@@ -1250,58 +1260,49 @@ impl Transport for KafkaLog<'_> {
     ) -> Result<(), StoreError> {
         // Every consumed record leaves a changelog record with its offset, applied or not, so
         // a restore resumes after it and never applies it a second time.
-        let mut changelog = Vec::with_capacity(batch.len());
-        for (incoming, done) in batch.iter().zip(results) {
-            let request = &incoming.request;
-            let offset = incoming.reply.offset;
-            let change = if done.applied || done.result.is_ok() {
-                let dedup = if request.idempotent {
-                    tx.dedup(&request.id)?.map(|e| (request.id.clone(), e))
-                } else {
-                    None
-                };
-                ChangelogRecord::Applied {
-                    source_offset: offset,
-                    key: request.key.clone(),
-                    state: tx.state(&request.key)?,
-                    route: Some((
-                        request.user.clone(),
-                        Route {
-                            key: request.key.clone(),
-                            recorded_at_ms: request.received_at_ms,
-                        },
-                    )),
-                    dedup,
+        let epoch = self.tail.epoch();
+        let consumed = batch.iter().zip(results).map(|(incoming, done)| {
+            // A rule failure recorded the route (claim 5), so it is a change too.
+            let changed = done.applied || matches!(done.result, Err(ApplyError::Rule(_)));
+            (incoming.reply.offset, incoming.request.clone(), changed)
+        });
+        let mut records = changelog::batch_records(tx, epoch, consumed)?;
+        let resume = batch
+            .last()
+            .map_or(self.next_offset, |i| i.reply.offset + 1);
+        // A zombie's writes seen on the way are answered by writing the owner's own values
+        // again (bounded: a zombie that keeps writing is fenced by its own read-back).
+        for _ in 0..3 {
+            let last = self.produce_changelog(&records)?;
+            match self.tail.read_to(self.p, last)? {
+                Err(fenced) => {
+                    tracing::error!(partition = self.p, "{fenced}");
+                    self.fenced = true;
+                    return Err(StoreError(fenced.to_string()));
                 }
-            } else {
-                ChangelogRecord::Skipped {
-                    source_offset: offset,
+                Ok(zombie) if zombie.is_empty() => break,
+                Ok(zombie) => {
+                    tracing::warn!(
+                        partition = self.p,
+                        ?zombie,
+                        "overwriting a fenced-out writer's changelog records"
+                    );
+                    self.stats.zombie.fetch_add(
+                        (zombie.keys.len() + zombie.ids.len() + zombie.users.len()) as u64,
+                        Ordering::Relaxed,
+                    );
+                    records = changelog::repair_records(tx, epoch, resume, &zombie)?;
                 }
-            };
-            let key = match &change {
-                ChangelogRecord::Applied { key, .. } => key.clone(),
-                _ => "skipped".to_string(),
-            };
-            changelog.push((
-                key,
-                serde_json::to_vec(&change).expect("changelog records serialize"),
-            ));
+            }
         }
-        let producer = &self.shared.producer;
-        let topic = &self.shared.kafka.changelog_topic;
-        self.runtime
-            .block_on(produce_all(
-                producer,
-                topic,
-                Some(self.p as i32),
-                &changelog,
-            ))
-            .map_err(|e| {
-                StoreError(format!(
-                    "writing the changelog of partition {}: {e:#}",
-                    self.p
-                ))
-            })
+        tx.put_meta(
+            CHECKPOINT,
+            &Checkpoint {
+                changelog_next: self.tail.next(),
+                epoch,
+                resume,
+            },
+        )
     }
 
     fn answer(&mut self, answers: Vec<(LogReply, Result<Decision, ApplyError>)>) {
@@ -1344,6 +1345,22 @@ impl Transport for KafkaLog<'_> {
 }
 
 impl KafkaLog<'_> {
+    /// Produces changelog records to this partition and waits for the broker; returns the
+    /// offset of the last one (or of the last record read back, when there is nothing).
+    fn produce_changelog(&self, records: &[(String, Vec<u8>)]) -> Result<i64, StoreError> {
+        let producer = &self.shared.producer;
+        let topic = &self.shared.kafka.changelog_topic;
+        self.runtime
+            .block_on(produce_all(producer, topic, Some(self.p as i32), records))
+            .map(|last| last.unwrap_or(self.tail.next() - 1))
+            .map_err(|e| {
+                StoreError(format!(
+                    "writing the changelog of partition {}: {e:#}",
+                    self.p
+                ))
+            })
+    }
+
     /// Reads one record of the requests topic. A record that cannot be read still becomes an
     /// incoming request (refused and dead-lettered by the engine), so nothing is skipped silently.
     fn read_record(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming<LogReply> {
@@ -1409,13 +1426,14 @@ impl KafkaLog<'_> {
     }
 }
 
-/// Produces `records` (key, value) in order and waits until the broker has acknowledged all.
+/// Produces `records` (key, value) in order and waits until the broker has acknowledged all;
+/// returns the offset of the last one.
 async fn produce_all(
     producer: &FutureProducer,
     topic: &str,
     partition: Option<i32>,
     records: &[(String, Vec<u8>)],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<i64>> {
     let mut deliveries = Vec::with_capacity(records.len());
     for (key, value) in records {
         loop {
@@ -1438,122 +1456,13 @@ async fn produce_all(
             }
         }
     }
+    let mut last = None;
     for delivery in deliveries {
         match delivery.await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(delivery)) => last = Some(delivery.offset),
             Ok(Err((e, _))) => bail!("producing to {topic}: {e}"),
             Err(_) => bail!("producing to {topic}: the producer went away"),
         }
     }
-    Ok(())
-}
-
-/// What a restore found.
-struct Restored {
-    /// Offset of the first request not yet applied.
-    resume: i64,
-    /// Changelog records applied.
-    records: u64,
-    /// Changelog records that could not be decoded, skipped and logged.
-    quarantined: u64,
-}
-
-/// Rebuilds partition `p` from its changelog: writes a fence, reads from the start up to it,
-/// and returns where to resume. A record that cannot be decoded is quarantined (logged with its
-/// offset, counted, skipped) rather than stopping the partition: one bad record must not make
-/// every owner in turn fail. There is no deadline (a long changelog takes what it takes); a
-/// stop request ends the restore early with `None`.
-async fn restore(
-    shared: &Shared,
-    p: u32,
-    store: &mut PartitionStore,
-    stop: &AtomicBool,
-) -> anyhow::Result<Option<Restored>> {
-    let kafka = &shared.kafka;
-    let fence = format!("{}-{:016x}", shared.node_id, rand::random::<u64>());
-    let value = serde_json::to_vec(&ChangelogRecord::Fence { id: fence.clone() })?;
-    shared
-        .producer
-        .send(
-            FutureRecord::to(&kafka.changelog_topic)
-                .partition(p as i32)
-                .key("fence")
-                .payload(&value),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("writing the restore fence of partition {p}: {e}"))?;
-
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", format!("{}-restore", kafka.group))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&kafka.changelog_topic, p as i32, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let mut restored = Restored {
-        resume: 0,
-        records: 0,
-        quarantined: 0,
-    };
-    let mut pending: Vec<ChangelogRecord> = Vec::new();
-    let mut reached = false;
-    while !reached {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.context("reading the changelog")?;
-        let value = message.payload().unwrap_or_default();
-        let record: ChangelogRecord = match serde_json::from_slice(value) {
-            Ok(record) => record,
-            Err(e) => {
-                restored.quarantined += 1;
-                tracing::error!(
-                    partition = p,
-                    offset = message.offset(),
-                    "quarantined an unreadable changelog record (skipped): {e}"
-                );
-                continue;
-            }
-        };
-        match &record {
-            ChangelogRecord::Fence { id } => reached = *id == fence,
-            ChangelogRecord::Applied { source_offset, .. }
-            | ChangelogRecord::Skipped { source_offset } => {
-                restored.resume = restored.resume.max(source_offset + 1);
-                restored.records += 1;
-                pending.push(record);
-            }
-        }
-        if pending.len() >= 1000 || reached {
-            let drained = std::mem::take(&mut pending);
-            store.write_batch(|tx| {
-                for record in &drained {
-                    if let ChangelogRecord::Applied {
-                        key,
-                        state,
-                        route,
-                        dedup,
-                        ..
-                    } = record
-                    {
-                        if let Some(state) = state {
-                            tx.put_state(key, state)?;
-                        }
-                        if let Some((user, route)) = route {
-                            tx.record_route(user, route)?;
-                        }
-                        if let Some((id, entry)) = dedup {
-                            tx.put_dedup(id, entry)?;
-                        }
-                    }
-                }
-                Ok(())
-            })?;
-        }
-    }
-    Ok(Some(restored))
+    Ok(last)
 }

@@ -1,0 +1,575 @@
+//! The changelog: how a Kafka-mode partition's state outlives the process that owns it.
+//!
+//! # Records
+//!
+//! One changelog partition per requests partition, compacted (the newest record of each Kafka
+//! key is kept forever). Each record carries the *epoch* of the owner that wrote it.
+//!
+//! | Kafka key      | record       | what it holds                                                    |
+//! |----------------|--------------|------------------------------------------------------------------|
+//! | `state/<key>`  | `applied`    | the key's new state, the route and dedup entry its request left, the request's offset |
+//! | `progress`     | `progress`   | the offset of a consumed request that changed nothing            |
+//! | `dedup/<id>`   | `dedup`      | a copy of one dedup entry, so compaction of `state/<key>` keeps it |
+//! | `route/<user>` | `route`      | a copy of one route, for the same reason                         |
+//! | `fence/<id>`   | `fence`      | written by a process that takes the partition over               |
+//!
+//! A batch writes its copies first, then one `applied` or `progress` record per consumed
+//! request, in order. The `applied` record is self-contained (state + route + dedup of one
+//! request), so a crash in the middle of a batch leaves whole requests: a copy is honoured only
+//! once an `applied`/`progress` record at or after its request's offset has been read.
+//!
+//! # Epochs and fencing
+//!
+//! A process that takes a partition writes a fence; the fence's offset is its *epoch*, larger
+//! than every earlier owner's. While reading, the newest fence seen so far is the current epoch:
+//! a record with an older epoch after it was written by a *zombie* (an owner cut off from the
+//! group that kept writing) and is ignored. The owner itself reads its partition of the
+//! changelog back before it acknowledges a batch: if it meets a newer fence it has been fenced,
+//! acknowledges nothing more and stops; if it meets a zombie's record it writes its own value
+//! of that key again, so compaction keeps the owner's value and never the zombie's.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::model::State;
+use crate::router::Route;
+use crate::store::{Batch, DedupEntry, PartitionStore, StoreError};
+
+use super::{Shared, client_config};
+
+/// A record of the changelog topic.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "built and serialized once per request; boxing would only add an allocation"
+)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChangelogRecord {
+    /// The effect of one applied request (or of a rule failure, which records the route).
+    Applied {
+        /// Offset of the request in the requests partition.
+        source_offset: i64,
+        /// Epoch of the owner that wrote it.
+        epoch: i64,
+        /// The key.
+        key: String,
+        /// The key's state after the request (none if it still has none).
+        state: Option<State>,
+        /// The route the request recorded, with its user.
+        route: Option<(String, Route)>,
+        /// The dedup entry it left.
+        dedup: Option<(String, DedupEntry)>,
+    },
+    /// A consumed record that changed nothing (a deduplicated answer, or a record refused
+    /// before the rule saw it): only its offset, so a restore resumes after it.
+    Progress {
+        /// Offset of the record in the requests partition.
+        source_offset: i64,
+        /// Epoch of the owner that wrote it.
+        epoch: i64,
+    },
+    /// A copy of a dedup entry under its own Kafka key.
+    Dedup {
+        /// Offset of the request that left it.
+        source_offset: i64,
+        /// Epoch of the owner that wrote it.
+        epoch: i64,
+        /// The request id.
+        id: String,
+        /// The entry.
+        entry: DedupEntry,
+    },
+    /// A copy of a route under its own Kafka key.
+    Route {
+        /// Offset of the request that recorded it.
+        source_offset: i64,
+        /// Epoch of the owner that wrote it.
+        epoch: i64,
+        /// The user.
+        user: String,
+        /// The route.
+        route: Route,
+    },
+    /// Written by a process that is about to restore the partition; reading up to it means
+    /// having read everything written before. Its offset is the new owner's epoch.
+    Fence {
+        /// Unique to one restore.
+        id: String,
+    },
+}
+
+impl ChangelogRecord {
+    /// The Kafka key compaction keeps the newest record of.
+    pub fn kafka_key(&self) -> String {
+        match self {
+            ChangelogRecord::Applied { key, .. } => format!("state/{key}"),
+            ChangelogRecord::Progress { .. } => "progress".to_string(),
+            ChangelogRecord::Dedup { id, .. } => format!("dedup/{id}"),
+            ChangelogRecord::Route { user, .. } => format!("route/{user}"),
+            ChangelogRecord::Fence { id } => format!("fence/{id}"),
+        }
+    }
+
+    fn epoch(&self) -> Option<i64> {
+        match self {
+            ChangelogRecord::Applied { epoch, .. }
+            | ChangelogRecord::Progress { epoch, .. }
+            | ChangelogRecord::Dedup { epoch, .. }
+            | ChangelogRecord::Route { epoch, .. } => Some(*epoch),
+            ChangelogRecord::Fence { .. } => None,
+        }
+    }
+
+    fn encode(&self) -> (String, Vec<u8>) {
+        (
+            self.kafka_key(),
+            serde_json::to_vec(self).expect("changelog records serialize"),
+        )
+    }
+}
+
+/// The changelog position a partition's store reflects, committed in the same transaction as
+/// the state it describes (as Kafka Streams keeps a checkpoint beside its local store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Offset of the first changelog record the store has not read.
+    pub changelog_next: i64,
+    /// The current epoch at that position (the newest fence before it; -1 before any).
+    pub epoch: i64,
+    /// Offset of the first request not yet applied.
+    pub resume: i64,
+}
+
+/// Name of the checkpoint in the store's `meta` table.
+pub const CHECKPOINT: &str = "kafka_changelog";
+
+impl Checkpoint {
+    /// The position of an empty store.
+    pub const START: Checkpoint = Checkpoint {
+        changelog_next: 0,
+        epoch: -1,
+        resume: 0,
+    };
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct Restored {
+    /// Where the partition's store now is; `epoch` is this owner's.
+    pub checkpoint: Checkpoint,
+    /// Where the restore started reading (0 for a store that had nothing).
+    pub read_from: i64,
+    /// Changelog records applied.
+    pub records: u64,
+    /// Records that could not be decoded, skipped and logged.
+    pub quarantined: u64,
+    /// Records of an owner that had been fenced, ignored.
+    pub zombie: u64,
+}
+
+/// Applies changelog records in order to a partition's store: the zombie filter, the copies
+/// held back until their request is known to be complete, the resume offset.
+struct Replayer {
+    /// The newest fence seen (the current epoch), and the resume offset so far.
+    at: Checkpoint,
+    /// Copies whose request has not been seen complete yet (at most one batch's worth).
+    held: Vec<ChangelogRecord>,
+    records: u64,
+    quarantined: u64,
+    zombie: u64,
+}
+
+impl Replayer {
+    /// Applies one record. Returns whether it is the fence `own_fence`.
+    fn apply(
+        &mut self,
+        tx: &mut Batch<'_>,
+        p: u32,
+        offset: i64,
+        value: &[u8],
+        own_fence: &str,
+    ) -> Result<bool, StoreError> {
+        self.at.changelog_next = offset + 1;
+        let record: ChangelogRecord = match serde_json::from_slice(value) {
+            Ok(record) => record,
+            Err(e) => {
+                self.quarantined += 1;
+                tracing::error!(
+                    partition = p,
+                    offset,
+                    "quarantined an unreadable changelog record (skipped): {e}"
+                );
+                return Ok(false);
+            }
+        };
+        if let ChangelogRecord::Fence { id } = &record {
+            // The previous owner's unfinished batch ends here: its held copies belong to
+            // requests the new owner will consume again.
+            self.held.clear();
+            self.at.epoch = offset;
+            return Ok(*id == own_fence);
+        }
+        if record.epoch().is_some_and(|e| e < self.at.epoch) {
+            self.zombie += 1;
+            return Ok(false);
+        }
+        self.records += 1;
+        match record {
+            ChangelogRecord::Applied {
+                source_offset,
+                key,
+                state,
+                route,
+                dedup,
+                ..
+            } => {
+                if let Some(state) = state {
+                    tx.put_state(&key, &state)?;
+                }
+                if let Some((user, route)) = route {
+                    tx.record_route(&user, &route)?;
+                }
+                if let Some((id, entry)) = dedup {
+                    tx.put_dedup(&id, &entry)?;
+                }
+                self.advance(tx, source_offset)?;
+            }
+            ChangelogRecord::Progress { source_offset, .. } => self.advance(tx, source_offset)?,
+            copy @ (ChangelogRecord::Dedup { .. } | ChangelogRecord::Route { .. }) => {
+                self.held.push(copy)
+            }
+            ChangelogRecord::Fence { .. } => unreachable!("handled above"),
+        }
+        Ok(false)
+    }
+
+    /// The request at `source_offset` is complete: so is every request before it, and the
+    /// copies they left can be applied.
+    fn advance(&mut self, tx: &mut Batch<'_>, source_offset: i64) -> Result<(), StoreError> {
+        self.at.resume = self.at.resume.max(source_offset + 1);
+        let resume = self.at.resume;
+        let mut kept = Vec::new();
+        for copy in self.held.drain(..) {
+            match copy {
+                ChangelogRecord::Dedup {
+                    source_offset,
+                    id,
+                    entry,
+                    ..
+                } if source_offset < resume => tx.put_dedup(&id, &entry)?,
+                ChangelogRecord::Route {
+                    source_offset,
+                    user,
+                    route,
+                    ..
+                } if source_offset < resume => tx.record_route(&user, &route)?,
+                other => kept.push(other),
+            }
+        }
+        self.held = kept;
+        Ok(())
+    }
+}
+
+/// Brings partition `p`'s store up to date from the changelog: writes a fence, reads from the
+/// store's checkpoint (only the delta when the store already had the partition, everything
+/// for a new owner) up to the fence, and commits the state with the new checkpoint. The
+/// fence's offset becomes this owner's epoch. There is no deadline (a long changelog takes what
+/// it takes); `stop` ends it early with `None`.
+pub(super) async fn restore(
+    shared: &Shared,
+    p: u32,
+    store: &mut PartitionStore,
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<Restored>> {
+    let kafka = &shared.kafka;
+    let start: Checkpoint = store.meta(CHECKPOINT)?.unwrap_or(Checkpoint::START);
+    let fence_id = format!("{}-{:016x}", shared.node_id, rand::random::<u64>());
+    let (key, value) = ChangelogRecord::Fence {
+        id: fence_id.clone(),
+    }
+    .encode();
+    shared
+        .producer
+        .send(
+            FutureRecord::to(&kafka.changelog_topic)
+                .partition(p as i32)
+                .key(&key)
+                .payload(&value),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("writing the restore fence of partition {p}: {e}"))?;
+
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", format!("{}-restore", kafka.group))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(
+        &kafka.changelog_topic,
+        p as i32,
+        Offset::Offset(start.changelog_next),
+    )?;
+    consumer.assign(&tpl)?;
+    let mut replayer = Replayer {
+        at: start,
+        held: Vec::new(),
+        records: 0,
+        quarantined: 0,
+        zombie: 0,
+    };
+    let mut chunk: Vec<(i64, Vec<u8>)> = Vec::new();
+    let mut reached = false;
+    while !reached {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message.context("reading the changelog")?;
+            let value = message.payload().unwrap_or_default();
+            reached = serde_json::from_slice::<ChangelogRecord>(value)
+                .is_ok_and(|r| matches!(r, ChangelogRecord::Fence { id } if id == fence_id));
+            chunk.push((message.offset(), value.to_vec()));
+        }
+        // Applied a chunk at a time; the checkpoint commits with each chunk, so a restore cut
+        // short resumes where it stopped.
+        if chunk.len() >= 1000 || (reached && !chunk.is_empty()) {
+            let records = std::mem::take(&mut chunk);
+            store.write_batch(|tx| {
+                for (offset, value) in &records {
+                    replayer.apply(tx, p, *offset, value, &fence_id)?;
+                }
+                tx.put_meta(CHECKPOINT, &replayer.at)
+            })?;
+        }
+    }
+    Ok(Some(Restored {
+        checkpoint: replayer.at,
+        read_from: start.changelog_next,
+        records: replayer.records,
+        quarantined: replayer.quarantined,
+        zombie: replayer.zombie,
+    }))
+}
+
+/// The changelog records of one applied batch, copies first (see the module docs).
+pub(super) fn batch_records(
+    tx: &mut Batch<'_>,
+    epoch: i64,
+    requests: impl Iterator<Item = (i64, crate::model::RoutedRequest, bool)>,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let mut copies = Vec::new();
+    let mut records = Vec::new();
+    for (source_offset, request, changed) in requests {
+        let record = if changed {
+            let dedup = match tx.dedup(&request.id)? {
+                Some(entry) if request.idempotent => Some((request.id.clone(), entry)),
+                _ => None,
+            };
+            let route = tx.route(&request.user)?;
+            if let Some((id, entry)) = &dedup {
+                copies.push(ChangelogRecord::Dedup {
+                    source_offset,
+                    epoch,
+                    id: id.clone(),
+                    entry: entry.clone(),
+                });
+            }
+            if let Some(route) = &route {
+                copies.push(ChangelogRecord::Route {
+                    source_offset,
+                    epoch,
+                    user: request.user.clone(),
+                    route: route.clone(),
+                });
+            }
+            ChangelogRecord::Applied {
+                source_offset,
+                epoch,
+                state: tx.state(&request.key)?,
+                key: request.key,
+                route: route.map(|r| (request.user, r)),
+                dedup,
+            }
+        } else {
+            ChangelogRecord::Progress {
+                source_offset,
+                epoch,
+            }
+        };
+        records.push(record);
+    }
+    Ok(copies.iter().chain(&records).map(|r| r.encode()).collect())
+}
+
+/// Why an owner must stop writing a partition.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "partition {partition} was taken over by a newer owner (fence at changelog offset {fence}); this process stops writing it"
+)]
+pub struct Fenced {
+    /// The partition.
+    pub partition: u32,
+    /// Offset of the newer fence.
+    pub fence: i64,
+}
+
+/// The owner's reader of its own changelog partition: before a batch is acknowledged, it reads
+/// up to the batch's last record and checks that no newer owner fenced this one in between.
+pub(super) struct Tail {
+    consumer: BaseConsumer,
+    /// This owner's epoch (its fence's offset).
+    epoch: i64,
+    /// Offset of the next record to read.
+    next: i64,
+}
+
+/// Keys a fenced-out writer wrote after this owner's fence, to be written again by the owner.
+#[derive(Debug, Default)]
+pub(super) struct ZombieWrites {
+    /// Keys of `applied` records.
+    pub keys: Vec<String>,
+    /// Ids of `dedup` copies.
+    pub ids: Vec<String>,
+    /// Users of `route` copies.
+    pub users: Vec<String>,
+}
+
+impl ZombieWrites {
+    pub(super) fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.ids.is_empty() && self.users.is_empty()
+    }
+}
+
+impl Tail {
+    /// Starts reading partition `p` of the changelog after this owner's checkpoint.
+    pub(super) fn new(shared: &Shared, p: u32, at: Checkpoint) -> anyhow::Result<Tail> {
+        let consumer: BaseConsumer = client_config(&shared.kafka)
+            .set("group.id", format!("{}-tail", shared.kafka.group))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &shared.kafka.changelog_topic,
+            p as i32,
+            Offset::Offset(at.changelog_next),
+        )?;
+        consumer.assign(&tpl)?;
+        Ok(Tail {
+            consumer,
+            epoch: at.epoch,
+            next: at.changelog_next,
+        })
+    }
+
+    /// This owner's epoch.
+    pub(super) fn epoch(&self) -> i64 {
+        self.epoch
+    }
+
+    /// Offset of the next changelog record not read back.
+    pub(super) fn next(&self) -> i64 {
+        self.next
+    }
+
+    /// Reads up to and including `last`. Fails if a newer fence is among the records; returns
+    /// the keys a fenced-out writer wrote, which the owner must write again.
+    pub(super) fn read_to(
+        &mut self,
+        p: u32,
+        last: i64,
+    ) -> Result<Result<ZombieWrites, Fenced>, StoreError> {
+        let mut zombie = ZombieWrites::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.next <= last {
+            if std::time::Instant::now() > deadline {
+                return Err(StoreError(format!(
+                    "reading back changelog partition {p} to offset {last}: nothing after offset {} within 30 s",
+                    self.next
+                )));
+            }
+            let Some(message) = self.consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let message = message
+                .map_err(|e| StoreError(format!("reading back changelog partition {p}: {e}")))?;
+            self.next = message.offset() + 1;
+            let Ok(record) =
+                serde_json::from_slice::<ChangelogRecord>(message.payload().unwrap_or_default())
+            else {
+                continue;
+            };
+            match record {
+                ChangelogRecord::Fence { .. } if message.offset() > self.epoch => {
+                    return Ok(Err(Fenced {
+                        partition: p,
+                        fence: message.offset(),
+                    }));
+                }
+                ChangelogRecord::Applied { epoch, key, .. } if epoch < self.epoch => {
+                    zombie.keys.push(key)
+                }
+                ChangelogRecord::Dedup { epoch, id, .. } if epoch < self.epoch => {
+                    zombie.ids.push(id)
+                }
+                ChangelogRecord::Route { epoch, user, .. } if epoch < self.epoch => {
+                    zombie.users.push(user)
+                }
+                _ => {}
+            }
+        }
+        Ok(Ok(zombie))
+    }
+}
+
+/// The owner's own values of what a zombie wrote, to be written again so compaction keeps them.
+pub(super) fn repair_records(
+    tx: &mut Batch<'_>,
+    epoch: i64,
+    resume: i64,
+    zombie: &ZombieWrites,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    // An offset every owner has passed: the repairs must not move anyone's resume point.
+    let source_offset = resume - 1;
+    let mut out = Vec::new();
+    for id in &zombie.ids {
+        if let Some(entry) = tx.dedup(id)? {
+            out.push(ChangelogRecord::Dedup {
+                source_offset,
+                epoch,
+                id: id.clone(),
+                entry,
+            });
+        }
+    }
+    for user in &zombie.users {
+        if let Some(route) = tx.route(user)? {
+            out.push(ChangelogRecord::Route {
+                source_offset,
+                epoch,
+                user: user.clone(),
+                route,
+            });
+        }
+    }
+    for key in &zombie.keys {
+        out.push(ChangelogRecord::Applied {
+            source_offset,
+            epoch,
+            key: key.clone(),
+            state: tx.state(key)?,
+            route: None,
+            dedup: None,
+        });
+    }
+    Ok(out.iter().map(ChangelogRecord::encode).collect())
+}
