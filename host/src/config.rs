@@ -383,11 +383,6 @@ impl Config {
                 "rule.watch is not available in Kafka mode (hot reload is per process)",
             ));
         }
-        if self.kafka.is_some() && self.store.data_dir.is_some() {
-            return Err(invalid(
-                "store.data_dir has no use in Kafka mode: partition state lives in the changelog topic",
-            ));
-        }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes must be at least 1"));
         }

@@ -588,3 +588,271 @@ async fn the_changelog_is_compacted_and_a_deleting_one_is_refused() {
     let err = Server::refused(ServerArgs::default().config(&config));
     assert!(err.contains("cleanup.policy=compact"), "{err}");
 }
+
+/// The partitions' `(id, field)` from `/v1/partitions`, for a numeric field.
+async fn partition_field(server: &Server, field: &str) -> BTreeMap<u64, i64> {
+    let (_, doc) = server.get("/v1/partitions").await;
+    doc["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_u64().unwrap(), p[field].as_i64().unwrap()))
+        .collect()
+}
+
+/// With a data dir, a process keeps each partition's state on disk with the changelog position
+/// it reflects: after a restart it reads only what changed meanwhile (here: nothing but its
+/// own fence), where a process without one replays the partition's whole changelog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_with_a_data_dir_restores_only_the_delta() {
+    let config = cluster_config();
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start_with(ServerArgs::default().config(&config).data_dir(dir.path()));
+    wait_for_all(&first).await;
+    for u in 0..40 {
+        let key = format!("dr-{u}");
+        let (status, answer) = first
+            .request(request(
+                "reserve",
+                Some(&key),
+                &format!("dr-user-{u}"),
+                &key,
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert!(first.terminate(), "clean stop");
+
+    let again = Server::start_with(ServerArgs::default().config(&config).data_dir(dir.path()));
+    wait_for_all(&again).await;
+    let from = partition_field(&again, "restored_from").await;
+    let read = partition_field(&again, "restored_records").await;
+    assert!(from.values().all(|&o| o > 0), "a full restore: {from:?}");
+    assert!(
+        read.values().all(|&n| n == 0),
+        "more than the delta was read: {read:?}"
+    );
+    for u in 0..40 {
+        let key = format!("dr-{u}");
+        let (status, answer) = again
+            .request(request(
+                "associate",
+                None,
+                &format!("dr-user-{u}"),
+                &format!("{key}-a"),
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["version"], 2, "{answer}");
+    }
+    drop(again);
+
+    // Without the data dir the same changelog is replayed from the start.
+    let fresh = start(&config);
+    wait_for_all(&fresh).await;
+    let from = partition_field(&fresh, "restored_from").await;
+    let read: i64 = partition_field(&fresh, "restored_records")
+        .await
+        .values()
+        .sum();
+    assert!(from.values().all(|&o| o == 0), "{from:?}");
+    assert!(read >= 80, "a full restore reads every record: {read}");
+}
+
+/// A zombie: a process frozen (SIGSTOP) long enough for its partitions to move, then thawed
+/// with requests waiting in its old partitions. It may apply them, but its read-back meets the
+/// new owner's fence, so it acknowledges nothing and stops; its writes are ignored. Every key
+/// ends with exactly the transitions the new owner made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zombie_owner_is_fenced() {
+    let config = cluster_config();
+    let (zombie, survivor) = (start(&config), start(&config));
+    let owned = wait_for_split(&[&zombie, &survivor]).await;
+    let partitioner =
+        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+    // Keys in the partitions the zombie-to-be owns.
+    let keys: Vec<String> = (0..)
+        .map(|u| format!("z-{u}"))
+        .filter(|k| owned[0].contains(&(partitioner.partition(k) as u64)))
+        .take(24)
+        .collect();
+    for key in &keys {
+        let (status, answer) = survivor
+            .request(request(
+                "reserve",
+                Some(key),
+                &format!("{key}-user"),
+                &format!("{key}-r"),
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let signal = |sig: &str, pid: u32| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP", zombie.pid());
+    wait_for_all(&survivor).await;
+    // Requests wait in the zombie's old partitions as it thaws.
+    let requests = topic(&config, "requests");
+    for key in &keys {
+        let record = request_record(
+            &format!("{key}-a"),
+            "associate",
+            key,
+            &format!("{key}-user"),
+            "null",
+        );
+        produce(&requests, partitioner.partition(key) as i32, key, &record).await;
+    }
+    signal("-CONT", zombie.pid());
+
+    // Each associate is applied once, by whichever process owns its key by then.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for key in &keys {
+        'key: loop {
+            for server in [&zombie, &survivor] {
+                let (status, doc) = server.get(&format!("/v1/keys/{key}")).await;
+                if status == 200 && doc["state"]["version"] == 2 {
+                    assert_eq!(doc["state"]["status"], "associated");
+                    break 'key;
+                }
+                assert!(
+                    status != 200 || doc["state"]["version"] == 1,
+                    "{key}: {doc}"
+                );
+            }
+            assert!(Instant::now() < deadline, "{key} never associated");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let (_, metrics) = zombie.get_text("/metrics").await;
+    let fenced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_kafka_fenced_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("the fenced counter");
+    assert!(fenced >= 1, "the zombie was never fenced: {metrics}");
+
+    // Once the group settles, whoever owns each key restored the new owner's state, not the
+    // zombie's (a second application would show as version 3 or a reject).
+    wait_for_split(&[&zombie, &survivor]).await;
+    for key in &keys {
+        let doc = state_anywhere(&[&zombie, &survivor], key).await;
+        assert_eq!(doc["state"]["version"], 2, "{key}: {doc}");
+        let (status, answer) = survivor
+            .request(request(
+                "associate",
+                None,
+                &format!("{key}-user"),
+                &format!("{key}-a"),
+            ))
+            .await;
+        assert_eq!(status, 200, "a retry is answered from dedup: {answer}");
+        assert_eq!(answer["state"]["version"], 2);
+    }
+}
+
+/// Kill -9 of one of three processes under load, with a rule that makes every request a
+/// transition (so a request applied twice shows in the version): requests with ids and without.
+/// Every acknowledged request is in the final state, none is applied twice, and retrying the
+/// requests with ids changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_one_of_three_with_and_without_ids() {
+    const KEYS: usize = 60;
+    const PER_KEY: usize = 4;
+    let config = cluster_config();
+    let args = ServerArgs::default()
+        .config(&config)
+        .rule(crate::support::guests::ECHO);
+    let servers: Vec<Arc<Server>> = (0..3)
+        .map(|_| Arc::new(Server::start_with(args.clone())))
+        .collect();
+    wait_for_split(&servers.iter().map(|s| s.as_ref()).collect::<Vec<_>>()).await;
+
+    // acks[key] = (requests acknowledged, ids acknowledged)
+    let acks: Arc<std::sync::Mutex<BTreeMap<String, (u64, Vec<String>)>>> = Arc::default();
+    let mut clients = Vec::new();
+    for c in 0..12 {
+        let (servers, acks) = (servers.clone(), acks.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for k in (c..KEYS).step_by(12) {
+                let key = format!("k3-{k}");
+                for i in 0..PER_KEY {
+                    let with_id = k % 2 == 0;
+                    let mut body = serde_json::json!({"kind": format!("step{i}"), "key": key, "user": format!("{key}-user")});
+                    if with_id {
+                        body["id"] = format!("{key}-{i}").into();
+                    }
+                    // Servers 1 and 2 survive: they carry the load, so answers keep coming.
+                    let server = &servers[1 + (k + i) % 2];
+                    let sent = http
+                        .post(format!("{}/v1/requests", server.url))
+                        .json(&body)
+                        .timeout(Duration::from_secs(60))
+                        .send()
+                        .await;
+                    let Ok(response) = sent else { break };
+                    if response.status() != 200 {
+                        break;
+                    }
+                    let mut acks = acks.lock().unwrap();
+                    let entry = acks.entry(key.clone()).or_default();
+                    entry.0 += 1;
+                    if with_id {
+                        entry.1.push(format!("{key}-{i}"));
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(rand::rng().random_range(200..800))).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &servers[0].pid().to_string()])
+        .status();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let survivors = [servers[1].as_ref(), servers[2].as_ref()];
+    wait_for_split(&survivors).await;
+
+    let acks = acks.lock().unwrap().clone();
+    assert!(
+        acks.values().map(|a| a.0).sum::<u64>() > 0,
+        "nothing acknowledged"
+    );
+    for k in 0..KEYS {
+        let key = format!("k3-{k}");
+        let acked = acks.get(&key).map_or(0, |a| a.0);
+        if acked == 0 {
+            continue;
+        }
+        let doc = state_anywhere(&survivors, &key).await;
+        let version = doc["state"]["version"].as_u64().unwrap();
+        // Each client sends one key's requests in order and stops at the first failure, so
+        // the acknowledged ones are a prefix: all there, and nothing applied twice.
+        assert!(
+            version >= acked,
+            "{key}: acknowledged {acked}, version {version}"
+        );
+        assert!(
+            version <= PER_KEY as u64,
+            "{key}: version {version} > {PER_KEY} requests sent: one was applied twice"
+        );
+    }
+    // Retrying an acknowledged request with an id changes nothing.
+    for (key, (_, ids)) in &acks {
+        let before = state_anywhere(&survivors, key).await["state"]["version"].clone();
+        for id in ids {
+            let i: usize = id.rsplit('-').next().unwrap().parse().unwrap();
+            let body = serde_json::json!({"kind": format!("step{i}"), "key": key, "user": format!("{key}-user"), "id": id});
+            let (status, answer) = survivors[0].request(body).await;
+            assert_eq!(status, 200, "{id}: {answer}");
+        }
+        let after = state_anywhere(&survivors, key).await["state"]["version"].clone();
+        assert_eq!(before, after, "{key}: a retry was applied again");
+    }
+}

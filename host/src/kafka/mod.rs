@@ -219,6 +219,8 @@ struct Shared {
     producer: FutureProducer,
     node_id: String,
     owned: Mutex<BTreeMap<u32, Owned>>,
+    /// Times a partition thread of this process found itself fenced by a newer owner.
+    fenced: AtomicU64,
 }
 
 /// The rule each partition runs in this process.
@@ -382,6 +384,7 @@ impl KafkaNode {
             producer,
             node_id: node_id.clone(),
             owned: Mutex::new(BTreeMap::new()),
+            fenced: AtomicU64::new(0),
         });
         let node = Arc::new(KafkaNode {
             shared: shared.clone(),
@@ -663,6 +666,11 @@ impl KafkaNode {
             out,
             "# HELP turnstile_kafka_waiting_requests HTTP requests of this process waiting for their outcome.\n# TYPE turnstile_kafka_waiting_requests gauge\nturnstile_kafka_waiting_requests {}",
             self.pending.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_kafka_fenced_total Times a partition of this process was taken over by a newer owner while it still wrote (its batch was not acknowledged).\n# TYPE turnstile_kafka_fenced_total counter\nturnstile_kafka_fenced_total {}",
+            self.shared.fenced.load(Ordering::Relaxed)
         );
         crate::metrics::render_route_cache(&mut out, self.routes.len());
         out
@@ -1026,6 +1034,7 @@ fn run_partition(
             Ok(()) => break,
             Err(e) => {
                 stats.restored.store(false, Ordering::Relaxed);
+                refuse_queued(control);
                 tracing::error!(
                     partition = p,
                     retry_in_ms = backoff.next().as_millis() as u64,
@@ -1036,6 +1045,14 @@ fn run_partition(
         }
     }
     tracing::info!(partition = p, "partition stopped");
+}
+
+/// Drops the reads and swaps queued for a partition that is not serving: each waiting caller
+/// sees its reply channel close and answers `not_owned` instead of waiting.
+fn refuse_queued(control: &crossbeam_channel::Receiver<Command>) {
+    while let Ok(command) = control.try_recv() {
+        drop(command);
+    }
 }
 
 /// Exponential backoff between retries of a partition's trouble, 100 ms up to 5 s.
@@ -1163,6 +1180,7 @@ fn restore_and_serve(
         // gives it back (a new thread, a new restore).
         stats.restored.store(false, Ordering::Relaxed);
         while !stop.load(Ordering::Relaxed) {
+            refuse_queued(control);
             std::thread::sleep(Duration::from_millis(50));
         }
         return Ok(());
@@ -1278,6 +1296,7 @@ impl Transport for KafkaLog<'_> {
                 Err(fenced) => {
                     tracing::error!(partition = self.p, "{fenced}");
                     self.fenced = true;
+                    self.shared.fenced.fetch_add(1, Ordering::Relaxed);
                     return Err(StoreError(fenced.to_string()));
                 }
                 Ok(zombie) if zombie.is_empty() => break,
