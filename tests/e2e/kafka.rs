@@ -755,6 +755,9 @@ async fn a_zombie_owner_is_fenced() {
     }
 }
 
+/// Per key: requests acknowledged, and the ids of those that had one.
+type Acks = BTreeMap<String, (u64, Vec<String>)>;
+
 /// Kill -9 of one of three processes under load, with a rule that makes every request a
 /// transition (so a request applied twice shows in the version): requests with ids and without.
 /// Every acknowledged request is in the final state, none is applied twice, and retrying the
@@ -772,8 +775,7 @@ async fn kill_9_of_one_of_three_with_and_without_ids() {
         .collect();
     wait_for_split(&servers.iter().map(|s| s.as_ref()).collect::<Vec<_>>()).await;
 
-    // acks[key] = (requests acknowledged, ids acknowledged)
-    let acks: Arc<std::sync::Mutex<BTreeMap<String, (u64, Vec<String>)>>> = Arc::default();
+    let acks: Arc<std::sync::Mutex<Acks>> = Arc::default();
     let mut clients = Vec::new();
     for c in 0..12 {
         let (servers, acks) = (servers.clone(), acks.clone());
