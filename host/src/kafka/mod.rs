@@ -364,10 +364,9 @@ impl KafkaNode {
         let producer: FutureProducer = client_config(&kafka)
             .set("client.id", &node_id)
             .set("acks", "all")
-            // One request in flight per connection keeps each partition's records in order
-            // even when a send is retried.
-            .set("max.in.flight.requests.per.connection", "1")
-            .set("enable.idempotence", "false")
+            // The idempotent producer: a send retried after a lost acknowledgement is written
+            // once, and each partition's records stay in order with several in flight.
+            .set("enable.idempotence", "true")
             .set("linger.ms", "1")
             .set("message.timeout.ms", "30000")
             .create()
