@@ -187,6 +187,19 @@ impl RouteCache {
         shard.insert(user.to_string(), route);
     }
 
+    /// Sets the user's route whatever the cache held: for a reader that sees routes in the
+    /// order they were recorded (Kafka mode's routes topic), where that order, not the clocks
+    /// of the processes that recorded them, says which is newest.
+    pub fn replace(&self, user: &str, route: Route) {
+        let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = shard.get_mut(user) {
+            *existing = route;
+            return;
+        }
+        drop(shard);
+        self.record(user, route);
+    }
+
     /// The user's live route, if the cache has it.
     pub fn lookup(&self, user: &str, now_ms: u64) -> Option<Route> {
         let shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());

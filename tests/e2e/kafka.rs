@@ -858,3 +858,46 @@ async fn kill_9_of_one_of_three_with_and_without_ids() {
         assert_eq!(before, after, "{key}: a retry was applied again");
     }
 }
+
+/// The stale-route race: a user reserves a new key through one process and, 3 ms after sending
+/// it, sends a user-only associate through another, whose cache still holds the user's older
+/// key. A route whose write the broker acknowledged before the associate arrived must be used
+/// (README: "Routes in a cluster"); a reserve still in flight is concurrent and may lose, so
+/// the test allows a few such tries out of 20 (before the rule, about every try went stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_only_request_right_after_a_reserve_elsewhere_uses_the_new_route() {
+    let config = cluster_config();
+    let (p1, p2) = (Arc::new(start(&config)), start(&config));
+    wait_for_split(&[&p1, &p2]).await;
+    let (status, answer) = p1
+        .request(request("reserve", Some("sr-old"), "sr-user", "sr-old"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    // The second process learns the old route.
+    let (status, answer) = p2
+        .request(request("associate", None, "sr-user", "sr-old-a"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["key"], "sr-old");
+    let mut stale = Vec::new();
+    for i in 0..20 {
+        let key = format!("sr-new-{i}");
+        let reserve = {
+            let (p1, key) = (p1.clone(), key.clone());
+            tokio::spawn(async move {
+                p1.request(request("reserve", Some(&key), "sr-user", &key))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let (_, answer) = p2
+            .request(request("associate", None, "sr-user", &format!("{key}-a")))
+            .await;
+        let (status, reserved) = reserve.await.unwrap();
+        assert_eq!(status, 200, "{reserved}");
+        if answer["key"] != key.as_str() {
+            stale.push((i, answer));
+        }
+    }
+    assert!(stale.len() <= 3, "stale routes used: {stale:?}");
+}

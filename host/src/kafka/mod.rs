@@ -246,6 +246,49 @@ impl RunningRules {
     }
 }
 
+/// Kafka key prefix of the routes topic's position markers (never a user's route).
+const SYNC_PREFIX: &str = "\u{0}sync/";
+
+/// How far a reader has read each partition of a topic, and a way to wait for a position.
+#[derive(Default)]
+struct ReadPositions {
+    /// Next offset to read, by partition.
+    next: Mutex<HashMap<i32, i64>>,
+    /// Wakes the waiters when a position moves.
+    moved: tokio::sync::Notify,
+}
+
+impl ReadPositions {
+    fn advance(&self, partition: i32, next: i64) {
+        self.next
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(partition, next);
+        self.moved.notify_waiters();
+    }
+
+    /// Returns once `partition` has been read up to (not including) `next`.
+    async fn reached(&self, partition: i32, next: i64) {
+        loop {
+            // Registered before the position is read, so a move in between is not missed.
+            let moved = self.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let at = self
+                .next
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&partition)
+                .copied()
+                .unwrap_or(0);
+            if at >= next {
+                return;
+            }
+            moved.await;
+        }
+    }
+}
+
 /// HTTP requests waiting for their outcome, by request id. Each waiter is removed by its own
 /// guard when its request ends in any way (answer, timeout, or the client going away), so
 /// nothing leaks and one waiter's timeout does not drop another's wait for the same id.
@@ -320,6 +363,11 @@ pub struct KafkaNode {
     routes: Arc<RouteCache>,
     /// HTTP requests waiting for their outcome.
     pending: Arc<Waiters>,
+    /// Picks a user's partition of the routes topic: all of one user's routes, and the
+    /// position markers of requests that look the user up, go to one partition, in order.
+    routes_partitioner: Partitioner,
+    /// How far the routes reader has read each partition of the routes topic.
+    routes_read: Arc<ReadPositions>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Makes ids for requests that come without one.
@@ -385,7 +433,11 @@ impl KafkaNode {
             owned: Mutex::new(BTreeMap::new()),
             fenced: AtomicU64::new(0),
         });
+        let (routes_consumer, routes_partitions) =
+            reader(&kafka, &kafka.routes_topic, Offset::Beginning)?;
         let node = Arc::new(KafkaNode {
+            routes_partitioner: Partitioner::new(config.partitions.hash, routes_partitions),
+            routes_read: Arc::default(),
             shared: shared.clone(),
             partitioner,
             routes: Arc::new(RouteCache::new(
@@ -399,7 +451,7 @@ impl KafkaNode {
             metrics: crate::metrics::RequestMetrics::default(),
         });
         let threads = vec![
-            node.spawn_routes_reader()?,
+            node.spawn_routes_reader(routes_consumer)?,
             node.spawn_outcomes_reader()?,
             spawn_group_member(shared, node.stop.clone())?,
         ];
@@ -448,6 +500,7 @@ impl KafkaNode {
                     .producer
                     .send(
                         FutureRecord::to(&kafka.routes_topic)
+                            .partition(self.routes_partitioner.partition(&request.user) as i32)
                             .key(&request.user)
                             .payload(&value),
                         Duration::from_secs(30),
@@ -506,19 +559,40 @@ impl KafkaNode {
         result
     }
 
-    /// The user's route: from this process's cache, which the routes topic fills. A route
-    /// another process recorded a moment ago may still be on its way, so a miss waits up to
-    /// `kafka.route_wait_ms` before it is an unknown route.
+    /// The user's route, as of the moment this request arrived. A route another process
+    /// recorded a moment ago may not have reached this process's cache yet, and a stale route is
+    /// as wrong as a missing one. So the lookup writes a position marker to the user's partition
+    /// of the routes topic and waits until the routes reader has read past it: every route
+    /// recorded (acknowledged) before this request arrived is then in the cache, newest last.
+    /// The wait is bounded by `kafka.route_wait_ms`.
     async fn wait_for_route(&self, user: &str) -> Result<String, SubmitError> {
-        let deadline = Instant::now() + Duration::from_millis(self.shared.kafka.route_wait_ms);
-        loop {
-            if let Some(route) = self.routes.lookup(user, now_ms()) {
-                return Ok(route.key);
-            }
-            if Instant::now() >= deadline {
-                return Err(SubmitError::UnknownRoute(user.to_string()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let kafka = &self.shared.kafka;
+        let wait = Duration::from_millis(kafka.route_wait_ms);
+        let partition = self.routes_partitioner.partition(user) as i32;
+        let marker = format!("{SYNC_PREFIX}{}", self.shared.node_id);
+        let sent = self
+            .shared
+            .producer
+            .send(
+                FutureRecord::to(&kafka.routes_topic)
+                    .partition(partition)
+                    .key(&marker)
+                    .payload(b"{}".as_slice()),
+                wait,
+            )
+            .await
+            .map_err(|(e, _)| SubmitError::Store(format!("looking up the route: {e}")))?;
+        let caught_up =
+            tokio::time::timeout(wait, self.routes_read.reached(partition, sent.offset + 1)).await;
+        if caught_up.is_err() {
+            return Err(SubmitError::Store(format!(
+                "the routes topic was not read up to the lookup within {} ms (kafka.route_wait_ms); retry",
+                kafka.route_wait_ms
+            )));
+        }
+        match self.routes.lookup(user, now_ms()) {
+            Some(route) => Ok(route.key),
+            None => Err(SubmitError::UnknownRoute(user.to_string())),
         }
     }
 
@@ -685,33 +759,43 @@ impl KafkaNode {
         stop_partitions(&self.shared, None);
     }
 
-    fn spawn_routes_reader(self: &Arc<Self>) -> anyhow::Result<JoinHandle<()>> {
-        let consumer = reader(
-            &self.shared.kafka,
-            &self.shared.kafka.routes_topic,
-            Offset::Beginning,
-        )?;
-        let (routes, stop) = (self.routes.clone(), self.stop.clone());
+    /// Reads the routes topic into the route cache, in offset order (the topic's order is the
+    /// order routes were recorded in, whichever process recorded them), and publishes how far
+    /// it has read each partition for [`KafkaNode::wait_for_route`].
+    fn spawn_routes_reader(
+        self: &Arc<Self>,
+        consumer: BaseConsumer,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let (routes, stop, read) = (
+            self.routes.clone(),
+            self.stop.clone(),
+            self.routes_read.clone(),
+        );
         Ok(std::thread::Builder::new()
             .name("kafka-routes".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match consumer.poll(Duration::from_millis(100)) {
                         Some(Ok(message)) => {
-                            let (Some(user), Some(value)) = (message.key(), message.payload())
-                            else {
-                                continue;
-                            };
-                            match (
-                                std::str::from_utf8(user),
-                                serde_json::from_slice::<Route>(value),
-                            ) {
-                                (Ok(user), Ok(route)) => routes.record(user, route),
+                            let user = message.key().map(std::str::from_utf8);
+                            match (user, message.payload()) {
+                                // A position marker (see `wait_for_route`): nothing to cache.
+                                (Some(Ok(user)), _) if user.starts_with(SYNC_PREFIX) => {}
+                                (Some(Ok(user)), Some(value)) => {
+                                    match serde_json::from_slice::<Route>(value) {
+                                        Ok(route) => routes.replace(user, route),
+                                        Err(e) => tracing::warn!(
+                                            offset = message.offset(),
+                                            "skipping an unreadable record of the routes topic: {e}"
+                                        ),
+                                    }
+                                }
                                 _ => tracing::warn!(
                                     offset = message.offset(),
-                                    "skipping an unreadable record of the routes topic"
+                                    "skipping a routes record without a user"
                                 ),
                             }
+                            read.advance(message.partition(), message.offset() + 1);
                         }
                         Some(Err(e)) => tracing::warn!("reading routes: {e}"),
                         None => {}
@@ -723,7 +807,7 @@ impl KafkaNode {
     fn spawn_outcomes_reader(self: &Arc<Self>) -> anyhow::Result<JoinHandle<()>> {
         // From the end: only outcomes of requests this process sends from now on matter, and a
         // restart must not read the topic's whole history.
-        let consumer = reader(
+        let (consumer, _) = reader(
             &self.shared.kafka,
             &self.shared.kafka.outcomes_topic,
             Offset::End,
@@ -752,7 +836,7 @@ impl KafkaNode {
 }
 
 /// A consumer outside any group that reads every partition of `topic` from `offset`.
-fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<BaseConsumer> {
+fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(BaseConsumer, u32)> {
     let consumer: BaseConsumer = client_config(kafka)
         .set("group.id", format!("{}-reader", kafka.group))
         .set("enable.auto.commit", "false")
@@ -775,7 +859,7 @@ fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<Ba
         tpl.add_partition_offset(topic, p as i32, offset)?;
     }
     consumer.assign(&tpl)?;
-    Ok(consumer)
+    Ok((consumer, partitions as u32))
 }
 
 /// Creates the topics that do not exist (requests and changelog with N partitions), and refuses
