@@ -228,8 +228,12 @@ pub struct StoreConfig {
     /// Directory of the partition files; none keeps all state in memory (lost on exit).
     pub data_dir: Option<PathBuf>,
     /// `sync`: a request is acknowledged only after its batch is on disk. `none`: commits are
-    /// not synced, so a crash loses the last moments (for benchmarks and tests).
+    /// not synced before the answer; a crash loses at most `flush_interval_ms` of them.
     pub durability: Durability,
+    /// With durability `none`: the longest time a committed batch waits before it is synced to
+    /// disk (a partition with unsynced batches syncs when this has passed, busy or idle, and on
+    /// shutdown), in milliseconds.
+    pub flush_interval_ms: u64,
     /// How many client request ids each partition remembers for deduplication.
     pub dedup_retention: u64,
 }
@@ -239,6 +243,7 @@ impl Default for StoreConfig {
         StoreConfig {
             data_dir: None,
             durability: Durability::Sync,
+            flush_interval_ms: 1000,
             dedup_retention: 1_000_000,
         }
     }
@@ -346,6 +351,9 @@ impl Config {
         }
         if p.max_batch == 0 {
             return Err(invalid("partitions.max_batch must be at least 1"));
+        }
+        if self.store.flush_interval_ms == 0 {
+            return Err(invalid("store.flush_interval_ms must be at least 1"));
         }
         if self.routes.capacity == 0 {
             return Err(invalid("routes.capacity must be at least 1"));

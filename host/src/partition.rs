@@ -139,6 +139,7 @@ pub(crate) struct PartitionSetup {
     pub dedup_retention: u64,
     pub queue_capacity: usize,
     pub max_batch: usize,
+    pub sync_interval: std::time::Duration,
     /// Decide with this native function instead of the Wasm rule (benchmarks only).
     pub native: Option<crate::native::NativeRule>,
 }
@@ -206,8 +207,12 @@ impl Partition {
                             decider: instance,
                             stats: thread_stats,
                             max_batch: setup.max_batch,
+                            sync_interval: setup.sync_interval,
                         };
-                        engine.run(&mut LocalQueue { receiver });
+                        engine.run(&mut LocalQueue {
+                            receiver,
+                            idle_wake: setup.sync_interval,
+                        });
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -410,6 +415,8 @@ pub(crate) struct Engine {
     pub stats: Arc<PartitionStats>,
     /// Most requests per batch (one transaction, one commit).
     pub max_batch: usize,
+    /// With durability `none`: how long a commit may stay unsynced (the window a crash loses).
+    pub sync_interval: std::time::Duration,
 }
 
 impl Engine {
@@ -418,14 +425,23 @@ impl Engine {
         let mut inbox = Inbox::default();
         let mut results = Vec::new();
         while transport.next_batch(&mut inbox, self.max_batch) {
-            if inbox.is_empty() {
-                continue;
-            }
-            if self.process(transport, &mut inbox, &mut results) {
+            let stop = !inbox.is_empty() && self.process(transport, &mut inbox, &mut results);
+            if stop {
                 break;
             }
+            if self.store.sync_due(self.sync_interval) {
+                self.sync();
+            }
         }
+        self.sync();
         tracing::debug!(partition = self.id, "partition thread stopped");
+    }
+
+    /// Syncs unsynced commits (durability `none`); a failure is logged and retried later.
+    fn sync(&mut self) {
+        if let Err(e) = self.store.sync() {
+            tracing::error!(partition = self.id, "syncing the store: {e}");
+        }
     }
 
     /// Applies one batch, then handles its control messages. Returns whether a Stop was seen.
@@ -532,14 +548,19 @@ impl Engine {
 /// Local mode's transport: the partition's bounded in-process queue, and oneshot replies.
 struct LocalQueue {
     receiver: Receiver<Command>,
+    /// How long to wait for a message before handing the engine an empty batch, so an idle
+    /// partition still syncs its unsynced commits on time.
+    idle_wake: std::time::Duration,
 }
 
 impl Transport for LocalQueue {
     type Reply = oneshot::Sender<Result<Decision, ApplyError>>;
 
     fn next_batch(&mut self, inbox: &mut Inbox<Self::Reply>, max_batch: usize) -> bool {
-        let Ok(first) = self.receiver.recv() else {
-            return false;
+        let first = match self.receiver.recv_timeout(self.idle_wake) {
+            Ok(first) => first,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => return true,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return false,
         };
         let mut taken = 1;
         inbox.push(first);

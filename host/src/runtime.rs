@@ -238,6 +238,7 @@ impl Runtime {
                 dedup_retention: config.store.dedup_retention,
                 queue_capacity: config.partitions.queue_capacity,
                 max_batch: config.partitions.max_batch,
+                sync_interval: std::time::Duration::from_millis(config.store.flush_interval_ms),
                 native,
             })?;
             for (user, route) in stored_routes {

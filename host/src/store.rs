@@ -346,6 +346,8 @@ pub struct PartitionStore {
     durability: RedbDurability,
     dedup_retention: u64,
     counters: Counters,
+    /// With durability `none`: when the oldest commit not yet synced to disk was made.
+    unsynced_since: Option<std::time::Instant>,
 }
 
 impl PartitionStore {
@@ -367,6 +369,7 @@ impl PartitionStore {
             },
             dedup_retention: dedup_retention.max(1),
             counters: Counters::default(),
+            unsynced_since: None,
         };
         store.counters = store.read_counters()?;
         Ok(store)
@@ -457,6 +460,10 @@ impl PartitionStore {
             Ok((r, counters)) => match txn.commit() {
                 Ok(()) => {
                     self.counters = counters;
+                    if matches!(durability, RedbDurability::None) {
+                        self.unsynced_since
+                            .get_or_insert_with(std::time::Instant::now);
+                    }
                     Ok(r)
                 }
                 Err(e) => {
@@ -472,6 +479,28 @@ impl PartitionStore {
                 Err(e)
             }
         }
+    }
+
+    /// Whether a commit has waited longer than `interval` to be synced (durability `none`).
+    pub fn sync_due(&self, interval: std::time::Duration) -> bool {
+        self.unsynced_since.is_some_and(|t| t.elapsed() >= interval)
+    }
+
+    /// Syncs every commit made so far to disk: redb persists a non-durable commit only when a
+    /// durable one follows, so this is an empty durable commit. A no-op when nothing is unsynced.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.unsynced_since.is_none() {
+            return Ok(());
+        }
+        let txn = self.db()?.begin_write().map_err(db_error)?;
+        txn.commit().map_err(|e| {
+            StoreError::at(
+                format_args!("syncing partition {}", self.partition),
+                db_error(e),
+            )
+        })?;
+        self.unsynced_since = None;
+        Ok(())
     }
 
     /// The current state of `key`, from committed data.

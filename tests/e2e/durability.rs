@@ -402,3 +402,29 @@ async fn full_disk_fails_the_batch_and_recovers() {
     assert_eq!(server.get("/v1/keys/before").await.1["state"]["version"], 1);
     assert!(server.terminate());
 }
+
+/// `durability = "none"` loses at most `store.flush_interval_ms` on a crash: keys written, an
+/// idle wait longer than the window, `kill -9`, and every key is there after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn durability_none_syncs_within_the_flush_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ServerArgs::default()
+        .data_dir(dir.path())
+        .config("[store]\ndurability = \"none\"\nflush_interval_ms = 200\n");
+    let server = Server::start_with(args.clone());
+    for u in 0..200 {
+        let (status, answer) = server
+            .request(body("reserve", Some(&format!("N-{u}")), &format!("n-{u}")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    // Longer than the window: an idle partition must sync on its own.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill9();
+
+    let server = Server::start_with(args);
+    for u in 0..200 {
+        let (status, doc) = server.get(&format!("/v1/keys/N-{u}")).await;
+        assert_eq!(status, 200, "N-{u} lost: {doc}");
+    }
+}

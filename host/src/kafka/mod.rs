@@ -1240,6 +1240,7 @@ fn restore_and_serve(
         decider: Decider::Wasm(shared.sandbox.instantiate(rule, p)?),
         stats: stats.partition.clone(),
         max_batch: shared.config.partitions.max_batch,
+        sync_interval: Duration::from_millis(shared.config.store.flush_interval_ms),
     };
     let mut transport = KafkaLog {
         shared,
