@@ -132,7 +132,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::Backpressure(_) | SubmitError::ShuttingDown | SubmitError::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            SubmitError::Rule(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubmitError::Rule(_) | SubmitError::Damaged(_) => StatusCode::INTERNAL_SERVER_ERROR,
             SubmitError::IdConflict(_) => StatusCode::CONFLICT,
             SubmitError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         };
@@ -146,13 +146,14 @@ impl From<SubmitError> for ApiError {
 
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
-        let code = match &e {
-            ReadError::Backpressure(_) => "backpressure",
-            ReadError::ShuttingDown => "shutting_down",
-            ReadError::Store(_) => "store_unavailable",
+        let (status, code) = match &e {
+            ReadError::Backpressure(_) => (StatusCode::SERVICE_UNAVAILABLE, "backpressure"),
+            ReadError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            ReadError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ReadError::Damaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_damaged"),
         };
         ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            status,
             code,
             message: e.to_string(),
         }

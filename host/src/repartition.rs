@@ -81,18 +81,21 @@ pub fn repartition(
     let mut olds = Vec::new();
     for p in 0..old.partitions {
         let path = store::partition_path(&old_dir, p);
+        // Opening for writing takes redb's lock: a running server holds it. An existing file is
+        // opened, never re-created; a missing or empty one stops the repartition.
+        let db = store::open_existing(&path)?;
+        let damage = store::scan(&db, 5);
         ensure!(
-            path.exists(),
-            "partition file {} is missing",
-            path.display()
+            damage.is_empty(),
+            "{} is damaged: {}; nothing was changed ({})",
+            path.display(),
+            damage
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+            store::DAMAGE_RECOVERY
         );
-        // Opening for writing takes redb's lock: a running server holds it.
-        let db = Database::create(&path).with_context(|| {
-            format!(
-                "opening {} (is a turnstile server still running on this data dir?)",
-                path.display()
-            )
-        })?;
         olds.push(db);
     }
 
@@ -110,7 +113,7 @@ pub fn repartition(
         }
         for row in txn.open_table(ROUTES)?.iter()? {
             let (user, value) = row?;
-            let route: Route = store::decode(value.value())?;
+            let route: Route = store::decode(user.value(), value.value())?;
             routes[home(&route.key)]
                 .push((user.value().as_bytes().to_vec(), value.value().to_vec()));
         }
@@ -120,19 +123,19 @@ pub fn repartition(
             let Some(value) = dedup_table.get(id.value())? else {
                 continue;
             };
-            let entry: DedupEntry = store::decode(value.value())?;
+            let entry: DedupEntry = store::decode(id.value(), value.value())?;
             dedup[home(&entry.decision.key)]
                 .push((id.value().as_bytes().to_vec(), value.value().to_vec()));
         }
         for row in txn.open_table(LOG)?.iter()? {
-            let (_, value) = row?;
-            let entry: LogEntry = store::decode(value.value())?;
-            logs[home(&entry.request.key)].push((Vec::new(), value.value().to_vec()));
+            let (seq, value) = row?;
+            let entry: LogEntry = store::decode(&seq.value(), value.value())?;
+            logs[home(&entry.request.key)].push((Vec::new(), store::encode(&0, &entry)));
         }
         for row in txn.open_table(DEAD_LETTERS)?.iter()? {
-            let (_, value) = row?;
-            let letter: DeadLetter = store::decode(value.value())?;
-            dead[home(&letter.request.key)].push((Vec::new(), value.value().to_vec()));
+            let (seq, value) = row?;
+            let letter: DeadLetter = store::decode(&seq.value(), value.value())?;
+            dead[home(&letter.request.key)].push((Vec::new(), store::encode(&0, &letter)));
         }
         progress(&format!("read partition {}/{}", p + 1, old.partitions));
     }
@@ -179,23 +182,23 @@ pub fn repartition(
             for (seq, (id, value)) in dedup[p].iter().enumerate() {
                 let id = std::str::from_utf8(id)?;
                 // A retry answers with where the request lives now.
-                let mut entry: DedupEntry = store::decode(value)?;
+                let mut entry: DedupEntry = store::decode(id, value)?;
                 entry.decision.partition = p as u32;
-                dedup_table.insert(id, store::encode(&entry).as_slice())?;
+                dedup_table.insert(id, store::encode(id, &entry).as_slice())?;
                 order.insert(seq as u64 + 1, id)?;
             }
             let mut log = txn.open_table(LOG)?;
             for (i, (_, value)) in logs[p].iter().enumerate() {
-                let mut entry: LogEntry = store::decode(value)?;
+                let mut entry: LogEntry = store::decode(&0, value)?;
                 entry.seq = i as u64 + 1;
-                log.insert(entry.seq, store::encode(&entry).as_slice())?;
+                log.insert(entry.seq, store::encode(&entry.seq, &entry).as_slice())?;
             }
             let mut dead_letters = txn.open_table(DEAD_LETTERS)?;
             for (i, (_, value)) in dead[p].iter().enumerate() {
-                let mut letter: DeadLetter = store::decode(value)?;
+                let mut letter: DeadLetter = store::decode(&0, value)?;
                 letter.seq = i as u64 + 1;
                 letter.partition = p as u32;
-                dead_letters.insert(letter.seq, store::encode(&letter).as_slice())?;
+                dead_letters.insert(letter.seq, store::encode(&letter.seq, &letter).as_slice())?;
             }
         }
         // Immediate durability (the default): synced when commit returns.

@@ -12,7 +12,12 @@
 //! | `log`          | sequence number    | [`LogEntry`]: request, outcome, rule version, time |
 //! | `dead_letters` | sequence number    | [`DeadLetter`]: request, failure, rule version    |
 //!
-//! Values are JSON, so a file can be inspected with any redb tool and read by later versions.
+//! Every value is a checksummed record: one marker byte, the CRC-32 of the record's key and
+//! JSON, then the JSON itself (so a file can still be inspected with any redb tool). A record
+//! whose checksum does not match, or that does not decode, is *damage*: the partition refuses
+//! to start, or, if the damage is met while running, refuses every further write (see
+//! [`StoreErrorKind::Damaged`]). Data dirs of format 1 hold records without the prefix; they are
+//! read as they are (without a checksum) and new records are written checksummed.
 //!
 //! # Invariants
 //!
@@ -70,20 +75,63 @@ pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::ne
 /// File in the data dir that records the layout (invariant 6).
 pub const LAYOUT_FILE: &str = "turnstile.json";
 
-/// A store failure. Requests that hit one answer 503: the state is unchanged and a retry with
-/// the same id is safe.
+/// A store failure: nothing of the batch it hit was applied.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+#[error("{message}")]
+pub struct StoreError {
+    /// Whether a retry can help.
+    pub kind: StoreErrorKind,
+    /// What failed, with the file (and key, for damage) it concerns.
+    pub message: String,
+}
+
+/// Whether a store failure is transient or the file is damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The disk or the database failed; the partition reopens the file before its next batch,
+    /// so a retry with the same id is safe and may succeed (503 `store_unavailable`).
+    Unavailable,
+    /// The file holds bytes Turnstile did not write (a checksum mismatch, an undecodable record,
+    /// or a redb structure redb itself cannot read). Retrying cannot help: the partition refuses
+    /// every write until the file is restored (500 `store_damaged`).
+    Damaged,
+}
 
 impl StoreError {
     fn at(what: impl std::fmt::Display, e: impl std::fmt::Display) -> StoreError {
-        StoreError(format!("{what}: {e}"))
+        StoreError::unavailable(format!("{what}: {e}"))
+    }
+
+    /// A transient failure.
+    pub fn unavailable(message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind: StoreErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// Damage in a file.
+    pub fn damaged(message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind: StoreErrorKind::Damaged,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the file is damaged (see [`StoreErrorKind::Damaged`]).
+    pub fn is_damage(&self) -> bool {
+        self.kind == StoreErrorKind::Damaged
     }
 }
 
+/// redb reports damage it notices itself (a page checksum, a malformed page) as `Corrupted`.
 fn db_error(e: impl Into<redb::Error>) -> StoreError {
-    StoreError(e.into().to_string())
+    let e = e.into();
+    if matches!(&e, redb::Error::Corrupted(_)) {
+        StoreError::damaged(e.to_string())
+    } else {
+        StoreError::unavailable(e.to_string())
+    }
 }
 
 /// Where partition files live.
@@ -109,8 +157,13 @@ pub struct Layout {
     pub generation: u64,
 }
 
-/// The current data dir format.
-pub const FORMAT: u32 = 1;
+/// The current data dir format: 2 has checksummed records. Format 1 (bare JSON records) is
+/// still read, and a data dir of format 1 is marked 2 when a server opens it, since it then
+/// gets checksummed records an older Turnstile could not read.
+pub const FORMAT: u32 = 2;
+
+/// The oldest data dir format this Turnstile reads.
+const OLDEST_FORMAT: u32 = 1;
 
 /// Why a data dir cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +187,7 @@ pub enum LayoutError {
         new_hash: HashKind,
     },
     /// A partition file is missing.
-    #[error("partition file {0} is missing; the data dir is incomplete (restore it from a backup)")]
+    #[error("partition file {} is missing; the data dir is incomplete: {MISSING_RECOVERY}", .0.display())]
     MissingPartition(PathBuf),
     /// The layout file or dir is unreadable, or a partition file is corrupt.
     #[error("{0}")]
@@ -163,9 +216,9 @@ pub fn read_layout(dir: &Path) -> Result<Option<Layout>, LayoutError> {
                     layout_path.display()
                 ))
             })?;
-            if layout.format != FORMAT {
+            if !(OLDEST_FORMAT..=FORMAT).contains(&layout.format) {
                 return Err(other(format!(
-                    "{} has data dir format {}, this turnstile reads format {FORMAT}",
+                    "{} has data dir format {}, this turnstile reads formats {OLDEST_FORMAT} to {FORMAT}",
                     layout_path.display(),
                     layout.format
                 )));
@@ -199,6 +252,16 @@ pub fn prepare_dir(dir: &Path, partitions: u32, hash: HashKind) -> Result<PathBu
                     return Err(LayoutError::MissingPartition(path));
                 }
             }
+            if old.format < FORMAT {
+                write_layout(
+                    dir,
+                    &Layout {
+                        format: FORMAT,
+                        ..old
+                    },
+                )
+                .map_err(other)?;
+            }
             Ok(generation)
         }
         None => {
@@ -224,10 +287,25 @@ pub fn prepare_dir(dir: &Path, partitions: u32, hash: HashKind) -> Result<PathBu
             let generation = generation_dir(dir, layout.generation);
             std::fs::create_dir_all(&generation)
                 .map_err(|e| other(format!("creating {}: {e}", generation.display())))?;
+            // Every partition file exists before the layout names the generation, so from then
+            // on a missing or empty file is damage, never something to create.
+            create_partition_files(&generation, partitions).map_err(other)?;
             write_layout(dir, &layout).map_err(other)?;
             Ok(generation)
         }
     }
+}
+
+/// Creates the (empty) redb files of partitions `0..partitions` in `generation_dir` and syncs
+/// the directory. Only for a generation no layout names yet.
+pub fn create_partition_files(generation_dir: &Path, partitions: u32) -> Result<(), String> {
+    for p in 0..partitions {
+        let path = partition_path(generation_dir, p);
+        Database::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    }
+    std::fs::File::open(generation_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("syncing {}: {e}", generation_dir.display()))
 }
 
 /// Writes `turnstile.json` atomically (write a temporary file, sync it, rename it, sync the
@@ -312,10 +390,14 @@ pub struct PartitionStore {
     durability: RedbDurability,
     dedup_retention: u64,
     counters: Counters,
+    /// Set once damage is found in the file: every later write is refused with it, since
+    /// writing into a damaged file can only spread the damage (reads of healthy records go on).
+    damaged: Option<StoreError>,
 }
 
 impl PartitionStore {
-    /// Opens (or creates) partition `partition`'s database.
+    /// Opens partition `partition`'s database: for a data dir, the file [`prepare_dir`] made
+    /// (never re-created), verified record by record before the partition serves anything.
     pub fn open(
         location: &Location,
         partition: u32,
@@ -323,6 +405,18 @@ impl PartitionStore {
         dedup_retention: u64,
     ) -> Result<PartitionStore, StoreError> {
         let db = open_db(location, partition)?;
+        if let Location::Dir(dir) = location {
+            let path = partition_path(dir, partition);
+            let found = scan(&db, 5);
+            if !found.is_empty() {
+                let listed: Vec<String> = found.iter().map(|d| d.to_string()).collect();
+                return Err(StoreError::damaged(format!(
+                    "{} is damaged: {}; {DAMAGE_RECOVERY}",
+                    path.display(),
+                    listed.join("; ")
+                )));
+            }
+        }
         let mut store = PartitionStore {
             db: Some(db),
             location: location.clone(),
@@ -333,12 +427,27 @@ impl PartitionStore {
             },
             dedup_retention: dedup_retention.max(1),
             counters: Counters::default(),
+            damaged: None,
         };
         store.counters = store.read_counters()?;
         Ok(store)
     }
 
-    fn db(&mut self) -> Result<&Database, StoreError> {
+    /// Where this partition's data lives, for messages.
+    fn describe(&self) -> String {
+        match &self.location {
+            Location::Dir(dir) => partition_path(dir, self.partition).display().to_string(),
+            Location::Memory => format!("partition {} (memory)", self.partition),
+        }
+    }
+
+    /// Runs `f` over the open database (reopening it after a failed commit). Damage it meets is
+    /// logged once, named by file, and remembered so later writes are refused; a redb panic is
+    /// caught and treated as damage.
+    fn with_db<R>(
+        &mut self,
+        f: impl FnOnce(&Database) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         if self.db.is_none() {
             // A previous commit failed; redb may have given up on the handle. Reopening replays
             // its recovery, and the counters come from what is really on disk.
@@ -352,87 +461,89 @@ impl PartitionStore {
                 }
             }
         }
-        Ok(self.db.as_ref().expect("just opened"))
+        let db = self.db.as_ref().expect("just opened");
+        let result = guard(|| f(db)).and_then(|r| r);
+        match result {
+            Err(e) if e.is_damage() => Err(self.mark_damaged(e)),
+            other => other,
+        }
+    }
+
+    /// Records damage (the first one wins) and returns it with the file named.
+    fn mark_damaged(&mut self, e: StoreError) -> StoreError {
+        let e = StoreError::damaged(format!(
+            "{} is damaged: {}; writes to partition {} are refused until it is restored ({DAMAGE_RECOVERY})",
+            self.describe(),
+            e.message,
+            self.partition
+        ));
+        if self.damaged.is_none() {
+            tracing::error!(partition = self.partition, "{e}");
+            self.damaged = Some(e.clone());
+        }
+        e
     }
 
     fn read_counters(&mut self) -> Result<Counters, StoreError> {
         let db = self.db.as_ref().expect("open");
-        // Make sure every table exists, so readers never meet a missing one.
-        let txn = db.begin_write().map_err(db_error)?;
-        {
-            txn.open_table(STATES).map_err(db_error)?;
-            txn.open_table(ROUTES).map_err(db_error)?;
-            txn.open_table(DEDUP).map_err(db_error)?;
-            txn.open_table(DEDUP_ORDER).map_err(db_error)?;
-            txn.open_table(LOG).map_err(db_error)?;
-            txn.open_table(DEAD_LETTERS).map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)?;
-        let txn = db.begin_read().map_err(db_error)?;
-        let last = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
-            Ok(t.last()
-                .map_err(db_error)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0))
-        };
-        let log = txn.open_table(LOG).map_err(db_error)?;
-        let dead = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
-        let order = txn.open_table(DEDUP_ORDER).map_err(db_error)?;
-        Ok(Counters {
-            next_log_seq: last(&log)? + 1,
-            next_dead_seq: last(&dead)? + 1,
-            next_dedup_seq: order
-                .last()
-                .map_err(db_error)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0)
-                + 1,
-            dedup_len: order.len().map_err(db_error)?,
-        })
+        guard(|| read_counters(db)).and_then(|r| r)
     }
 
     /// Runs `f` over one write transaction and commits it (invariant 2). If `f` or the commit
-    /// fails nothing of it is stored, and the error says why.
+    /// fails nothing of it is stored, and the error says why. A damaged partition refuses.
     pub fn write_batch<R>(
         &mut self,
         f: impl FnOnce(&mut Batch<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        if let Some(damage) = &self.damaged {
+            return Err(damage.clone());
+        }
         let durability = self.durability;
         let retention = self.dedup_retention;
         let counters = self.counters;
-        let db = self.db()?;
-        let mut txn = db.begin_write().map_err(db_error)?;
-        txn.set_durability(durability).map_err(db_error)?;
-        let result = {
-            let mut batch = Batch {
-                states: txn.open_table(STATES).map_err(db_error)?,
-                routes: txn.open_table(ROUTES).map_err(db_error)?,
-                dedup: txn.open_table(DEDUP).map_err(db_error)?,
-                dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
-                log: txn.open_table(LOG).map_err(db_error)?,
-                dead_letters: txn.open_table(DEAD_LETTERS).map_err(db_error)?,
-                counters,
-                dedup_retention: retention,
+        let partition = self.partition;
+        // `None` from the closure: the commit failed and the handle must be reopened.
+        let outcome = self.with_db(|db| {
+            let mut txn = db.begin_write().map_err(db_error)?;
+            txn.set_durability(durability).map_err(db_error)?;
+            let result = {
+                let mut batch = Batch {
+                    states: txn.open_table(STATES).map_err(db_error)?,
+                    routes: txn.open_table(ROUTES).map_err(db_error)?,
+                    dedup: txn.open_table(DEDUP).map_err(db_error)?,
+                    dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
+                    log: txn.open_table(LOG).map_err(db_error)?,
+                    dead_letters: txn.open_table(DEAD_LETTERS).map_err(db_error)?,
+                    counters,
+                    dedup_retention: retention,
+                };
+                let result = f(&mut batch).and_then(|r| batch.trim_dedup().map(|()| r));
+                result.map(|r| (r, batch.counters))
             };
-            let result = f(&mut batch).and_then(|r| batch.trim_dedup().map(|()| r));
-            result.map(|r| (r, batch.counters))
-        };
-        match result {
-            Ok((r, counters)) => match txn.commit() {
-                Ok(()) => {
-                    self.counters = counters;
-                    Ok(r)
-                }
-                Err(e) => {
-                    self.db = None;
-                    Err(StoreError::at(
-                        format_args!("committing partition {}", self.partition),
+            match result {
+                Ok((r, counters)) => match txn.commit() {
+                    Ok(()) => Ok(Ok((r, counters))),
+                    Err(e) => Ok(Err(StoreError::at(
+                        format_args!("committing partition {partition}"),
                         db_error(e),
-                    ))
+                    ))),
+                },
+                Err(e) => {
+                    let _ = txn.abort();
+                    Err(e)
                 }
-            },
+            }
+        })?;
+        match outcome {
+            Ok((r, counters)) => {
+                self.counters = counters;
+                Ok(r)
+            }
             Err(e) => {
-                let _ = txn.abort();
+                self.db = None;
+                if e.is_damage() {
+                    return Err(self.mark_damaged(e));
+                }
                 Err(e)
             }
         }
@@ -440,28 +551,38 @@ impl PartitionStore {
 
     /// The current state of `key`, from committed data.
     pub fn state(&mut self, key: &str) -> Result<Option<State>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(STATES).map_err(db_error)?;
-        get_json(&table, key)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(STATES).map_err(db_error)?;
+            get_json(&table, "states", key)
+        })
     }
 
     /// The route of `user` recorded in this partition, if any.
     pub fn route(&mut self, user: &str) -> Result<Option<Route>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(ROUTES).map_err(db_error)?;
-        get_json(&table, user)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(ROUTES).map_err(db_error)?;
+            get_json(&table, "routes", user)
+        })
     }
 
     /// Every route recorded in this partition, for warming the route cache at start.
     pub fn routes(&mut self) -> Result<Vec<(String, Route)>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(ROUTES).map_err(db_error)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(db_error)? {
-            let (user, value) = row.map_err(db_error)?;
-            out.push((user.value().to_string(), decode(value.value())?));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(ROUTES).map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(db_error)? {
+                let (user, value) = row.map_err(db_error)?;
+                let user = user.value();
+                out.push((
+                    user.to_string(),
+                    decode(user, value.value()).map_err(|e| located(e, "routes", user))?,
+                ));
+            }
+            Ok(out)
+        })
     }
 
     /// Up to `limit` dead letters with a sequence number above `after`, oldest first.
@@ -470,32 +591,133 @@ impl PartitionStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
-        let mut out = Vec::new();
-        for row in table
-            .range(after.saturating_add(1)..)
-            .map_err(db_error)?
-            .take(limit)
-        {
-            let (_, value) = row.map_err(db_error)?;
-            out.push(decode(value.value())?);
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in table
+                .range(after.saturating_add(1)..)
+                .map_err(db_error)?
+                .take(limit)
+            {
+                let (seq, value) = row.map_err(db_error)?;
+                let seq = seq.value();
+                out.push(
+                    decode(&seq, value.value())
+                        .map_err(|e| located(e, "dead_letters", &seq.to_string()))?,
+                );
+            }
+            Ok(out)
+        })
     }
 
     /// Up to `limit` log entries from sequence number `from`, in order.
     pub fn log(&mut self, from: u64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(LOG).map_err(db_error)?;
-        let mut out = Vec::new();
-        for row in table.range(from..).map_err(db_error)?.take(limit) {
-            let (_, value) = row.map_err(db_error)?;
-            out.push(decode(value.value())?);
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(LOG).map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in table.range(from..).map_err(db_error)?.take(limit) {
+                let (seq, value) = row.map_err(db_error)?;
+                let seq = seq.value();
+                out.push(
+                    decode(&seq, value.value()).map_err(|e| located(e, "log", &seq.to_string()))?,
+                );
+            }
+            Ok(out)
+        })
     }
 }
+
+fn read_counters(db: &Database) -> Result<Counters, StoreError> {
+    // Make sure every table exists, so readers never meet a missing one.
+    let txn = db.begin_write().map_err(db_error)?;
+    {
+        txn.open_table(STATES).map_err(db_error)?;
+        txn.open_table(ROUTES).map_err(db_error)?;
+        txn.open_table(DEDUP).map_err(db_error)?;
+        txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+        txn.open_table(LOG).map_err(db_error)?;
+        txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+    }
+    txn.commit().map_err(db_error)?;
+    let txn = db.begin_read().map_err(db_error)?;
+    let last = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
+        Ok(t.last()
+            .map_err(db_error)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0))
+    };
+    let log = txn.open_table(LOG).map_err(db_error)?;
+    let dead = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+    let order = txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+    Ok(Counters {
+        next_log_seq: last(&log)? + 1,
+        next_dead_seq: last(&dead)? + 1,
+        next_dedup_seq: order
+            .last()
+            .map_err(db_error)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0)
+            + 1,
+        dedup_len: order.len().map_err(db_error)?,
+    })
+}
+
+/// Names the table and key of a damaged record in its error.
+fn located(e: StoreError, table: &str, key: &str) -> StoreError {
+    StoreError {
+        kind: e.kind,
+        message: format!("table `{table}`, key `{key}`: {}", e.message),
+    }
+}
+
+/// Opens the existing partition file at `path`: never creates one, and refuses an empty file
+/// (what a truncation leaves), which redb would otherwise initialise as an empty database and so
+/// silently lose every acknowledged key in it.
+pub fn open_existing(path: &Path) -> Result<Database, StoreError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::damaged(format!(
+                "partition file {} is missing; {MISSING_RECOVERY}",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(StoreError::at(path.display(), e)),
+    };
+    if meta.len() == 0 {
+        return Err(StoreError::damaged(format!(
+            "partition file {} is empty (0 bytes): it was truncated, so its acknowledged data is gone; {MISSING_RECOVERY}",
+            path.display()
+        )));
+    }
+    match guard(|| Database::open(path)) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::unavailable(format!(
+            "{} is in use: a turnstile server is still running on this data dir (stop it first)",
+            path.display()
+        ))),
+        Ok(Err(e)) => {
+            let e = db_error(e);
+            Err(StoreError {
+                kind: e.kind,
+                message: format!("opening {}: {}", path.display(), e.message),
+            })
+        }
+        Err(e) => Err(StoreError::damaged(format!(
+            "{}: {}; {DAMAGE_RECOVERY}",
+            path.display(),
+            e.message
+        ))),
+    }
+}
+
+/// What to do about a missing or emptied partition file.
+pub const MISSING_RECOVERY: &str = "restore the file (or the whole data dir) from a backup; \
+     to give up that partition's data instead, start over with an empty data dir \
+     (Turnstile never re-creates a single partition file, since keys, routes and request ids \
+     acknowledged in it would silently disappear)";
 
 fn open_db(location: &Location, partition: u32) -> Result<Database, StoreError> {
     match location {
@@ -504,10 +726,7 @@ fn open_db(location: &Location, partition: u32) -> Result<Database, StoreError> 
             .map_err(|e| {
                 StoreError::at(format_args!("partition {partition} (memory)"), db_error(e))
             }),
-        Location::Dir(dir) => {
-            let path = partition_path(dir, partition);
-            Database::create(&path).map_err(|e| StoreError::at(path.display(), db_error(e)))
-        }
+        Location::Dir(dir) => open_existing(&partition_path(dir, partition)),
     }
 }
 
@@ -526,18 +745,18 @@ pub struct Batch<'txn> {
 impl Batch<'_> {
     /// The state of `key` as this batch has it so far (earlier requests in the batch included).
     pub fn state(&self, key: &str) -> Result<Option<State>, StoreError> {
-        get_json(&self.states, key)
+        get_json(&self.states, "states", key)
     }
 
     /// The dedup entry of a client request id, if one was applied before.
     pub fn dedup(&self, id: &str) -> Result<Option<DedupEntry>, StoreError> {
-        get_json(&self.dedup, id)
+        get_json(&self.dedup, "dedup", id)
     }
 
     /// Records `user → route` durably.
     pub fn record_route(&mut self, user: &str, route: &Route) -> Result<(), StoreError> {
         self.routes
-            .insert(user, encode(route).as_slice())
+            .insert(user, encode(user, route).as_slice())
             .map_err(db_error)?;
         Ok(())
     }
@@ -545,7 +764,7 @@ impl Batch<'_> {
     /// Stores a new state for `key`.
     pub fn put_state(&mut self, key: &str, state: &State) -> Result<(), StoreError> {
         self.states
-            .insert(key, encode(state).as_slice())
+            .insert(key, encode(key, state).as_slice())
             .map_err(db_error)?;
         Ok(())
     }
@@ -555,7 +774,7 @@ impl Batch<'_> {
         let seq = self.counters.next_log_seq;
         entry.seq = seq;
         self.log
-            .insert(seq, encode(&entry).as_slice())
+            .insert(seq, encode(&seq, &entry).as_slice())
             .map_err(db_error)?;
         self.counters.next_log_seq += 1;
         Ok(seq)
@@ -572,7 +791,7 @@ impl Batch<'_> {
     pub fn put_dedup(&mut self, id: &str, entry: &DedupEntry) -> Result<(), StoreError> {
         let previous = self
             .dedup
-            .insert(id, encode(entry).as_slice())
+            .insert(id, encode(id, entry).as_slice())
             .map_err(db_error)?;
         if previous.is_none() {
             drop(previous);
@@ -589,7 +808,7 @@ impl Batch<'_> {
         let seq = self.counters.next_dead_seq;
         letter.seq = seq;
         self.dead_letters
-            .insert(seq, encode(&letter).as_slice())
+            .insert(seq, encode(&seq, &letter).as_slice())
             .map_err(db_error)?;
         self.counters.next_dead_seq += 1;
         Ok(seq)
@@ -608,20 +827,194 @@ impl Batch<'_> {
     }
 }
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("store values always serialize")
+/// First byte of a checksummed record. JSON never starts with it, so records of format 1 (bare
+/// JSON) are told apart from checksummed ones.
+const RECORD_MARKER: u8 = 0xC5;
+
+/// Bytes before a checksummed record's JSON: the marker and the CRC-32 (little endian).
+const RECORD_HEADER: usize = 5;
+
+/// The key bytes a record's checksum covers: the key as stored, so a record moved to another key
+/// by damage is caught too.
+pub(crate) trait RecordKey {
+    /// The bytes of the key.
+    fn record_key(&self) -> Vec<u8>;
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError(format!("corrupt record: {e}")))
+impl RecordKey for str {
+    fn record_key(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+}
+
+impl RecordKey for u64 {
+    fn record_key(&self) -> Vec<u8> {
+        self.to_be_bytes().to_vec()
+    }
+}
+
+fn checksum(key: &[u8], json: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&(key.len() as u64).to_le_bytes());
+    hasher.update(key);
+    hasher.update(json);
+    hasher.finalize()
+}
+
+/// The stored bytes of `value` under `key`: marker, checksum, JSON.
+pub(crate) fn encode<K: RecordKey + ?Sized, T: Serialize>(key: &K, value: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(value).expect("store values always serialize");
+    let mut out = Vec::with_capacity(RECORD_HEADER + json.len());
+    out.push(RECORD_MARKER);
+    out.extend_from_slice(&checksum(&key.record_key(), &json).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Decodes the record stored under `key`; a checksum mismatch or undecodable bytes are damage.
+pub(crate) fn decode<K: RecordKey + ?Sized, T: DeserializeOwned>(
+    key: &K,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let json = match bytes.first() {
+        Some(&RECORD_MARKER) => {
+            if bytes.len() < RECORD_HEADER {
+                return Err(StoreError::damaged("record is truncated"));
+            }
+            let stored = u32::from_le_bytes(bytes[1..RECORD_HEADER].try_into().expect("4 bytes"));
+            let json = &bytes[RECORD_HEADER..];
+            if checksum(&key.record_key(), json) != stored {
+                return Err(StoreError::damaged("record checksum mismatch"));
+            }
+            json
+        }
+        // Format 1: bare JSON, no checksum.
+        _ => bytes,
+    };
+    serde_json::from_slice(json)
+        .map_err(|e| StoreError::damaged(format!("record does not decode: {e}")))
 }
 
 fn get_json<T: DeserializeOwned>(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
     key: &str,
 ) -> Result<Option<T>, StoreError> {
     match table.get(key).map_err(db_error)? {
-        Some(value) => decode(value.value()).map(Some),
+        Some(value) => decode(key, value.value())
+            .map(Some)
+            .map_err(|e| located(e, name, key)),
         None => Ok(None),
     }
+}
+
+/// The tables of a partition file, by name, for reports.
+const RECORD_TABLES: [&str; 5] = ["states", "routes", "dedup", "log", "dead_letters"];
+
+/// One damaged record (or damaged structure) found by [`scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The table, or `"file"` when redb cannot read the file's structure.
+    pub table: String,
+    /// The record's key as text (a sequence number for `log` and `dead_letters`), if known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "table `{}`, key `{}`: {}", self.table, key, self.problem),
+            None => write!(f, "{}: {}", self.table, self.problem),
+        }
+    }
+}
+
+/// What to do about a damaged partition file, appended to every report of damage.
+pub const DAMAGE_RECOVERY: &str = "restore the file from a backup taken while it was healthy \
+     (see the README, Data dir); `turnstile verify --data-dir DIR` lists every damaged record";
+
+/// Checks every record of every table of an open partition file: each value's checksum and
+/// decoding, and that redb can walk each table. Stops after `limit` findings. Never panics on
+/// bad bytes: a redb panic is caught and reported as damage of the file.
+pub fn scan(db: &impl ReadableDatabase, limit: usize) -> Vec<Damage> {
+    let mut found = Vec::new();
+    let walked = guard(|| scan_tables(db, limit, &mut found));
+    match walked {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => found.push(Damage {
+            table: "file".into(),
+            key: None,
+            problem: e.message,
+        }),
+    }
+    found
+}
+
+fn scan_tables(
+    db: &impl ReadableDatabase,
+    limit: usize,
+    found: &mut Vec<Damage>,
+) -> Result<(), StoreError> {
+    let txn = db.begin_read().map_err(db_error)?;
+    let mut note = |table: &str, key: String, e: StoreError| {
+        found.push(Damage {
+            table: table.to_string(),
+            key: Some(key),
+            problem: e.message,
+        })
+    };
+    for (name, definition) in [
+        (RECORD_TABLES[0], STATES),
+        (RECORD_TABLES[1], ROUTES),
+        (RECORD_TABLES[2], DEDUP),
+    ] {
+        let table = match txn.open_table(definition) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(db_error(e)),
+        };
+        for row in table.iter().map_err(db_error)? {
+            let (key, value) = row.map_err(db_error)?;
+            let key = key.value();
+            if let Err(e) = decode::<_, serde_json::Value>(key, value.value()) {
+                note(name, key.to_string(), e);
+            }
+        }
+    }
+    for (name, definition) in [(RECORD_TABLES[3], LOG), (RECORD_TABLES[4], DEAD_LETTERS)] {
+        let table = match txn.open_table(definition) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(db_error(e)),
+        };
+        for row in table.iter().map_err(db_error)? {
+            let (key, value) = row.map_err(db_error)?;
+            let key = key.value();
+            if let Err(e) = decode::<_, serde_json::Value>(&key, value.value()) {
+                note(name, key.to_string(), e);
+            }
+        }
+    }
+    if let Ok(order) = txn.open_table(DEDUP_ORDER) {
+        for row in order.iter().map_err(db_error)? {
+            row.map_err(db_error)?;
+        }
+    }
+    found.truncate(limit);
+    Ok(())
+}
+
+/// Runs `f`, turning a panic (redb panics on some malformed pages in debug builds and on a few
+/// in release builds) into damage, so bad bytes never kill a partition thread.
+pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        StoreError::damaged(format!("redb could not read the file ({what})"))
+    })
 }

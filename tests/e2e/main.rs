@@ -8,6 +8,7 @@ mod support;
 mod api;
 mod cli;
 mod consistency;
+mod damage;
 mod durability;
 mod kafka;
 mod reload;
