@@ -11,6 +11,7 @@ mod consistency;
 mod damage;
 mod durability;
 mod kafka;
+mod limits;
 mod reload;
 mod rules;
 mod sandbox;
