@@ -306,7 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("{line}");
                 })?;
             println!(
-                "repartitioned {}: {} → {} partitions ({} → {}), {} states, {} routes, {} dedup entries, {} log entries, {} dead letters in {:.2?}",
+                "repartitioned {}: {} → {} partitions ({} → {}), {} states, {} routes, {} dedup entries, {} log entries, {} dead letters written ({} older routes and dedup entries superseded) in {:.2?}",
                 data_dir.display(),
                 report.old.partitions,
                 report.new.partitions,
@@ -317,8 +317,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.dedup,
                 report.log,
                 report.dead_letters,
+                report.superseded,
                 report.elapsed
             );
+            if let Some(version) = &report.rule_version {
+                println!("every partition runs rule version {version}");
+            }
             Ok(())
         }
         Command::Verify { data_dir } => {

@@ -11,6 +11,15 @@
 //! | `dedup_order`  | sequence number    | client request id (oldest first, for retention)   |
 //! | `log`          | sequence number    | [`LogEntry`]: request, outcome, rule version, time |
 //! | `dead_letters` | sequence number    | [`DeadLetter`]: request, failure, rule version    |
+//! | `meta`         | name               | `last_order`: the highest record order written    |
+//!
+//! Routes and dedup entries carry a *record order*: a number from one process-wide counter,
+//! taken when the partition thread writes them, so it follows the order requests were applied
+//! in (across partitions, unlike sequence numbers) and never the wall clock. Each partition keeps
+//! the highest it wrote in `meta`, and every open raises the counter above it, so orders keep
+//! growing across restarts. `turnstile repartition` keeps, per user and per client id, the
+//! record with the highest order (records from before orders existed have order 0 and fall back
+//! to the route's time).
 //!
 //! Every value is a checksummed record: one marker byte, the CRC-32 of the record's key and
 //! JSON, then the JSON itself (so a file can still be inspected with any redb tool). A record
@@ -71,6 +80,46 @@ pub(crate) const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("ded
 pub(crate) const DEDUP_ORDER: TableDefinition<u64, &str> = TableDefinition::new("dedup_order");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The `meta` entry holding the highest record order a partition wrote.
+const LAST_ORDER: &str = "last_order";
+
+/// The process-wide record order counter (see the module docs): the last order handed out.
+static RECORD_ORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A new record order, above every order handed out or read from a file by this process.
+fn next_record_order() -> u64 {
+    RECORD_ORDER.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+}
+
+/// Raises the counter to at least `order` (an order found on disk).
+pub(crate) fn observe_record_order(order: u64) {
+    RECORD_ORDER.fetch_max(order, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A route as stored: the route and its record order. Serialized flat, so a stored route
+/// still reads as a [`Route`], and a route stored before orders existed reads with order 0.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredRoute {
+    /// The route.
+    #[serde(flatten)]
+    pub route: Route,
+    /// When it was written, as a record order.
+    #[serde(default)]
+    pub order: u64,
+}
+
+/// A dedup entry as stored: the entry and its record order (flat, as [`StoredRoute`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredDedup {
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: DedupEntry,
+    /// When it was written, as a record order.
+    #[serde(default)]
+    pub order: u64,
+}
 
 /// File in the data dir that records the layout (invariant 6).
 pub const LAYOUT_FILE: &str = "turnstile.json";
@@ -379,6 +428,8 @@ struct Counters {
     next_dedup_seq: u64,
     /// Entries in the dedup table.
     dedup_len: u64,
+    /// Highest record order written to this file.
+    last_order: u64,
 }
 
 /// One partition's database, owned by its thread.
@@ -514,10 +565,13 @@ impl PartitionStore {
                     dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
                     log: txn.open_table(LOG).map_err(db_error)?,
                     dead_letters: txn.open_table(DEAD_LETTERS).map_err(db_error)?,
+                    meta: txn.open_table(META).map_err(db_error)?,
                     counters,
                     dedup_retention: retention,
                 };
-                let result = f(&mut batch).and_then(|r| batch.trim_dedup().map(|()| r));
+                let result = f(&mut batch)
+                    .and_then(|r| batch.trim_dedup().map(|()| r))
+                    .and_then(|r| batch.save_last_order(counters.last_order).map(|()| r));
                 result.map(|r| (r, batch.counters))
             };
             match result {
@@ -639,6 +693,7 @@ fn read_counters(db: &Database) -> Result<Counters, StoreError> {
         txn.open_table(DEDUP_ORDER).map_err(db_error)?;
         txn.open_table(LOG).map_err(db_error)?;
         txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+        txn.open_table(META).map_err(db_error)?;
     }
     txn.commit().map_err(db_error)?;
     let txn = db.begin_read().map_err(db_error)?;
@@ -651,7 +706,16 @@ fn read_counters(db: &Database) -> Result<Counters, StoreError> {
     let log = txn.open_table(LOG).map_err(db_error)?;
     let dead = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
     let order = txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+    let last_order = txn
+        .open_table(META)
+        .map_err(db_error)?
+        .get(LAST_ORDER)
+        .map_err(db_error)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    observe_record_order(last_order);
     Ok(Counters {
+        last_order,
         next_log_seq: last(&log)? + 1,
         next_dead_seq: last(&dead)? + 1,
         next_dedup_seq: order
@@ -738,6 +802,7 @@ pub struct Batch<'txn> {
     dedup_order: redb::Table<'txn, u64, &'static str>,
     log: redb::Table<'txn, u64, &'static [u8]>,
     dead_letters: redb::Table<'txn, u64, &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, u64>,
     counters: Counters,
     dedup_retention: u64,
 }
@@ -753,11 +818,31 @@ impl Batch<'_> {
         get_json(&self.dedup, "dedup", id)
     }
 
-    /// Records `user → route` durably.
+    /// Records `user → route` durably, with a new record order.
     pub fn record_route(&mut self, user: &str, route: &Route) -> Result<(), StoreError> {
+        let stored = StoredRoute {
+            route: route.clone(),
+            order: self.take_order(),
+        };
         self.routes
-            .insert(user, encode(user, route).as_slice())
+            .insert(user, encode(user, &stored).as_slice())
             .map_err(db_error)?;
+        Ok(())
+    }
+
+    fn take_order(&mut self) -> u64 {
+        let order = next_record_order();
+        self.counters.last_order = self.counters.last_order.max(order);
+        order
+    }
+
+    /// Writes the highest record order of this file if this batch raised it.
+    fn save_last_order(&mut self, before: u64) -> Result<(), StoreError> {
+        if self.counters.last_order > before {
+            self.meta
+                .insert(LAST_ORDER, self.counters.last_order)
+                .map_err(db_error)?;
+        }
         Ok(())
     }
 
@@ -787,11 +872,15 @@ impl Batch<'_> {
         self.counters.next_log_seq = seq;
     }
 
-    /// Remembers the answer to a client request id.
+    /// Remembers the answer to a client request id, with a new record order.
     pub fn put_dedup(&mut self, id: &str, entry: &DedupEntry) -> Result<(), StoreError> {
+        let stored = StoredDedup {
+            entry: entry.clone(),
+            order: self.take_order(),
+        };
         let previous = self
             .dedup
-            .insert(id, encode(id, entry).as_slice())
+            .insert(id, encode(id, &stored).as_slice())
             .map_err(db_error)?;
         if previous.is_none() {
             drop(previous);
