@@ -1107,3 +1107,103 @@ pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
         StoreError::damaged(format!("redb could not read the file ({what})"))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(user: &str) -> State {
+        State {
+            status: "reserved".into(),
+            user: user.into(),
+            data: "{}".into(),
+            version: 1,
+            rule_version: "v".into(),
+            updated_at_ms: 1,
+        }
+    }
+
+    /// A fresh data dir under the system temp dir, removed when dropped.
+    struct TempDataDir(PathBuf);
+
+    impl TempDataDir {
+        fn new(name: &str) -> TempDataDir {
+            let dir = std::env::temp_dir().join(format!(
+                "turnstile-store-{name}-{}-{}",
+                std::process::id(),
+                next_record_order()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDataDir(dir)
+        }
+    }
+
+    impl Drop for TempDataDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Damage met while the partition runs (a record whose bytes changed under it) is reported
+    /// with the file and the key, and from then on every write to that partition is refused,
+    /// even to healthy keys; healthy keys can still be read.
+    #[test]
+    fn damage_met_while_running_refuses_every_later_write() {
+        let data = TempDataDir::new("running");
+        let generation = prepare_dir(&data.0, 2, HashKind::Java).unwrap();
+        let location = Location::Dir(generation.clone());
+        let mut store = PartitionStore::open(&location, 0, Durability::Sync, 10).unwrap();
+        store
+            .write_batch(|batch| {
+                batch.put_state("healthy", &state("a"))?;
+                batch.put_state("hurt", &state("b"))
+            })
+            .unwrap();
+
+        // Change one byte of the stored record, as a bad disk would, behind the store's back.
+        let mut bytes = encode("hurt", &state("b"));
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x01;
+        {
+            let db = store.db.as_ref().unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(STATES)
+                .unwrap()
+                .insert("hurt", bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+
+        let e = store.state("hurt").unwrap_err();
+        assert!(e.is_damage());
+        let path = partition_path(&generation, 0).display().to_string();
+        assert!(
+            e.message.contains(&path) && e.message.contains("hurt"),
+            "{e}"
+        );
+        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
+        let refused = store
+            .write_batch(|batch| batch.put_state("healthy", &state("c")))
+            .unwrap_err();
+        assert!(refused.is_damage(), "{refused}");
+        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
+        drop(store);
+
+        // A restart does not serve it either.
+        let e = PartitionStore::open(&location, 0, Durability::Sync, 10)
+            .err()
+            .expect("a damaged partition opened");
+        assert!(e.is_damage() && e.message.contains("hurt"), "{e}");
+    }
+
+    /// A record of format 1 (bare JSON) still reads; a checksummed record whose key changed
+    /// does not.
+    #[test]
+    fn checksums_cover_the_key_and_format_1_records_read() {
+        let legacy = serde_json::to_vec(&state("a")).unwrap();
+        assert_eq!(decode::<_, State>("k", &legacy).unwrap(), state("a"));
+        let record = encode("k", &state("a"));
+        assert_eq!(decode::<_, State>("k", &record).unwrap(), state("a"));
+        assert!(decode::<_, State>("j", &record).unwrap_err().is_damage());
+    }
+}
