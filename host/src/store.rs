@@ -50,6 +50,12 @@
 //!    refuses to start rather than misroute keys. `turnstile repartition` writes a whole new
 //!    generation and then replaces `turnstile.json` atomically: that rename is its only commit
 //!    point, so a crash leaves either the old layout or the new one, never a mix.
+//! 7. **Files are never re-created.** [`prepare_dir`] creates every partition file of a new data
+//!    dir before `turnstile.json` names it; afterwards a file is only ever opened
+//!    ([`open_existing`]), and a missing or empty one is an error naming the path.
+//! 8. **Damage is found, not served.** Every record carries a CRC-32 of its key and value; all
+//!    are checked at open, each again when read. A partition that met damage refuses writes
+//!    (reads of healthy records go on); redb panics on bad pages are caught ([`guard`]).
 //!
 //! # Assumptions about the disk
 //!
@@ -58,7 +64,8 @@
 //! - A failed write or sync is reported as an error, not silently dropped. On such an error the
 //!   batch is failed (nothing in it is acknowledged) and the database is reopened before the next
 //!   batch, so the partition recovers when the disk does.
-//! - Files are not edited by anything but Turnstile while it runs (redb locks them).
+//! - Files are not edited by anything but Turnstile while it runs (redb locks them). Bytes that
+//!   change anyway (a bad disk, a stray write) are detected by the record checksums, not trusted.
 
 use std::path::{Path, PathBuf};
 
