@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{Server, body, raw_exchange};
+use crate::support::{Server, body, connect, raw_exchange, read_response};
 
 /// The patent's flow: reserve with key + user, then associate with only the user. Both land on
 /// the same partition, whose one dedicated thread applied both.
@@ -392,6 +392,24 @@ async fn every_error_is_the_documented_json() {
         assert_eq!(response.status, status, "{shown}");
         assert_eq!(response.error().0, code, "{shown}");
     }
+
+    // A body cut short (the client closes its side early) is 400, not "too large".
+    let cut = url.clone();
+    let response = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut stream = connect(&cut);
+        stream
+            .write_all(
+                b"POST /v1/requests HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"kind\":",
+            )
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        read_response(&mut stream)
+    })
+    .await
+    .unwrap();
+    assert_eq!(response.status, 400);
+    assert_eq!(response.error().0, "invalid_request");
 
     // A chunked body over the limit (no Content-Length to refuse it by) is 413 too.
     let chunked = format!(
