@@ -1222,6 +1222,35 @@ mod tests {
         assert!(e.is_damage() && e.message.contains("hurt"), "{e}");
     }
 
+    /// After a failed commit the partition reopens its file before the next batch; a file
+    /// emptied meanwhile is an error naming it, never replaced by an empty database.
+    #[test]
+    fn reopen_after_a_failed_commit_never_recreates_the_file() {
+        let data = TempDataDir::new("reopen");
+        let generation = prepare_dir(&data.0, 2, HashKind::Java).unwrap();
+        let location = Location::Dir(generation.clone());
+        let mut store = PartitionStore::open(&location, 1, Durability::Sync, 10).unwrap();
+        store
+            .write_batch(|batch| batch.put_state("kept", &state("a")))
+            .unwrap();
+        // What a failed commit leaves: no handle, reopened on next use.
+        store.db = None;
+        let path = partition_path(&generation, 1);
+        std::fs::File::create(&path).unwrap();
+
+        let e = store.state("kept").unwrap_err();
+        assert!(e.message.contains(&path.display().to_string()), "{e}");
+        let e = store
+            .write_batch(|batch| batch.put_state("new", &state("b")))
+            .unwrap_err();
+        assert!(e.message.contains(&path.display().to_string()), "{e}");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            0,
+            "file re-created"
+        );
+    }
+
     /// A record of format 1 (bare JSON) still reads; a checksummed record whose key changed
     /// does not.
     #[test]
