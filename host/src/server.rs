@@ -73,7 +73,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
             max_module_bytes: config.rule.max_module_bytes,
             admin_token,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
-            request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+            request_timeout: request_timeout(&config),
             readiness_stall: Duration::from_millis(config.server.readiness_stall_ms),
             shutting_down: shutting_down.clone(),
         },
@@ -119,6 +119,16 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = terminate.recv() => {},
         }
         tracing::info!("shutdown signal received");
+    })
+}
+
+/// `server.request_timeout_ms`, but in Kafka mode never shorter than the outcome wait plus a
+/// second, so Kafka's own, more precise 504 `outcome_timeout` answers first.
+fn request_timeout(config: &Config) -> Duration {
+    let configured = config.server.request_timeout_ms;
+    Duration::from_millis(match &config.kafka {
+        Some(kafka) => configured.max(kafka.reply_timeout_ms + 1_000),
+        None => configured,
     })
 }
 
