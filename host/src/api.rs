@@ -4,12 +4,16 @@
 //! partition), calls the [`Runtime`], and maps its results and errors to status codes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -39,6 +43,14 @@ struct Api {
     /// sha256 of the admin token; `None` turns the admin API off. Comparing digests keeps the
     /// comparison's time independent of the token's length and content.
     admin_token_digest: Option<[u8; 32]>,
+    /// Time a client has to send a body once its headers arrived.
+    body_read_timeout: Duration,
+    /// Longest a (non-admin) request may take to be answered.
+    request_timeout: Duration,
+    /// Set by the server when shutdown starts: requests still arriving get 503 `shutting_down`.
+    shutting_down: Arc<AtomicBool>,
+    /// Partition liveness, for `/readyz`.
+    readiness: Arc<Readiness>,
 }
 
 /// Settings of the HTTP API.
@@ -50,15 +62,95 @@ pub struct ApiSettings {
     pub max_module_bytes: usize,
     /// The admin token; `None` turns the admin API off.
     pub admin_token: Option<String>,
+    /// Time a client has to send a request body once its headers arrived (408 `body_timeout`).
+    pub body_read_timeout: Duration,
+    /// Longest a request other than the admin API's may take (503 `request_timeout`).
+    pub request_timeout: Duration,
+    /// How long a partition with queued work may go without completing a batch before
+    /// `/readyz` says not ready.
+    pub readiness_stall: Duration,
+    /// Set when shutdown starts.
+    pub shutting_down: Arc<AtomicBool>,
 }
 
-/// The router with every endpoint, over `runtime`.
+/// Partition liveness as `/readyz` judges it: per partition, the batch count last seen and
+/// when it last moved (or the partition was idle). Sampled by a task the router starts, so a
+/// stall is measured from when it began, not from the last probe.
+pub struct Readiness {
+    /// How long queued work may wait for a batch.
+    stall: Duration,
+    /// Per partition: (batches committed when last sampled, when it last made progress).
+    progress: std::sync::Mutex<Vec<(u64, Instant)>>,
+}
+
+/// How often [`Readiness`] samples the partitions.
+const READINESS_SAMPLE: Duration = Duration::from_millis(100);
+
+impl Readiness {
+    /// Samples the partitions once; returns the first stalled one as (partition, stalled for,
+    /// queued).
+    fn sample(&self, backend: &Backend) -> Option<(u32, Duration, usize)> {
+        let Backend::Local(runtime) = backend else {
+            // Kafka mode: readiness is the cluster membership's business (see the README).
+            return None;
+        };
+        let now = Instant::now();
+        let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stalled = None;
+        for info in runtime.partitions() {
+            let i = info.id as usize;
+            if progress.len() <= i {
+                progress.resize(i + 1, (info.batches, now));
+            }
+            let (seen, since) = &mut progress[i];
+            // A partition with nothing queued is idle, not stalled.
+            if *seen != info.batches || info.queue_depth == 0 {
+                *seen = info.batches;
+                *since = now;
+            } else if stalled.is_none() && now.duration_since(*since) > self.stall {
+                stalled = Some((info.id, now.duration_since(*since), info.queue_depth));
+            }
+        }
+        stalled
+    }
+}
+
+/// The router with every endpoint, over `runtime`. Called inside a tokio runtime, it starts the
+/// task that samples partition liveness for `/readyz` (it stops when shutdown starts).
 pub fn router(backend: Backend, settings: ApiSettings) -> Router {
     use sha2::Digest;
+    let readiness = Arc::new(Readiness {
+        stall: settings.readiness_stall,
+        progress: std::sync::Mutex::new(Vec::new()),
+    });
+    if tokio::runtime::Handle::try_current().is_ok() {
+        let readiness = readiness.clone();
+        let backend = backend.clone();
+        let shutting_down = settings.shutting_down.clone();
+        tokio::spawn(async move {
+            while !shutting_down.load(Ordering::Relaxed) {
+                readiness.sample(&backend);
+                tokio::time::sleep(READINESS_SAMPLE).await;
+            }
+        });
+    }
+    let api = Api {
+        backend,
+        max_body_bytes: settings.max_body_bytes,
+        max_module_bytes: settings.max_module_bytes,
+        admin_token_digest: settings
+            .admin_token
+            .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
+        body_read_timeout: settings.body_read_timeout,
+        request_timeout: settings.request_timeout,
+        shutting_down: settings.shutting_down,
+        readiness,
+    };
     Router::new()
         .route("/v1/admin/rule", get(admin_status).put(admin_install))
         .route("/v1/admin/rule/rollback", post(admin_rollback))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/requests", post(submit))
         .route("/v1/keys/{key}", get(key))
@@ -70,14 +162,100 @@ pub fn router(backend: Backend, settings: ApiSettings) -> Router {
             post(resubmit_dead_letter),
         )
         .fallback(not_found)
-        .with_state(Api {
-            backend,
-            max_body_bytes: settings.max_body_bytes,
-            max_module_bytes: settings.max_module_bytes,
-            admin_token_digest: settings
-                .admin_token
-                .map(|t| sha2::Sha256::digest(t.as_bytes()).into()),
-        })
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(api.clone(), admission))
+        .with_state(api)
+}
+
+/// Every request passes here: 503 `shutting_down` once shutdown started (the connection is
+/// closed after it), and 503 `request_timeout` past `server.request_timeout_ms` (the admin API
+/// is exempt: compiling a rule may take longer, and it has no queue to stall on).
+async fn admission(
+    AxumState(api): AxumState<Api>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if api.shutting_down.load(Ordering::SeqCst) {
+        let mut response = ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "shutting_down",
+            message: "the server is shutting down; retry (with the same id) once it is back or on another instance".into(),
+        }
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    if request.uri().path().starts_with("/v1/admin/") {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(api.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "request_timeout",
+            message: format!(
+                "no answer within {} ms (server.request_timeout_ms); a request may still be applied: retry with the same id to learn its answer",
+                api.request_timeout.as_millis()
+            ),
+        }
+        .into_response(),
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: "this endpoint does not take this method (see the README, HTTP API)".into(),
+    }
+}
+
+/// A path parameter that did not parse (invalid percent-encoding or UTF-8, a non-number).
+fn bad_path(e: PathRejection) -> ApiError {
+    ApiError::bad_request(format!("invalid path: {}", e.body_text()))
+}
+
+/// Reads a request body of at most `limit` bytes within `server.body_read_timeout_ms`: 413 over
+/// the limit (by `Content-Length` before reading anything), 408 when the client stalls, 400 when
+/// it is cut short or its chunked encoding is malformed.
+async fn read_body(
+    api: &Api,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    limit_key: &str,
+) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let too_large = || ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code: "body_too_large",
+        message: format!("request body is larger than {limit} bytes ({limit_key})"),
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(api.body_read_timeout, limited.collect()).await {
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "body_timeout",
+            message: format!(
+                "the request body did not arrive within {} ms (server.body_read_timeout_ms)",
+                api.body_read_timeout.as_millis()
+            ),
+        }),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!(
+            "the request body could not be read (cut short, or malformed chunked encoding): {e}"
+        ))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
 }
 
 /// An error response: status, stable code, message.
@@ -140,7 +318,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::Backpressure(_) | SubmitError::ShuttingDown | SubmitError::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            SubmitError::Rule(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubmitError::Rule(_) | SubmitError::Damaged(_) => StatusCode::INTERNAL_SERVER_ERROR,
             SubmitError::IdConflict(_) => StatusCode::CONFLICT,
             SubmitError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         };
@@ -154,13 +332,14 @@ impl From<SubmitError> for ApiError {
 
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
-        let code = match &e {
-            ReadError::Backpressure(_) => "backpressure",
-            ReadError::ShuttingDown => "shutting_down",
-            ReadError::Store(_) => "store_unavailable",
+        let (status, code) = match &e {
+            ReadError::Backpressure(_) => (StatusCode::SERVICE_UNAVAILABLE, "backpressure"),
+            ReadError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            ReadError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ReadError::Damaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_damaged"),
         };
         ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            status,
             code,
             message: e.to_string(),
         }
@@ -199,6 +378,23 @@ async fn healthz() -> Json {
     Json(json!({"status": "ok"}))
 }
 
+/// 200 when every partition makes progress on its work; 503 `not_ready` when one has had work
+/// queued for longer than `server.readiness_stall_ms` without completing a batch.
+async fn readyz(AxumState(api): AxumState<Api>) -> Result<Json, ApiError> {
+    match api.readiness.sample(&api.backend) {
+        None => Ok(Json(json!({"status": "ready"}))),
+        Some((partition, stalled, queued)) => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "not_ready",
+            message: format!(
+                "partition {partition} has had {queued} requests queued for {} ms without completing a batch (server.readiness_stall_ms = {}); its disk or rule may be stalled",
+                stalled.as_millis(),
+                api.readiness.stall.as_millis()
+            ),
+        }),
+    }
+}
+
 async fn metrics(AxumState(api): AxumState<Api>) -> Result<Response, ApiError> {
     Ok((
         [(
@@ -221,15 +417,28 @@ async fn not_found() -> ApiError {
     }
 }
 
-async fn submit(AxumState(api): AxumState<Api>, body: Body) -> Result<Response, ApiError> {
-    let bytes = axum::body::to_bytes(body, api.max_body_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::bad_request(format!(
-                "request body is larger than {} bytes (server.max_body_bytes)",
-                api.max_body_bytes
-            ))
-        })?;
+async fn submit(
+    AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(
+        &api,
+        &headers,
+        body,
+        api.max_body_bytes,
+        "server.max_body_bytes",
+    )
+    .await?;
+    // A body that finished arriving after shutdown began is not queued: the partitions are
+    // about to stop, and a clear 503 beats a reset connection.
+    if api.shutting_down.load(Ordering::SeqCst) {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "shutting_down",
+            message: "the server is shutting down; the request was not applied: retry it (with the same id) once the server is back".into(),
+        });
+    }
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         ApiError::bad_request(format!(
             "request body is not valid UTF-8 (at byte {})",
@@ -243,6 +452,13 @@ async fn submit(AxumState(api): AxumState<Api>, body: Body) -> Result<Response, 
     }
     let body: RequestBody = serde_json::from_str(text)
         .map_err(|e| ApiError::bad_request(format!("request body is not a valid request: {e}")))?;
+    for (field, value) in [("kind", &body.kind), ("user", &body.user)] {
+        if value.trim().is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "`{field}` must not be empty or only whitespace"
+            )));
+        }
+    }
     let request = Request {
         id: body.id,
         kind: body.kind,
@@ -335,7 +551,11 @@ fn not_owned(key: &str, error: crate::kafka::KeyReadError) -> ApiError {
     }
 }
 
-async fn key(AxumState(api): AxumState<Api>, Path(key): Path<String>) -> Result<Json, ApiError> {
+async fn key(
+    AxumState(api): AxumState<Api>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Json, ApiError> {
+    let Path(key) = key.map_err(bad_path)?;
     let (partition, state) = match &api.backend {
         Backend::Local(runtime) => runtime.key_state(&key).await?,
         Backend::Kafka(node) => node.key_state(&key).await.map_err(|e| not_owned(&key, e))?,
@@ -354,7 +574,11 @@ async fn key(AxumState(api): AxumState<Api>, Path(key): Path<String>) -> Result<
     }
 }
 
-async fn user(AxumState(api): AxumState<Api>, Path(user): Path<String>) -> Result<Json, ApiError> {
+async fn user(
+    AxumState(api): AxumState<Api>,
+    user: Result<Path<String>, PathRejection>,
+) -> Result<Json, ApiError> {
+    let Path(user) = user.map_err(bad_path)?;
     let view = match &api.backend {
         Backend::Local(runtime) => runtime.user(&user).await?,
         Backend::Kafka(node) => match node.route(&user) {
@@ -478,8 +702,9 @@ impl From<InstallError> for ApiError {
 
 async fn resubmit_dead_letter(
     AxumState(api): AxumState<Api>,
-    Path((partition, seq)): Path<(u32, u64)>,
+    path: Result<Path<(u32, u64)>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path((partition, seq)) = path.map_err(bad_path)?;
     let runtime = api.local()?;
     let n = runtime.partitioner().partitions();
     if partition >= n {

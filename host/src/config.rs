@@ -110,8 +110,25 @@ impl AdminConfig {
 pub struct ServerConfig {
     /// Address the HTTP API listens on; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Largest request body accepted, in bytes; larger bodies get 400 before any parsing.
+    /// Largest request body accepted, in bytes; larger bodies get 413 before any parsing.
     pub max_body_bytes: usize,
+    /// Most open client connections; further clients wait in the kernel's accept queue. Kept
+    /// below the open-file limit (lowered at start if it is not), so the process always has
+    /// descriptors for its own files and a flood of connections cannot starve it.
+    pub max_connections: usize,
+    /// Time a client has to send a request's line and headers; a slower (slowloris) connection
+    /// is closed, freeing its slot.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a request's whole body once its headers arrived (408).
+    pub body_read_timeout_ms: u64,
+    /// Longest a request may take from its headers to its answer (503 `request_timeout`):
+    /// bounds how long a stalled disk holds a client.
+    pub request_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, time in-flight connections get to finish before they are closed.
+    pub shutdown_timeout_ms: u64,
+    /// `/readyz` says not ready while a partition with queued work has not completed a batch
+    /// for this long (a stalled disk, a stuck rule).
+    pub readiness_stall_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +136,12 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             max_body_bytes: 64 * 1024,
+            max_connections: 512,
+            header_read_timeout_ms: 5_000,
+            body_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            shutdown_timeout_ms: 10_000,
+            readiness_stall_ms: 5_000,
         }
     }
 }
@@ -394,6 +417,25 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes must be at least 1"));
         }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections must be at least 1"));
+        }
+        for (name, ms) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.body_read_timeout_ms",
+                self.server.body_read_timeout_ms,
+            ),
+            ("server.request_timeout_ms", self.server.request_timeout_ms),
+            ("server.readiness_stall_ms", self.server.readiness_stall_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(format!("{name} must be at least 1")));
+            }
+        }
         Ok(())
     }
 }
@@ -439,8 +481,8 @@ mod tests {
         assert_eq!(kafka.brokers, "b:9092");
         assert_eq!(kafka.group, "turnstile");
         assert!(Config::parse("").unwrap().kafka.is_none());
-        let err = Config::parse("[kafka]\n[store]\ndata_dir = \"d\"\n").unwrap_err();
-        assert!(err.to_string().contains("store.data_dir"), "{err}");
+        // A data dir keeps each owned partition's state locally (delta restores).
+        assert!(Config::parse("[kafka]\n[store]\ndata_dir = \"d\"\n").is_ok());
         let err = Config::parse("[kafka]\n[rule]\npath = \"r.wasm\"\nwatch = true\n").unwrap_err();
         assert!(err.to_string().contains("rule.watch"), "{err}");
         let err = Config::parse("[kafka]\nbrokerz = \"x\"\n").unwrap_err();

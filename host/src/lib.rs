@@ -19,6 +19,7 @@
 //! - [`repartition`]: `turnstile repartition`: a data dir to another N or hash, all or nothing.
 //! - [`reload`]: hot reload: rule versions, install, rollback, canary, the watched file.
 //! - [`replay`]: `turnstile replay`: shadow evaluation of a candidate rule over a data dir's log.
+//! - [`verify`]: `turnstile verify`: every record of a stopped data dir checked for damage.
 //! - [`progress`]: a terminal progress bar for long commands.
 //! - [`api`]: the HTTP API over the runtime.
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
@@ -48,3 +49,4 @@ pub mod scenario;
 pub mod server;
 pub mod store;
 pub mod toolkit;
+pub mod verify;

@@ -122,6 +122,12 @@ enum Command {
         #[arg(long, value_parser = ["java", "murmur2"])]
         hash: Option<String>,
     },
+    /// Check every record of a stopped data dir for damage; exits 1 naming each damaged file and key.
+    Verify {
+        /// The data dir (the server must be stopped).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
     /// Check a rule component against the world and the limits, without running a server.
     Check {
         /// The component file.
@@ -300,7 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("{line}");
                 })?;
             println!(
-                "repartitioned {}: {} → {} partitions ({} → {}), {} states, {} routes, {} dedup entries, {} log entries, {} dead letters in {:.2?}",
+                "repartitioned {}: {} → {} partitions ({} → {}), {} states, {} routes, {} dedup entries, {} log entries, {} dead letters written ({} older routes and dedup entries superseded) in {:.2?}",
                 data_dir.display(),
                 report.old.partitions,
                 report.new.partitions,
@@ -311,8 +317,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.dedup,
                 report.log,
                 report.dead_letters,
+                report.superseded,
                 report.elapsed
             );
+            if let Some(version) = &report.rule_version {
+                println!("every partition runs rule version {version}");
+            }
+            Ok(())
+        }
+        Command::Verify { data_dir } => {
+            let reports = turnstile::verify::verify(&data_dir)?;
+            print!("{}", turnstile::verify::render(&reports));
+            let damaged = reports.iter().filter(|r| !r.damage.is_empty()).count();
+            if damaged > 0 {
+                anyhow::bail!(
+                    "{damaged} of {} partition files are damaged; {}",
+                    reports.len(),
+                    turnstile::store::DAMAGE_RECOVERY
+                );
+            }
             Ok(())
         }
         Command::Check { rule, config } => {

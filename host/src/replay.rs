@@ -122,8 +122,8 @@ pub fn replay(
         let mut states: HashMap<String, State> = HashMap::new();
         let txn = db.begin_read()?;
         for row in txn.open_table(LOG)?.iter()? {
-            let (_, value) = row?;
-            let entry: LogEntry = store::decode(value.value())?;
+            let (seq, value) = row?;
+            let entry: LogEntry = store::decode(&seq.value(), value.value())?;
             let current = states.get(&entry.request.key).cloned();
             let decided = instance.handle(current.as_ref(), &entry.request);
             report.decisions += 1;

@@ -51,6 +51,10 @@ pub enum SubmitError {
     /// The store failed; nothing was applied.
     #[error("{0}")]
     Store(String),
+    /// The partition's file is damaged: nothing was applied, and a retry cannot help until the
+    /// file is restored (see [`crate::store::StoreErrorKind::Damaged`]).
+    #[error("{0}")]
+    Damaged(String),
     /// Kafka mode: no outcome came back in time. The request may still be applied; retry it
     /// with the same id to learn its answer.
     #[error("{0}")]
@@ -68,6 +72,7 @@ impl SubmitError {
             SubmitError::Rule(f) => f.kind.code(),
             SubmitError::IdConflict(_) => "id_conflict",
             SubmitError::Store(_) => "store_unavailable",
+            SubmitError::Damaged(_) => "store_damaged",
             SubmitError::Timeout(_) => "outcome_timeout",
         }
     }
@@ -78,6 +83,7 @@ impl From<ApplyError> for SubmitError {
         match e {
             ApplyError::Rule(f) => SubmitError::Rule(f),
             ApplyError::IdConflict(id) => SubmitError::IdConflict(id),
+            ApplyError::Store(e) if e.is_damage() => SubmitError::Damaged(e.message),
             e @ ApplyError::Store(_) => SubmitError::Store(e.to_string()),
             ApplyError::Invalid(message) => SubmitError::Invalid(message),
         }
@@ -96,11 +102,28 @@ pub enum ReadError {
     /// The store failed.
     #[error("the partition's store failed: {0}")]
     Store(String),
+    /// The partition's file is damaged.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 impl From<StoreError> for ReadError {
     fn from(e: StoreError) -> Self {
-        ReadError::Store(e.0)
+        if e.is_damage() {
+            ReadError::Damaged(e.message)
+        } else {
+            ReadError::Store(e.message)
+        }
+    }
+}
+
+impl From<StoreError> for SubmitError {
+    fn from(e: StoreError) -> Self {
+        if e.is_damage() {
+            SubmitError::Damaged(e.message)
+        } else {
+            SubmitError::Store(e.message)
+        }
     }
 }
 
@@ -506,7 +529,7 @@ impl Runtime {
             let route = answer
                 .await
                 .map_err(|_| SubmitError::ShuttingDown)?
-                .map_err(|e| SubmitError::Store(e.0))?;
+                .map_err(SubmitError::from)?;
             if let Some(route) = route
                 && self.routes.is_live(route.recorded_at_ms, now)
                 && newest
@@ -559,6 +582,7 @@ impl Runtime {
             Ok(route) => route,
             Err(SubmitError::Backpressure(p)) => return Err(ReadError::Backpressure(p)),
             Err(SubmitError::Store(e)) => return Err(ReadError::Store(e)),
+            Err(SubmitError::Damaged(e)) => return Err(ReadError::Damaged(e)),
             Err(_) => return Err(ReadError::ShuttingDown),
         };
         let Some(route) = route else { return Ok(None) };
@@ -601,6 +625,7 @@ impl Runtime {
                 ReadError::Backpressure(p) => SubmitError::Backpressure(p),
                 ReadError::ShuttingDown => SubmitError::ShuttingDown,
                 ReadError::Store(e) => SubmitError::Store(e),
+                ReadError::Damaged(e) => SubmitError::Damaged(e),
             })?;
         let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
             return Ok(None);

@@ -11,9 +11,23 @@
 //! | `dedup_order`  | sequence number    | client request id (oldest first, for retention)   |
 //! | `log`          | sequence number    | [`LogEntry`]: request, outcome, rule version, time |
 //! | `dead_letters` | sequence number    | [`DeadLetter`]: request, failure, rule version    |
-//! | `meta`         | name               | Kafka mode: the changelog position the file reflects |
+//! | `meta`         | name               | `last_order`: the highest record order written    |
+//! | `checkpoints`  | name               | Kafka mode: the changelog position the file reflects |
 //!
-//! Values are JSON, so a file can be inspected with any redb tool and read by later versions.
+//! Routes and dedup entries carry a *record order*: a number from one process-wide counter,
+//! taken when the partition thread writes them, so it follows the order requests were applied
+//! in (across partitions, unlike sequence numbers) and never the wall clock. Each partition keeps
+//! the highest it wrote in `meta`, and every open raises the counter above it, so orders keep
+//! growing across restarts. `turnstile repartition` keeps, per user and per client id, the
+//! record with the highest order (records from before orders existed have order 0 and fall back
+//! to the route's time).
+//!
+//! Every value is a checksummed record: one marker byte, the CRC-32 of the record's key and
+//! JSON, then the JSON itself (so a file can still be inspected with any redb tool). A record
+//! whose checksum does not match, or that does not decode, is *damage*: the partition refuses
+//! to start, or, if the damage is met while running, refuses every further write (see
+//! [`StoreErrorKind::Damaged`]). Data dirs of format 1 hold records without the prefix; they are
+//! read as they are (without a checksum) and new records are written checksummed.
 //!
 //! # Invariants
 //!
@@ -37,6 +51,12 @@
 //!    refuses to start rather than misroute keys. `turnstile repartition` writes a whole new
 //!    generation and then replaces `turnstile.json` atomically: that rename is its only commit
 //!    point, so a crash leaves either the old layout or the new one, never a mix.
+//! 7. **Files are never re-created.** [`prepare_dir`] creates every partition file of a new data
+//!    dir before `turnstile.json` names it; afterwards a file is only ever opened
+//!    ([`open_existing`]), and a missing or empty one is an error naming the path.
+//! 8. **Damage is found, not served.** Every record carries a CRC-32 of its key and value; all
+//!    are checked at open, each again when read. A partition that met damage refuses writes
+//!    (reads of healthy records go on); redb panics on bad pages are caught ([`guard`]).
 //!
 //! # Assumptions about the disk
 //!
@@ -45,7 +65,8 @@
 //! - A failed write or sync is reported as an error, not silently dropped. On such an error the
 //!   batch is failed (nothing in it is acknowledged) and the database is reopened before the next
 //!   batch, so the partition recovers when the disk does.
-//! - Files are not edited by anything but Turnstile while it runs (redb locks them).
+//! - Files are not edited by anything but Turnstile while it runs (redb locks them). Bytes that
+//!   change anyway (a bad disk, a stray write) are detected by the record checksums, not trusted.
 
 use std::path::{Path, PathBuf};
 
@@ -67,25 +88,108 @@ pub(crate) const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("ded
 pub(crate) const DEDUP_ORDER: TableDefinition<u64, &str> = TableDefinition::new("dedup_order");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+
+/// The `meta` entry holding the highest record order a partition wrote.
+const LAST_ORDER: &str = "last_order";
+
+/// The process-wide record order counter (see the module docs): the last order handed out.
+static RECORD_ORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A new record order, above every order handed out or read from a file by this process.
+fn next_record_order() -> u64 {
+    RECORD_ORDER.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+}
+
+/// Raises the counter to at least `order` (an order found on disk).
+pub(crate) fn observe_record_order(order: u64) {
+    RECORD_ORDER.fetch_max(order, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A route as stored: the route and its record order. Serialized flat, so a stored route
+/// still reads as a [`Route`], and a route stored before orders existed reads with order 0.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredRoute {
+    /// The route.
+    #[serde(flatten)]
+    pub route: Route,
+    /// When it was written, as a record order.
+    #[serde(default)]
+    pub order: u64,
+}
+
+/// A dedup entry as stored: the entry and its record order (flat, as [`StoredRoute`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredDedup {
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: DedupEntry,
+    /// When it was written, as a record order.
+    #[serde(default)]
+    pub order: u64,
+}
 
 /// File in the data dir that records the layout (invariant 6).
 pub const LAYOUT_FILE: &str = "turnstile.json";
 
-/// A store failure. Requests that hit one answer 503: the state is unchanged and a retry with
-/// the same id is safe.
+/// A store failure: nothing of the batch it hit was applied.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+#[error("{message}")]
+pub struct StoreError {
+    /// Whether a retry can help.
+    pub kind: StoreErrorKind,
+    /// What failed, with the file (and key, for damage) it concerns.
+    pub message: String,
+}
+
+/// Whether a store failure is transient or the file is damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The disk or the database failed; the partition reopens the file before its next batch,
+    /// so a retry with the same id is safe and may succeed (503 `store_unavailable`).
+    Unavailable,
+    /// The file holds bytes Turnstile did not write (a checksum mismatch, an undecodable record,
+    /// or a redb structure redb itself cannot read). Retrying cannot help: the partition refuses
+    /// every write until the file is restored (500 `store_damaged`).
+    Damaged,
+}
 
 impl StoreError {
     fn at(what: impl std::fmt::Display, e: impl std::fmt::Display) -> StoreError {
-        StoreError(format!("{what}: {e}"))
+        StoreError::unavailable(format!("{what}: {e}"))
+    }
+
+    /// A transient failure.
+    pub fn unavailable(message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind: StoreErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// Damage in a file.
+    pub fn damaged(message: impl Into<String>) -> StoreError {
+        StoreError {
+            kind: StoreErrorKind::Damaged,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the file is damaged (see [`StoreErrorKind::Damaged`]).
+    pub fn is_damage(&self) -> bool {
+        self.kind == StoreErrorKind::Damaged
     }
 }
 
+/// redb reports damage it notices itself (a page checksum, a malformed page) as `Corrupted`.
 fn db_error(e: impl Into<redb::Error>) -> StoreError {
-    StoreError(e.into().to_string())
+    let e = e.into();
+    if matches!(&e, redb::Error::Corrupted(_)) {
+        StoreError::damaged(e.to_string())
+    } else {
+        StoreError::unavailable(e.to_string())
+    }
 }
 
 /// Where partition files live.
@@ -111,8 +215,13 @@ pub struct Layout {
     pub generation: u64,
 }
 
-/// The current data dir format.
-pub const FORMAT: u32 = 1;
+/// The current data dir format: 2 has checksummed records. Format 1 (bare JSON records) is
+/// still read, and a data dir of format 1 is marked 2 when a server opens it, since it then
+/// gets checksummed records an older Turnstile could not read.
+pub const FORMAT: u32 = 2;
+
+/// The oldest data dir format this Turnstile reads.
+const OLDEST_FORMAT: u32 = 1;
 
 /// Why a data dir cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +245,7 @@ pub enum LayoutError {
         new_hash: HashKind,
     },
     /// A partition file is missing.
-    #[error("partition file {0} is missing; the data dir is incomplete (restore it from a backup)")]
+    #[error("partition file {} is missing; the data dir is incomplete: {MISSING_RECOVERY}", .0.display())]
     MissingPartition(PathBuf),
     /// The layout file or dir is unreadable, or a partition file is corrupt.
     #[error("{0}")]
@@ -165,9 +274,9 @@ pub fn read_layout(dir: &Path) -> Result<Option<Layout>, LayoutError> {
                     layout_path.display()
                 ))
             })?;
-            if layout.format != FORMAT {
+            if !(OLDEST_FORMAT..=FORMAT).contains(&layout.format) {
                 return Err(other(format!(
-                    "{} has data dir format {}, this turnstile reads format {FORMAT}",
+                    "{} has data dir format {}, this turnstile reads formats {OLDEST_FORMAT} to {FORMAT}",
                     layout_path.display(),
                     layout.format
                 )));
@@ -201,6 +310,16 @@ pub fn prepare_dir(dir: &Path, partitions: u32, hash: HashKind) -> Result<PathBu
                     return Err(LayoutError::MissingPartition(path));
                 }
             }
+            if old.format < FORMAT {
+                write_layout(
+                    dir,
+                    &Layout {
+                        format: FORMAT,
+                        ..old
+                    },
+                )
+                .map_err(other)?;
+            }
             Ok(generation)
         }
         None => {
@@ -226,10 +345,25 @@ pub fn prepare_dir(dir: &Path, partitions: u32, hash: HashKind) -> Result<PathBu
             let generation = generation_dir(dir, layout.generation);
             std::fs::create_dir_all(&generation)
                 .map_err(|e| other(format!("creating {}: {e}", generation.display())))?;
+            // Every partition file exists before the layout names the generation, so from then
+            // on a missing or empty file is damage, never something to create.
+            create_partition_files(&generation, partitions).map_err(other)?;
             write_layout(dir, &layout).map_err(other)?;
             Ok(generation)
         }
     }
+}
+
+/// Creates the (empty) redb files of partitions `0..partitions` in `generation_dir` and syncs
+/// the directory. Only for a generation no layout names yet.
+pub fn create_partition_files(generation_dir: &Path, partitions: u32) -> Result<(), String> {
+    for p in 0..partitions {
+        let path = partition_path(generation_dir, p);
+        Database::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    }
+    std::fs::File::open(generation_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("syncing {}: {e}", generation_dir.display()))
 }
 
 /// Writes `turnstile.json` atomically (write a temporary file, sync it, rename it, sync the
@@ -335,6 +469,8 @@ struct Counters {
     next_dedup_seq: u64,
     /// Entries in the dedup table.
     dedup_len: u64,
+    /// Highest record order written to this file.
+    last_order: u64,
 }
 
 /// One partition's database, owned by its thread.
@@ -346,12 +482,16 @@ pub struct PartitionStore {
     durability: RedbDurability,
     dedup_retention: u64,
     counters: Counters,
+    /// Set once damage is found in the file: every later write is refused with it, since
+    /// writing into a damaged file can only spread the damage (reads of healthy records go on).
+    damaged: Option<StoreError>,
     /// With durability `none`: when the oldest commit not yet synced to disk was made.
     unsynced_since: Option<std::time::Instant>,
 }
 
 impl PartitionStore {
-    /// Opens (or creates) partition `partition`'s database.
+    /// Opens partition `partition`'s database: for a data dir, the file [`prepare_dir`] made
+    /// (never re-created), verified record by record before the partition serves anything.
     pub fn open(
         location: &Location,
         partition: u32,
@@ -359,6 +499,18 @@ impl PartitionStore {
         dedup_retention: u64,
     ) -> Result<PartitionStore, StoreError> {
         let db = open_db(location, partition)?;
+        if let Location::Dir(dir) = location {
+            let path = partition_path(dir, partition);
+            let found = scan(&db, 5);
+            if !found.is_empty() {
+                let listed: Vec<String> = found.iter().map(|d| d.to_string()).collect();
+                return Err(StoreError::damaged(format!(
+                    "{} is damaged: {}; {DAMAGE_RECOVERY}",
+                    path.display(),
+                    listed.join("; ")
+                )));
+            }
+        }
         let mut store = PartitionStore {
             db: Some(db),
             location: location.clone(),
@@ -369,13 +521,28 @@ impl PartitionStore {
             },
             dedup_retention: dedup_retention.max(1),
             counters: Counters::default(),
+            damaged: None,
             unsynced_since: None,
         };
         store.counters = store.read_counters()?;
         Ok(store)
     }
 
-    fn db(&mut self) -> Result<&Database, StoreError> {
+    /// Where this partition's data lives, for messages.
+    fn describe(&self) -> String {
+        match &self.location {
+            Location::Dir(dir) => partition_path(dir, self.partition).display().to_string(),
+            Location::Memory => format!("partition {} (memory)", self.partition),
+        }
+    }
+
+    /// Runs `f` over the open database (reopening it after a failed commit). Damage it meets is
+    /// logged once, named by file, and remembered so later writes are refused; a redb panic is
+    /// caught and treated as damage.
+    fn with_db<R>(
+        &mut self,
+        f: impl FnOnce(&Database) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         if self.db.is_none() {
             // A previous commit failed; redb may have given up on the handle. Reopening replays
             // its recovery, and the counters come from what is really on disk.
@@ -389,93 +556,97 @@ impl PartitionStore {
                 }
             }
         }
-        Ok(self.db.as_ref().expect("just opened"))
+        let db = self.db.as_ref().expect("just opened");
+        let result = guard(|| f(db)).and_then(|r| r);
+        match result {
+            Err(e) if e.is_damage() => Err(self.mark_damaged(e)),
+            other => other,
+        }
+    }
+
+    /// Records damage (the first one wins) and returns it with the file named.
+    fn mark_damaged(&mut self, e: StoreError) -> StoreError {
+        let e = StoreError::damaged(format!(
+            "{} is damaged: {}; writes to partition {} are refused until it is restored ({DAMAGE_RECOVERY})",
+            self.describe(),
+            e.message,
+            self.partition
+        ));
+        if self.damaged.is_none() {
+            tracing::error!(partition = self.partition, "{e}");
+            self.damaged = Some(e.clone());
+        }
+        e
     }
 
     fn read_counters(&mut self) -> Result<Counters, StoreError> {
         let db = self.db.as_ref().expect("open");
-        // Make sure every table exists, so readers never meet a missing one.
-        let txn = db.begin_write().map_err(db_error)?;
-        {
-            txn.open_table(STATES).map_err(db_error)?;
-            txn.open_table(ROUTES).map_err(db_error)?;
-            txn.open_table(DEDUP).map_err(db_error)?;
-            txn.open_table(DEDUP_ORDER).map_err(db_error)?;
-            txn.open_table(LOG).map_err(db_error)?;
-            txn.open_table(DEAD_LETTERS).map_err(db_error)?;
-            txn.open_table(META).map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)?;
-        let txn = db.begin_read().map_err(db_error)?;
-        let last = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
-            Ok(t.last()
-                .map_err(db_error)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0))
-        };
-        let log = txn.open_table(LOG).map_err(db_error)?;
-        let dead = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
-        let order = txn.open_table(DEDUP_ORDER).map_err(db_error)?;
-        Ok(Counters {
-            next_log_seq: last(&log)? + 1,
-            next_dead_seq: last(&dead)? + 1,
-            next_dedup_seq: order
-                .last()
-                .map_err(db_error)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0)
-                + 1,
-            dedup_len: order.len().map_err(db_error)?,
-        })
+        guard(|| read_counters(db)).and_then(|r| r)
     }
 
     /// Runs `f` over one write transaction and commits it (invariant 2). If `f` or the commit
-    /// fails nothing of it is stored, and the error says why.
+    /// fails nothing of it is stored, and the error says why. A damaged partition refuses.
     pub fn write_batch<R>(
         &mut self,
         f: impl FnOnce(&mut Batch<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        if let Some(damage) = &self.damaged {
+            return Err(damage.clone());
+        }
         let durability = self.durability;
         let retention = self.dedup_retention;
         let counters = self.counters;
-        let db = self.db()?;
-        let mut txn = db.begin_write().map_err(db_error)?;
-        txn.set_durability(durability).map_err(db_error)?;
-        let result = {
-            let mut batch = Batch {
-                states: txn.open_table(STATES).map_err(db_error)?,
-                routes: txn.open_table(ROUTES).map_err(db_error)?,
-                dedup: txn.open_table(DEDUP).map_err(db_error)?,
-                dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
-                log: txn.open_table(LOG).map_err(db_error)?,
-                dead_letters: txn.open_table(DEAD_LETTERS).map_err(db_error)?,
-                meta: txn.open_table(META).map_err(db_error)?,
-                counters,
-                dedup_retention: retention,
+        let partition = self.partition;
+        // `None` from the closure: the commit failed and the handle must be reopened.
+        let outcome = self.with_db(|db| {
+            let mut txn = db.begin_write().map_err(db_error)?;
+            txn.set_durability(durability).map_err(db_error)?;
+            let result = {
+                let mut batch = Batch {
+                    states: txn.open_table(STATES).map_err(db_error)?,
+                    routes: txn.open_table(ROUTES).map_err(db_error)?,
+                    dedup: txn.open_table(DEDUP).map_err(db_error)?,
+                    dedup_order: txn.open_table(DEDUP_ORDER).map_err(db_error)?,
+                    log: txn.open_table(LOG).map_err(db_error)?,
+                    dead_letters: txn.open_table(DEAD_LETTERS).map_err(db_error)?,
+                    meta: txn.open_table(META).map_err(db_error)?,
+                    checkpoints: txn.open_table(CHECKPOINTS).map_err(db_error)?,
+                    counters,
+                    dedup_retention: retention,
+                };
+                let result = f(&mut batch)
+                    .and_then(|r| batch.trim_dedup().map(|()| r))
+                    .and_then(|r| batch.save_last_order(counters.last_order).map(|()| r));
+                result.map(|r| (r, batch.counters))
             };
-            let result = f(&mut batch).and_then(|r| batch.trim_dedup().map(|()| r));
-            result.map(|r| (r, batch.counters))
-        };
-        match result {
-            Ok((r, counters)) => match txn.commit() {
-                Ok(()) => {
-                    self.counters = counters;
-                    if matches!(durability, RedbDurability::None) {
-                        self.unsynced_since
-                            .get_or_insert_with(std::time::Instant::now);
-                    }
-                    Ok(r)
-                }
-                Err(e) => {
-                    self.db = None;
-                    Err(StoreError::at(
-                        format_args!("committing partition {}", self.partition),
+            match result {
+                Ok((r, counters)) => match txn.commit() {
+                    Ok(()) => Ok(Ok((r, counters))),
+                    Err(e) => Ok(Err(StoreError::at(
+                        format_args!("committing partition {partition}"),
                         db_error(e),
-                    ))
+                    ))),
+                },
+                Err(e) => {
+                    let _ = txn.abort();
+                    Err(e)
                 }
-            },
+            }
+        })?;
+        match outcome {
+            Ok((r, counters)) => {
+                self.counters = counters;
+                if matches!(durability, RedbDurability::None) {
+                    self.unsynced_since
+                        .get_or_insert_with(std::time::Instant::now);
+                }
+                Ok(r)
+            }
             Err(e) => {
-                let _ = txn.abort();
+                self.db = None;
+                if e.is_damage() {
+                    return Err(self.mark_damaged(e));
+                }
                 Err(e)
             }
         }
@@ -492,41 +663,67 @@ impl PartitionStore {
         if self.unsynced_since.is_none() {
             return Ok(());
         }
-        let txn = self.db()?.begin_write().map_err(db_error)?;
-        txn.commit().map_err(|e| {
-            StoreError::at(
-                format_args!("syncing partition {}", self.partition),
-                db_error(e),
-            )
+        let partition = self.partition;
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(db_error)?;
+            txn.commit().map_err(|e| {
+                StoreError::at(format_args!("syncing partition {partition}"), db_error(e))
+            })
         })?;
         self.unsynced_since = None;
         Ok(())
     }
 
+    /// A named checkpoint of the file's own bookkeeping (Kafka mode: the changelog position the
+    /// file reflects), from committed data.
+    pub fn checkpoint<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, StoreError> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            // Created by the first batch that stores a checkpoint (Kafka mode only), not at
+            // open: opening must not need to write (a full disk would fail every read).
+            let table = match txn.open_table(CHECKPOINTS) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(db_error(e)),
+            };
+            get_json(&table, "checkpoints", name)
+        })
+    }
+
     /// The current state of `key`, from committed data.
     pub fn state(&mut self, key: &str) -> Result<Option<State>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(STATES).map_err(db_error)?;
-        get_json(&table, key)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(STATES).map_err(db_error)?;
+            get_json(&table, "states", key)
+        })
     }
 
     /// The route of `user` recorded in this partition, if any.
     pub fn route(&mut self, user: &str) -> Result<Option<Route>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(ROUTES).map_err(db_error)?;
-        get_json(&table, user)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(ROUTES).map_err(db_error)?;
+            get_json(&table, "routes", user)
+        })
     }
 
     /// Every route recorded in this partition, for warming the route cache at start.
     pub fn routes(&mut self) -> Result<Vec<(String, Route)>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(ROUTES).map_err(db_error)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(db_error)? {
-            let (user, value) = row.map_err(db_error)?;
-            out.push((user.value().to_string(), decode(value.value())?));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(ROUTES).map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(db_error)? {
+                let (user, value) = row.map_err(db_error)?;
+                let user = user.value();
+                out.push((
+                    user.to_string(),
+                    decode(user, value.value()).map_err(|e| located(e, "routes", user))?,
+                ));
+            }
+            Ok(out)
+        })
     }
 
     /// Up to `limit` dead letters with a sequence number above `after`, oldest first.
@@ -535,39 +732,170 @@ impl PartitionStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
-        let mut out = Vec::new();
-        for row in table
-            .range(after.saturating_add(1)..)
-            .map_err(db_error)?
-            .take(limit)
-        {
-            let (_, value) = row.map_err(db_error)?;
-            out.push(decode(value.value())?);
-        }
-        Ok(out)
-    }
-
-    /// A named value of the file's own bookkeeping, from committed data.
-    pub fn meta<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(META).map_err(db_error)?;
-        get_json(&table, name)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in table
+                .range(after.saturating_add(1)..)
+                .map_err(db_error)?
+                .take(limit)
+            {
+                let (seq, value) = row.map_err(db_error)?;
+                let seq = seq.value();
+                out.push(
+                    decode(&seq, value.value())
+                        .map_err(|e| located(e, "dead_letters", &seq.to_string()))?,
+                );
+            }
+            Ok(out)
+        })
     }
 
     /// Up to `limit` log entries from sequence number `from`, in order.
     pub fn log(&mut self, from: u64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(db_error)?;
-        let table = txn.open_table(LOG).map_err(db_error)?;
-        let mut out = Vec::new();
-        for row in table.range(from..).map_err(db_error)?.take(limit) {
-            let (_, value) = row.map_err(db_error)?;
-            out.push(decode(value.value())?);
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = txn.open_table(LOG).map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in table.range(from..).map_err(db_error)?.take(limit) {
+                let (seq, value) = row.map_err(db_error)?;
+                let seq = seq.value();
+                out.push(
+                    decode(&seq, value.value()).map_err(|e| located(e, "log", &seq.to_string()))?,
+                );
+            }
+            Ok(out)
+        })
     }
 }
+
+fn read_counters(db: &Database) -> Result<Counters, StoreError> {
+    // Make sure every table exists, so readers never meet a missing one. Only a file that lacks
+    // one is written: a reopen (after a failed commit, e.g. on a full disk) must need no space.
+    let missing = {
+        let txn = db.begin_read().map_err(db_error)?;
+        let missing = |e: redb::TableError| match e {
+            redb::TableError::TableDoesNotExist(_) => Ok(true),
+            e => Err(db_error(e)),
+        };
+        let found = [
+            txn.open_table(STATES).map(|_| false),
+            txn.open_table(ROUTES).map(|_| false),
+            txn.open_table(DEDUP).map(|_| false),
+            txn.open_table(LOG).map(|_| false),
+            txn.open_table(DEAD_LETTERS).map(|_| false),
+        ];
+        let mut any = false;
+        for table in found {
+            any |= table.or_else(missing)?;
+        }
+        any |= txn
+            .open_table(DEDUP_ORDER)
+            .map(|_| false)
+            .or_else(missing)?;
+        any |= txn.open_table(META).map(|_| false).or_else(missing)?;
+        any
+    };
+    if missing {
+        let txn = db.begin_write().map_err(db_error)?;
+        {
+            txn.open_table(STATES).map_err(db_error)?;
+            txn.open_table(ROUTES).map_err(db_error)?;
+            txn.open_table(DEDUP).map_err(db_error)?;
+            txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+            txn.open_table(LOG).map_err(db_error)?;
+            txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+            txn.open_table(META).map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)?;
+    }
+    let txn = db.begin_read().map_err(db_error)?;
+    let last = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
+        Ok(t.last()
+            .map_err(db_error)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0))
+    };
+    let log = txn.open_table(LOG).map_err(db_error)?;
+    let dead = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+    let order = txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+    let last_order = txn
+        .open_table(META)
+        .map_err(db_error)?
+        .get(LAST_ORDER)
+        .map_err(db_error)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    observe_record_order(last_order);
+    Ok(Counters {
+        last_order,
+        next_log_seq: last(&log)? + 1,
+        next_dead_seq: last(&dead)? + 1,
+        next_dedup_seq: order
+            .last()
+            .map_err(db_error)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0)
+            + 1,
+        dedup_len: order.len().map_err(db_error)?,
+    })
+}
+
+/// Names the table and key of a damaged record in its error.
+fn located(e: StoreError, table: &str, key: &str) -> StoreError {
+    StoreError {
+        kind: e.kind,
+        message: format!("table `{table}`, key `{key}`: {}", e.message),
+    }
+}
+
+/// Opens the existing partition file at `path`: never creates one, and refuses an empty file
+/// (what a truncation leaves), which redb would otherwise initialise as an empty database and so
+/// silently lose every acknowledged key in it.
+pub fn open_existing(path: &Path) -> Result<Database, StoreError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::damaged(format!(
+                "partition file {} is missing; {MISSING_RECOVERY}",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(StoreError::at(path.display(), e)),
+    };
+    if meta.len() == 0 {
+        return Err(StoreError::damaged(format!(
+            "partition file {} is empty (0 bytes): it was truncated, so its acknowledged data is gone; {MISSING_RECOVERY}",
+            path.display()
+        )));
+    }
+    match guard(|| Database::open(path)) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::unavailable(format!(
+            "{} is in use: a turnstile server is still running on this data dir (stop it first)",
+            path.display()
+        ))),
+        Ok(Err(e)) => {
+            let e = db_error(e);
+            Err(StoreError {
+                kind: e.kind,
+                message: format!("opening {}: {}", path.display(), e.message),
+            })
+        }
+        Err(e) => Err(StoreError::damaged(format!(
+            "{}: {}; {DAMAGE_RECOVERY}",
+            path.display(),
+            e.message
+        ))),
+    }
+}
+
+/// What to do about a missing or emptied partition file.
+pub const MISSING_RECOVERY: &str = "restore the file (or the whole data dir) from a backup; \
+     to give up that partition's data instead, start over with an empty data dir \
+     (Turnstile never re-creates a single partition file, since keys, routes and request ids \
+     acknowledged in it would silently disappear)";
 
 fn open_db(location: &Location, partition: u32) -> Result<Database, StoreError> {
     match location {
@@ -576,10 +904,7 @@ fn open_db(location: &Location, partition: u32) -> Result<Database, StoreError> 
             .map_err(|e| {
                 StoreError::at(format_args!("partition {partition} (memory)"), db_error(e))
             }),
-        Location::Dir(dir) => {
-            let path = partition_path(dir, partition);
-            Database::create(&path).map_err(|e| StoreError::at(path.display(), db_error(e)))
-        }
+        Location::Dir(dir) => open_existing(&partition_path(dir, partition)),
     }
 }
 
@@ -591,7 +916,8 @@ pub struct Batch<'txn> {
     dedup_order: redb::Table<'txn, u64, &'static str>,
     log: redb::Table<'txn, u64, &'static [u8]>,
     dead_letters: redb::Table<'txn, u64, &'static [u8]>,
-    meta: redb::Table<'txn, &'static str, &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, u64>,
+    checkpoints: redb::Table<'txn, &'static str, &'static [u8]>,
     counters: Counters,
     dedup_retention: u64,
 }
@@ -599,26 +925,64 @@ pub struct Batch<'txn> {
 impl Batch<'_> {
     /// The state of `key` as this batch has it so far (earlier requests in the batch included).
     pub fn state(&self, key: &str) -> Result<Option<State>, StoreError> {
-        get_json(&self.states, key)
+        get_json(&self.states, "states", key)
     }
 
     /// The dedup entry of a client request id, if one was applied before.
     pub fn dedup(&self, id: &str) -> Result<Option<DedupEntry>, StoreError> {
-        get_json(&self.dedup, id)
+        get_json(&self.dedup, "dedup", id)
     }
 
-    /// Records `user → route` durably.
-    pub fn record_route(&mut self, user: &str, route: &Route) -> Result<(), StoreError> {
-        self.routes
-            .insert(user, encode(route).as_slice())
+    /// The route of `user` as this batch has it so far.
+    pub fn route(&self, user: &str) -> Result<Option<Route>, StoreError> {
+        get_json(&self.routes, "routes", user)
+    }
+
+    /// Stores a named checkpoint (Kafka mode: the changelog position the file reflects), in the
+    /// batch's transaction so it commits with the state it describes.
+    pub fn put_checkpoint<T: Serialize>(
+        &mut self,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.checkpoints
+            .insert(name, encode(name, value).as_slice())
             .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Records `user → route` durably, with a new record order.
+    pub fn record_route(&mut self, user: &str, route: &Route) -> Result<(), StoreError> {
+        let stored = StoredRoute {
+            route: route.clone(),
+            order: self.take_order(),
+        };
+        self.routes
+            .insert(user, encode(user, &stored).as_slice())
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    fn take_order(&mut self) -> u64 {
+        let order = next_record_order();
+        self.counters.last_order = self.counters.last_order.max(order);
+        order
+    }
+
+    /// Writes the highest record order of this file if this batch raised it.
+    fn save_last_order(&mut self, before: u64) -> Result<(), StoreError> {
+        if self.counters.last_order > before {
+            self.meta
+                .insert(LAST_ORDER, self.counters.last_order)
+                .map_err(db_error)?;
+        }
         Ok(())
     }
 
     /// Stores a new state for `key`.
     pub fn put_state(&mut self, key: &str, state: &State) -> Result<(), StoreError> {
         self.states
-            .insert(key, encode(state).as_slice())
+            .insert(key, encode(key, state).as_slice())
             .map_err(db_error)?;
         Ok(())
     }
@@ -628,7 +992,7 @@ impl Batch<'_> {
         let seq = self.counters.next_log_seq;
         entry.seq = seq;
         self.log
-            .insert(seq, encode(&entry).as_slice())
+            .insert(seq, encode(&seq, &entry).as_slice())
             .map_err(db_error)?;
         self.counters.next_log_seq += 1;
         Ok(seq)
@@ -641,25 +1005,15 @@ impl Batch<'_> {
         self.counters.next_log_seq = seq;
     }
 
-    /// The route of `user` as this batch has it so far.
-    pub fn route(&self, user: &str) -> Result<Option<Route>, StoreError> {
-        get_json(&self.routes, user)
-    }
-
-    /// Stores a named value of the file's own bookkeeping (Kafka mode: the changelog position
-    /// the file reflects), in the batch's transaction so it commits with the batch.
-    pub fn put_meta<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), StoreError> {
-        self.meta
-            .insert(name, encode(value).as_slice())
-            .map_err(db_error)?;
-        Ok(())
-    }
-
-    /// Remembers the answer to a client request id.
+    /// Remembers the answer to a client request id, with a new record order.
     pub fn put_dedup(&mut self, id: &str, entry: &DedupEntry) -> Result<(), StoreError> {
+        let stored = StoredDedup {
+            entry: entry.clone(),
+            order: self.take_order(),
+        };
         let previous = self
             .dedup
-            .insert(id, encode(entry).as_slice())
+            .insert(id, encode(id, &stored).as_slice())
             .map_err(db_error)?;
         if previous.is_none() {
             drop(previous);
@@ -676,7 +1030,7 @@ impl Batch<'_> {
         let seq = self.counters.next_dead_seq;
         letter.seq = seq;
         self.dead_letters
-            .insert(seq, encode(&letter).as_slice())
+            .insert(seq, encode(&seq, &letter).as_slice())
             .map_err(db_error)?;
         self.counters.next_dead_seq += 1;
         Ok(seq)
@@ -695,20 +1049,342 @@ impl Batch<'_> {
     }
 }
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("store values always serialize")
+/// First byte of a checksummed record. JSON never starts with it, so records of format 1 (bare
+/// JSON) are told apart from checksummed ones.
+const RECORD_MARKER: u8 = 0xC5;
+
+/// Bytes before a checksummed record's JSON: the marker and the CRC-32 (little endian).
+const RECORD_HEADER: usize = 5;
+
+/// The key bytes a record's checksum covers: the key as stored, so a record moved to another key
+/// by damage is caught too.
+pub(crate) trait RecordKey {
+    /// The bytes of the key.
+    fn record_key(&self) -> Vec<u8>;
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError(format!("corrupt record: {e}")))
+impl RecordKey for str {
+    fn record_key(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+}
+
+impl RecordKey for u64 {
+    fn record_key(&self) -> Vec<u8> {
+        self.to_be_bytes().to_vec()
+    }
+}
+
+fn checksum(key: &[u8], json: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&(key.len() as u64).to_le_bytes());
+    hasher.update(key);
+    hasher.update(json);
+    hasher.finalize()
+}
+
+/// The stored bytes of `value` under `key`: marker, checksum, JSON.
+pub(crate) fn encode<K: RecordKey + ?Sized, T: Serialize>(key: &K, value: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(value).expect("store values always serialize");
+    let mut out = Vec::with_capacity(RECORD_HEADER + json.len());
+    out.push(RECORD_MARKER);
+    out.extend_from_slice(&checksum(&key.record_key(), &json).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Decodes the record stored under `key`; a checksum mismatch or undecodable bytes are damage.
+pub(crate) fn decode<K: RecordKey + ?Sized, T: DeserializeOwned>(
+    key: &K,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let json = match bytes.first() {
+        Some(&RECORD_MARKER) => {
+            if bytes.len() < RECORD_HEADER {
+                return Err(StoreError::damaged("record is truncated"));
+            }
+            let stored = u32::from_le_bytes(bytes[1..RECORD_HEADER].try_into().expect("4 bytes"));
+            let json = &bytes[RECORD_HEADER..];
+            if checksum(&key.record_key(), json) != stored {
+                return Err(StoreError::damaged("record checksum mismatch"));
+            }
+            json
+        }
+        // Format 1: bare JSON, no checksum.
+        _ => bytes,
+    };
+    serde_json::from_slice(json)
+        .map_err(|e| StoreError::damaged(format!("record does not decode: {e}")))
+}
+
+/// Checks a stored record without decoding it into a type: a checksummed record by its
+/// checksum alone (its JSON was written by us, so a matching checksum means it decodes), a
+/// format 1 record by parsing its JSON. What the verify pass at open runs on every record.
+fn check<K: RecordKey + ?Sized>(key: &K, bytes: &[u8]) -> Result<(), StoreError> {
+    match bytes.first() {
+        Some(&RECORD_MARKER) => {
+            if bytes.len() < RECORD_HEADER {
+                return Err(StoreError::damaged("record is truncated"));
+            }
+            let stored = u32::from_le_bytes(bytes[1..RECORD_HEADER].try_into().expect("4 bytes"));
+            if checksum(&key.record_key(), &bytes[RECORD_HEADER..]) != stored {
+                return Err(StoreError::damaged("record checksum mismatch"));
+            }
+            Ok(())
+        }
+        _ => decode::<_, serde::de::IgnoredAny>(key, bytes).map(|_| ()),
+    }
 }
 
 fn get_json<T: DeserializeOwned>(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
     key: &str,
 ) -> Result<Option<T>, StoreError> {
     match table.get(key).map_err(db_error)? {
-        Some(value) => decode(value.value()).map(Some),
+        Some(value) => decode(key, value.value())
+            .map(Some)
+            .map_err(|e| located(e, name, key)),
         None => Ok(None),
+    }
+}
+
+/// The tables of a partition file, by name, for reports.
+const RECORD_TABLES: [&str; 5] = ["states", "routes", "dedup", "log", "dead_letters"];
+
+/// One damaged record (or damaged structure) found by [`scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The table, or `"file"` when redb cannot read the file's structure.
+    pub table: String,
+    /// The record's key as text (a sequence number for `log` and `dead_letters`), if known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "table `{}`, key `{}`: {}", self.table, key, self.problem),
+            None => write!(f, "{}: {}", self.table, self.problem),
+        }
+    }
+}
+
+/// What to do about a damaged partition file, appended to every report of damage.
+pub const DAMAGE_RECOVERY: &str = "restore the file from a backup taken while it was healthy \
+     (see the README, Data dir); `turnstile verify --data-dir DIR` lists every damaged record";
+
+/// Checks every record of every table of an open partition file: each value's checksum and
+/// decoding, and that redb can walk each table. Stops after `limit` findings. Never panics on
+/// bad bytes: a redb panic is caught and reported as damage of the file.
+pub fn scan(db: &impl ReadableDatabase, limit: usize) -> Vec<Damage> {
+    let mut found = Vec::new();
+    let walked = guard(|| scan_tables(db, limit, &mut found));
+    match walked {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => found.push(Damage {
+            table: "file".into(),
+            key: None,
+            problem: e.message,
+        }),
+    }
+    found
+}
+
+fn scan_tables(
+    db: &impl ReadableDatabase,
+    limit: usize,
+    found: &mut Vec<Damage>,
+) -> Result<(), StoreError> {
+    let txn = db.begin_read().map_err(db_error)?;
+    let mut note = |table: &str, key: String, e: StoreError| {
+        found.push(Damage {
+            table: table.to_string(),
+            key: Some(key),
+            problem: e.message,
+        })
+    };
+    for (name, definition) in [
+        (RECORD_TABLES[0], STATES),
+        (RECORD_TABLES[1], ROUTES),
+        (RECORD_TABLES[2], DEDUP),
+    ] {
+        let table = match txn.open_table(definition) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(db_error(e)),
+        };
+        for row in table.iter().map_err(db_error)? {
+            let (key, value) = row.map_err(db_error)?;
+            let key = key.value();
+            if let Err(e) = check(key, value.value()) {
+                note(name, key.to_string(), e);
+            }
+        }
+    }
+    for (name, definition) in [(RECORD_TABLES[3], LOG), (RECORD_TABLES[4], DEAD_LETTERS)] {
+        let table = match txn.open_table(definition) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(db_error(e)),
+        };
+        for row in table.iter().map_err(db_error)? {
+            let (key, value) = row.map_err(db_error)?;
+            let key = key.value();
+            if let Err(e) = check(&key, value.value()) {
+                note(name, key.to_string(), e);
+            }
+        }
+    }
+    if let Ok(order) = txn.open_table(DEDUP_ORDER) {
+        for row in order.iter().map_err(db_error)? {
+            row.map_err(db_error)?;
+        }
+    }
+    found.truncate(limit);
+    Ok(())
+}
+
+/// Runs `f`, turning a panic (redb panics on some malformed pages in debug builds and on a few
+/// in release builds) into damage, so bad bytes never kill a partition thread.
+pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        StoreError::damaged(format!("redb could not read the file ({what})"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(user: &str) -> State {
+        State {
+            status: "reserved".into(),
+            user: user.into(),
+            data: "{}".into(),
+            version: 1,
+            rule_version: "v".into(),
+            updated_at_ms: 1,
+        }
+    }
+
+    /// A fresh data dir under the system temp dir, removed when dropped.
+    struct TempDataDir(PathBuf);
+
+    impl TempDataDir {
+        fn new(name: &str) -> TempDataDir {
+            let dir = std::env::temp_dir().join(format!(
+                "turnstile-store-{name}-{}-{}",
+                std::process::id(),
+                next_record_order()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDataDir(dir)
+        }
+    }
+
+    impl Drop for TempDataDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Damage met while the partition runs (a record whose bytes changed under it) is reported
+    /// with the file and the key, and from then on every write to that partition is refused,
+    /// even to healthy keys; healthy keys can still be read.
+    #[test]
+    fn damage_met_while_running_refuses_every_later_write() {
+        let data = TempDataDir::new("running");
+        let generation = prepare_dir(&data.0, 2, HashKind::Java).unwrap();
+        let location = Location::Dir(generation.clone());
+        let mut store = PartitionStore::open(&location, 0, Durability::Sync, 10).unwrap();
+        store
+            .write_batch(|batch| {
+                batch.put_state("healthy", &state("a"))?;
+                batch.put_state("hurt", &state("b"))
+            })
+            .unwrap();
+
+        // Change one byte of the stored record, as a bad disk would, behind the store's back.
+        let mut bytes = encode("hurt", &state("b"));
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x01;
+        {
+            let db = store.db.as_ref().unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(STATES)
+                .unwrap()
+                .insert("hurt", bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+
+        let e = store.state("hurt").unwrap_err();
+        assert!(e.is_damage());
+        let path = partition_path(&generation, 0).display().to_string();
+        assert!(
+            e.message.contains(&path) && e.message.contains("hurt"),
+            "{e}"
+        );
+        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
+        let refused = store
+            .write_batch(|batch| batch.put_state("healthy", &state("c")))
+            .unwrap_err();
+        assert!(refused.is_damage(), "{refused}");
+        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
+        drop(store);
+
+        // A restart does not serve it either.
+        let e = PartitionStore::open(&location, 0, Durability::Sync, 10)
+            .err()
+            .expect("a damaged partition opened");
+        assert!(e.is_damage() && e.message.contains("hurt"), "{e}");
+    }
+
+    /// After a failed commit the partition reopens its file before the next batch; a file
+    /// emptied meanwhile is an error naming it, never replaced by an empty database.
+    #[test]
+    fn reopen_after_a_failed_commit_never_recreates_the_file() {
+        let data = TempDataDir::new("reopen");
+        let generation = prepare_dir(&data.0, 2, HashKind::Java).unwrap();
+        let location = Location::Dir(generation.clone());
+        let mut store = PartitionStore::open(&location, 1, Durability::Sync, 10).unwrap();
+        store
+            .write_batch(|batch| batch.put_state("kept", &state("a")))
+            .unwrap();
+        // What a failed commit leaves: no handle, reopened on next use.
+        store.db = None;
+        let path = partition_path(&generation, 1);
+        std::fs::File::create(&path).unwrap();
+
+        let e = store.state("kept").unwrap_err();
+        assert!(e.message.contains(&path.display().to_string()), "{e}");
+        let e = store
+            .write_batch(|batch| batch.put_state("new", &state("b")))
+            .unwrap_err();
+        assert!(e.message.contains(&path.display().to_string()), "{e}");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            0,
+            "file re-created"
+        );
+    }
+
+    /// A record of format 1 (bare JSON) still reads; a checksummed record whose key changed
+    /// does not.
+    #[test]
+    fn checksums_cover_the_key_and_format_1_records_read() {
+        let legacy = serde_json::to_vec(&state("a")).unwrap();
+        assert_eq!(decode::<_, State>("k", &legacy).unwrap(), state("a"));
+        let record = encode("k", &state("a"));
+        assert_eq!(decode::<_, State>("k", &record).unwrap(), state("a"));
+        assert!(decode::<_, State>("j", &record).unwrap_err().is_damage());
     }
 }

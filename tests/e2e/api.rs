@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{Server, body};
+use crate::support::{Server, body, connect, raw_exchange, read_response};
 
 /// The patent's flow: reserve with key + user, then associate with only the user. Both land on
 /// the same partition, whose one dedicated thread applied both.
@@ -207,10 +207,14 @@ async fn bad_inputs_are_400_and_reach_no_partition() {
             "UTF-8",
         ),
         (
-            json!({"kind": "reserve", "user": "a", "payload": "x".repeat(70_000)})
+            json!({"kind": " \t", "user": "a"}).to_string().into_bytes(),
+            "`kind` must not be empty",
+        ),
+        (
+            json!({"kind": "reserve", "user": "  "})
                 .to_string()
                 .into_bytes(),
-            "larger than 65536 bytes",
+            "`user` must not be empty",
         ),
     ];
     for (raw, expected) in cases {
@@ -319,4 +323,103 @@ async fn metrics_count_requests_by_kind_and_outcome() {
             .filter(|l| l.starts_with("turnstile_partition_fuel_used_total"))
             .any(|l| !l.ends_with(" 0"))
     );
+}
+
+/// Every error the server writes is `{"error":{"code","message"}}` with a JSON content type:
+/// bad path encodings, non-numeric path numbers, wrong methods, oversized headers, malformed
+/// request lines, cut-short or malformed bodies, and bodies over the limit (413).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_is_the_documented_json() {
+    let server = Server::start();
+    let url = server.url.clone();
+    let long_header = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(500_000)
+    );
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            b"GET /v1/keys/%FF HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            b"GET /v1/users/%C3%28 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            b"POST /v1/dead-letters/two/1/resubmit HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            b"DELETE /v1/requests HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            405,
+            "method_not_allowed",
+        ),
+        (long_header.into_bytes(), 431, "headers_too_large"),
+        (
+            b"THIS IS NOT HTTP\r\n\r\n".to_vec(),
+            400,
+            "malformed_request",
+        ),
+        (
+            b"POST /v1/requests HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            b"POST /v1/requests HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\nConnection: close\r\n\r\n".to_vec(),
+            413,
+            "body_too_large",
+        ),
+        (
+            format!(
+                "POST /v1/requests HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\nConnection: close\r\n\r\n{}",
+                " ".repeat(70_000)
+            )
+            .into_bytes(),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let shown = String::from_utf8_lossy(&request[..request.len().min(60)]).into_owned();
+        let url = url.clone();
+        let response = tokio::task::spawn_blocking(move || raw_exchange(&url, &request))
+            .await
+            .unwrap();
+        assert_eq!(response.status, status, "{shown}");
+        assert_eq!(response.error().0, code, "{shown}");
+    }
+
+    // A body cut short (the client closes its side early) is 400, not "too large".
+    let cut = url.clone();
+    let response = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut stream = connect(&cut);
+        stream
+            .write_all(
+                b"POST /v1/requests HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"kind\":",
+            )
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        read_response(&mut stream)
+    })
+    .await
+    .unwrap();
+    assert_eq!(response.status, 400);
+    assert_eq!(response.error().0, "invalid_request");
+
+    // A chunked body over the limit (no Content-Length to refuse it by) is 413 too.
+    let chunked = format!(
+        "POST /v1/requests HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        70_000,
+        " ".repeat(70_000)
+    );
+    let response = tokio::task::spawn_blocking(move || raw_exchange(&url, chunked.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 413);
+    assert_eq!(response.error().0, "body_too_large");
 }

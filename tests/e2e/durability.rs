@@ -386,11 +386,8 @@ async fn full_disk_fails_the_batch_and_recovers() {
     assert!(!failed.is_empty(), "the disk never filled up");
     for request in &failed {
         let key = request["key"].as_str().unwrap();
-        assert_eq!(
-            server.get(&format!("/v1/keys/{key}")).await.0,
-            404,
-            "{key} was stored"
-        );
+        let (status, doc) = server.get(&format!("/v1/keys/{key}")).await;
+        assert_eq!(status, 404, "{key} was stored: {doc}");
     }
 
     std::fs::remove_file(&filler).unwrap();
@@ -427,4 +424,143 @@ async fn durability_none_syncs_within_the_flush_interval() {
         let (status, doc) = server.get(&format!("/v1/keys/N-{u}")).await;
         assert_eq!(status, 200, "N-{u} lost: {doc}");
     }
+}
+
+/// Two keys, the first on a later old partition (java, N = 4) than the second, both on the same
+/// new partition (java, N = 6): the layout where "last scanned wins" keeps the older record.
+fn older_scanned_last(prefix: &str) -> (String, String) {
+    let old = Partitioner::new(HashKind::Java, 4);
+    let new = Partitioner::new(HashKind::Java, 6);
+    let keys: Vec<String> = (0..200).map(|i| format!("{prefix}-{i}")).collect();
+    for older in &keys {
+        for newer in &keys {
+            if old.partition(older) > old.partition(newer)
+                && new.partition(older) == new.partition(newer)
+            {
+                return (older.clone(), newer.clone());
+            }
+        }
+    }
+    unreachable!("no such pair among {} keys", keys.len())
+}
+
+/// A user who reserved two keys over time, and a client id used for two requests on different
+/// partitions: after a repartition the user's route is the newest one, and a retry of the newest
+/// request with that id gets its answer, whatever order the old files were read in.
+#[tokio::test(flavor = "multi_thread")]
+async fn repartition_keeps_the_newest_route_and_dedup_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
+    let (older, newer) = older_scanned_last("R");
+    for key in [&older, &newer] {
+        let (status, answer) = server.request(body("reserve", Some(key), "roamer")).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (older_id_key, newer_id_key) = older_scanned_last("D");
+    let mut first = body("reserve", Some(&older_id_key), "d-user-1");
+    first["id"] = "shared-id".into();
+    assert_eq!(server.request(first).await.0, 200);
+    let mut second = body("reserve", Some(&newer_id_key), "d-user-2");
+    second["id"] = "shared-id".into();
+    let (status, second_answer) = server.request(second.clone()).await;
+    assert_eq!(status, 200, "{second_answer}");
+    assert!(server.terminate());
+
+    let (ok, stdout, stderr) = run_cli(&[
+        "repartition",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--servers",
+        "2",
+        "--containers",
+        "3",
+    ]);
+    assert!(ok, "{stderr}");
+    // Counted in the new files: one route per user, one entry per id.
+    assert!(stdout.contains("4 states"), "{stdout}");
+    assert!(stdout.contains("3 routes"), "{stdout}");
+    assert!(stdout.contains("1 dedup entries"), "{stdout}");
+
+    let server = Server::start_with(
+        ServerArgs::default()
+            .data_dir(dir.path())
+            .config("[partitions]\nservers = 2\ncontainers = 3\n"),
+    );
+    let (status, answer) = server.get("/v1/users/roamer").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["key"], newer.as_str());
+    let (status, answer) = server.request(body("associate", None, "roamer")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["key"], newer.as_str());
+
+    let (status, retried) = server.request(second).await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(retried["seq"], second_answer["seq"]);
+    assert_eq!(retried["state"], second_answer["state"]);
+}
+
+const ADMIN_TOKEN: &str = "durability-admin-token";
+
+/// The rule version running on every partition survives a repartition (with its history);
+/// a repartition during a canary is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn repartition_keeps_the_running_rule_and_refuses_during_a_canary() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n");
+    let args = ServerArgs::default().data_dir(dir.path()).config(&admin);
+    let v2 = std::fs::read(crate::support::guests::RESERVATION_V2).unwrap();
+    let server = Server::start_with(args.clone());
+    let (status, answer) = server
+        .admin(
+            "PUT",
+            "/v1/admin/rule?partitions=1",
+            Some(v2.clone()),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let version = answer["version"].as_str().unwrap().to_string();
+    assert!(server.terminate());
+
+    let repartition = || {
+        run_cli(&[
+            "repartition",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--servers",
+            "2",
+            "--containers",
+            "3",
+        ])
+    };
+    let (ok, _, stderr) = repartition();
+    assert!(!ok, "repartitioned during a canary");
+    assert!(stderr.contains("canary"), "{stderr}");
+    let layout = std::fs::read_to_string(dir.path().join("turnstile.json")).unwrap();
+    assert!(layout.contains("\"partitions\": 4"), "{layout}");
+
+    let server = Server::start_with(args);
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(v2), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(server.terminate());
+    let (ok, _, stderr) = repartition();
+    assert!(ok, "{stderr}");
+
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()).config(&format!(
+        "{admin}[partitions]\nservers = 2\ncontainers = 3\n"
+    )));
+    let (status, answer) = server
+        .admin("GET", "/v1/admin/rule", None, Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let running: Vec<&str> = answer["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(running, vec![version.as_str(); 6], "{answer}");
+    assert_eq!(answer["history"].as_array().unwrap().len(), 2, "{answer}");
 }

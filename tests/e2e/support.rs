@@ -59,6 +59,8 @@ pub struct ServerArgs {
     pub data_dir: Option<PathBuf>,
     pub rule: Option<PathBuf>,
     pub config: Option<String>,
+    /// Runs the server under `prlimit --nofile=N:N`.
+    pub open_file_limit: Option<u64>,
 }
 
 impl ServerArgs {
@@ -101,7 +103,14 @@ impl Server {
 
     /// Starts a server; on failure returns what it printed on stderr.
     pub fn try_start(args: ServerArgs) -> Result<Server, String> {
-        let mut command = Command::new(turnstile_bin());
+        let mut command = match args.open_file_limit {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(turnstile_bin());
+                c
+            }
+            None => Command::new(turnstile_bin()),
+        };
         command.args(["run", "--listen", "127.0.0.1:0"]);
         let mut config_file = None;
         if let Some(text) = &args.config {
@@ -265,4 +274,109 @@ pub fn body(kind: &str, key: Option<&str>, user: &str) -> Value {
         v["key"] = key.into();
     }
     v
+}
+
+/// An HTTP/1.1 response read off a raw socket: status, headers (lowercase names), body.
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The body as the documented error JSON: (code, message). Panics if it is not one.
+    pub fn error(&self) -> (String, String) {
+        let content_type = self
+            .headers
+            .iter()
+            .find(|(n, _)| n == "content-type")
+            .map(|(_, v)| v.as_str());
+        assert_eq!(
+            content_type,
+            Some("application/json"),
+            "status {}: {:?}",
+            self.status,
+            String::from_utf8_lossy(&self.body)
+        );
+        let json: Value = serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        });
+        let code = json["error"]["code"]
+            .as_str()
+            .expect("error.code")
+            .to_string();
+        let message = json["error"]["message"]
+            .as_str()
+            .expect("error.message")
+            .to_string();
+        assert!(!message.is_empty());
+        (code, message)
+    }
+}
+
+/// Reads one response from `stream` (until the headers and `content-length` bytes of body, or
+/// the end of the stream).
+pub fn read_response(stream: &mut std::net::TcpStream) -> RawResponse {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
+            let mut lines = head.split("\r\n");
+            let status = lines
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no status line in {head:?}"));
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let length: usize = headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            while bytes.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).expect("reading the body");
+                assert!(n > 0, "connection closed inside the body");
+                bytes.extend_from_slice(&chunk[..n]);
+            }
+            return RawResponse {
+                status,
+                headers,
+                body: bytes[end + 4..end + 4 + length].to_vec(),
+            };
+        }
+        let n = stream.read(&mut chunk).expect("reading a response");
+        assert!(
+            n > 0,
+            "connection closed without a response: {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends raw bytes on a new connection to `url` and reads one response.
+pub fn raw_exchange(url: &str, request: &[u8]) -> RawResponse {
+    use std::io::Write;
+    let mut stream = connect(url);
+    stream.write_all(request).expect("sending");
+    read_response(&mut stream)
+}
+
+/// A new TCP connection to the server at `url` (`http://HOST:PORT`), with a read timeout so a
+/// server that never answers fails the test instead of hanging it.
+pub fn connect(url: &str) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(url.trim_start_matches("http://")).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
 }

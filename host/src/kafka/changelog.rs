@@ -290,7 +290,7 @@ pub(super) async fn restore(
     stop: &AtomicBool,
 ) -> anyhow::Result<Option<Restored>> {
     let kafka = &shared.kafka;
-    let start: Checkpoint = store.meta(CHECKPOINT)?.unwrap_or(Checkpoint::START);
+    let start: Checkpoint = store.checkpoint(CHECKPOINT)?.unwrap_or(Checkpoint::START);
     let fence_id = format!("{}-{:016x}", shared.node_id, rand::random::<u64>());
     let (key, value) = ChangelogRecord::Fence {
         id: fence_id.clone(),
@@ -347,7 +347,7 @@ pub(super) async fn restore(
                 for (offset, value) in &records {
                     replayer.apply(tx, p, *offset, value, &fence_id)?;
                 }
-                tx.put_meta(CHECKPOINT, &replayer.at)
+                tx.put_checkpoint(CHECKPOINT, &replayer.at)
             })?;
         }
     }
@@ -492,7 +492,7 @@ impl Tail {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.next <= last {
             if std::time::Instant::now() > deadline {
-                return Err(StoreError(format!(
+                return Err(StoreError::unavailable(format!(
                     "reading back changelog partition {p} to offset {last}: nothing after offset {} within 30 s",
                     self.next
                 )));
@@ -500,8 +500,9 @@ impl Tail {
             let Some(message) = self.consumer.poll(Duration::from_millis(100)) else {
                 continue;
             };
-            let message = message
-                .map_err(|e| StoreError(format!("reading back changelog partition {p}: {e}")))?;
+            let message = message.map_err(|e| {
+                StoreError::unavailable(format!("reading back changelog partition {p}: {e}"))
+            })?;
             self.next = message.offset() + 1;
             let Ok(record) =
                 serde_json::from_slice::<ChangelogRecord>(message.payload().unwrap_or_default())

@@ -1130,6 +1130,41 @@ fn run_partition(
     tracing::info!(partition = p, "partition stopped");
 }
 
+/// Opens an owned partition's local store. In Kafka mode the local file is a copy of what the
+/// changelog holds, so a missing file is created (a full restore follows) and a damaged one is
+/// set aside (renamed `*.damaged`, kept for inspection) and rebuilt from the changelog.
+fn open_local_store(
+    shared: &Shared,
+    location: &Location,
+    p: u32,
+) -> anyhow::Result<PartitionStore> {
+    let store = &shared.config.store;
+    let open = || PartitionStore::open(location, p, store.durability, store.dedup_retention);
+    let Location::Dir(dir) = location else {
+        return Ok(open()?);
+    };
+    let path = crate::store::partition_path(dir, p);
+    if !path.exists() {
+        redb::Database::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    }
+    match open() {
+        Ok(store) => Ok(store),
+        Err(e) => {
+            let aside = path.with_extension("redb.damaged");
+            tracing::error!(
+                partition = p,
+                "local store unusable, rebuilding it from the changelog (old file kept as {}): {e}",
+                aside.display()
+            );
+            std::fs::rename(&path, &aside)
+                .with_context(|| format!("moving {} aside", path.display()))?;
+            redb::Database::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            Ok(open()?)
+        }
+    }
+}
+
 /// Drops the reads and swaps queued for a partition that is not serving: each waiting caller
 /// sees its reply channel close and answers `not_owned` instead of waiting.
 fn refuse_queued(control: &crossbeam_channel::Receiver<Command>) {
@@ -1186,12 +1221,7 @@ fn restore_and_serve(
         }
         None => Location::Memory,
     };
-    let mut store = PartitionStore::open(
-        &location,
-        p,
-        shared.config.store.durability,
-        shared.config.store.dedup_retention,
-    )?;
+    let mut store = open_local_store(shared, &location, p)?;
     let Some(restored) = runtime.block_on(changelog::restore(shared, p, &mut store, stop))? else {
         return Ok(());
     };
@@ -1381,7 +1411,7 @@ impl Transport for KafkaLog<'_> {
                     tracing::error!(partition = self.p, "{fenced}");
                     self.fenced = true;
                     self.shared.fenced.fetch_add(1, Ordering::Relaxed);
-                    return Err(StoreError(fenced.to_string()));
+                    return Err(StoreError::unavailable(fenced.to_string()));
                 }
                 Ok(zombie) if zombie.is_empty() => break,
                 Ok(zombie) => {
@@ -1398,7 +1428,7 @@ impl Transport for KafkaLog<'_> {
                 }
             }
         }
-        tx.put_meta(
+        tx.put_checkpoint(
             CHECKPOINT,
             &Checkpoint {
                 changelog_next: self.tail.next(),
@@ -1457,7 +1487,7 @@ impl KafkaLog<'_> {
             .block_on(produce_all(producer, topic, Some(self.p as i32), records))
             .map(|last| last.unwrap_or(self.tail.next() - 1))
             .map_err(|e| {
-                StoreError(format!(
+                StoreError::unavailable(format!(
                     "writing the changelog of partition {}: {e:#}",
                     self.p
                 ))
