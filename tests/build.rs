@@ -15,6 +15,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("guest-misbehave", "MISBEHAVE"),
     ("guest-forbidden-import", "FORBIDDEN_IMPORT"),
     ("guest-other-world", "OTHER_WORLD"),
+    ("guest-hostile", "HOSTILE"),
 ];
 
 fn main() {

@@ -191,6 +191,13 @@ pub struct RuleConfig {
     pub max_module_bytes: usize,
     /// Most bytes of each string a rule returns (status, data, reject reason).
     pub max_output_bytes: usize,
+    /// Whether each call starts from the component's initial state (`per_call`) or a partition
+    /// keeps one instance between calls (`warm_instance_leaks_state`: faster, leaks state).
+    pub isolation: crate::sandbox::Isolation,
+    /// Most bytes of a failure's detail (a trap's text) kept in a dead letter.
+    pub max_failure_detail_bytes: usize,
+    /// Rule log lines each partition may write per second; the rest are dropped and counted.
+    pub max_log_lines_per_second: u32,
     /// Reload the rule when the file at `path` changes.
     pub watch: bool,
     /// How often the watched file is checked, in milliseconds.
@@ -206,6 +213,9 @@ impl Default for RuleConfig {
             max_memory_bytes: 16 * 1024 * 1024,
             max_module_bytes: 8 * 1024 * 1024,
             max_output_bytes: 64 * 1024,
+            isolation: crate::sandbox::Isolation::PerCall,
+            max_failure_detail_bytes: 4096,
+            max_log_lines_per_second: 100,
             watch: false,
             watch_interval_ms: 500,
         }
@@ -360,6 +370,9 @@ impl Config {
             return Err(invalid(
                 "rule.max_module_bytes and rule.max_output_bytes must be at least 1",
             ));
+        }
+        if r.max_failure_detail_bytes < 64 {
+            return Err(invalid("rule.max_failure_detail_bytes must be at least 64"));
         }
         if r.watch && r.path.is_none() {
             return Err(invalid(

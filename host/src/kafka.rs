@@ -141,10 +141,7 @@ impl From<&ApplyError> for RemoteError {
 impl RemoteError {
     fn into_submit_error(self, id: &str) -> SubmitError {
         if let Some(kind) = FailureKind::from_code(&self.code) {
-            return SubmitError::Rule(RuleFailure {
-                kind,
-                message: self.message,
-            });
+            return SubmitError::Rule(RuleFailure::new(kind, self.message));
         }
         match self.code.as_str() {
             "id_conflict" => SubmitError::IdConflict(id.to_string()),

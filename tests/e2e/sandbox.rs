@@ -200,3 +200,153 @@ async fn a_full_queue_is_backpressure() {
     );
     assert_eq!(server.request(request("set", &key, "after")).await.0, 200);
 }
+
+/// Every call starts from the component's initial state: a global counter reads 1 on every
+/// call, and a buffer of the previous request is always empty, so no user's data reaches another
+/// user's answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_starts_from_the_initial_state() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::HOSTILE));
+    let key = keys_on(1, 1).remove(0);
+    for i in 0..10 {
+        let (status, answer) = server
+            .request(request("count", &key, &format!("count-{i}")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["data"]["calls"], 1, "call {i}: {answer}");
+    }
+    for (i, user) in ["alice", "mallory", "bob"].iter().enumerate() {
+        let mut body = request("remember", &format!("card-{i}"), &format!("card-{i}"));
+        body["user"] = (*user).into();
+        body["payload"] = json!({"card": format!("4111-0000-0000-000{i}")});
+        let (status, answer) = server.request(body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["outcome"], "transition",
+            "{user} saw another request: {answer}"
+        );
+    }
+}
+
+/// The warm mode is opt-in and does what its name says: state is kept between calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_warm_mode_keeps_state_between_calls() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::HOSTILE)
+            .config("[rule]\nisolation = \"warm_instance_leaks_state\"\n"),
+    );
+    let key = keys_on(0, 1).remove(0);
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let (status, answer) = server
+            .request(request("count", &key, &format!("warm-{i}")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        seen.push(answer["state"]["data"]["calls"].as_u64().unwrap());
+    }
+    assert_eq!(seen, [1, 2, 3]);
+}
+
+/// A rule that logs in a loop gets at most `rule.max_log_lines_per_second` lines into the log
+/// per partition; the rest are counted in /metrics, and the partition keeps answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn rule_logs_are_rate_limited_per_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::HOSTILE)
+            .stderr(&log)
+            .config("[rule]\nmax_log_lines_per_second = 20\n"),
+    );
+    let key = keys_on(2, 1).remove(0);
+    let mut body = request("log-flood", &key, "flood");
+    body["payload"] = json!(3000);
+    let (status, answer) = server.request(body).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server.request(request("set", &key, "after")).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let (_, metrics) = server.get_text("/metrics").await;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_rule_log_lines_dropped_total "))
+        .expect("dropped counter in /metrics")
+        .parse()
+        .unwrap();
+    assert!(server.terminate(), "the server did not stop cleanly");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let written = text.lines().filter(|l| l.contains("flood line")).count() as u64;
+    // The bucket holds 20 lines and refills at 20 a second while the call runs (well under a
+    // second of fuel), so a handful more at most.
+    assert!((1..=30).contains(&written), "{written} flood lines written");
+    assert_eq!(written + dropped, 3000, "every line is written or counted");
+}
+
+/// Nobody reads the server's stderr (a full pipe): rules that log a lot, on every partition,
+/// still get answers, and the server stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stderr_nobody_reads_blocks_no_partition() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::HOSTILE)
+            .config("[rule]\nmax_log_lines_per_second = 1000000000\n"),
+    );
+    // 4 partitions × 5 requests × 2000 lines of ~150 bytes: far more than a 64 KiB pipe.
+    for round in 0..5 {
+        for partition in 0..4 {
+            let key = keys_on(partition, 1).remove(0);
+            let mut body = request("log-flood", &key, &format!("nobody-{partition}-{round}"));
+            body["payload"] = json!(2000);
+            let (status, answer) = server.request(body).await;
+            assert_eq!(status, 200, "partition {partition}: {answer}");
+        }
+    }
+    let (_, metrics) = server.get_text("/metrics").await;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_log_lines_dropped_total "))
+        .expect("dropped counter in /metrics")
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "40 000 lines fit in a pipe nobody reads?");
+    assert!(server.terminate(), "SIGTERM did not stop the server");
+}
+
+/// LF, CR and U+202E in a rule's log message do not reach the log raw: the message stays on
+/// one line and cannot pass for a host line.
+#[tokio::test(flavor = "multi_thread")]
+async fn rule_log_lines_cannot_forge_host_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let server = Server::start_with(ServerArgs::default().rule(guests::HOSTILE).stderr(&log));
+    let (status, answer) = server.request(request("log-forge", "k", "forge")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(server.terminate());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains('\r') && !text.contains('\u{202e}'),
+        "{text:?}"
+    );
+    let forged: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("forged host line"))
+        .collect();
+    assert_eq!(forged.len(), 1, "{text}");
+    assert!(
+        forged[0].contains("innocent"),
+        "the message was split: {text}"
+    );
+}
+
+/// A status of only whitespace, or with control characters, is refused like an empty one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blank_or_control_status_is_refused() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::HOSTILE));
+    for kind in ["ws-status", "ctl-status"] {
+        let (status, answer) = server.request(request(kind, "k", kind)).await;
+        assert_eq!(status, 500, "{kind}: {answer}");
+        assert_eq!(answer["error"]["code"], "rule_output", "{kind}: {answer}");
+    }
+}
