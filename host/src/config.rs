@@ -189,6 +189,8 @@ pub struct RuleConfig {
     pub max_memory_bytes: usize,
     /// Most bytes of a rule component file.
     pub max_module_bytes: usize,
+    /// Most functions in a rule component (all its core modules together).
+    pub max_functions: u64,
     /// Most bytes of each string a rule returns (status, data, reject reason).
     pub max_output_bytes: usize,
     /// Whether each call starts from the component's initial state (`per_call`) or a partition
@@ -212,6 +214,7 @@ impl Default for RuleConfig {
             deadline_ms: 100,
             max_memory_bytes: 16 * 1024 * 1024,
             max_module_bytes: 8 * 1024 * 1024,
+            max_functions: 10_000,
             max_output_bytes: 64 * 1024,
             isolation: crate::sandbox::Isolation::PerCall,
             max_failure_detail_bytes: 4096,
@@ -370,6 +373,9 @@ impl Config {
             return Err(invalid(
                 "rule.max_module_bytes and rule.max_output_bytes must be at least 1",
             ));
+        }
+        if r.max_functions == 0 {
+            return Err(invalid("rule.max_functions must be at least 1"));
         }
         if r.max_failure_detail_bytes < 64 {
             return Err(invalid("rule.max_failure_detail_bytes must be at least 64"));

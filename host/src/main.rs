@@ -322,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("ok {}", rule.display());
             println!("version {}", checked.version);
             println!("size {} bytes", checked.size);
+            println!("functions {}", checked.functions);
             println!("imports {}", checked.imports.join(", "));
             println!("exports {}", checked.exports.join(", "));
             Ok(())

@@ -88,6 +88,8 @@ pub struct RuleLimits {
     pub max_memory_bytes: usize,
     /// Largest component accepted, in bytes.
     pub max_module_bytes: usize,
+    /// Most functions in all the component's core modules together.
+    pub max_functions: u64,
     /// Largest string a rule may return, in bytes.
     pub max_output_bytes: usize,
     /// Largest failure detail kept in a dead letter, in bytes.
@@ -105,6 +107,7 @@ impl From<&RuleConfig> for RuleLimits {
             deadline: Duration::from_millis(c.deadline_ms),
             max_memory_bytes: c.max_memory_bytes,
             max_module_bytes: c.max_module_bytes,
+            max_functions: c.max_functions,
             max_output_bytes: c.max_output_bytes,
             max_failure_detail_bytes: c.max_failure_detail_bytes,
             max_log_lines_per_second: c.max_log_lines_per_second,
@@ -152,6 +155,17 @@ pub enum LoadError {
     /// Does not start with the wasm magic number.
     #[error("not a WebAssembly file (no `\\0asm` header)")]
     NotWasm,
+    /// More functions than `rule.max_functions`: compile time and memory grow with the function
+    /// count, not with the file size, so the size limit alone does not bound them.
+    #[error(
+        "the component has {count} functions, more than the {max}-function limit (rule.max_functions)"
+    )]
+    TooManyFunctions {
+        /// Its functions.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
     /// A core module, not a component.
     #[error(
         "a core WebAssembly module, not a component; build rules with `turnstile build`, which wraps the module into a component"
@@ -267,6 +281,8 @@ pub struct CompiledRule {
     pub version: String,
     /// Size of the component in bytes.
     pub size: usize,
+    /// Functions defined in its core modules.
+    pub functions: u64,
     /// Names of the component's imports.
     pub imports: Vec<String>,
     /// Names of the component's exports.
@@ -446,6 +462,9 @@ impl Sandbox {
             // Explicit, because per-call isolation depends on it: a fresh instance maps the
             // initial memory image copy-on-write instead of copying data segments.
             .memory_init_cow(true)
+            // One compiling thread: a big component being checked during a hot reload must leave
+            // the other cores to the partition threads.
+            .parallel_compilation(false)
             .max_wasm_stack(512 * 1024);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
@@ -493,6 +512,13 @@ impl Sandbox {
         if bytes[6..8] == [0, 0] {
             return Err(LoadError::CoreModule);
         }
+        let functions = count_functions(bytes)?;
+        if functions > self.limits.max_functions {
+            return Err(LoadError::TooManyFunctions {
+                count: functions,
+                max: self.limits.max_functions,
+            });
+        }
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
 
@@ -523,6 +549,7 @@ impl Sandbox {
         let rule = CompiledRule {
             version: version_id(bytes),
             size: bytes.len(),
+            functions,
             imports,
             exports,
             pre,
@@ -648,12 +675,7 @@ impl RuleInstance {
         let sandbox = self.sandbox.clone();
         let limits = &sandbox.limits;
         let (mut store, bindings) = match self.warm.take() {
-            Some(mut warm) => {
-                // Both setters only fail when fuel/epochs are off, which `Sandbox::new` turns on.
-                let _ = warm.0.set_fuel(limits.fuel);
-                warm.0.set_epoch_deadline(sandbox.deadline_ticks());
-                warm
-            }
+            Some(warm) => warm,
             None => sandbox
                 .new_store(&self.rule, self.partition, &self.log_budget)
                 .map_err(|e| {
@@ -681,6 +703,11 @@ impl RuleInstance {
             payload: request.payload.clone(),
             received_at_ms: request.received_at_ms,
         };
+        // Set last, so that neither instantiation nor copying the arguments counts against the
+        // call's budget. Both setters only fail when fuel/epochs are off, which `Sandbox::new`
+        // turns on.
+        let _ = store.set_fuel(limits.fuel);
+        store.set_epoch_deadline(sandbox.deadline_ticks());
         let result = bindings.call_handle(&mut store, current.as_ref(), &wit_request);
         self.last_fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         let decided = match result {
@@ -825,6 +852,19 @@ fn validate(outcome: wit::Outcome, max_output_bytes: usize) -> Result<Outcome, R
             Ok(Outcome::Reject { reason })
         }
     }
+}
+
+/// Functions defined in all the core modules of a component, counted from the section headers
+/// without compiling anything.
+fn count_functions(bytes: &[u8]) -> Result<u64, LoadError> {
+    let mut functions = 0u64;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| LoadError::Invalid(e.to_string()))?;
+        if let wasmparser::Payload::FunctionSection(section) = payload {
+            functions += u64::from(section.count());
+        }
+    }
+    Ok(functions)
 }
 
 /// The version id of a component: sha256 of its bytes, in hex.

@@ -350,3 +350,129 @@ async fn a_blank_or_control_status_is_refused() {
         assert_eq!(answer["error"]["code"], "rule_output", "{kind}: {answer}");
     }
 }
+
+/// Replay runs the candidate isolated, and warns when the log was decided by warm instances
+/// (whose decisions may depend on earlier requests); a log made with per-call isolation replays
+/// exactly and without a warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_warns_about_a_log_made_by_warm_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let replay = || {
+        let (ok, stdout, stderr) = crate::support::run_cli(&[
+            "replay",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--rule",
+            guests::HOSTILE,
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<Value>(&stdout).unwrap()
+    };
+    let key = keys_on(3, 1).remove(0);
+    let send_counts = |isolation: &'static str, round: &'static str| {
+        let server = Server::start_with(
+            ServerArgs::default()
+                .rule(guests::HOSTILE)
+                .data_dir(dir.path())
+                .config(&format!("[rule]\nisolation = \"{isolation}\"\n")),
+        );
+        let key = key.clone();
+        async move {
+            for i in 0..3 {
+                let (status, answer) = server
+                    .request(request("count", &key, &format!("{round}-{i}")))
+                    .await;
+                assert_eq!(status, 200, "{answer}");
+            }
+            assert!(server.terminate());
+        }
+    };
+
+    send_counts("per_call", "isolated").await;
+    let report = replay();
+    assert_eq!(report["decisions"], 3);
+    assert_eq!(report["different"], 0);
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 0);
+
+    send_counts("warm_instance_leaks_state", "warm").await;
+    let report = replay();
+    assert_eq!(report["decisions"], 6);
+    // The warm instance counted 1, 2, 3; the isolated candidate counts 1 every time.
+    assert_eq!(report["different"], 2);
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 1);
+}
+
+/// Components that compile but cannot start within the limits (4 GiB of initial memory, four
+/// memories over the cap together, a start function that loops, 17 tables), and one with
+/// 100 000 tiny functions (refused before compiling), are refused by
+/// `check`, `test`, `run` and `PUT /v1/admin/rule` alike, with the same message, and a refused
+/// install leaves no file in `rules/` and no history entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_that_cannot_start_is_refused_everywhere_alike() {
+    const TOKEN: &str = "sandbox-admin-token";
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("scenarios.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"one\"\n[[scenario.step]]\nkind = \"k\"\nkey = \"k\"\nuser = \"u\"\nexpect = \"transition\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_with(
+        ServerArgs::default()
+            .data_dir(&data)
+            .config(&format!("[admin]\ntoken = \"{TOKEN}\"\n")),
+    );
+    let rules_before = std::fs::read_dir(data.join("rules")).unwrap().count();
+    for guest in [
+        guests::HUGE_MEMORY,
+        guests::MULTI_MEMORY,
+        guests::START_LOOP,
+        guests::MANY_TABLES,
+        guests::MANY_FUNCTIONS,
+    ] {
+        let (ok, _, check_err) = crate::support::run_cli(&["check", guest]);
+        assert!(!ok, "check accepted {guest}");
+        let (ok, _, _) = crate::support::run_cli(&["test", guest, scenarios.to_str().unwrap()]);
+        assert!(!ok, "test accepted {guest}");
+        let run_err = Server::refused(ServerArgs::default().rule(guest));
+
+        let bytes = std::fs::read(guest).unwrap();
+        let (status, answer) = server
+            .admin("PUT", "/v1/admin/rule", Some(bytes), Some(TOKEN))
+            .await;
+        assert_eq!(status, 422, "{guest}: {answer}");
+        assert_eq!(answer["error"]["code"], "rule_refused");
+        // One message everywhere: what the API says is what check and run print.
+        let message = answer["error"]["message"].as_str().unwrap();
+        let reason = message.trim_start_matches("rule refused: ");
+        assert!(
+            check_err.contains(reason),
+            "check: {check_err}\napi: {message}"
+        );
+        assert!(run_err.contains(reason), "run: {run_err}\napi: {message}");
+    }
+    let (_, status) = server
+        .admin("GET", "/v1/admin/rule", None, Some(TOKEN))
+        .await;
+    assert_eq!(status["history"].as_array().unwrap().len(), 0, "{status}");
+    assert_eq!(
+        std::fs::read_dir(data.join("rules")).unwrap().count(),
+        rules_before,
+        "a refused component was saved"
+    );
+    let (status, answer) = server
+        .admin("POST", "/v1/admin/rule/rollback", None, Some(TOKEN))
+        .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["error"]["code"], "nothing_to_roll_back");
+    // The server still runs its rule.
+    assert_eq!(
+        server
+            .request(json!({"kind": "reserve", "key": "K-1", "user": "u"}))
+            .await
+            .0,
+        200
+    );
+}
