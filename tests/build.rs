@@ -117,6 +117,15 @@ fn wat_guests() -> Vec<(&'static str, &'static str, String)> {
             "MANY_TABLES",
             module(format!("  (memory (export \"memory\") 1)\n{many_tables}")),
         ),
+        // A trap inside a function whose name (in the name section) is 100 KB long.
+        (
+            "long-name-trap",
+            "LONG_NAME_TRAP",
+            format!(
+                "(module\n  (memory (export \"memory\") 1)\n  (func ${long_name} unreachable)\n  (func (export \"cabi_realloc\") (param i32 i32 i32 i32) (result i32) i32.const 1024)\n  (func (export \"handle\") (param i32) (result i32) call ${long_name} i32.const 0))",
+                long_name = "n".repeat(100_000)
+            ),
+        ),
         // 100 000 tiny functions in well under a megabyte.
         (
             "many-functions",

@@ -476,3 +476,45 @@ async fn a_component_that_cannot_start_is_refused_everywhere_alike() {
         200
     );
 }
+
+/// A trap in a function with a 100 KB name costs a short answer: the API gets the code and a
+/// short message, the dead letter a detail cut to `rule.max_failure_detail_bytes`, and a page
+/// of many such letters stays small.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trap_with_huge_names_gives_bounded_messages() {
+    const DETAIL: usize = 512;
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::LONG_NAME_TRAP)
+            .config(&format!("[rule]\nmax_failure_detail_bytes = {DETAIL}\n")),
+    );
+    const ATTACKS: usize = 30;
+    for i in 0..ATTACKS {
+        let body = serde_json::to_vec(&request("any", &format!("k-{i}"), &format!("t-{i}")));
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/requests", server.url))
+            .body(body.unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 500);
+        let text = response.text().await.unwrap();
+        assert!(text.len() < 1024, "a {}-byte answer", text.len());
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer["error"]["code"], "rule_trap");
+    }
+    let (status, text) = server.get_text("/v1/dead-letters?limit=1000").await;
+    assert_eq!(status, 200);
+    let letters: Value = serde_json::from_str(&text).unwrap();
+    let letters = letters["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), ATTACKS);
+    for letter in letters {
+        let detail = letter["failure"]["detail"].as_str().unwrap();
+        assert!(detail.len() <= DETAIL, "a {}-byte detail", detail.len());
+    }
+    assert!(
+        text.len() < ATTACKS * (DETAIL + 1024),
+        "{} bytes for {ATTACKS} letters",
+        text.len()
+    );
+}
