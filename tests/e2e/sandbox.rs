@@ -21,6 +21,13 @@ fn request(kind: &str, key: &str, id: &str) -> Value {
     json!({"kind": kind, "key": key, "user": "tester", "id": id})
 }
 
+/// Admin token of the servers whose dead letters a test reads.
+const ADMIN_TOKEN: &str = "sandbox-admin-token";
+
+async fn admin_get(server: &Server, path: &str) -> (u16, Value) {
+    server.admin("GET", path, None, Some(ADMIN_TOKEN)).await
+}
+
 fn failures(partitions: &Value, id: u64) -> Value {
     partitions["partitions"][id as usize]["rule_failures"].clone()
 }
@@ -30,7 +37,11 @@ fn failures(partitions: &Value, id: u64) -> Value {
 /// nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_misbehaviour_costs_one_request() {
-    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE));
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")),
+    );
     let cases = [
         ("loop", "rule_fuel_exhausted"),
         ("alloc", "rule_memory"),
@@ -89,7 +100,7 @@ async fn each_misbehaviour_costs_one_request() {
     }
     assert_eq!(partitions["partitions"][2]["processed"], cases.len());
 
-    let (status, letters) = server.get("/v1/dead-letters?partition=1").await;
+    let (status, letters) = admin_get(&server, "/v1/dead-letters?partition=1").await;
     assert_eq!(status, 200);
     let letters = letters["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), cases.len());
@@ -101,13 +112,27 @@ async fn each_misbehaviour_costs_one_request() {
         assert_eq!(letter["rule_version"].as_str().unwrap().len(), 64);
     }
     // Paging: after the third letter come the other four.
-    let (_, page) = server
-        .get("/v1/dead-letters?partition=1&after=3&limit=2")
-        .await;
+    let (_, page) = admin_get(&server, "/v1/dead-letters?partition=1&after=3&limit=2").await;
     let page = page["dead_letters"].as_array().unwrap();
     assert_eq!(page.len(), 2);
     assert_eq!(page[0]["seq"], 4);
-    assert_eq!(server.get("/v1/dead-letters?partition=9").await.0, 400);
+    assert_eq!(
+        admin_get(&server, "/v1/dead-letters?partition=9").await.0,
+        400
+    );
+    // Anonymous callers see nothing and resubmit nothing.
+    let (status, answer) = server.get("/v1/dead-letters?partition=1").await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(answer["error"]["code"], "unauthorized");
+    let (status, answer) = server
+        .admin("POST", "/v1/dead-letters/1/1/resubmit", None, None)
+        .await;
+    assert_eq!(status, 401, "{answer}");
+    let (_, letters) = admin_get(&server, "/v1/dead-letters?partition=1").await;
+    assert_eq!(
+        letters["dead_letters"].as_array().unwrap().len(),
+        cases.len()
+    );
 }
 
 /// With fuel out of the way, the wall-clock deadline stops a runaway loop.
@@ -410,7 +435,7 @@ async fn replay_warns_about_a_log_made_by_warm_instances() {
 /// install leaves no file in `rules/` and no history entry.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_component_that_cannot_start_is_refused_everywhere_alike() {
-    const TOKEN: &str = "sandbox-admin-token";
+    const TOKEN: &str = ADMIN_TOKEN;
     let dir = tempfile::tempdir().unwrap();
     let scenarios = dir.path().join("scenarios.toml");
     std::fs::write(
@@ -483,11 +508,11 @@ async fn a_component_that_cannot_start_is_refused_everywhere_alike() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trap_with_huge_names_gives_bounded_messages() {
     const DETAIL: usize = 512;
-    let server = Server::start_with(
-        ServerArgs::default()
-            .rule(guests::LONG_NAME_TRAP)
-            .config(&format!("[rule]\nmax_failure_detail_bytes = {DETAIL}\n")),
-    );
+    let server = Server::start_with(ServerArgs::default().rule(guests::LONG_NAME_TRAP).config(
+        &format!(
+            "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nmax_failure_detail_bytes = {DETAIL}\n"
+        ),
+    ));
     const ATTACKS: usize = 30;
     for i in 0..ATTACKS {
         let body = serde_json::to_vec(&request("any", &format!("k-{i}"), &format!("t-{i}")));
@@ -503,8 +528,14 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
         let answer: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(answer["error"]["code"], "rule_trap");
     }
-    let (status, text) = server.get_text("/v1/dead-letters?limit=1000").await;
-    assert_eq!(status, 200);
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/dead-letters?limit=1000", server.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
     let letters: Value = serde_json::from_str(&text).unwrap();
     let letters = letters["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), ATTACKS);
