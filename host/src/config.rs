@@ -236,6 +236,8 @@ pub struct StoreConfig {
     pub durability: Durability,
     /// How many client request ids each partition remembers for deduplication.
     pub dedup_retention: u64,
+    /// How many dead letters each partition keeps; older ones are pruned.
+    pub dead_letter_retention: u64,
 }
 
 impl Default for StoreConfig {
@@ -244,6 +246,7 @@ impl Default for StoreConfig {
             data_dir: None,
             durability: Durability::Sync,
             dedup_retention: 1_000_000,
+            dead_letter_retention: crate::store::DEFAULT_DEAD_LETTER_RETENTION,
         }
     }
 }
@@ -373,6 +376,9 @@ impl Config {
             return Err(invalid(
                 "rule.max_module_bytes and rule.max_output_bytes must be at least 1",
             ));
+        }
+        if self.store.dead_letter_retention == 0 {
+            return Err(invalid("store.dead_letter_retention must be at least 1"));
         }
         if r.max_functions == 0 {
             return Err(invalid("rule.max_functions must be at least 1"));

@@ -311,8 +311,17 @@ pub struct PartitionStore {
     partition: u32,
     durability: RedbDurability,
     dedup_retention: u64,
+    /// Dead letters kept; older ones are pruned as new ones arrive.
+    dead_letter_retention: u64,
     counters: Counters,
 }
+
+/// Dead letters a partition keeps unless told otherwise (`store.dead_letter_retention`).
+pub const DEFAULT_DEAD_LETTER_RETENTION: u64 = 10_000;
+
+/// Most bytes of dead letters one page read returns (at least one letter): a page of huge
+/// letters must not be built whole in memory.
+pub const DEAD_LETTER_PAGE_BYTES: usize = 1024 * 1024;
 
 impl PartitionStore {
     /// Opens (or creates) partition `partition`'s database.
@@ -332,10 +341,17 @@ impl PartitionStore {
                 Durability::None => RedbDurability::None,
             },
             dedup_retention: dedup_retention.max(1),
+            dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
             counters: Counters::default(),
         };
         store.counters = store.read_counters()?;
         Ok(store)
+    }
+
+    /// Keeps only the newest `count` dead letters (at least one).
+    pub fn with_dead_letter_retention(mut self, count: u64) -> PartitionStore {
+        self.dead_letter_retention = count.max(1);
+        self
     }
 
     fn db(&mut self) -> Result<&Database, StoreError> {
@@ -399,6 +415,7 @@ impl PartitionStore {
     ) -> Result<R, StoreError> {
         let durability = self.durability;
         let retention = self.dedup_retention;
+        let dead_letter_retention = self.dead_letter_retention;
         let counters = self.counters;
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(db_error)?;
@@ -413,6 +430,7 @@ impl PartitionStore {
                 dead_letters: txn.open_table(DEAD_LETTERS).map_err(db_error)?,
                 counters,
                 dedup_retention: retention,
+                dead_letter_retention,
             };
             let result = f(&mut batch).and_then(|r| batch.trim_dedup().map(|()| r));
             result.map(|r| (r, batch.counters))
@@ -464,7 +482,8 @@ impl PartitionStore {
         Ok(out)
     }
 
-    /// Up to `limit` dead letters with a sequence number above `after`, oldest first.
+    /// Up to `limit` dead letters with a sequence number above `after`, oldest first, and no
+    /// more than [`DEAD_LETTER_PAGE_BYTES`] of them (but at least one).
     pub fn dead_letters(
         &mut self,
         after: u64,
@@ -473,12 +492,17 @@ impl PartitionStore {
         let txn = self.db()?.begin_read().map_err(db_error)?;
         let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
         let mut out = Vec::new();
+        let mut bytes = 0;
         for row in table
             .range(after.saturating_add(1)..)
             .map_err(db_error)?
             .take(limit)
         {
             let (_, value) = row.map_err(db_error)?;
+            bytes += value.value().len();
+            if bytes > DEAD_LETTER_PAGE_BYTES && !out.is_empty() {
+                break;
+            }
             out.push(decode(value.value())?);
         }
         Ok(out)
@@ -521,6 +545,7 @@ pub struct Batch<'txn> {
     dead_letters: redb::Table<'txn, u64, &'static [u8]>,
     counters: Counters,
     dedup_retention: u64,
+    dead_letter_retention: u64,
 }
 
 impl Batch<'_> {
@@ -592,6 +617,19 @@ impl Batch<'_> {
             .insert(seq, encode(&letter).as_slice())
             .map_err(db_error)?;
         self.counters.next_dead_seq += 1;
+        // Sequence numbers have no gaps, so everything at or below this one is beyond the
+        // retention; a loop, because the retention may have been lowered since the last start.
+        let oldest_kept = seq.saturating_sub(self.dead_letter_retention) + 1;
+        loop {
+            let first = match self.dead_letters.first().map_err(db_error)? {
+                Some((first, _)) => first.value(),
+                None => break,
+            };
+            if first >= oldest_kept {
+                break;
+            }
+            self.dead_letters.remove(first).map_err(db_error)?;
+        }
         Ok(seq)
     }
 

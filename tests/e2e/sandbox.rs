@@ -549,3 +549,44 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
         text.len()
     );
 }
+
+/// Dead letters are pruned beyond `store.dead_letter_retention` per partition: the newest are
+/// kept, the store does not grow with every failure, and a pruned letter cannot be resubmitted.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_pruned_beyond_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .data_dir(dir.path())
+            .config(&format!(
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\ndead_letter_retention = 5\n"
+            )),
+    );
+    let key = keys_on(2, 1).remove(0);
+    for i in 0..12 {
+        let (status, _) = server
+            .request(request("panic", &key, &format!("pruned-{i}")))
+            .await;
+        assert_eq!(status, 500);
+    }
+    let (status, letters) = admin_get(&server, "/v1/dead-letters?partition=2").await;
+    assert_eq!(status, 200);
+    let seqs: Vec<u64> = letters["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [8, 9, 10, 11, 12]);
+    let (status, answer) = server
+        .admin(
+            "POST",
+            "/v1/dead-letters/2/1/resubmit",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(answer["error"]["code"], "unknown_dead_letter");
+}
