@@ -590,3 +590,21 @@ async fn dead_letters_are_pruned_beyond_the_retention() {
     assert_eq!(status, 404, "{answer}");
     assert_eq!(answer["error"]["code"], "unknown_dead_letter");
 }
+
+/// `turnstile test` prints what a rule returned escaped: data holding U+202E (valid in a JSON
+/// string) cannot reorder what the reviewer reads.
+#[test]
+fn turnstile_test_output_escapes_what_the_rule_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("scenarios.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"rtl\"\n[[scenario.step]]\nkind = \"rtl-data\"\nkey = \"k\"\nuser = \"u\"\nexpect = \"reject\"\n",
+    )
+    .unwrap();
+    let (ok, stdout, _) =
+        crate::support::run_cli(&["test", guests::HOSTILE, scenarios.to_str().unwrap()]);
+    assert!(!ok, "the scenario expects a reject and gets a transition");
+    assert!(stdout.contains("note"), "the data is shown: {stdout}");
+    assert!(!stdout.contains('\u{202e}'), "{stdout}");
+}
