@@ -831,7 +831,10 @@ fn validate(outcome: wit::Outcome, max_output_bytes: usize) -> Result<Outcome, R
                     )));
                 }
             }
-            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&t.data) {
+            // Parsed into a value, not skipped: skipping accepts numbers no JSON reader can hold
+            // (`1e999999`) and lone surrogate escapes, which would be stored and served back
+            // as something else.
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(&t.data) {
                 // serde_json's message quotes no input, only a position: safe to return.
                 return Err(output(format!(
                     "the rule returned data that is not JSON: {e}"

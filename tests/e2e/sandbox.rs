@@ -365,11 +365,12 @@ async fn rule_log_lines_cannot_forge_host_lines() {
     );
 }
 
-/// A status of only whitespace, or with control characters, is refused like an empty one.
+/// A status of only whitespace, or with control characters, is refused like an empty one, and
+/// so is data that is JSON text but no JSON value (a number out of range, a lone surrogate).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_blank_or_control_status_is_refused() {
+async fn a_blank_or_control_status_or_unrepresentable_data_is_refused() {
     let server = Server::start_with(ServerArgs::default().rule(guests::HOSTILE));
-    for kind in ["ws-status", "ctl-status"] {
+    for kind in ["ws-status", "ctl-status", "huge-number", "lone-surrogate"] {
         let (status, answer) = server.request(request(kind, "k", kind)).await;
         assert_eq!(status, 500, "{kind}: {answer}");
         assert_eq!(answer["error"]["code"], "rule_output", "{kind}: {answer}");
@@ -607,4 +608,26 @@ fn turnstile_test_output_escapes_what_the_rule_returned() {
     assert!(!ok, "the scenario expects a reject and gets a transition");
     assert!(stdout.contains("note"), "the data is shown: {stdout}");
     assert!(!stdout.contains('\u{202e}'), "{stdout}");
+}
+
+/// A call that burned its whole fuel budget counts all of it in the fuel metric, not 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_runs_out_of_fuel_counts_its_fuel() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[rule]\nfuel = 2000000\n"),
+    );
+    let key = keys_on(1, 1).remove(0);
+    let (status, answer) = server.request(request("loop", &key, "spin")).await;
+    assert_eq!(status, 500);
+    assert_eq!(answer["error"]["code"], "rule_fuel_exhausted");
+    let (_, metrics) = server.get_text("/metrics").await;
+    let used: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_partition_fuel_used_total{partition=\"1\"} "))
+        .expect("fuel series of partition 1")
+        .parse()
+        .unwrap();
+    assert!(used >= 2_000_000, "counted {used}");
 }

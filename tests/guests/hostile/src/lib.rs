@@ -8,6 +8,8 @@
 //! | `log-flood` | writes `payload` log lines (a number), then transitions | at most `rule.max_log_lines_per_second` lines reach the log, the partition keeps answering |
 //! | `log-forge` | writes one log line with LF, CR and U+202E in it         | the line is written escaped, on one line |
 //! | `rtl-data`  | transitions with data holding U+202E (valid in a JSON string) | `turnstile test` prints it escaped |
+//! | `huge-number` | returns data `1e999999`: JSON text no reader can hold | `rule_output` |
+//! | `lone-surrogate` | returns data `"\ud800"` | `rule_output` |
 //! | `ws-status` | returns a status of only whitespace                     | `rule_output`          |
 //! | `ctl-status`| returns a status with an ESC character                  | `rule_output`          |
 //! | other       | transitions to `ok`                                     | a transition           |
@@ -55,6 +57,8 @@ impl Rule for Hostile {
                 Outcome::transition("forged", "{}")
             }
             "rtl-data" => Outcome::transition("ok", "{\"note\":\"\u{202e}ko ... dnuof eht\"}"),
+            "huge-number" => Outcome::transition("ok", "1e999999"),
+            "lone-surrogate" => Outcome::transition("ok", "\"\\ud800\""),
             "ws-status" => Outcome::transition(" \t ", "{}"),
             "ctl-status" => Outcome::transition("ok\u{1b}[2J", "{}"),
             _ => Outcome::transition("ok", "{}"),
