@@ -210,6 +210,11 @@ impl RuleRegistry {
         versions: &[String],
         undone: Option<usize>,
     ) -> Result<(), InstallError> {
+        // No partition switched: nothing happened, so nothing is recorded (an empty entry
+        // would be what the next rollback "undoes", changing nothing).
+        if partitions.is_empty() {
+            return Ok(());
+        }
         let previous = partitions
             .iter()
             .map(|p| self.installed.running[*p as usize].clone())
