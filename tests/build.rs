@@ -1,6 +1,10 @@
 //! Builds the test guests under `guests/` into components in `OUT_DIR`, and writes
 //! `OUT_DIR/guests.rs` with a constant per guest (its path), the way wasmtime's
 //! `crates/test-programs/artifacts` does.
+//!
+//! Some hostile guests cannot be written in Rust (a 4 GiB initial memory, several memories, a
+//! start function, many tables or functions): they are core modules written here in WAT, given
+//! the `turnstile:rule/rule` world's metadata and wrapped into components like any rule.
 
 use std::path::PathBuf;
 
@@ -15,6 +19,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("guest-misbehave", "MISBEHAVE"),
     ("guest-forbidden-import", "FORBIDDEN_IMPORT"),
     ("guest-other-world", "OTHER_WORLD"),
+    ("guest-hostile", "HOSTILE"),
 ];
 
 fn main() {
@@ -53,5 +58,100 @@ fn main() {
             dest.display().to_string()
         ));
     }
+    for (stem, constant, wat) in wat_guests() {
+        let dest = out_dir.join(format!("{stem}.wasm"));
+        std::fs::write(&dest, wat_component(&workspace, &wat)).unwrap();
+        consts.push_str(&format!(
+            "/// Component file of the hand-written `{stem}` test guest.\npub const {constant}: &str = {:?};\n",
+            dest.display().to_string()
+        ));
+    }
     std::fs::write(out_dir.join("guests.rs"), consts).unwrap();
+}
+
+/// The world's exports as a core module sees them: `handle` takes its 19 flat parameters through
+/// memory and returns a pointer to the outcome; the host allocates arguments with
+/// `cabi_realloc`. `handle` traps: these guests are refused before any call.
+const RULE_EXPORTS: &str = r#"
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) i32.const 1024)
+  (func (export "handle") (param i32) (result i32) unreachable)
+"#;
+
+/// Hand-written hostile guests: file stem, constant name, core module in WAT.
+fn wat_guests() -> Vec<(&'static str, &'static str, String)> {
+    let module = |body: String| format!("(module\n{body}\n{RULE_EXPORTS})");
+    let many_tables: String = (0..17)
+        .map(|i| format!("  (table $t{i} 1 funcref)\n"))
+        .collect();
+    let many_functions: String = (0..100_000)
+        .map(|i| format!("  (func $f{i} (result i32) i32.const {i})\n"))
+        .collect();
+    vec![
+        // 4 GiB of initial memory: refused at every check, not only at `run`.
+        (
+            "huge-memory",
+            "HUGE_MEMORY",
+            module("  (memory (export \"memory\") 65536)".into()),
+        ),
+        // Four memories of 8 MiB: each under the 16 MiB cap, together twice over it.
+        (
+            "multi-memory",
+            "MULTI_MEMORY",
+            module(
+                "  (memory (export \"memory\") 128)\n  (memory 128)\n  (memory 128)\n  (memory 128)"
+                    .into(),
+            ),
+        ),
+        // A start function that never returns.
+        (
+            "start-loop",
+            "START_LOOP",
+            module(
+                "  (memory (export \"memory\") 1)\n  (func $spin (loop $again (br $again)))\n  (start $spin)"
+                    .into(),
+            ),
+        ),
+        // 17 tables, one more than the limit.
+        (
+            "many-tables",
+            "MANY_TABLES",
+            module(format!("  (memory (export \"memory\") 1)\n{many_tables}")),
+        ),
+        // A trap inside a function whose name (in the name section) is 100 KB long.
+        (
+            "long-name-trap",
+            "LONG_NAME_TRAP",
+            format!(
+                "(module\n  (memory (export \"memory\") 1)\n  (func ${long_name} unreachable)\n  (func (export \"cabi_realloc\") (param i32 i32 i32 i32) (result i32) i32.const 1024)\n  (func (export \"handle\") (param i32) (result i32) call ${long_name} i32.const 0))",
+                long_name = "n".repeat(100_000)
+            ),
+        ),
+        // 100 000 tiny functions in well under a megabyte.
+        (
+            "many-functions",
+            "MANY_FUNCTIONS",
+            module(format!("  (memory (export \"memory\") 1)\n{many_functions}")),
+        ),
+    ]
+}
+
+/// A core module in WAT, given the rule world's metadata and made a component.
+fn wat_component(workspace: &std::path::Path, wat: &str) -> Vec<u8> {
+    let mut module = wat::parse_str(wat).unwrap_or_else(|e| panic!("test guest WAT: {e}"));
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve
+        .push_path(workspace.join("wit"))
+        .expect("reading wit/");
+    let world = resolve
+        .select_world(&[package], Some("rule"))
+        .expect("the rule world");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+        false,
+    )
+    .expect("embedding the world");
+    turnstile_guest_build::componentize(&module).expect("making a component")
 }

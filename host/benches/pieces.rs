@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the pieces on the hot path: `cargo bench -p turnstile`.
 //!
 //! - the partitioner (Java `String.hashCode` and Kafka murmur2) on a typical key;
-//! - one call of the reference rule as a Wasm component, and the same rule compiled natively;
+//! - one call of the reference rule as a Wasm component (in a fresh instance, the default, and in
+//!   a warm instance kept between calls), and the same rule compiled natively;
 //! - one group commit of 256 transitions into a partition store.
 
 use std::hint::black_box;
@@ -11,7 +12,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use turnstile::config::{Config, Durability};
 use turnstile::model::{Outcome, RoutedRequest, State};
 use turnstile::router::{HashKind, Partitioner};
-use turnstile::sandbox::{REFERENCE_RULE, RuleLimits, Sandbox};
+use turnstile::sandbox::{Isolation, REFERENCE_RULE, RuleLimits, Sandbox};
 use turnstile::store::{Location, LogEntry, PartitionStore};
 
 fn request(kind: &str) -> RoutedRequest {
@@ -40,6 +41,11 @@ fn rule_call(c: &mut Criterion) {
     let sandbox = Sandbox::new(RuleLimits::from(&Config::default().rule)).unwrap();
     let rule = Arc::new(sandbox.compile(REFERENCE_RULE).unwrap());
     let mut instance = sandbox.instantiate(rule, 0).unwrap();
+    let mut warm_limits = RuleLimits::from(&Config::default().rule);
+    warm_limits.isolation = Isolation::WarmInstanceLeaksState;
+    let warm_sandbox = Sandbox::new(warm_limits).unwrap();
+    let warm_rule = Arc::new(warm_sandbox.compile(REFERENCE_RULE).unwrap());
+    let mut warm = warm_sandbox.instantiate(warm_rule, 0).unwrap();
     let reserved = State {
         status: "reserved".into(),
         user: "user-000042".into(),
@@ -49,16 +55,21 @@ fn rule_call(c: &mut Criterion) {
         updated_at_ms: 0,
     };
     let associate = request("associate");
-    c.bench_function("rule/wasm associate", |b| {
-        b.iter(|| instance.handle(black_box(Some(&reserved)), black_box(&associate)))
+    c.bench_function(
+        "rule/wasm associate (fresh instance per call, the default)",
+        |b| b.iter(|| instance.handle(black_box(Some(&reserved)), black_box(&associate))),
+    );
+    c.bench_function("rule/wasm associate (warm instance, leaks state)", |b| {
+        b.iter(|| warm.handle(black_box(Some(&reserved)), black_box(&associate)))
     });
     let native = turnstile::native::REFERENCE;
     c.bench_function("rule/native associate", |b| {
         b.iter(|| (native.decide)(black_box(Some(&reserved)), black_box(&associate)))
     });
-    c.bench_function("rule/wasm re-instantiate after a trap (new store)", |b| {
-        b.iter(|| instance.replace_rule(instance.rule().clone()).unwrap())
-    });
+    c.bench_function(
+        "rule/wasm new store and instance (warm mode, after a failure)",
+        |b| b.iter(|| warm.replace_rule(warm.rule().clone()).unwrap()),
+    );
 }
 
 fn group_commit(c: &mut Criterion) {

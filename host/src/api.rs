@@ -650,8 +650,11 @@ struct DeadLetterQuery {
 
 async fn dead_letters(
     AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json, ApiError> {
+    // Dead letters hold every user's failed requests with their payloads: admin only.
+    authorize(&api, &headers)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let n = api.partitioner().partitions();
     let partitions: Vec<u32> = match query.partition {
@@ -702,8 +705,11 @@ impl From<InstallError> for ApiError {
 
 async fn resubmit_dead_letter(
     AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
     path: Result<Path<(u32, u64)>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    // A resubmit applies another user's request: only the operator may decide that.
+    authorize(&api, &headers)?;
     let Path((partition, seq)) = path.map_err(bad_path)?;
     let runtime = api.local()?;
     let n = runtime.partitioner().partitions();

@@ -7,7 +7,10 @@
 //! answer first, as an HTTP client must.
 //!
 //! Variants (`--compare` runs all of them):
-//! - `turnstile`: the runtime with the Wasm rule (router, route cache, partition threads, store).
+//! - `turnstile`: the runtime with the Wasm rule (router, route cache, partition threads, store),
+//!   a fresh instance per call (the default `rule.isolation`).
+//! - `turnstile-warm`: the same with `rule.isolation = "warm_instance_leaks_state"`: the cost of
+//!   per-call isolation is the ratio of the two.
 //! - `turnstile-native`: the same runtime with the reference rule compiled natively: the cost of
 //!   the sandbox is the ratio of the two.
 //! - `locked-workers`: the status-quo design the patent replaces: a pool of worker threads taking
@@ -90,9 +93,20 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(u64, u64)) -> anyhow
         return Ok(vec![tokio.block_on(http(urls, options, progress))?]);
     }
     let mut rows = Vec::new();
-    rows.push(turnstile_variant(&tokio, options, false, progress)?);
+    rows.push(turnstile_variant(&tokio, options, Decide::Wasm, progress)?);
     if options.compare {
-        rows.push(turnstile_variant(&tokio, options, true, progress)?);
+        rows.push(turnstile_variant(
+            &tokio,
+            options,
+            Decide::WasmWarm,
+            progress,
+        )?);
+        rows.push(turnstile_variant(
+            &tokio,
+            options,
+            Decide::Native,
+            progress,
+        )?);
         rows.push(workers_variant(
             &tokio,
             options,
@@ -231,15 +245,29 @@ fn shares(users: u64, clients: usize) -> Vec<std::ops::Range<u64>> {
         .collect()
 }
 
+/// How a Turnstile variant decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decide {
+    /// The Wasm rule, a fresh instance per call.
+    Wasm,
+    /// The Wasm rule, one warm instance per partition.
+    WasmWarm,
+    /// The rule compiled into the host.
+    Native,
+}
+
 fn turnstile_variant(
     tokio: &tokio::runtime::Runtime,
     options: &BenchOptions,
-    native: bool,
+    decide: Decide,
     progress: &mut dyn FnMut(u64, u64),
 ) -> anyhow::Result<Row> {
     let dir = TempDir::new("turnstile")?;
-    let config = base_config(options, dir.0.clone());
-    let runtime = Arc::new(if native {
+    let mut config = base_config(options, dir.0.clone());
+    if decide == Decide::WasmWarm {
+        config.rule.isolation = crate::sandbox::Isolation::WarmInstanceLeaksState;
+    }
+    let runtime = Arc::new(if decide == Decide::Native {
         Runtime::start_native(&config, crate::native::REFERENCE)?
     } else {
         Runtime::start(&config, options.rule.clone())?
@@ -288,10 +316,10 @@ fn turnstile_variant(
         wrong += client_wrong;
     }
     let row = measure.finish(
-        if native {
-            "turnstile-native"
-        } else {
-            "turnstile"
+        match decide {
+            Decide::Wasm => "turnstile",
+            Decide::WasmWarm => "turnstile-warm",
+            Decide::Native => "turnstile-native",
         },
         total,
         wrong,

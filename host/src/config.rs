@@ -221,8 +221,17 @@ pub struct RuleConfig {
     pub max_memory_bytes: usize,
     /// Most bytes of a rule component file.
     pub max_module_bytes: usize,
+    /// Most functions in a rule component (all its core modules together).
+    pub max_functions: u64,
     /// Most bytes of each string a rule returns (status, data, reject reason).
     pub max_output_bytes: usize,
+    /// Whether each call starts from the component's initial state (`per_call`) or a partition
+    /// keeps one instance between calls (`warm_instance_leaks_state`: faster, leaks state).
+    pub isolation: crate::sandbox::Isolation,
+    /// Most bytes of a failure's detail (a trap's text) kept in a dead letter.
+    pub max_failure_detail_bytes: usize,
+    /// Rule log lines each partition may write per second; the rest are dropped and counted.
+    pub max_log_lines_per_second: u32,
     /// Reload the rule when the file at `path` changes.
     pub watch: bool,
     /// How often the watched file is checked, in milliseconds.
@@ -237,7 +246,11 @@ impl Default for RuleConfig {
             deadline_ms: 100,
             max_memory_bytes: 16 * 1024 * 1024,
             max_module_bytes: 8 * 1024 * 1024,
+            max_functions: 10_000,
             max_output_bytes: 64 * 1024,
+            isolation: crate::sandbox::Isolation::PerCall,
+            max_failure_detail_bytes: 4096,
+            max_log_lines_per_second: 100,
             watch: false,
             watch_interval_ms: 500,
         }
@@ -259,6 +272,8 @@ pub struct StoreConfig {
     pub flush_interval_ms: u64,
     /// How many client request ids each partition remembers for deduplication.
     pub dedup_retention: u64,
+    /// How many dead letters each partition keeps; older ones are pruned.
+    pub dead_letter_retention: u64,
 }
 
 impl Default for StoreConfig {
@@ -268,6 +283,7 @@ impl Default for StoreConfig {
             durability: Durability::Sync,
             flush_interval_ms: 1000,
             dedup_retention: 1_000_000,
+            dead_letter_retention: crate::store::DEFAULT_DEAD_LETTER_RETENTION,
         }
     }
 }
@@ -400,6 +416,15 @@ impl Config {
             return Err(invalid(
                 "rule.max_module_bytes and rule.max_output_bytes must be at least 1",
             ));
+        }
+        if self.store.dead_letter_retention == 0 {
+            return Err(invalid("store.dead_letter_retention must be at least 1"));
+        }
+        if r.max_functions == 0 {
+            return Err(invalid("rule.max_functions must be at least 1"));
+        }
+        if r.max_failure_detail_bytes < 64 {
+            return Err(invalid("rule.max_failure_detail_bytes must be at least 64"));
         }
         if r.watch && r.path.is_none() {
             return Err(invalid(

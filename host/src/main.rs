@@ -141,7 +141,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = run(cli);
+    turnstile::logging::flush(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -343,6 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("ok {}", rule.display());
             println!("version {}", checked.version);
             println!("size {} bytes", checked.size);
+            println!("functions {}", checked.functions);
             println!("imports {}", checked.imports.join(", "));
             println!("exports {}", checked.exports.join(", "));
             Ok(())

@@ -292,6 +292,13 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
             escape_label(p.rule_version)
         );
     }
+    // Process-wide: what the sandbox and the log sink dropped instead of blocking or flooding.
+    let _ = writeln!(
+        out,
+        "# HELP turnstile_rule_log_lines_dropped_total Rule log lines dropped by the per-partition rate limit.\n# TYPE turnstile_rule_log_lines_dropped_total counter\nturnstile_rule_log_lines_dropped_total {}\n# HELP turnstile_log_lines_dropped_total Log lines dropped because stderr did not keep up.\n# TYPE turnstile_log_lines_dropped_total counter\nturnstile_log_lines_dropped_total {}",
+        crate::sandbox::RULE_LOG_LINES_DROPPED.load(Ordering::Relaxed),
+        crate::logging::LOG_LINES_DROPPED.load(Ordering::Relaxed),
+    );
 }
 
 /// The route cache's size.

@@ -137,6 +137,7 @@ pub(crate) struct PartitionSetup {
     pub location: Location,
     pub durability: Durability,
     pub dedup_retention: u64,
+    pub dead_letter_retention: u64,
     pub queue_capacity: usize,
     pub max_batch: usize,
     pub sync_interval: std::time::Duration,
@@ -186,6 +187,7 @@ impl Partition {
                     setup.durability,
                     setup.dedup_retention,
                 )
+                .map(|store| store.with_dead_letter_retention(setup.dead_letter_retention))
                 .map_err(|e| anyhow::anyhow!("opening the store of partition {}: {e}", setup.id))
                 .and_then(|mut store| {
                     let routes = store.routes()?;

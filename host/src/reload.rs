@@ -110,6 +110,11 @@ impl RuleRegistry {
         partitions: u32,
     ) -> anyhow::Result<(RuleRegistry, Vec<Arc<CompiledRule>>)> {
         let dir = data_dir.map(|d| d.join("rules"));
+        if let Some(dir) = &dir
+            && sandbox.limits().isolation == crate::sandbox::Isolation::WarmInstanceLeaksState
+        {
+            mark_warm_instances(dir)?;
+        }
         let mut registry = RuleRegistry {
             sandbox,
             dir,
@@ -205,6 +210,11 @@ impl RuleRegistry {
         versions: &[String],
         undone: Option<usize>,
     ) -> Result<(), InstallError> {
+        // No partition switched: nothing happened, so nothing is recorded (an empty entry
+        // would be what the next rollback "undoes", changing nothing).
+        if partitions.is_empty() {
+            return Ok(());
+        }
         let previous = partitions
             .iter()
             .map(|p| self.installed.running[*p as usize].clone())
@@ -246,6 +256,27 @@ impl RuleRegistry {
         let text = serde_json::to_vec_pretty(&self.installed)?;
         write_atomically(&dir.join("installed.json"), &text)
     }
+}
+
+/// Name of the file under `rules/` that says this data dir's log was (at least partly) decided by
+/// warm instances, whose decisions may depend on earlier requests: replay warns about it.
+const WARM_MARKER: &str = "warm-instances.json";
+
+/// Records, once, when this data dir first ran with `rule.isolation = "warm_instance_leaks_state"`.
+fn mark_warm_instances(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(WARM_MARKER);
+    if path.exists() {
+        return Ok(());
+    }
+    let text = serde_json::to_vec(&serde_json::json!({ "since_ms": now_ms() }))?;
+    write_atomically(&path, &text)
+}
+
+/// When `data_dir` first ran rules in warm instances (ms since the Unix epoch), if it ever did.
+pub fn warm_instances_since(data_dir: &Path) -> Option<u64> {
+    let bytes = std::fs::read(data_dir.join("rules").join(WARM_MARKER)).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(value["since_ms"].as_u64().unwrap_or(0))
 }
 
 fn read_installed(dir: &Path) -> anyhow::Result<Option<Installed>> {

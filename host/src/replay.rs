@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::model::{Outcome, RoutedRequest, State};
-use crate::sandbox::{RuleFailure, RuleLimits, Sandbox};
+use crate::sandbox::{Isolation, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{self, LOG, LogEntry};
 
 /// What a replay found.
@@ -39,6 +39,8 @@ pub struct ReplayReport {
     pub groups: Vec<Group>,
     /// The first differences, in full.
     pub examples: Vec<Example>,
+    /// What makes the comparison less trustworthy (e.g. a log decided by warm instances).
+    pub warnings: Vec<String>,
 }
 
 /// A count of differences of one kind and one outcome change.
@@ -85,7 +87,10 @@ pub fn replay(
             dir.display()
         )
     })?;
-    let sandbox = Sandbox::new(RuleLimits::from(&config.rule))?;
+    // The candidate always runs isolated: its decisions must depend on the log only.
+    let mut limits = RuleLimits::from(&config.rule);
+    limits.isolation = Isolation::PerCall;
+    let sandbox = Sandbox::new(limits)?;
     let rule = Arc::new(
         sandbox
             .compile(candidate)
@@ -115,7 +120,13 @@ pub fn replay(
         different: 0,
         groups: Vec::new(),
         examples: Vec::new(),
+        warnings: Vec::new(),
     };
+    if let Some(since_ms) = crate::reload::warm_instances_since(dir) {
+        report.warnings.push(format!(
+            "since {since_ms} (ms since the Unix epoch) this data dir ran rules with rule.isolation = \"warm_instance_leaks_state\": a logged decision may depend on earlier requests, so differences may come from the log, not the candidate"
+        ));
+    }
     let mut groups: BTreeMap<(String, String, String), u64> = BTreeMap::new();
     for (p, db) in databases.iter().enumerate() {
         let mut instance = sandbox.instantiate(rule.clone(), p as u32)?;
@@ -231,6 +242,9 @@ pub fn render(report: &ReplayReport, dir: &Path) -> String {
         report.same,
         report.different
     );
+    for warning in &report.warnings {
+        out.push_str(&format!("warning: {warning}\n"));
+    }
     if !report.groups.is_empty() {
         out.push_str("\ndifferences by kind, logged → candidate:\n");
         for g in &report.groups {

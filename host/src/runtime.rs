@@ -259,6 +259,7 @@ impl Runtime {
                 location: location.clone(),
                 durability: config.store.durability,
                 dedup_retention: config.store.dedup_retention,
+                dead_letter_retention: config.store.dead_letter_retention,
                 queue_capacity: config.partitions.queue_capacity,
                 max_batch: config.partitions.max_batch,
                 sync_interval: std::time::Duration::from_millis(config.store.flush_interval_ms),

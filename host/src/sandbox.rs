@@ -3,13 +3,21 @@
 //!
 //! Only this module calls `bindgen!`. One [`Sandbox`] (one `Engine`, one `Linker`) serves the
 //! process; a rule is compiled once into a [`CompiledRule`] (a pre-instantiated component shared
-//! by all partitions), and each partition thread makes its own [`RuleInstance`] from it: its own
-//! `Store`, its own instance, used from that thread only.
+//! by all partitions, instantiated once at compile time so that a component that cannot start is
+//! refused there), and each partition thread has its own [`RuleInstance`] of it, used from that
+//! thread only.
+//!
+//! Isolation between requests ([`Isolation::PerCall`], the default): every call runs in a fresh
+//! `Store` with a fresh instance, so nothing a rule keeps in globals or memory survives to the next
+//! request; a rule is then a pure function of `(current state, request)`, which replay relies on.
+//! wasmtime maps the component's initial memory image copy-on-write, so a fresh instance costs
+//! microseconds (BENCHMARKS.md). [`Isolation::WarmInstanceLeaksState`] keeps one instance per
+//! partition between calls: faster, but one request can see what an earlier one left behind.
 //!
 //! Limits per call: fuel (instructions), an epoch deadline (wall clock, driven by a ticker
-//! thread), a linear-memory cap, and a cap on returned strings. After any trap wasmtime poisons
-//! the whole `Store` (even a fresh instance in it cannot be entered), so a failed call replaces the
-//! `Store` and the instance before the next request.
+//! thread), a cap on the instance's total linear memory and on its number of memories, tables and
+//! instances, a cap on returned strings, and a rate limit on log lines. After any failure the
+//! `Store` is dropped (wasmtime poisons a `Store` after a trap).
 //!
 //! Rules get no WASI: a component that imports anything but `log` (and the contract's types) is
 //! refused at load with a message naming the imports. That keeps rules deterministic, which replay
@@ -43,7 +51,27 @@ pub const REFERENCE_RULE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rese
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// Longest log line a rule may write; longer ones are cut, so a rule cannot flood the log.
-const MAX_LOG_LINE: usize = 1024;
+pub const MAX_LOG_LINE: usize = 1024;
+
+/// Longest failure message returned to API clients and written to the log: the kind and the
+/// first line of what happened. The longer detail is kept (bounded) in the dead letter only.
+pub const MAX_FAILURE_MESSAGE: usize = 256;
+
+/// Most linear memories one rule instance may have (all its core instances together).
+pub const MAX_MEMORIES: usize = 4;
+
+/// Most tables one rule instance may have.
+pub const MAX_TABLES: usize = 16;
+
+/// Most elements of one table.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Most core instances inside one rule component.
+pub const MAX_INSTANCES: usize = 16;
+
+/// Rule log lines dropped by the per-partition rate limit, since start (all partitions).
+pub static RULE_LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Imports a rule component may have: the world's `log` function, and the instance of types the
 /// world `use`s (it carries no functions).
@@ -60,8 +88,16 @@ pub struct RuleLimits {
     pub max_memory_bytes: usize,
     /// Largest component accepted, in bytes.
     pub max_module_bytes: usize,
+    /// Most functions in all the component's core modules together.
+    pub max_functions: u64,
     /// Largest string a rule may return, in bytes.
     pub max_output_bytes: usize,
+    /// Largest failure detail kept in a dead letter, in bytes.
+    pub max_failure_detail_bytes: usize,
+    /// Rule log lines each partition may write per second; the rest are dropped and counted.
+    pub max_log_lines_per_second: u32,
+    /// Whether each call gets a fresh instance.
+    pub isolation: Isolation,
 }
 
 impl From<&RuleConfig> for RuleLimits {
@@ -71,7 +107,34 @@ impl From<&RuleConfig> for RuleLimits {
             deadline: Duration::from_millis(c.deadline_ms),
             max_memory_bytes: c.max_memory_bytes,
             max_module_bytes: c.max_module_bytes,
+            max_functions: c.max_functions,
             max_output_bytes: c.max_output_bytes,
+            max_failure_detail_bytes: c.max_failure_detail_bytes,
+            max_log_lines_per_second: c.max_log_lines_per_second,
+            isolation: c.isolation,
+        }
+    }
+}
+
+/// What a rule call may see of earlier calls (`rule.isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Every call starts from the component's initial state: a fresh instance per call.
+    #[default]
+    PerCall,
+    /// One instance per partition kept between calls (replaced after a failure): globals and
+    /// memory written by one request are visible to the next, so one user's data can leak into
+    /// another user's answer and replay may disagree with the log. Opt-in, for speed only.
+    WarmInstanceLeaksState,
+}
+
+impl Isolation {
+    /// The configuration value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::PerCall => "per_call",
+            Isolation::WarmInstanceLeaksState => "warm_instance_leaks_state",
         }
     }
 }
@@ -92,6 +155,17 @@ pub enum LoadError {
     /// Does not start with the wasm magic number.
     #[error("not a WebAssembly file (no `\\0asm` header)")]
     NotWasm,
+    /// More functions than `rule.max_functions`: compile time and memory grow with the function
+    /// count, not with the file size, so the size limit alone does not bound them.
+    #[error(
+        "the component has {count} functions, more than the {max}-function limit (rule.max_functions)"
+    )]
+    TooManyFunctions {
+        /// Its functions.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
     /// A core module, not a component.
     #[error(
         "a core WebAssembly module, not a component; build rules with `turnstile build`, which wraps the module into a component"
@@ -100,6 +174,10 @@ pub enum LoadError {
     /// wasmtime could not compile it.
     #[error("invalid component: {0}")]
     Invalid(String),
+    /// It compiles, but an instance of it cannot start within the limits (initial memory over
+    /// the cap, too many memories or tables, a start function that traps or runs out of fuel).
+    #[error("the component cannot be instantiated within the limits: {0}")]
+    Instantiation(String),
     /// It imports something the world does not offer.
     #[error(
         "the component imports {0}, which rules may not use (only `log` is offered; rules get no WASI: build for wasm32-unknown-unknown)"
@@ -159,8 +237,24 @@ impl FailureKind {
 pub struct RuleFailure {
     /// What kind of failure.
     pub kind: FailureKind,
-    /// What happened, for the operator.
+    /// What happened, for API clients and the log: short (at most [`MAX_FAILURE_MESSAGE`]
+    /// bytes), one line, escaped, and the same for the same kind of failure.
     pub message: String,
+    /// The longer detail (a trap's full text), escaped and cut to
+    /// `rule.max_failure_detail_bytes`: kept in the dead letter, never sent to API clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl RuleFailure {
+    /// A failure with only a short message.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> RuleFailure {
+        RuleFailure {
+            kind,
+            message: message.into(),
+            detail: None,
+        }
+    }
 }
 
 /// The process-wide engine and linker, with the epoch ticker that enforces deadlines.
@@ -187,6 +281,8 @@ pub struct CompiledRule {
     pub version: String,
     /// Size of the component in bytes.
     pub size: usize,
+    /// Functions defined in its core modules.
+    pub functions: u64,
     /// Names of the component's imports.
     pub imports: Vec<String>,
     /// Names of the component's exports.
@@ -210,29 +306,42 @@ pub struct HostState {
     partition: u32,
     /// Short rule version, for log lines.
     rule_version: Arc<str>,
+    /// The partition's log rate limit, shared by every `Store` the partition makes.
+    log_budget: Arc<std::sync::Mutex<LogBudget>>,
 }
 
-/// Caps linear memory and remembers whether it refused a growth, so a memory bomb is reported as
-/// `rule_memory` and not as the `unreachable` a failed allocation turns into.
+/// Caps the instance's linear memory (all its memories together) and remembers whether it
+/// refused a growth, so a memory bomb is reported as `rule_memory` and not as the `unreachable` a
+/// failed allocation turns into.
 struct MemoryLimiter {
     max_memory_bytes: usize,
+    /// Bytes of all the instance's memories so far: the cap is per instance, not per memory,
+    /// or four memories would cost four times the cap.
+    total_bytes: usize,
     refused_growth: bool,
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_memory_bytes {
+        // wasmtime also asks with `current = 0` when it creates a memory, so the sum covers
+        // initial sizes as well as growth.
+        let total = self
+            .total_bytes
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > self.max_memory_bytes {
             self.refused_growth = true;
             wasmtime::bail!(
-                "memory limit: the rule asked for {desired} bytes, the cap is {}",
+                "memory limit: the rule asked for {total} bytes in all, the cap is {}",
                 self.max_memory_bytes
             );
         }
+        self.total_bytes = total;
         Ok(true)
     }
 
@@ -242,26 +351,82 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 
     fn instances(&self) -> usize {
-        16
+        MAX_INSTANCES
     }
 
     fn tables(&self) -> usize {
-        16
+        MAX_TABLES
     }
 
     fn memories(&self) -> usize {
-        4
+        MAX_MEMORIES
+    }
+}
+
+/// A token bucket of log lines per partition: a rule that logs in a loop gets its first lines
+/// through and the rest counted, instead of writing gigabytes.
+struct LogBudget {
+    per_second: u32,
+    tokens: f64,
+    refilled_at: std::time::Instant,
+    /// Lines dropped since the last report line, so the operator sees that some are missing.
+    dropped: u64,
+}
+
+impl LogBudget {
+    fn new(per_second: u32) -> LogBudget {
+        LogBudget {
+            per_second,
+            tokens: f64::from(per_second),
+            refilled_at: std::time::Instant::now(),
+            dropped: 0,
+        }
+    }
+
+    /// Whether a line may be written now; also returns the count of lines dropped before it,
+    /// once, so it can be reported with the line that is let through.
+    fn take(&mut self) -> (bool, u64) {
+        let now = std::time::Instant::now();
+        let burst = f64::from(self.per_second);
+        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * burst).min(burst);
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            (true, std::mem::take(&mut self.dropped))
+        } else {
+            self.dropped += 1;
+            RULE_LOG_LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
+            (false, 0)
+        }
     }
 }
 
 impl bindings::RuleImports for HostState {
     fn log(&mut self, level: wit::Level, message: String) {
-        let message = truncate(&message, MAX_LOG_LINE);
+        let (allowed, dropped_before) = self
+            .log_budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if !allowed {
+            return;
+        }
         let (partition, version) = (self.partition, &*self.rule_version);
+        if dropped_before > 0 {
+            tracing::warn!(
+                target: "turnstile::rule",
+                partition,
+                version,
+                dropped = dropped_before,
+                "rule log lines dropped by the rate limit (rule.max_log_lines_per_second)"
+            );
+        }
+        let message = escape_untrusted(&message, MAX_LOG_LINE);
         match level {
             wit::Level::Debug => {
                 tracing::debug!(target: "turnstile::rule", partition, version, "{message}")
@@ -291,6 +456,15 @@ impl Sandbox {
             .concurrency_support(false)
             .consume_fuel(true)
             .epoch_interruption(true)
+            // A trap's backtrace carries the module's function names, which a hostile rule
+            // makes megabytes long; the failure kind and first line are all we report.
+            .wasm_backtrace_max_frames(None)
+            // Explicit, because per-call isolation depends on it: a fresh instance maps the
+            // initial memory image copy-on-write instead of copying data segments.
+            .memory_init_cow(true)
+            // One compiling thread: a big component being checked during a hot reload must leave
+            // the other cores to the partition threads.
+            .parallel_compilation(false)
             .max_wasm_stack(512 * 1024);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
@@ -338,6 +512,13 @@ impl Sandbox {
         if bytes[6..8] == [0, 0] {
             return Err(LoadError::CoreModule);
         }
+        let functions = count_functions(bytes)?;
+        if functions > self.limits.max_functions {
+            return Err(LoadError::TooManyFunctions {
+                count: functions,
+                max: self.limits.max_functions,
+            });
+        }
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
 
@@ -365,13 +546,25 @@ impl Sandbox {
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         let pre = bindings::RulePre::new(instance_pre)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        Ok(CompiledRule {
+        let rule = CompiledRule {
             version: version_id(bytes),
             size: bytes.len(),
+            functions,
             imports,
             exports,
             pre,
-        })
+        };
+        // Instantiate once, under the same limits as every call, so that whatever checks a
+        // component (`check`, `build`, `test`, `run`, an install) refuses one that could never
+        // start, before anything of it is saved or swapped in.
+        let budget = Arc::new(std::sync::Mutex::new(LogBudget::new(
+            self.limits.max_log_lines_per_second,
+        )));
+        if let Err(e) = self.new_store(&rule, u32::MAX, &budget) {
+            let text = escape_untrusted(&format!("{e:#}"), MAX_FAILURE_MESSAGE);
+            return Err(LoadError::Instantiation(text));
+        }
+        Ok(rule)
     }
 
     /// [`Sandbox::compile`], remembered by version: the same bytes compile once per sandbox.
@@ -393,39 +586,52 @@ impl Sandbox {
         Ok(rule)
     }
 
-    /// A fresh instance of `rule` in a fresh `Store`, for one partition's thread.
+    /// The instance `partition`'s thread runs `rule` with. Under [`Isolation::PerCall`] it holds
+    /// no `Store` between calls; under the warm mode it makes its instance now.
     pub fn instantiate(
         self: &Arc<Self>,
         rule: Arc<CompiledRule>,
         partition: u32,
     ) -> anyhow::Result<RuleInstance> {
-        let (store, bindings) = self.new_store(&rule, partition)?;
-        Ok(RuleInstance {
+        let mut instance = RuleInstance {
             sandbox: self.clone(),
             rule,
             partition,
-            store,
-            bindings,
-        })
+            warm: None,
+            log_budget: Arc::new(std::sync::Mutex::new(LogBudget::new(
+                self.limits.max_log_lines_per_second,
+            ))),
+            last_fuel_used: 0,
+        };
+        if self.limits.isolation == Isolation::WarmInstanceLeaksState {
+            instance.warm =
+                Some(self.new_store(&instance.rule, partition, &instance.log_budget)?);
+        }
+        Ok(instance)
     }
 
     fn new_store(
         &self,
         rule: &CompiledRule,
         partition: u32,
+        log_budget: &Arc<std::sync::Mutex<LogBudget>>,
     ) -> anyhow::Result<(Store<HostState>, bindings::Rule)> {
         let mut store = Store::new(
             &self.engine,
             HostState {
                 limiter: MemoryLimiter {
                     max_memory_bytes: self.limits.max_memory_bytes,
+                    total_bytes: 0,
                     refused_growth: false,
                 },
                 partition,
                 rule_version: short_version(&rule.version).into(),
+                log_budget: log_budget.clone(),
             },
         );
         store.limiter(|s| &mut s.limiter);
+        // A start function runs during instantiation: it gets the same fuel and deadline as a
+        // call, so one that loops is stopped here too.
         store.set_fuel(self.limits.fuel)?;
         store.set_epoch_deadline(self.deadline_ticks());
         store.epoch_deadline_trap();
@@ -438,13 +644,19 @@ impl Sandbox {
     }
 }
 
-/// One partition's instance of a rule: its own `Store`, used only from that partition's thread.
+/// One partition's instance of a rule, used only from that partition's thread.
 pub struct RuleInstance {
     sandbox: Arc<Sandbox>,
     rule: Arc<CompiledRule>,
     partition: u32,
-    store: Store<HostState>,
-    bindings: bindings::Rule,
+    /// The `Store` and instance kept between calls, under [`Isolation::WarmInstanceLeaksState`]
+    /// only; `None` means the next call makes a fresh one.
+    warm: Option<(Store<HostState>, bindings::Rule)>,
+    /// The partition's log rate limit: it outlives the per-call `Store`s.
+    log_budget: Arc<std::sync::Mutex<LogBudget>>,
+    /// Fuel of the last call, read before its `Store` is dropped (a failed call that burned its
+    /// whole budget counts it all).
+    last_fuel_used: u64,
 }
 
 impl RuleInstance {
@@ -453,17 +665,29 @@ impl RuleInstance {
         &self.rule
     }
 
-    /// Runs the rule for one request. On failure the `Store` and instance are replaced before
-    /// this returns, so the next call starts clean.
+    /// Runs the rule for one request, in a fresh instance unless the warm mode is on. After a
+    /// failure nothing of the failed instance is kept.
     pub fn handle(
         &mut self,
         current: Option<&State>,
         request: &RoutedRequest,
     ) -> Result<Outcome, RuleFailure> {
-        let limits = &self.sandbox.limits;
-        // Both setters only fail when fuel/epochs are off, which `Sandbox::new` turns on.
-        let _ = self.store.set_fuel(limits.fuel);
-        self.store.set_epoch_deadline(self.sandbox.deadline_ticks());
+        let sandbox = self.sandbox.clone();
+        let limits = &sandbox.limits;
+        let (mut store, bindings) = match self.warm.take() {
+            Some(warm) => warm,
+            None => sandbox
+                .new_store(&self.rule, self.partition, &self.log_budget)
+                .map_err(|e| {
+                    self.last_fuel_used = 0;
+                    failure_with_detail(
+                        FailureKind::Trap,
+                        "the rule could not be instantiated".into(),
+                        &format!("{e:#}"),
+                        limits.max_failure_detail_bytes,
+                    )
+                })?,
+        };
 
         let current = current.map(|s| wit::State {
             status: s.status.clone(),
@@ -479,92 +703,125 @@ impl RuleInstance {
             payload: request.payload.clone(),
             received_at_ms: request.received_at_ms,
         };
-        let result = self
-            .bindings
-            .call_handle(&mut self.store, current.as_ref(), &wit_request);
-        match result {
+        // Set last, so that neither instantiation nor copying the arguments counts against the
+        // call's budget. Both setters only fail when fuel/epochs are off, which `Sandbox::new`
+        // turns on.
+        let _ = store.set_fuel(limits.fuel);
+        store.set_epoch_deadline(sandbox.deadline_ticks());
+        let result = bindings.call_handle(&mut store, current.as_ref(), &wit_request);
+        self.last_fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let decided = match result {
             Ok(outcome) => validate(outcome, limits.max_output_bytes),
-            Err(error) => {
-                let failure = self.classify(&error);
-                self.replace_store();
-                Err(failure)
-            }
+            Err(error) => Err(classify(&sandbox, &store, &error)),
+        };
+        // Only a warm instance that just succeeded is kept; any failure (a `rule_output` one
+        // too) drops it, and per-call isolation drops every instance.
+        if decided.is_ok() && limits.isolation == Isolation::WarmInstanceLeaksState {
+            self.warm = Some((store, bindings));
         }
+        decided
     }
 
-    /// Switches this instance to another rule: a fresh `Store` and instance of `rule`. On error
-    /// the old rule stays.
+    /// Switches this instance to another rule. Under the warm mode it makes the new instance
+    /// now; on error the old rule stays.
     pub fn replace_rule(&mut self, rule: Arc<CompiledRule>) -> anyhow::Result<()> {
-        let (store, bindings) = self.sandbox.new_store(&rule, self.partition)?;
-        self.store = store;
-        self.bindings = bindings;
+        if self.sandbox.limits.isolation == Isolation::WarmInstanceLeaksState {
+            self.warm = Some(
+                self.sandbox
+                    .new_store(&rule, self.partition, &self.log_budget)?,
+            );
+        } else {
+            self.warm = None;
+        }
         self.rule = rule;
         Ok(())
     }
 
     /// Fuel the last call used.
     pub fn fuel_used(&self) -> u64 {
-        self.sandbox
-            .limits
-            .fuel
-            .saturating_sub(self.store.get_fuel().unwrap_or(0))
+        self.last_fuel_used
     }
+}
 
-    fn classify(&self, error: &wasmtime::Error) -> RuleFailure {
-        let trap = error.downcast_ref::<Trap>().copied();
-        let kind = if self.store.data().limiter.refused_growth {
-            FailureKind::Memory
-        } else {
-            match trap {
-                Some(Trap::OutOfFuel) => FailureKind::FuelExhausted,
-                Some(Trap::Interrupt) => FailureKind::Deadline,
-                _ => FailureKind::Trap,
-            }
-        };
-        let message = match kind {
-            FailureKind::FuelExhausted => format!(
-                "the rule used its whole fuel budget ({} units, rule.fuel)",
-                self.sandbox.limits.fuel
-            ),
-            FailureKind::Deadline => format!(
-                "the rule ran past its {} ms deadline (rule.deadline_ms)",
-                self.sandbox.limits.deadline.as_millis()
-            ),
-            FailureKind::Memory => format!(
-                "the rule tried to use more than {} bytes of memory (rule.max_memory_bytes)",
-                self.sandbox.limits.max_memory_bytes
-            ),
-            _ => format!("the rule trapped: {error:#}"),
-        };
-        RuleFailure { kind, message }
-    }
-
-    /// Replaces the poisoned `Store` with a fresh one. If even that fails (it only can when the
-    /// engine itself is broken) the old one stays and every later call fails loudly.
-    fn replace_store(&mut self) {
-        match self.sandbox.new_store(&self.rule, self.partition) {
-            Ok((store, bindings)) => {
-                self.store = store;
-                self.bindings = bindings;
-            }
-            Err(e) => tracing::error!(
-                partition = self.partition,
-                "could not make a fresh rule instance after a failure: {e:#}"
-            ),
+fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error) -> RuleFailure {
+    let limits = &sandbox.limits;
+    let trap = error.downcast_ref::<Trap>().copied();
+    let kind = if store.data().limiter.refused_growth {
+        FailureKind::Memory
+    } else {
+        match trap {
+            Some(Trap::OutOfFuel) => FailureKind::FuelExhausted,
+            Some(Trap::Interrupt) => FailureKind::Deadline,
+            _ => FailureKind::Trap,
         }
+    };
+    match kind {
+        FailureKind::FuelExhausted => RuleFailure::new(
+            kind,
+            format!(
+                "the rule used its whole fuel budget ({} units, rule.fuel)",
+                limits.fuel
+            ),
+        ),
+        FailureKind::Deadline => RuleFailure::new(
+            kind,
+            format!(
+                "the rule ran past its {} ms deadline (rule.deadline_ms)",
+                limits.deadline.as_millis()
+            ),
+        ),
+        FailureKind::Memory => RuleFailure::new(
+            kind,
+            format!(
+                "the rule tried to use more than {} bytes of memory (rule.max_memory_bytes)",
+                limits.max_memory_bytes
+            ),
+        ),
+        _ => {
+            // The trap code is wasmtime's own text; anything else (a host error's chain) may
+            // carry rule-controlled names, so it goes to the detail only.
+            let first = match trap {
+                Some(trap) => format!("the rule trapped: {trap}"),
+                None => "the rule trapped".to_string(),
+            };
+            failure_with_detail(
+                kind,
+                first,
+                &format!("{error:#}"),
+                limits.max_failure_detail_bytes,
+            )
+        }
+    }
+}
+
+/// A failure whose message is `first` (cut to one short line) and whose detail is `detail`
+/// escaped and cut to `max_detail` bytes.
+fn failure_with_detail(
+    kind: FailureKind,
+    first: String,
+    detail: &str,
+    max_detail: usize,
+) -> RuleFailure {
+    let first_line = first.lines().next().unwrap_or_default();
+    RuleFailure {
+        kind,
+        message: escape_untrusted(first_line, MAX_FAILURE_MESSAGE),
+        detail: Some(escape_untrusted(detail, max_detail)),
     }
 }
 
 /// Checks what a rule returned before anything of it is stored.
 fn validate(outcome: wit::Outcome, max_output_bytes: usize) -> Result<Outcome, RuleFailure> {
-    let output = |message: String| RuleFailure {
-        kind: FailureKind::Output,
-        message,
-    };
+    let output = |message: String| RuleFailure::new(FailureKind::Output, message);
     match outcome {
         wit::Outcome::Transition(t) => {
-            if t.status.is_empty() {
+            if t.status.trim().is_empty() {
                 return Err(output("the rule returned an empty status".into()));
+            }
+            if t.status.chars().any(is_unsafe_char) {
+                return Err(output(
+                    "the rule returned a status with control or bidi characters".into(),
+                ));
             }
             for (what, value) in [("status", &t.status), ("data", &t.data)] {
                 if value.len() > max_output_bytes {
@@ -574,7 +831,11 @@ fn validate(outcome: wit::Outcome, max_output_bytes: usize) -> Result<Outcome, R
                     )));
                 }
             }
-            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&t.data) {
+            // Parsed into a value, not skipped: skipping accepts numbers no JSON reader can hold
+            // (`1e999999`) and lone surrogate escapes, which would be stored and served back
+            // as something else.
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(&t.data) {
+                // serde_json's message quotes no input, only a position: safe to return.
                 return Err(output(format!(
                     "the rule returned data that is not JSON: {e}"
                 )));
@@ -596,6 +857,19 @@ fn validate(outcome: wit::Outcome, max_output_bytes: usize) -> Result<Outcome, R
     }
 }
 
+/// Functions defined in all the core modules of a component, counted from the section headers
+/// without compiling anything.
+fn count_functions(bytes: &[u8]) -> Result<u64, LoadError> {
+    let mut functions = 0u64;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| LoadError::Invalid(e.to_string()))?;
+        if let wasmparser::Payload::FunctionSection(section) = payload {
+            functions += u64::from(section.count());
+        }
+    }
+    Ok(functions)
+}
+
 /// The version id of a component: sha256 of its bytes, in hex.
 pub fn version_id(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -609,13 +883,34 @@ pub fn short_version(version: &str) -> &str {
     &version[..version.len().min(12)]
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
+/// Whether a character could forge or disguise a log line or terminal output: control
+/// characters (LF, CR, ESC...) and the Unicode bidi controls (U+202E and friends).
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{061c}')
+}
+
+/// A rule-controlled string made safe to log, store or print: unsafe characters become `\u{..}`
+/// escapes, and the result is cut to at most `max` bytes (an ellipsis marks the cut). Only the
+/// first `max` bytes of the input are looked at, so a huge input costs no more than a small one.
+pub fn escape_untrusted(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let piece_len = if is_unsafe_char(c) { 10 } else { c.len_utf8() };
+        if out.len() + piece_len > max {
+            if max >= 3 {
+                while out.len() + 3 > max {
+                    out.pop();
+                }
+                out.push_str("...");
+            }
+            return out;
+        }
+        if is_unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    out
 }

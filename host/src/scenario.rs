@@ -151,8 +151,13 @@ impl Actual {
                 status,
                 version,
                 data,
-            } => format!("transition of {key} to {status:?} (version {version}), data {data}"),
-            Actual::Reject { key, reason } => format!("reject of {key}: {reason:?}"),
+            } => format!(
+                "transition of {key} to {status:?} (version {version}), data {}",
+                terminal_safe(&data.to_string())
+            ),
+            Actual::Reject { key, reason } => {
+                format!("reject of {key}: \"{}\"", terminal_safe(reason))
+            }
             Actual::Error { code, message } => format!("error {code}: {message}"),
         }
     }
@@ -407,7 +412,7 @@ fn compare(step: &Step, actual: &Actual) -> Vec<String> {
                         differ(
                             &format!("data.{name}"),
                             expected.to_string(),
-                            got.to_string(),
+                            terminal_safe(&got.to_string()),
                         );
                     }
                 }
@@ -420,7 +425,7 @@ fn compare(step: &Step, actual: &Actual) -> Vec<String> {
                 differ(
                     "reason",
                     format!("containing {expected:?}"),
-                    format!("{reason:?}"),
+                    format!("\"{}\"", terminal_safe(reason)),
                 );
             }
         }
@@ -433,6 +438,12 @@ fn compare(step: &Step, actual: &Actual) -> Vec<String> {
         }
     }
     out
+}
+
+/// What a rule returned, made safe for the terminal: control and bidi characters escaped (a
+/// rule must not be able to rewrite the report a reviewer reads), cut at 64 KiB.
+fn terminal_safe(text: &str) -> String {
+    crate::sandbox::escape_untrusted(text, 64 * 1024)
 }
 
 /// The coverage table, one line per (status before, kind).

@@ -481,6 +481,8 @@ pub struct PartitionStore {
     partition: u32,
     durability: RedbDurability,
     dedup_retention: u64,
+    /// Dead letters kept; older ones are pruned as new ones arrive.
+    dead_letter_retention: u64,
     counters: Counters,
     /// Set once damage is found in the file: every later write is refused with it, since
     /// writing into a damaged file can only spread the damage (reads of healthy records go on).
@@ -488,6 +490,13 @@ pub struct PartitionStore {
     /// With durability `none`: when the oldest commit not yet synced to disk was made.
     unsynced_since: Option<std::time::Instant>,
 }
+
+/// Dead letters a partition keeps unless told otherwise (`store.dead_letter_retention`).
+pub const DEFAULT_DEAD_LETTER_RETENTION: u64 = 10_000;
+
+/// Most bytes of dead letters one page read returns (at least one letter): a page of huge
+/// letters must not be built whole in memory.
+pub const DEAD_LETTER_PAGE_BYTES: usize = 1024 * 1024;
 
 impl PartitionStore {
     /// Opens partition `partition`'s database: for a data dir, the file [`prepare_dir`] made
@@ -520,12 +529,19 @@ impl PartitionStore {
                 Durability::None => RedbDurability::None,
             },
             dedup_retention: dedup_retention.max(1),
+            dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
             counters: Counters::default(),
             damaged: None,
             unsynced_since: None,
         };
         store.counters = store.read_counters()?;
         Ok(store)
+    }
+
+    /// Keeps only the newest `count` dead letters (at least one).
+    pub fn with_dead_letter_retention(mut self, count: u64) -> PartitionStore {
+        self.dead_letter_retention = count.max(1);
+        self
     }
 
     /// Where this partition's data lives, for messages.
@@ -595,6 +611,7 @@ impl PartitionStore {
         }
         let durability = self.durability;
         let retention = self.dedup_retention;
+        let dead_letter_retention = self.dead_letter_retention;
         let counters = self.counters;
         let partition = self.partition;
         // `None` from the closure: the commit failed and the handle must be reopened.
@@ -613,6 +630,7 @@ impl PartitionStore {
                     checkpoints: txn.open_table(CHECKPOINTS).map_err(db_error)?,
                     counters,
                     dedup_retention: retention,
+                    dead_letter_retention,
                 };
                 let result = f(&mut batch)
                     .and_then(|r| batch.trim_dedup().map(|()| r))
@@ -726,7 +744,8 @@ impl PartitionStore {
         })
     }
 
-    /// Up to `limit` dead letters with a sequence number above `after`, oldest first.
+    /// Up to `limit` dead letters with a sequence number above `after`, oldest first, and no
+    /// more than [`DEAD_LETTER_PAGE_BYTES`] of them (but at least one).
     pub fn dead_letters(
         &mut self,
         after: u64,
@@ -736,6 +755,7 @@ impl PartitionStore {
             let txn = db.begin_read().map_err(db_error)?;
             let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
             let mut out = Vec::new();
+            let mut bytes = 0;
             for row in table
                 .range(after.saturating_add(1)..)
                 .map_err(db_error)?
@@ -743,6 +763,10 @@ impl PartitionStore {
             {
                 let (seq, value) = row.map_err(db_error)?;
                 let seq = seq.value();
+                bytes += value.value().len();
+                if bytes > DEAD_LETTER_PAGE_BYTES && !out.is_empty() {
+                    break;
+                }
                 out.push(
                     decode(&seq, value.value())
                         .map_err(|e| located(e, "dead_letters", &seq.to_string()))?,
@@ -920,6 +944,7 @@ pub struct Batch<'txn> {
     checkpoints: redb::Table<'txn, &'static str, &'static [u8]>,
     counters: Counters,
     dedup_retention: u64,
+    dead_letter_retention: u64,
 }
 
 impl Batch<'_> {
@@ -1033,6 +1058,19 @@ impl Batch<'_> {
             .insert(seq, encode(&seq, &letter).as_slice())
             .map_err(db_error)?;
         self.counters.next_dead_seq += 1;
+        // Sequence numbers have no gaps, so everything at or below this one is beyond the
+        // retention; a loop, because the retention may have been lowered since the last start.
+        let oldest_kept = seq.saturating_sub(self.dead_letter_retention) + 1;
+        loop {
+            let first = match self.dead_letters.first().map_err(db_error)? {
+                Some((first, _)) => first.value(),
+                None => break,
+            };
+            if first >= oldest_kept {
+                break;
+            }
+            self.dead_letters.remove(first).map_err(db_error)?;
+        }
         Ok(seq)
     }
 

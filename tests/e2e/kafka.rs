@@ -365,7 +365,7 @@ fn request_record(id: &str, kind: &str, key: &str, user: &str, payload: &str) ->
 /// partition and offset, counted, and (when it names an id) answered with an error outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
-    let config = cluster_config();
+    let config = format!("{}\n[admin]\ntoken = \"t0k\"\n", cluster_config());
     let server = start(&config);
     wait_for_all(&server).await;
     let requests = topic(&config, "requests");
@@ -385,7 +385,12 @@ async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let letters = loop {
         let (status, doc) = server
-            .get(&format!("/v1/dead-letters?partition={wrong}"))
+            .admin(
+                "GET",
+                &format!("/v1/dead-letters?partition={wrong}"),
+                None,
+                Some("t0k"),
+            )
             .await;
         assert_eq!(status, 200, "{doc}");
         let letters = doc["dead_letters"].as_array().unwrap().clone();

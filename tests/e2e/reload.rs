@@ -348,24 +348,26 @@ async fn dead_letters_can_be_resubmitted_after_a_fix() {
         .request(json!({"kind": "panic", "key": "DL", "user": "u", "id": "dl-1"}))
         .await;
     assert_eq!(status, 500, "{answer}");
-    let (_, letters) = server.get("/v1/dead-letters").await;
+    let (_, letters) = server
+        .admin("GET", "/v1/dead-letters", None, Some(TOKEN))
+        .await;
     let letter = &letters["dead_letters"][0];
     let path = format!(
         "/v1/dead-letters/{}/{}/resubmit",
         letter["partition"], letter["seq"]
     );
 
-    let (status, answer) = server.admin("POST", &path, None, None).await;
+    let (status, answer) = server.admin("POST", &path, None, Some(TOKEN)).await;
     assert_eq!(status, 500, "the same rule fails again: {answer}");
     assert_eq!(answer["error"]["code"], "rule_trap");
 
     assert_eq!(install(&server, "", wasm(guests::ECHO)).await.0, 200);
-    let (status, answer) = server.admin("POST", &path, None, None).await;
+    let (status, answer) = server.admin("POST", &path, None, Some(TOKEN)).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["id"], "dl-1", "the client's id is kept");
     assert_eq!(answer["state"]["status"], "echo-panic");
     let (status, answer) = server
-        .admin("POST", "/v1/dead-letters/0/999/resubmit", None, None)
+        .admin("POST", "/v1/dead-letters/0/999/resubmit", None, Some(TOKEN))
         .await;
     assert_eq!(status, 404, "{answer}");
     assert_eq!(answer["error"]["code"], "unknown_dead_letter");

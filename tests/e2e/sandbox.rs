@@ -21,6 +21,13 @@ fn request(kind: &str, key: &str, id: &str) -> Value {
     json!({"kind": kind, "key": key, "user": "tester", "id": id})
 }
 
+/// Admin token of the servers whose dead letters a test reads.
+const ADMIN_TOKEN: &str = "sandbox-admin-token";
+
+async fn admin_get(server: &Server, path: &str) -> (u16, Value) {
+    server.admin("GET", path, None, Some(ADMIN_TOKEN)).await
+}
+
 fn failures(partitions: &Value, id: u64) -> Value {
     partitions["partitions"][id as usize]["rule_failures"].clone()
 }
@@ -30,7 +37,11 @@ fn failures(partitions: &Value, id: u64) -> Value {
 /// nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_misbehaviour_costs_one_request() {
-    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE));
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")),
+    );
     let cases = [
         ("loop", "rule_fuel_exhausted"),
         ("alloc", "rule_memory"),
@@ -89,7 +100,7 @@ async fn each_misbehaviour_costs_one_request() {
     }
     assert_eq!(partitions["partitions"][2]["processed"], cases.len());
 
-    let (status, letters) = server.get("/v1/dead-letters?partition=1").await;
+    let (status, letters) = admin_get(&server, "/v1/dead-letters?partition=1").await;
     assert_eq!(status, 200);
     let letters = letters["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), cases.len());
@@ -101,13 +112,27 @@ async fn each_misbehaviour_costs_one_request() {
         assert_eq!(letter["rule_version"].as_str().unwrap().len(), 64);
     }
     // Paging: after the third letter come the other four.
-    let (_, page) = server
-        .get("/v1/dead-letters?partition=1&after=3&limit=2")
-        .await;
+    let (_, page) = admin_get(&server, "/v1/dead-letters?partition=1&after=3&limit=2").await;
     let page = page["dead_letters"].as_array().unwrap();
     assert_eq!(page.len(), 2);
     assert_eq!(page[0]["seq"], 4);
-    assert_eq!(server.get("/v1/dead-letters?partition=9").await.0, 400);
+    assert_eq!(
+        admin_get(&server, "/v1/dead-letters?partition=9").await.0,
+        400
+    );
+    // Anonymous callers see nothing and resubmit nothing.
+    let (status, answer) = server.get("/v1/dead-letters?partition=1").await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(answer["error"]["code"], "unauthorized");
+    let (status, answer) = server
+        .admin("POST", "/v1/dead-letters/1/1/resubmit", None, None)
+        .await;
+    assert_eq!(status, 401, "{answer}");
+    let (_, letters) = admin_get(&server, "/v1/dead-letters?partition=1").await;
+    assert_eq!(
+        letters["dead_letters"].as_array().unwrap().len(),
+        cases.len()
+    );
 }
 
 /// With fuel out of the way, the wall-clock deadline stops a runaway loop.
@@ -199,4 +224,410 @@ async fn a_full_queue_is_backpressure() {
         "64 concurrent slow requests never filled a one-slot queue"
     );
     assert_eq!(server.request(request("set", &key, "after")).await.0, 200);
+}
+
+/// Every call starts from the component's initial state: a global counter reads 1 on every
+/// call, and a buffer of the previous request is always empty, so no user's data reaches another
+/// user's answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_starts_from_the_initial_state() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::HOSTILE));
+    let key = keys_on(1, 1).remove(0);
+    for i in 0..10 {
+        let (status, answer) = server
+            .request(request("count", &key, &format!("count-{i}")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["data"]["calls"], 1, "call {i}: {answer}");
+    }
+    for (i, user) in ["alice", "mallory", "bob"].iter().enumerate() {
+        let mut body = request("remember", &format!("card-{i}"), &format!("card-{i}"));
+        body["user"] = (*user).into();
+        body["payload"] = json!({"card": format!("4111-0000-0000-000{i}")});
+        let (status, answer) = server.request(body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["outcome"], "transition",
+            "{user} saw another request: {answer}"
+        );
+    }
+}
+
+/// The warm mode is opt-in and does what its name says: state is kept between calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_warm_mode_keeps_state_between_calls() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::HOSTILE)
+            .config("[rule]\nisolation = \"warm_instance_leaks_state\"\n"),
+    );
+    let key = keys_on(0, 1).remove(0);
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let (status, answer) = server
+            .request(request("count", &key, &format!("warm-{i}")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        seen.push(answer["state"]["data"]["calls"].as_u64().unwrap());
+    }
+    assert_eq!(seen, [1, 2, 3]);
+}
+
+/// A rule that logs in a loop gets at most `rule.max_log_lines_per_second` lines into the log
+/// per partition; the rest are counted in /metrics, and the partition keeps answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn rule_logs_are_rate_limited_per_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::HOSTILE)
+            .stderr(&log)
+            .config("[rule]\nmax_log_lines_per_second = 20\n"),
+    );
+    let key = keys_on(2, 1).remove(0);
+    let mut body = request("log-flood", &key, "flood");
+    body["payload"] = json!(3000);
+    let (status, answer) = server.request(body).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server.request(request("set", &key, "after")).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let (_, metrics) = server.get_text("/metrics").await;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_rule_log_lines_dropped_total "))
+        .expect("dropped counter in /metrics")
+        .parse()
+        .unwrap();
+    assert!(server.terminate(), "the server did not stop cleanly");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let written = text.lines().filter(|l| l.contains("flood line")).count() as u64;
+    // The bucket holds 20 lines and refills at 20 a second while the call runs (well under a
+    // second of fuel), so a handful more at most.
+    assert!((1..=30).contains(&written), "{written} flood lines written");
+    assert_eq!(written + dropped, 3000, "every line is written or counted");
+}
+
+/// Nobody reads the server's stderr (a full pipe): rules that log a lot, on every partition,
+/// still get answers, and the server stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stderr_nobody_reads_blocks_no_partition() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::HOSTILE)
+            .config("[rule]\nmax_log_lines_per_second = 1000000000\n"),
+    );
+    // 4 partitions × 5 requests × 2000 lines of ~150 bytes: far more than a 64 KiB pipe.
+    for round in 0..5 {
+        for partition in 0..4 {
+            let key = keys_on(partition, 1).remove(0);
+            let mut body = request("log-flood", &key, &format!("nobody-{partition}-{round}"));
+            body["payload"] = json!(2000);
+            let (status, answer) = server.request(body).await;
+            assert_eq!(status, 200, "partition {partition}: {answer}");
+        }
+    }
+    let (_, metrics) = server.get_text("/metrics").await;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_log_lines_dropped_total "))
+        .expect("dropped counter in /metrics")
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "40 000 lines fit in a pipe nobody reads?");
+    assert!(server.terminate(), "SIGTERM did not stop the server");
+}
+
+/// LF, CR and U+202E in a rule's log message do not reach the log raw: the message stays on
+/// one line and cannot pass for a host line.
+#[tokio::test(flavor = "multi_thread")]
+async fn rule_log_lines_cannot_forge_host_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let server = Server::start_with(ServerArgs::default().rule(guests::HOSTILE).stderr(&log));
+    let (status, answer) = server.request(request("log-forge", "k", "forge")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(server.terminate());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains('\r') && !text.contains('\u{202e}'),
+        "{text:?}"
+    );
+    let forged: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("forged host line"))
+        .collect();
+    assert_eq!(forged.len(), 1, "{text}");
+    assert!(
+        forged[0].contains("innocent"),
+        "the message was split: {text}"
+    );
+}
+
+/// A status of only whitespace, or with control characters, is refused like an empty one, and
+/// so is data that is JSON text but no JSON value (a number out of range, a lone surrogate).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blank_or_control_status_or_unrepresentable_data_is_refused() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::HOSTILE));
+    for kind in ["ws-status", "ctl-status", "huge-number", "lone-surrogate"] {
+        let (status, answer) = server.request(request(kind, "k", kind)).await;
+        assert_eq!(status, 500, "{kind}: {answer}");
+        assert_eq!(answer["error"]["code"], "rule_output", "{kind}: {answer}");
+    }
+}
+
+/// Replay runs the candidate isolated, and warns when the log was decided by warm instances
+/// (whose decisions may depend on earlier requests); a log made with per-call isolation replays
+/// exactly and without a warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_warns_about_a_log_made_by_warm_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let replay = || {
+        let (ok, stdout, stderr) = crate::support::run_cli(&[
+            "replay",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--rule",
+            guests::HOSTILE,
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<Value>(&stdout).unwrap()
+    };
+    let key = keys_on(3, 1).remove(0);
+    let send_counts = |isolation: &'static str, round: &'static str| {
+        let server = Server::start_with(
+            ServerArgs::default()
+                .rule(guests::HOSTILE)
+                .data_dir(dir.path())
+                .config(&format!("[rule]\nisolation = \"{isolation}\"\n")),
+        );
+        let key = key.clone();
+        async move {
+            for i in 0..3 {
+                let (status, answer) = server
+                    .request(request("count", &key, &format!("{round}-{i}")))
+                    .await;
+                assert_eq!(status, 200, "{answer}");
+            }
+            assert!(server.terminate());
+        }
+    };
+
+    send_counts("per_call", "isolated").await;
+    let report = replay();
+    assert_eq!(report["decisions"], 3);
+    assert_eq!(report["different"], 0);
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 0);
+
+    send_counts("warm_instance_leaks_state", "warm").await;
+    let report = replay();
+    assert_eq!(report["decisions"], 6);
+    // The warm instance counted 1, 2, 3; the isolated candidate counts 1 every time.
+    assert_eq!(report["different"], 2);
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 1);
+}
+
+/// Components that compile but cannot start within the limits (4 GiB of initial memory, four
+/// memories over the cap together, a start function that loops, 17 tables), and one with
+/// 100 000 tiny functions (refused before compiling), are refused by
+/// `check`, `test`, `run` and `PUT /v1/admin/rule` alike, with the same message, and a refused
+/// install leaves no file in `rules/` and no history entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_that_cannot_start_is_refused_everywhere_alike() {
+    const TOKEN: &str = ADMIN_TOKEN;
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("scenarios.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"one\"\n[[scenario.step]]\nkind = \"k\"\nkey = \"k\"\nuser = \"u\"\nexpect = \"transition\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_with(
+        ServerArgs::default()
+            .data_dir(&data)
+            .config(&format!("[admin]\ntoken = \"{TOKEN}\"\n")),
+    );
+    let rules_before = std::fs::read_dir(data.join("rules")).unwrap().count();
+    for guest in [
+        guests::HUGE_MEMORY,
+        guests::MULTI_MEMORY,
+        guests::START_LOOP,
+        guests::MANY_TABLES,
+        guests::MANY_FUNCTIONS,
+    ] {
+        let (ok, _, check_err) = crate::support::run_cli(&["check", guest]);
+        assert!(!ok, "check accepted {guest}");
+        let (ok, _, _) = crate::support::run_cli(&["test", guest, scenarios.to_str().unwrap()]);
+        assert!(!ok, "test accepted {guest}");
+        let run_err = Server::refused(ServerArgs::default().rule(guest));
+
+        let bytes = std::fs::read(guest).unwrap();
+        let (status, answer) = server
+            .admin("PUT", "/v1/admin/rule", Some(bytes), Some(TOKEN))
+            .await;
+        assert_eq!(status, 422, "{guest}: {answer}");
+        assert_eq!(answer["error"]["code"], "rule_refused");
+        // One message everywhere: what the API says is what check and run print.
+        let message = answer["error"]["message"].as_str().unwrap();
+        let reason = message.trim_start_matches("rule refused: ");
+        assert!(
+            check_err.contains(reason),
+            "check: {check_err}\napi: {message}"
+        );
+        assert!(run_err.contains(reason), "run: {run_err}\napi: {message}");
+    }
+    let (_, status) = server
+        .admin("GET", "/v1/admin/rule", None, Some(TOKEN))
+        .await;
+    assert_eq!(status["history"].as_array().unwrap().len(), 0, "{status}");
+    assert_eq!(
+        std::fs::read_dir(data.join("rules")).unwrap().count(),
+        rules_before,
+        "a refused component was saved"
+    );
+    let (status, answer) = server
+        .admin("POST", "/v1/admin/rule/rollback", None, Some(TOKEN))
+        .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["error"]["code"], "nothing_to_roll_back");
+    // The server still runs its rule.
+    assert_eq!(
+        server
+            .request(json!({"kind": "reserve", "key": "K-1", "user": "u"}))
+            .await
+            .0,
+        200
+    );
+}
+
+/// A trap in a function with a 100 KB name costs a short answer: the API gets the code and a
+/// short message, the dead letter a detail cut to `rule.max_failure_detail_bytes`, and a page
+/// of many such letters stays small.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trap_with_huge_names_gives_bounded_messages() {
+    const DETAIL: usize = 512;
+    let server = Server::start_with(ServerArgs::default().rule(guests::LONG_NAME_TRAP).config(
+        &format!(
+            "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nmax_failure_detail_bytes = {DETAIL}\n"
+        ),
+    ));
+    const ATTACKS: usize = 30;
+    for i in 0..ATTACKS {
+        let body = serde_json::to_vec(&request("any", &format!("k-{i}"), &format!("t-{i}")));
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/requests", server.url))
+            .body(body.unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 500);
+        let text = response.text().await.unwrap();
+        assert!(text.len() < 1024, "a {}-byte answer", text.len());
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer["error"]["code"], "rule_trap");
+    }
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/dead-letters?limit=1000", server.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
+    let letters: Value = serde_json::from_str(&text).unwrap();
+    let letters = letters["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), ATTACKS);
+    for letter in letters {
+        let detail = letter["failure"]["detail"].as_str().unwrap();
+        assert!(detail.len() <= DETAIL, "a {}-byte detail", detail.len());
+    }
+    assert!(
+        text.len() < ATTACKS * (DETAIL + 1024),
+        "{} bytes for {ATTACKS} letters",
+        text.len()
+    );
+}
+
+/// Dead letters are pruned beyond `store.dead_letter_retention` per partition: the newest are
+/// kept, the store does not grow with every failure, and a pruned letter cannot be resubmitted.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_pruned_beyond_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .data_dir(dir.path())
+            .config(&format!(
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\ndead_letter_retention = 5\n"
+            )),
+    );
+    let key = keys_on(2, 1).remove(0);
+    for i in 0..12 {
+        let (status, _) = server
+            .request(request("panic", &key, &format!("pruned-{i}")))
+            .await;
+        assert_eq!(status, 500);
+    }
+    let (status, letters) = admin_get(&server, "/v1/dead-letters?partition=2").await;
+    assert_eq!(status, 200);
+    let seqs: Vec<u64> = letters["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [8, 9, 10, 11, 12]);
+    let (status, answer) = server
+        .admin(
+            "POST",
+            "/v1/dead-letters/2/1/resubmit",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(answer["error"]["code"], "unknown_dead_letter");
+}
+
+/// `turnstile test` prints what a rule returned escaped: data holding U+202E (valid in a JSON
+/// string) cannot reorder what the reviewer reads.
+#[test]
+fn turnstile_test_output_escapes_what_the_rule_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("scenarios.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"rtl\"\n[[scenario.step]]\nkind = \"rtl-data\"\nkey = \"k\"\nuser = \"u\"\nexpect = \"reject\"\n",
+    )
+    .unwrap();
+    let (ok, stdout, _) =
+        crate::support::run_cli(&["test", guests::HOSTILE, scenarios.to_str().unwrap()]);
+    assert!(!ok, "the scenario expects a reject and gets a transition");
+    assert!(stdout.contains("note"), "the data is shown: {stdout}");
+    assert!(!stdout.contains('\u{202e}'), "{stdout}");
+}
+
+/// A call that burned its whole fuel budget counts all of it in the fuel metric, not 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_runs_out_of_fuel_counts_its_fuel() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[rule]\nfuel = 2000000\n"),
+    );
+    let key = keys_on(1, 1).remove(0);
+    let (status, answer) = server.request(request("loop", &key, "spin")).await;
+    assert_eq!(status, 500);
+    assert_eq!(answer["error"]["code"], "rule_fuel_exhausted");
+    let (_, metrics) = server.get_text("/metrics").await;
+    let used: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_partition_fuel_used_total{partition=\"1\"} "))
+        .expect("fuel series of partition 1")
+        .parse()
+        .unwrap();
+    assert!(used >= 2_000_000, "counted {used}");
 }

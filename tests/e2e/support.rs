@@ -61,6 +61,8 @@ pub struct ServerArgs {
     pub config: Option<String>,
     /// Runs the server under `prlimit --nofile=N:N`.
     pub open_file_limit: Option<u64>,
+    /// File the server's stderr goes to; none: a pipe nobody reads.
+    pub stderr: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -70,6 +72,11 @@ impl ServerArgs {
     }
     pub fn rule(mut self, rule: impl Into<PathBuf>) -> Self {
         self.rule = Some(rule.into());
+        self
+    }
+    /// Sends the server's stderr to `path` (to count and read its log lines).
+    pub fn stderr(mut self, path: &Path) -> Self {
+        self.stderr = Some(path.to_path_buf());
         self
     }
     /// Configuration text, written to a file next to nothing (a temp file kept alive by the OS
@@ -131,8 +138,11 @@ impl Server {
         command
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::piped());
+        match &args.stderr {
+            Some(path) => command.stderr(std::fs::File::create(path).expect("stderr file")),
+            None => command.stderr(Stdio::piped()),
+        };
         let mut child = command.spawn().expect("spawning turnstile");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -153,12 +163,13 @@ impl Server {
                 let status = child.wait().expect("waiting for turnstile");
                 let mut stderr = String::new();
                 use std::io::Read;
-                child
-                    .stderr
-                    .take()
-                    .expect("stderr")
-                    .read_to_string(&mut stderr)
-                    .ok();
+                match (child.stderr.take(), &args.stderr) {
+                    (Some(mut pipe), _) => drop(pipe.read_to_string(&mut stderr)),
+                    (None, Some(path)) => {
+                        stderr = std::fs::read_to_string(path).unwrap_or_default()
+                    }
+                    (None, None) => {}
+                }
                 Err(format!("exit {status}; stderr: {stderr}"))
             }
         }

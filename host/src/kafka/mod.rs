@@ -113,10 +113,7 @@ impl From<&ApplyError> for RemoteError {
 impl RemoteError {
     fn into_submit_error(self, id: &str) -> SubmitError {
         if let Some(kind) = FailureKind::from_code(&self.code) {
-            return SubmitError::Rule(RuleFailure {
-                kind,
-                message: self.message,
-            });
+            return SubmitError::Rule(RuleFailure::new(kind, self.message));
         }
         match self.code.as_str() {
             "id_conflict" => SubmitError::IdConflict(id.to_string()),
@@ -1139,7 +1136,10 @@ fn open_local_store(
     p: u32,
 ) -> anyhow::Result<PartitionStore> {
     let store = &shared.config.store;
-    let open = || PartitionStore::open(location, p, store.durability, store.dedup_retention);
+    let open = || {
+        PartitionStore::open(location, p, store.durability, store.dedup_retention)
+            .map(|s| s.with_dead_letter_retention(store.dead_letter_retention))
+    };
     let Location::Dir(dir) = location else {
         return Ok(open()?);
     };
