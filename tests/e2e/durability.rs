@@ -386,11 +386,8 @@ async fn full_disk_fails_the_batch_and_recovers() {
     assert!(!failed.is_empty(), "the disk never filled up");
     for request in &failed {
         let key = request["key"].as_str().unwrap();
-        assert_eq!(
-            server.get(&format!("/v1/keys/{key}")).await.0,
-            404,
-            "{key} was stored"
-        );
+        let got = server.get(&format!("/v1/keys/{key}")).await;
+        assert_eq!(got.0, 404, "{key} was stored {}", got.1);
     }
 
     std::fs::remove_file(&filler).unwrap();
