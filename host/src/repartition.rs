@@ -205,10 +205,9 @@ pub fn repartition(
             dead[home(&letter.request.key)].push((Vec::new(), store::encode(&0, &letter)));
         }
         if let Ok(meta) = txn.open_table(META)
-            && let Some(order) = meta.get(store::LAST_ORDER)?
+            && let Some(order) = meta.get("last_order")?
         {
-            let order: u64 = store::decode(store::LAST_ORDER, order.value())?;
-            last_order = last_order.max(order);
+            last_order = last_order.max(order.value());
         }
         progress(&format!("read partition {}/{}", p + 1, old.partitions));
     }
@@ -279,10 +278,7 @@ pub fn repartition(
                 dead_letters.insert(letter.seq, store::encode(&letter.seq, &letter).as_slice())?;
             }
             // Orders keep growing after the move.
-            txn.open_table(META)?.insert(
-                store::LAST_ORDER,
-                store::encode(store::LAST_ORDER, &last_order).as_slice(),
-            )?;
+            txn.open_table(META)?.insert("last_order", last_order)?;
         }
         // Immediate durability (the default): synced when commit returns.
         txn.commit()?;

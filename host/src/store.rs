@@ -71,7 +71,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{
     Database, Durability as RedbDurability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, TableHandle,
+    TableDefinition,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -87,11 +87,10 @@ pub(crate) const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("ded
 pub(crate) const DEDUP_ORDER: TableDefinition<u64, &str> = TableDefinition::new("dedup_order");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
-/// The file's own bookkeeping by name, each value a checksummed JSON record.
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The `meta` entry holding the highest record order a partition wrote.
-pub(crate) const LAST_ORDER: &str = "last_order";
+const LAST_ORDER: &str = "last_order";
 
 /// The process-wide record order counter (see the module docs): the last order handed out.
 static RECORD_ORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -595,17 +594,7 @@ impl PartitionStore {
                     Err(e)
                 }
             }
-        });
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                // A write that failed inside the transaction (a full disk fails the insert that
-                // needs a new page, not only the commit) can leave redb's handle refusing every
-                // later call: reopen it before the next batch, as after a failed commit.
-                self.db = None;
-                return Err(e);
-            }
-        };
+        })?;
         match outcome {
             Ok((r, counters)) => {
                 self.counters = counters;
@@ -702,31 +691,7 @@ impl PartitionStore {
 }
 
 fn read_counters(db: &Database) -> Result<Counters, StoreError> {
-    // Make sure every table exists, so readers never meet a missing one. Only when one is
-    // missing: a commit needs disk space, and reopening on a full disk must still serve reads.
-    let existing: Vec<String> = db
-        .begin_read()
-        .map_err(db_error)?
-        .list_tables()
-        .map_err(db_error)?
-        .map(|t| t.name().to_string())
-        .collect();
-    let all = [
-        STATES.name(),
-        ROUTES.name(),
-        DEDUP.name(),
-        DEDUP_ORDER.name(),
-        LOG.name(),
-        DEAD_LETTERS.name(),
-        META.name(),
-    ];
-    if all.iter().any(|name| !existing.iter().any(|e| e == name)) {
-        create_tables(db)?;
-    }
-    read_positions(db)
-}
-
-fn create_tables(db: &Database) -> Result<(), StoreError> {
+    // Make sure every table exists, so readers never meet a missing one.
     let txn = db.begin_write().map_err(db_error)?;
     {
         txn.open_table(STATES).map_err(db_error)?;
@@ -737,11 +702,7 @@ fn create_tables(db: &Database) -> Result<(), StoreError> {
         txn.open_table(DEAD_LETTERS).map_err(db_error)?;
         txn.open_table(META).map_err(db_error)?;
     }
-    txn.commit().map_err(db_error)
-}
-
-/// The counters, from what the file holds.
-fn read_positions(db: &Database) -> Result<Counters, StoreError> {
+    txn.commit().map_err(db_error)?;
     let txn = db.begin_read().map_err(db_error)?;
     let last = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
         Ok(t.last()
@@ -752,8 +713,13 @@ fn read_positions(db: &Database) -> Result<Counters, StoreError> {
     let log = txn.open_table(LOG).map_err(db_error)?;
     let dead = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
     let order = txn.open_table(DEDUP_ORDER).map_err(db_error)?;
-    let last_order: u64 =
-        get_json(&txn.open_table(META).map_err(db_error)?, "meta", LAST_ORDER)?.unwrap_or(0);
+    let last_order = txn
+        .open_table(META)
+        .map_err(db_error)?
+        .get(LAST_ORDER)
+        .map_err(db_error)?
+        .map(|v| v.value())
+        .unwrap_or(0);
     observe_record_order(last_order);
     Ok(Counters {
         last_order,
@@ -843,7 +809,7 @@ pub struct Batch<'txn> {
     dedup_order: redb::Table<'txn, u64, &'static str>,
     log: redb::Table<'txn, u64, &'static [u8]>,
     dead_letters: redb::Table<'txn, u64, &'static [u8]>,
-    meta: redb::Table<'txn, &'static str, &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, u64>,
     counters: Counters,
     dedup_retention: u64,
 }
@@ -881,10 +847,7 @@ impl Batch<'_> {
     fn save_last_order(&mut self, before: u64) -> Result<(), StoreError> {
         if self.counters.last_order > before {
             self.meta
-                .insert(
-                    LAST_ORDER,
-                    encode(LAST_ORDER, &self.counters.last_order).as_slice(),
-                )
+                .insert(LAST_ORDER, self.counters.last_order)
                 .map_err(db_error)?;
         }
         Ok(())
@@ -1060,6 +1023,9 @@ fn get_json<T: DeserializeOwned>(
     }
 }
 
+/// The tables of a partition file, by name, for reports.
+const RECORD_TABLES: [&str; 5] = ["states", "routes", "dedup", "log", "dead_letters"];
+
 /// One damaged record (or damaged structure) found by [`scan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
@@ -1114,7 +1080,11 @@ fn scan_tables(
             problem: e.message,
         })
     };
-    for (name, definition) in [("states", STATES), ("routes", ROUTES), ("dedup", DEDUP)] {
+    for (name, definition) in [
+        (RECORD_TABLES[0], STATES),
+        (RECORD_TABLES[1], ROUTES),
+        (RECORD_TABLES[2], DEDUP),
+    ] {
         let table = match txn.open_table(definition) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => continue,
@@ -1128,7 +1098,7 @@ fn scan_tables(
             }
         }
     }
-    for (name, definition) in [("log", LOG), ("dead_letters", DEAD_LETTERS)] {
+    for (name, definition) in [(RECORD_TABLES[3], LOG), (RECORD_TABLES[4], DEAD_LETTERS)] {
         let table = match txn.open_table(definition) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => continue,
@@ -1139,14 +1109,6 @@ fn scan_tables(
             let key = key.value();
             if let Err(e) = check(&key, value.value()) {
                 note(name, key.to_string(), e);
-            }
-        }
-    }
-    if let Ok(meta) = txn.open_table(META) {
-        for row in meta.iter().map_err(db_error)? {
-            let (key, value) = row.map_err(db_error)?;
-            if let Err(e) = check(key.value(), value.value()) {
-                note("meta", key.value().to_string(), e);
             }
         }
     }

@@ -386,8 +386,11 @@ async fn full_disk_fails_the_batch_and_recovers() {
     assert!(!failed.is_empty(), "the disk never filled up");
     for request in &failed {
         let key = request["key"].as_str().unwrap();
-        let got = server.get(&format!("/v1/keys/{key}")).await;
-        assert_eq!(got.0, 404, "{key} was stored {}", got.1);
+        assert_eq!(
+            server.get(&format!("/v1/keys/{key}")).await.0,
+            404,
+            "{key} was stored"
+        );
     }
 
     std::fs::remove_file(&filler).unwrap();
