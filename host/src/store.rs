@@ -594,7 +594,17 @@ impl PartitionStore {
                     Err(e)
                 }
             }
-        })?;
+        });
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // A write that failed inside the transaction (a full disk fails the insert that
+                // needs a new page, not only the commit) can leave redb's handle refusing every
+                // later call: reopen it before the next batch, as after a failed commit.
+                self.db = None;
+                return Err(e);
+            }
+        };
         match outcome {
             Ok((r, counters)) => {
                 self.counters = counters;
@@ -691,18 +701,45 @@ impl PartitionStore {
 }
 
 fn read_counters(db: &Database) -> Result<Counters, StoreError> {
-    // Make sure every table exists, so readers never meet a missing one.
-    let txn = db.begin_write().map_err(db_error)?;
-    {
-        txn.open_table(STATES).map_err(db_error)?;
-        txn.open_table(ROUTES).map_err(db_error)?;
-        txn.open_table(DEDUP).map_err(db_error)?;
-        txn.open_table(DEDUP_ORDER).map_err(db_error)?;
-        txn.open_table(LOG).map_err(db_error)?;
-        txn.open_table(DEAD_LETTERS).map_err(db_error)?;
-        txn.open_table(META).map_err(db_error)?;
+    // Make sure every table exists, so readers never meet a missing one. Only a file that lacks
+    // one is written: a reopen (after a failed commit, e.g. on a full disk) must need no space.
+    let missing = {
+        let txn = db.begin_read().map_err(db_error)?;
+        let missing = |e: redb::TableError| match e {
+            redb::TableError::TableDoesNotExist(_) => Ok(true),
+            e => Err(db_error(e)),
+        };
+        let found = [
+            txn.open_table(STATES).map(|_| false),
+            txn.open_table(ROUTES).map(|_| false),
+            txn.open_table(DEDUP).map(|_| false),
+            txn.open_table(LOG).map(|_| false),
+            txn.open_table(DEAD_LETTERS).map(|_| false),
+        ];
+        let mut any = false;
+        for table in found {
+            any |= table.or_else(missing)?;
+        }
+        any |= txn
+            .open_table(DEDUP_ORDER)
+            .map(|_| false)
+            .or_else(missing)?;
+        any |= txn.open_table(META).map(|_| false).or_else(missing)?;
+        any
+    };
+    if missing {
+        let txn = db.begin_write().map_err(db_error)?;
+        {
+            txn.open_table(STATES).map_err(db_error)?;
+            txn.open_table(ROUTES).map_err(db_error)?;
+            txn.open_table(DEDUP).map_err(db_error)?;
+            txn.open_table(DEDUP_ORDER).map_err(db_error)?;
+            txn.open_table(LOG).map_err(db_error)?;
+            txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+            txn.open_table(META).map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)?;
     }
-    txn.commit().map_err(db_error)?;
     let txn = db.begin_read().map_err(db_error)?;
     let last = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
         Ok(t.last()
