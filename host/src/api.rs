@@ -97,18 +97,18 @@ impl Readiness {
         let now = Instant::now();
         let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         let mut stalled = None;
-        for info in runtime.partitions() {
-            let i = info.id as usize;
+        for (id, batches, queued) in runtime.partition_progress() {
+            let i = id as usize;
             if progress.len() <= i {
-                progress.resize(i + 1, (info.batches, now));
+                progress.resize(i + 1, (batches, now));
             }
             let (seen, since) = &mut progress[i];
             // A partition with nothing queued is idle, not stalled.
-            if *seen != info.batches || info.queue_depth == 0 {
-                *seen = info.batches;
+            if *seen != batches || queued == 0 {
+                *seen = batches;
                 *since = now;
             } else if stalled.is_none() && now.duration_since(*since) > self.stall {
-                stalled = Some((info.id, now.duration_since(*since), info.queue_depth));
+                stalled = Some((id, now.duration_since(*since), queued));
             }
         }
         stalled

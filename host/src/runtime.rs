@@ -643,6 +643,21 @@ impl Runtime {
         .map(Some)
     }
 
+    /// Per partition: (id, batches committed, requests queued), for readiness. Lock-free, unlike
+    /// [`Runtime::partitions`], so a frequent probe never waits on a rule install.
+    pub fn partition_progress(&self) -> Vec<(u32, u64, usize)> {
+        self.partitions
+            .iter()
+            .map(|p| {
+                (
+                    p.id,
+                    p.stats.batches.load(Ordering::Relaxed),
+                    p.queue_depth(),
+                )
+            })
+            .collect()
+    }
+
     /// One entry per partition.
     pub fn partitions(&self) -> Vec<PartitionInfo> {
         let running = self.running_versions();

@@ -650,7 +650,17 @@ impl PartitionStore {
                     Err(e)
                 }
             }
-        })?;
+        });
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // A write that failed inside the transaction (a full disk fails the insert that
+                // needs a new page, not only the commit) can leave redb's handle refusing every
+                // later call: reopen it before the next batch, as after a failed commit.
+                self.db = None;
+                return Err(e);
+            }
+        };
         match outcome {
             Ok((r, counters)) => {
                 self.counters = counters;
