@@ -708,9 +708,9 @@ async fn resubmit_dead_letter(
     headers: HeaderMap,
     path: Result<Path<(u32, u64)>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path((partition, seq)) = path.map_err(bad_path)?;
     // A resubmit applies another user's request: only the operator may decide that.
     authorize(&api, &headers)?;
-    let Path((partition, seq)) = path.map_err(bad_path)?;
     let runtime = api.local()?;
     let n = runtime.partitioner().partitions();
     if partition >= n {

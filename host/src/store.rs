@@ -436,8 +436,12 @@ pub struct Failure {
     /// `trap`, `fuel_exhausted`, `deadline`, `memory`, `output` for a rule failure (the API code
     /// without `rule_`); `refused` for a request that never reached the rule.
     pub kind: String,
-    /// What happened, for the operator.
+    /// What happened: short, one line, the same for the same kind of failure.
     pub message: String,
+    /// A rule failure's longer detail (a trap's text), escaped and bounded
+    /// (`rule.max_failure_detail_bytes`); only here, never in an API error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Failure {
@@ -446,6 +450,7 @@ impl Failure {
         Failure {
             kind: failure.kind.code().trim_start_matches("rule_").to_string(),
             message: failure.message.clone(),
+            detail: failure.detail.clone(),
         }
     }
 
@@ -454,6 +459,7 @@ impl Failure {
         Failure {
             kind: "refused".to_string(),
             message: error.to_string(),
+            detail: None,
         }
     }
 }

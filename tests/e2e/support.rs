@@ -155,6 +155,9 @@ impl Server {
                 let url = line.trim_start_matches("listening on ").trim().to_string();
                 let client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(60))
+                    // Below the server's header read timeout (5 s), which also closes idle
+                    // keep-alive connections (README, Connections and timeouts).
+                    .pool_idle_timeout(Duration::from_secs(3))
                     .build()
                     .expect("http client");
                 Ok(Server { child, url, client })
