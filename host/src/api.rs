@@ -273,18 +273,6 @@ impl Api {
             Backend::Kafka(node) => node.partitioner(),
         }
     }
-
-    /// The local runtime, or 501 for endpoints Kafka mode does not have.
-    fn local(&self) -> Result<&Arc<Runtime>, ApiError> {
-        match &self.backend {
-            Backend::Local(runtime) => Ok(runtime),
-            Backend::Kafka(_) => Err(ApiError {
-                status: StatusCode::NOT_IMPLEMENTED,
-                code: "not_in_kafka_mode",
-                message: "this endpoint is not available in Kafka mode (see the README, Running a cluster)".into(),
-            }),
-        }
-    }
 }
 
 impl ApiError {
@@ -711,14 +699,21 @@ async fn resubmit_dead_letter(
     let Path((partition, seq)) = path.map_err(bad_path)?;
     // A resubmit applies another user's request: only the operator may decide that.
     authorize(&api, &headers)?;
-    let runtime = api.local()?;
-    let n = runtime.partitioner().partitions();
+    let n = api.partitioner().partitions();
     if partition >= n {
         return Err(ApiError::bad_request(format!(
             "partition {partition} does not exist (there are {n})"
         )));
     }
-    match runtime.resubmit_dead_letter(partition, seq).await? {
+    let resubmitted = match &api.backend {
+        Backend::Local(runtime) => runtime.resubmit_dead_letter(partition, seq).await?,
+        Backend::Kafka(node) => match node.resubmit_dead_letter(partition, seq).await {
+            Ok(decision) => decision,
+            Err(crate::kafka::ResubmitError::Read(e)) => return Err(partition_error(partition, e)),
+            Err(crate::kafka::ResubmitError::Submit(e)) => return Err(e.into()),
+        },
+    };
+    match resubmitted {
         Some(decision) => Ok(decision_response(&decision)),
         None => Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -796,10 +791,11 @@ async fn admin_install(
                 max: api.max_module_bytes,
             }))
         })?;
-    let report = api
-        .local()?
-        .install_rule(bytes.to_vec(), query.partitions.as_deref())
-        .await?;
+    let partitions = query.partitions.as_deref();
+    let report = match &api.backend {
+        Backend::Local(runtime) => runtime.install_rule(bytes.to_vec(), partitions).await?,
+        Backend::Kafka(node) => node.install_rule(bytes.to_vec(), partitions).await?,
+    };
     Ok(install_json(&report))
 }
 
@@ -808,7 +804,10 @@ async fn admin_rollback(
     headers: HeaderMap,
 ) -> Result<Json, ApiError> {
     authorize(&api, &headers)?;
-    let report = api.local()?.rollback_rule().await?;
+    let report = match &api.backend {
+        Backend::Local(runtime) => runtime.rollback_rule().await?,
+        Backend::Kafka(node) => node.rollback_rule().await?,
+    };
     Ok(install_json(&report))
 }
 
@@ -817,14 +816,16 @@ async fn admin_status(
     headers: HeaderMap,
 ) -> Result<Json, ApiError> {
     authorize(&api, &headers)?;
-    let runtime = api.local()?;
-    let running = runtime.running_versions();
+    let (running, history) = match &api.backend {
+        Backend::Local(runtime) => (runtime.running_versions(), runtime.rule_history()),
+        Backend::Kafka(node) => (node.running_versions(), node.rule_history()),
+    };
     Ok(Json(json!({
         "partitions": running
             .iter()
             .enumerate()
             .map(|(id, version)| json!({"id": id, "version": version}))
             .collect::<Vec<_>>(),
-        "history": runtime.rule_history(),
+        "history": history,
     })))
 }

@@ -17,6 +17,7 @@
 //! - [`partition`]: one thread per partition: its queue, its rule instance, its store, group commit.
 //! - [`runtime`]: the library API: submit a request, read keys and users, inspect partitions.
 //! - [`repartition`]: `turnstile repartition`: a data dir to another N or hash, all or nothing.
+//! - [`install`]: installs and rollbacks over the partition threads of either mode.
 //! - [`reload`]: hot reload: rule versions, install, rollback, canary, the watched file.
 //! - [`replay`]: `turnstile replay`: shadow evaluation of a candidate rule over a data dir's log.
 //! - [`verify`]: `turnstile verify`: every record of a stopped data dir checked for damage.
@@ -32,6 +33,7 @@
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod install;
 pub mod kafka;
 pub mod logging;
 pub mod metrics;

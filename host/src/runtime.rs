@@ -13,9 +13,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
+use crate::install::{PartitionThreads, RuleControl};
 use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
 use crate::partition::{ApplyError, Command, Partition, PartitionSetup, QueueError};
-use crate::reload::{Action, InstallError, InstallReport, RuleRegistry, parse_partitions};
+use crate::reload::{InstallError, InstallReport, RuleRegistry};
 use crate::router::{Partitioner, Route, RouteCache};
 use crate::sandbox::{REFERENCE_RULE, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{self, DeadLetter, Location, StoreError};
@@ -171,9 +172,7 @@ pub struct Runtime {
     routes: RouteCache,
     partitions: Vec<Partition>,
     /// Rule versions and who runs which; locked only for short bookkeeping.
-    rules: std::sync::Mutex<RuleRegistry>,
-    /// Serializes installs and rollbacks (held across the swaps, which await).
-    install_lock: tokio::sync::Mutex<()>,
+    rules: RuleControl,
     /// Makes ids for requests that come without one.
     ids: RequestIds,
     /// Request counts and latency, for `/metrics`.
@@ -284,8 +283,7 @@ impl Runtime {
             partitioner,
             routes,
             partitions,
-            rules: std::sync::Mutex::new(registry),
-            install_lock: tokio::sync::Mutex::new(()),
+            rules: RuleControl::new(registry, n),
             ids: RequestIds::new(format!("{:08x}", rand::random::<u32>())),
             metrics: crate::metrics::RequestMetrics::default(),
             location,
@@ -303,7 +301,7 @@ impl Runtime {
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, RuleRegistry> {
-        self.rules.lock().unwrap_or_else(|e| e.into_inner())
+        self.rules.registry()
     }
 
     /// The rule version each partition runs.
@@ -324,119 +322,13 @@ impl Runtime {
         bytes: Vec<u8>,
         partitions: Option<&str>,
     ) -> Result<InstallReport, InstallError> {
-        let started = std::time::Instant::now();
-        let n = self.partitioner.partitions();
-        let targets = match partitions {
-            Some(list) => parse_partitions(list, n)?,
-            None => (0..n).collect(),
-        };
-        let _installing = self.install_lock.lock().await;
-        let version = crate::sandbox::version_id(&bytes);
-        let known = self.registry().compiled(&version);
-        let rule = match known {
-            Some(rule) => rule,
-            None => {
-                let sandbox = self.registry().sandbox().clone();
-                let compiled = tokio::task::spawn_blocking(move || {
-                    sandbox.compile(&bytes).map(|rule| (Arc::new(rule), bytes))
-                })
-                .await
-                .map_err(|e| InstallError::SwapFailed(format!("compiling: {e}")))??;
-                let (rule, bytes) = compiled;
-                self.registry().add(rule.clone(), &bytes)?;
-                rule
-            }
-        };
-        let versions = vec![rule.version.clone(); targets.len()];
-        self.switch(&targets, &versions, Action::Install, None, started)
-            .await
+        self.rules.install(self, bytes, partitions).await
     }
 
     /// Undoes the newest install not yet rolled back: its partitions go back to the versions
     /// they ran before it.
     pub async fn rollback_rule(&self) -> Result<InstallReport, InstallError> {
-        let started = std::time::Instant::now();
-        let _installing = self.install_lock.lock().await;
-        let (index, entry) = {
-            let registry = self.registry();
-            let (index, entry) = registry
-                .last_install()
-                .ok_or(InstallError::NothingToRollBack)?;
-            (index, entry.clone())
-        };
-        self.switch(
-            &entry.partitions,
-            &entry.previous,
-            Action::Rollback,
-            Some(index),
-            started,
-        )
-        .await
-    }
-
-    /// Sends a swap to each target partition through its queue and waits for all of them.
-    async fn switch(
-        &self,
-        targets: &[u32],
-        versions: &[String],
-        action: Action,
-        undone: Option<usize>,
-        started: std::time::Instant,
-    ) -> Result<InstallReport, InstallError> {
-        let mut answers = Vec::with_capacity(targets.len());
-        for (p, version) in targets.iter().zip(versions) {
-            let rule = self.registry().compiled(version).ok_or_else(|| {
-                InstallError::SwapFailed(format!("version {version} is not loaded"))
-            })?;
-            let (reply, answer) = oneshot::channel();
-            // The swap must queue behind the requests already accepted, so it waits for room
-            // rather than fail: a reload never turns into a lost request or a refused swap.
-            let sender = self.partitions[*p as usize].blocking_sender();
-            let queued = tokio::task::spawn_blocking(move || {
-                sender
-                    .send_timeout(
-                        Command::Swap { rule, reply },
-                        std::time::Duration::from_secs(30),
-                    )
-                    .is_ok()
-            })
-            .await
-            .map_err(|e| InstallError::SwapFailed(format!("partition {p}: {e}")))?;
-            if !queued {
-                return Err(InstallError::SwapFailed(format!(
-                    "partition {p} did not take the swap within 30 s (stopped or stuck)"
-                )));
-            }
-            answers.push(answer);
-        }
-        let mut pause_us = Vec::with_capacity(targets.len());
-        let mut switched = Vec::with_capacity(targets.len());
-        let mut failures = Vec::new();
-        for ((p, version), answer) in targets.iter().zip(versions).zip(answers) {
-            match answer.await {
-                Ok(Ok(pause)) => {
-                    pause_us.push(pause.as_micros() as u64);
-                    switched.push((*p, version.clone()));
-                }
-                Ok(Err(e)) => failures.push(format!("partition {p}: {e}")),
-                Err(_) => failures.push(format!("partition {p}: stopped")),
-            }
-        }
-        let (partitions, versions): (Vec<u32>, Vec<String>) = switched.into_iter().unzip();
-        self.registry()
-            .record(action, &partitions, &versions, undone)?;
-        if !failures.is_empty() {
-            return Err(InstallError::SwapFailed(format!(
-                "some partitions kept their old version: {}",
-                failures.join("; ")
-            )));
-        }
-        Ok(InstallReport {
-            partitions,
-            versions,
-            pause_us,
-            elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
-        })
+        self.rules.rollback(self).await
     }
 
     /// Applies one request and returns its decision once it is durable.
@@ -631,16 +523,7 @@ impl Runtime {
         let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
             return Ok(None);
         };
-        let request = letter.request;
-        self.submit(Request {
-            id: request.idempotent.then_some(request.id),
-            kind: request.kind,
-            key: Some(request.key),
-            user: request.user,
-            payload: Some(request.payload),
-        })
-        .await
-        .map(Some)
+        self.submit(letter.resubmission()).await.map(Some)
     }
 
     /// Per partition: (id, batches committed, requests queued), for readiness. Lock-free, unlike
@@ -713,6 +596,12 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+impl PartitionThreads for Runtime {
+    fn control(&self, p: u32) -> Option<crossbeam_channel::Sender<Command>> {
+        self.partitions.get(p as usize).map(|p| p.blocking_sender())
     }
 }
 

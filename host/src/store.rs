@@ -429,6 +429,21 @@ pub struct DeadLetter {
     pub source: Option<crate::partition::RecordSource>,
 }
 
+impl DeadLetter {
+    /// The request to submit again: same kind, key, user and payload, and the same id if the
+    /// client gave one (so a resubmit of an applied request is answered from dedup).
+    pub fn resubmission(&self) -> crate::model::Request {
+        let request = &self.request;
+        crate::model::Request {
+            id: request.idempotent.then(|| request.id.clone()),
+            kind: request.kind.clone(),
+            key: Some(request.key.clone()),
+            user: request.user.clone(),
+            payload: Some(request.payload.clone()),
+        }
+    }
+}
+
 /// Why a request became a dead letter: the rule failed on it, or it was refused before the
 /// rule saw it (malformed, or produced to the wrong partition).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

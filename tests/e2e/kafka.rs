@@ -906,3 +906,93 @@ async fn a_user_only_request_right_after_a_reserve_elsewhere_uses_the_new_route(
     }
     assert!(stale.len() <= 3, "stale routes used: {stale:?}");
 }
+
+/// Hot reload in Kafka mode, by the same path as local mode: under traffic through both
+/// processes, each installs the echo rule (its owned partitions swap between two requests, the
+/// others start with it); no request fails, every partition of every process then runs it,
+/// later decisions carry its version, and a rollback brings the reference rule back. Dead
+/// letters can be resubmitted there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_reload_under_traffic_in_kafka_mode() {
+    const TOKEN: &str = "kafka-admin";
+    let config = format!("{}\n[admin]\ntoken = \"{TOKEN}\"\n", cluster_config());
+    let servers = [Arc::new(start(&config)), Arc::new(start(&config))];
+    wait_for_split(&[&servers[0], &servers[1]]).await;
+    let echo = std::fs::read(crate::support::guests::ECHO).unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..6 {
+        let (servers, stop) = (servers.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("hr-{c}-{sent}");
+                let (status, answer) = servers[sent % 2]
+                    .request(request("reserve", Some(&key), &format!("{key}-u"), &key))
+                    .await;
+                if status != 200 && status != 409 {
+                    failures.push((status, answer));
+                }
+                sent += 1;
+            }
+            (sent, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut version = String::new();
+    for server in &servers {
+        let (status, report) = server
+            .admin("PUT", "/v1/admin/rule", Some(echo.clone()), Some(TOKEN))
+            .await;
+        assert_eq!(status, 200, "{report}");
+        version = report["version"].as_str().unwrap().to_string();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (sent, failures) = client.await.unwrap();
+        assert!(
+            failures.is_empty(),
+            "requests failed during the reload: {failures:?}"
+        );
+        total += sent;
+    }
+    assert!(total > 0);
+
+    for server in &servers {
+        let (_, status) = server
+            .admin("GET", "/v1/admin/rule", None, Some(TOKEN))
+            .await;
+        for p in status["partitions"].as_array().unwrap() {
+            assert_eq!(p["version"], version.as_str(), "{status}");
+        }
+        let (_, doc) = server.get("/v1/partitions").await;
+        for p in doc["partitions"].as_array().unwrap() {
+            assert_eq!(p["rule_version"], version.as_str(), "{doc}");
+        }
+    }
+    for i in 0..6 {
+        let key = format!("hr-after-{i}");
+        let (status, answer) = servers[i % 2]
+            .request(request("reserve", Some(&key), "hr-after", &key))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["status"], "echo-reserve", "{answer}");
+        assert_eq!(answer["state"]["rule_version"], version.as_str());
+    }
+
+    for server in &servers {
+        let (status, report) = server
+            .admin("POST", "/v1/admin/rule/rollback", None, Some(TOKEN))
+            .await;
+        assert_eq!(status, 200, "{report}");
+    }
+    let (status, answer) = servers[0]
+        .request(request("reserve", Some("hr-back"), "hr-back", "hr-back"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"]["status"], "reserved", "{answer}");
+}

@@ -59,6 +59,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::config::{Config, KafkaConfig};
+use crate::install::{PartitionThreads, RuleControl};
 use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
 use crate::partition::{
     Applied, ApplyError, Command, Decider, Engine, Inbox, Incoming, PartitionStats, RecordSource,
@@ -66,7 +67,7 @@ use crate::partition::{
 };
 use crate::router::{Partitioner, Route, RouteCache};
 use crate::runtime::{RequestIds, SubmitError, validate};
-use crate::sandbox::{CompiledRule, FailureKind, RuleFailure, RuleLimits, Sandbox};
+use crate::sandbox::{FailureKind, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{DeadLetter, Location, PartitionStore, StoreError};
 
 mod changelog;
@@ -154,6 +155,8 @@ pub struct OwnedPartitionInfo {
     pub restored_from: i64,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
+    /// Version id of the rule it runs.
+    pub rule_version: String,
 }
 
 /// Counters a Kafka partition thread publishes.
@@ -189,6 +192,17 @@ struct Owned {
     control: crossbeam_channel::Sender<Command>,
 }
 
+/// Why a dead letter could not be resubmitted in Kafka mode.
+#[derive(Debug, thiserror::Error)]
+pub enum ResubmitError {
+    /// The dead letter could not be read here.
+    #[error("{0}")]
+    Read(#[from] KeyReadError),
+    /// The resubmitted request failed.
+    #[error("{0}")]
+    Submit(#[from] SubmitError),
+}
+
 /// Why a key's state could not be read in Kafka mode.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyReadError {
@@ -210,7 +224,7 @@ struct Shared {
     sandbox: Arc<Sandbox>,
     /// The rule version each partition runs in this process; a thread that takes a partition
     /// starts with its entry, and an install changes it for owned and future partitions alike.
-    rules: RunningRules,
+    rules: RuleControl,
     /// Checks that consumed records are on the partition their key belongs to.
     partitioner: Partitioner,
     producer: FutureProducer,
@@ -220,26 +234,10 @@ struct Shared {
     fenced: AtomicU64,
 }
 
-/// The rule each partition runs in this process.
-struct RunningRules {
-    /// Indexed by partition.
-    versions: Mutex<Vec<Arc<CompiledRule>>>,
-}
-
-impl RunningRules {
-    /// What partition `p` runs (what its thread starts with when it takes the partition).
-    fn running(&self, p: u32) -> Arc<CompiledRule> {
-        self.versions.lock().unwrap_or_else(|e| e.into_inner())[p as usize].clone()
-    }
-
-    /// The version id of every partition's rule.
-    fn version_ids(&self) -> Vec<String> {
-        self.versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|r| r.version.clone())
-            .collect()
+impl PartitionThreads for Shared {
+    fn control(&self, p: u32) -> Option<crossbeam_channel::Sender<Command>> {
+        let owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        owned.get(&p).map(|o| o.control.clone())
     }
 }
 
@@ -400,6 +398,15 @@ impl KafkaNode {
         };
         let rule = sandbox.compile_shared(&bytes).context("loading the rule")?;
         ensure_topics(&kafka, n)?;
+        // Hot reload as in local mode: the versions this process's partitions run, persisted
+        // under the data dir when there is one.
+        let (registry, _) = crate::reload::RuleRegistry::open(
+            sandbox.clone(),
+            config.store.data_dir.as_deref(),
+            rule,
+            &bytes,
+            n,
+        )?;
 
         let node_id = format!(
             "turnstile-{}-{:08x}",
@@ -421,9 +428,7 @@ impl KafkaNode {
             config: config.clone(),
             kafka: kafka.clone(),
             sandbox,
-            rules: RunningRules {
-                versions: Mutex::new(vec![rule; n as usize]),
-            },
+            rules: RuleControl::new(registry, n),
             partitioner,
             producer,
             node_id: node_id.clone(),
@@ -593,6 +598,51 @@ impl KafkaNode {
         }
     }
 
+    /// Applies the request of dead letter `seq` of partition `p` again, if this process owns
+    /// the partition; `Ok(None)` if there is no such dead letter.
+    pub async fn resubmit_dead_letter(
+        &self,
+        p: u32,
+        seq: u64,
+    ) -> Result<Option<Decision>, ResubmitError> {
+        let letters = self.dead_letters(p, seq.saturating_sub(1), 1).await?;
+        let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
+            return Ok(None);
+        };
+        Ok(Some(self.submit(letter.resubmission()).await?))
+    }
+
+    /// The rule version each partition runs in this process (or will run when it takes it).
+    pub fn running_versions(&self) -> Vec<String> {
+        self.shared.rules.registry().running().to_vec()
+    }
+
+    /// The history of installs and rollbacks in this process, oldest first.
+    pub fn rule_history(&self) -> Vec<crate::reload::HistoryEntry> {
+        self.shared.rules.registry().history().to_vec()
+    }
+
+    /// Installs a rule version on `partitions` (all when `None`) of this process, by the same
+    /// path as local mode: owned partitions swap between two requests, the others start with it
+    /// when the group gives them to this process.
+    pub async fn install_rule(
+        &self,
+        bytes: Vec<u8>,
+        partitions: Option<&str>,
+    ) -> Result<crate::reload::InstallReport, crate::reload::InstallError> {
+        self.shared
+            .rules
+            .install(self.shared.as_ref(), bytes, partitions)
+            .await
+    }
+
+    /// Undoes the newest install of this process.
+    pub async fn rollback_rule(
+        &self,
+    ) -> Result<crate::reload::InstallReport, crate::reload::InstallError> {
+        self.shared.rules.rollback(self.shared.as_ref()).await
+    }
+
     /// Sends a read to the thread of partition `p`, if this process owns it and it is restored.
     async fn ask<T>(
         &self,
@@ -655,6 +705,7 @@ impl KafkaNode {
 
     /// The partitions this process owns.
     pub fn owned_partitions(&self) -> Vec<OwnedPartitionInfo> {
+        let running = self.running_versions();
         let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
         owned
             .iter()
@@ -679,6 +730,7 @@ impl KafkaNode {
                         .zip(&o.stats.partition.rule_failures)
                         .map(|(k, n)| (k.code(), n.load(Ordering::Relaxed)))
                         .collect(),
+                    rule_version: running[*id as usize].clone(),
                 }
             })
             .collect()
@@ -690,7 +742,7 @@ impl KafkaNode {
         use std::fmt::Write;
         let mut out = String::new();
         self.metrics.render(&mut out);
-        let versions = self.shared.rules.version_ids();
+        let versions = self.running_versions();
         let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
         let samples: Vec<crate::metrics::PartitionSample<'_>> = owned
             .iter()
@@ -1262,7 +1314,10 @@ fn restore_and_serve(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&kafka.requests_topic, p as i32, Offset::Offset(resume))?;
     consumer.assign(&tpl)?;
-    let rule = shared.rules.running(p);
+    let rule = shared
+        .rules
+        .running_rule(p)
+        .context("the partition's rule version is not loaded")?;
     let engine = Engine {
         id: p,
         partitioner: shared.partitioner,
