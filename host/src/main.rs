@@ -34,6 +34,12 @@ enum Command {
         #[arg(long, value_name = "FILE.wasm")]
         rule: Option<PathBuf>,
     },
+    /// Create a self-contained rule project (rule, scenarios, vendored SDK) that builds anywhere.
+    New {
+        /// Directory to create; its name is the rule's package name.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Build a rule crate into the component `run --rule` accepts, and check it.
     Build {
         /// The rule crate (default: the current directory).
@@ -42,6 +48,16 @@ enum Command {
         /// Configuration whose [rule] limits the component is checked against.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Keep function names so trap backtraces name the rule's functions (bigger component).
+        #[arg(long)]
+        debug: bool,
+        /// Cargo's target dir (default: $CARGO_TARGET_DIR, else RULE_CRATE_DIR/target); share one
+        /// between rules to compile the SDK's dependencies once.
+        #[arg(long, value_name = "DIR")]
+        target_dir: Option<PathBuf>,
+        /// Also write the component to this file.
+        #[arg(long, value_name = "FILE.wasm")]
+        out: Option<PathBuf>,
     },
     /// Run scenario files against a rule, exactly as production would run it.
     Test {
@@ -153,8 +169,29 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Build { crate_dir, config } => {
-            let built = turnstile::toolkit::build(&crate_dir, &load_config(config.as_ref())?)?;
+        Command::New { dir } => {
+            let name = turnstile::toolkit::new_project(&dir)?;
+            println!("created rule `{name}` in {}", dir.display());
+            println!(
+                "next: cd {} && turnstile build . && turnstile test target/components/{name}.wasm scenarios.toml",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Build {
+            crate_dir,
+            config,
+            debug,
+            target_dir,
+            out,
+        } => {
+            let options = turnstile::toolkit::BuildOptions {
+                debug,
+                target_dir,
+                out,
+            };
+            let built =
+                turnstile::toolkit::build(&crate_dir, &load_config(config.as_ref())?, &options)?;
             println!("built {}", built.path.display());
             println!("version {}", built.rule.version);
             println!("size {} bytes", built.rule.size);

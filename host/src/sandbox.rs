@@ -45,6 +45,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// Longest log line a rule may write; longer ones are cut, so a rule cannot flood the log.
 const MAX_LOG_LINE: usize = 1024;
 
+/// How the SDK's panic hook starts the error log line it sends before the rule traps.
+const PANIC_LOG_PREFIX: &str = "panicked at";
+
 /// Imports a rule component may have: the world's `log` function, and the instance of types the
 /// world `use`s (it carries no functions).
 const ALLOWED_IMPORTS: &[&str] = &["log", "turnstile:rule/types@0.1.0"];
@@ -210,6 +213,9 @@ pub struct HostState {
     partition: u32,
     /// Short rule version, for log lines.
     rule_version: Arc<str>,
+    /// The panic message the SDK's panic hook logged during the current call (issue 16): a
+    /// panic ends in a bare `unreachable` trap, so this is the only place its reason survives.
+    panic_message: Option<String>,
 }
 
 /// Caps linear memory and remembers whether it refused a growth, so a memory bomb is reported as
@@ -261,6 +267,10 @@ impl ResourceLimiter for MemoryLimiter {
 impl bindings::RuleImports for HostState {
     fn log(&mut self, level: wit::Level, message: String) {
         let message = truncate(&message, MAX_LOG_LINE);
+        // The SDK's panic hook logs `panicked at <file:line:col>: <message>` at error level.
+        if matches!(level, wit::Level::Error) && message.starts_with(PANIC_LOG_PREFIX) {
+            self.panic_message = Some(message.to_string());
+        }
         let (partition, version) = (self.partition, &*self.rule_version);
         match level {
             wit::Level::Debug => {
@@ -423,6 +433,7 @@ impl Sandbox {
                 },
                 partition,
                 rule_version: short_version(&rule.version).into(),
+                panic_message: None,
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -463,6 +474,7 @@ impl RuleInstance {
         let limits = &self.sandbox.limits;
         // Both setters only fail when fuel/epochs are off, which `Sandbox::new` turns on.
         let _ = self.store.set_fuel(limits.fuel);
+        self.store.data_mut().panic_message = None;
         self.store.set_epoch_deadline(self.sandbox.deadline_ticks());
 
         let current = current.map(|s| wit::State {
@@ -534,7 +546,10 @@ impl RuleInstance {
                 "the rule tried to use more than {} bytes of memory (rule.max_memory_bytes)",
                 self.sandbox.limits.max_memory_bytes
             ),
-            _ => format!("the rule trapped: {error:#}"),
+            _ => match &self.store.data().panic_message {
+                Some(panic) => format!("the rule {panic} (then trapped: {error:#})"),
+                None => format!("the rule trapped: {error:#}"),
+            },
         };
         RuleFailure { kind, message }
     }

@@ -263,3 +263,163 @@ async fn replay_reports_exact_differences_and_writes_nothing() {
 
     assert_eq!(snapshot(dir.path()), before, "replay changed the data dir");
 }
+
+/// A target dir shared by the tests that build rule projects, so the SDK's dependencies are
+/// compiled for wasm once per checkout and not once per test.
+fn shared_rule_target() -> std::path::PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("rule-projects")
+}
+
+/// Every file under `dir` (but `target/`) as text, for looking for paths that must not be there.
+fn project_text(dir: &Path) -> String {
+    snapshot(dir)
+        .into_iter()
+        .filter(|(path, _)| !path.contains("/target/"))
+        .map(|(path, bytes)| format!("{path}\n{}\n", String::from_utf8_lossy(&bytes)))
+        .collect()
+}
+
+/// `turnstile new` gives a project outside the repository that builds and passes its own
+/// scenarios at once, with no path into this checkout (the SDK is vendored, its one dependency
+/// comes from crates.io), and refuses to overwrite.
+#[test]
+fn new_project_builds_and_tests_green_outside_the_checkout() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(!dir.path().starts_with(workspace()));
+    let project = dir.path().join("door-keeper");
+    let (ok, stdout, stderr) = run_cli(&["new", project.to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let text = project_text(&project);
+    assert!(
+        !text.contains(workspace().to_str().unwrap()),
+        "the project refers to the checkout:\n{text}"
+    );
+    // The vendored SDK uses the wit-bindgen this repository builds the SDK with.
+    let root_manifest = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
+    let sdk_manifest = std::fs::read_to_string(project.join("sdk/Cargo.toml")).unwrap();
+    let pinned = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("wit-bindgen = "))
+            .and_then(|l| l.split('"').nth(1).map(String::from))
+            .unwrap()
+    };
+    assert_eq!(pinned(&root_manifest), pinned(&sdk_manifest));
+
+    let out = dir.path().join("door-keeper.wasm");
+    let target = shared_rule_target();
+    let (ok, stdout, stderr) = run_cli(&[
+        "build",
+        project.to_str().unwrap(),
+        "--target-dir",
+        target.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("version "), "{stdout}");
+    let scenarios = project.join("scenarios.toml");
+    let (ok, stdout, stderr) =
+        run_cli(&["test", out.to_str().unwrap(), scenarios.to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("scenarios: 2 passed, 0 failed"), "{stdout}");
+
+    let (ok, _, stderr) = run_cli(&["new", project.to_str().unwrap()]);
+    assert!(!ok, "an existing directory was overwritten");
+    assert!(stderr.contains("already exists"), "{stderr}");
+    let (ok, _, _) = run_cli(&["new", dir.path().join("Bad Name").to_str().unwrap()]);
+    assert!(!ok, "an unusable package name was accepted");
+}
+
+/// The same rule source built from two directories, each with its own target dir and its own
+/// `CARGO_HOME` path, gets the same version id: the paths that end up in panic locations (here
+/// serde_json's, from the registry) are remapped to fixed names.
+#[test]
+fn version_id_is_the_same_from_two_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let real_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cargo"));
+    let mut versions = Vec::new();
+    for copy in ["a", "b"] {
+        let project = dir.path().join(copy).join("repro");
+        std::fs::create_dir_all(project.parent().unwrap()).unwrap();
+        let (ok, _, stderr) = run_cli(&["new", project.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        // A registry dependency whose generic code carries its source path into the rule.
+        let manifest = project.join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap().replace(
+            "turnstile-rule = { path = \"sdk\" }",
+            "turnstile-rule = { path = \"sdk\" }\nserde_json = \"1\"",
+        );
+        std::fs::write(&manifest, text).unwrap();
+        let lib = project.join("src/lib.rs");
+        let text = std::fs::read_to_string(&lib).unwrap().replace(
+            "Outcome::transition(\"inside\", \"{}\")",
+            "Outcome::transition(\"inside\", serde_json::from_str::<serde_json::Value>(&request.payload).unwrap_or_default().to_string())",
+        );
+        std::fs::write(&lib, text).unwrap();
+        // Another CARGO_HOME path over the same registry: no download, different paths.
+        let home = dir.path().join(copy).join("cargo-home");
+        std::fs::create_dir_all(&home).unwrap();
+        std::os::unix::fs::symlink(real_home.join("registry"), home.join("registry")).unwrap();
+        let output = std::process::Command::new(crate::support::turnstile_bin())
+            .args(["build", project.to_str().unwrap(), "--target-dir"])
+            .arg(dir.path().join(copy).join("target"))
+            .env("CARGO_HOME", &home)
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let version = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("version "))
+            .unwrap()
+            .to_string();
+        versions.push(version);
+    }
+    assert_eq!(
+        versions[0], versions[1],
+        "the version id depends on where it was built"
+    );
+}
+
+/// A panicking rule's message and location reach the 500 answer, the dead letter and
+/// `turnstile test`'s output (the SDK's panic hook hands them to the host before the trap).
+#[tokio::test(flavor = "multi_thread")]
+async fn panic_message_reaches_the_answer_the_dead_letter_and_test_output() {
+    const PANIC: &str = "the rule panicked on purpose";
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE));
+    let (status, answer) = server
+        .request(serde_json::json!({"kind": "panic", "key": "P", "user": "u"}))
+        .await;
+    assert_eq!(status, 500);
+    assert_eq!(answer["error"]["code"], "rule_trap");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains(PANIC), "{answer}");
+    assert!(message.contains("src/lib.rs:"), "no location: {answer}");
+    let (_, letters) = server.get("/v1/dead-letters").await;
+    let letter = &letters["dead_letters"][0];
+    assert!(
+        letter["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(PANIC),
+        "{letters}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("panic.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"panics\"\n[[scenario.step]]\nkind = \"panic\"\nkey = \"P\"\nuser = \"u\"\nexpect = \"transition\"\n",
+    )
+    .unwrap();
+    let (ok, stdout, _) = run_cli(&["test", guests::MISBEHAVE, scenarios.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stdout.contains(PANIC), "{stdout}");
+}

@@ -39,9 +39,28 @@ pub struct GuestBuild {
     pub quiet: bool,
 }
 
+/// Choices `turnstile build` offers beyond the defaults the build scripts use.
+#[derive(Debug, Default, Clone)]
+pub struct BuildOptions {
+    /// Keep the name section (function names in backtraces) instead of stripping it.
+    pub debug: bool,
+    /// `--remap-path-prefix` pairs (from, to) so machine-specific paths (the crate's directory,
+    /// `CARGO_HOME`) do not end up in the bytes and the version id.
+    pub remap_path_prefixes: Vec<(PathBuf, String)>,
+}
+
 impl GuestBuild {
     /// Builds `packages` (empty: the manifest's own package) and wraps each into a component.
     pub fn build(&self, packages: &[&str]) -> Result<Vec<BuiltComponent>> {
+        self.build_with(packages, &BuildOptions::default())
+    }
+
+    /// [`GuestBuild::build`] with `options`.
+    pub fn build_with(
+        &self,
+        packages: &[&str],
+        options: &BuildOptions,
+    ) -> Result<Vec<BuiltComponent>> {
         let mut cargo = Command::new(&self.cargo);
         cargo
             .arg("build")
@@ -58,8 +77,16 @@ impl GuestBuild {
             .args(["--config", "profile.release.lto=true"])
             .args(["--config", "profile.release.codegen-units=1"])
             .args(["--config", "profile.release.panic=\"abort\""])
-            .args(["--config", "profile.release.strip=true"])
             .args(["--config", "profile.release.debug=false"]);
+        // `strip = false` keeps the name section, which is what wasmtime's backtraces read.
+        cargo.args([
+            "--config",
+            if options.debug {
+                "profile.release.strip=false"
+            } else {
+                "profile.release.strip=true"
+            },
+        ]);
         if self.quiet {
             cargo.arg("--quiet");
         }
@@ -76,6 +103,15 @@ impl GuestBuild {
             "RUSTC_WORKSPACE_WRAPPER",
         ] {
             cargo.env_remove(var);
+        }
+        if !options.remap_path_prefixes.is_empty() {
+            // The unit separator is how cargo splits CARGO_ENCODED_RUSTFLAGS; paths may hold spaces.
+            let flags: Vec<String> = options
+                .remap_path_prefixes
+                .iter()
+                .map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display()))
+                .collect();
+            cargo.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}"));
         }
         let status = cargo
             .status()
