@@ -73,6 +73,9 @@ enum Command {
         /// Production configuration to start from (scenario files may override parts).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Run only the scenarios whose name contains this text.
+        #[arg(long, value_name = "TEXT")]
+        filter: Option<String>,
     },
     /// Replay a data dir's log through a candidate rule and report what it would decide differently.
     Replay {
@@ -202,13 +205,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             scenarios,
             junit,
             config,
+            filter,
         } => {
             let config = load_config(config.as_ref())?;
             let bytes =
                 std::fs::read(&rule).with_context(|| format!("reading {}", rule.display()))?;
-            let report = turnstile::scenario::run(&bytes, &scenarios, &config, &mut |line| {
-                println!("{line}");
-            })?;
+            let options = turnstile::scenario::RunOptions { filter };
+            let report =
+                turnstile::scenario::run(&bytes, &scenarios, &config, &options, &mut |line| {
+                    println!("{line}");
+                })?;
+            if report.results.is_empty() {
+                anyhow::bail!(
+                    "no scenario matches --filter {:?} ({} filtered out)",
+                    options.filter.unwrap_or_default(),
+                    report.filtered_out
+                );
+            }
             let failures: Vec<_> = report
                 .results
                 .iter()
@@ -217,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !failures.is_empty() {
                 println!("\nfailures:\n");
                 for r in &failures {
-                    println!("---- {} ({}) ----", r.name, r.file.display());
+                    println!("---- {} ({}) ----", r.name, r.at);
                     println!("{}", r.failure.as_deref().unwrap_or_default());
                 }
             }
@@ -225,15 +238,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for line in turnstile::scenario::coverage_lines(&report.coverage) {
                 println!("{line}");
             }
+            if !report.never_ran.is_empty() {
+                println!("\nnever ran (declared in [coverage]):");
+                for (from, kind) in &report.never_ran {
+                    println!("  ({from}, {kind})");
+                }
+            }
             if let Some(path) = junit {
                 std::fs::write(&path, turnstile::scenario::junit(&report))
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             println!();
             println!(
-                "scenarios: {} passed, {} failed",
+                "scenarios: {} passed, {} failed, {} filtered out",
                 report.passed(),
-                report.failed()
+                report.failed(),
+                report.filtered_out
             );
             if report.failed() > 0 {
                 anyhow::bail!("{} scenario(s) failed", report.failed());

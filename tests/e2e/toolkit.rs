@@ -423,3 +423,271 @@ async fn panic_message_reaches_the_answer_the_dead_letter_and_test_output() {
     assert!(!ok);
     assert!(stdout.contains(PANIC), "{stdout}");
 }
+
+/// Writes `text` to `dir/name` and returns the path as a string.
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// `--filter` runs only the matching scenarios; a failure names its scenario's and its step's
+/// file:line; `expect_key`, `exact_reason` and `absent` are checked.
+#[test]
+fn filter_runs_one_scenario_and_failures_point_at_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = write(
+        dir.path(),
+        "s.toml",
+        r#"[[scenario]]
+name = "reserve and associate"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "alice"
+expect = "transition"
+absent = ["associated_at_ms"]
+[[scenario.step]]
+kind = "associate"
+user = "alice"
+expect = "transition"
+expect_key = "K"
+
+[[scenario]]
+name = "double reserve"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "alice"
+expect = "transition"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "bob"
+expect = "reject"
+exact_reason = "key is already reserved"
+expect_key = "K"
+
+[[scenario]]
+name = "broken on purpose"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "alice"
+expect = "transition"
+[[scenario.step]]
+kind = "associate"
+user = "alice"
+expect = "transition"
+expect_key = "other"
+absent = ["reserved_at_ms"]
+"#,
+    );
+    let (ok, stdout, stderr) = run_cli(&[
+        "test",
+        guests::RESERVATION,
+        &scenarios,
+        "--filter",
+        "reserve",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("scenarios: 2 passed, 0 failed, 1 filtered out"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("broken on purpose"), "{stdout}");
+
+    let (ok, stdout, _) = run_cli(&[
+        "test",
+        guests::RESERVATION,
+        &scenarios,
+        "--filter",
+        "broken",
+    ]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("scenarios: 0 passed, 1 failed, 2 filtered out"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("s.toml:30)"), "scenario line: {stdout}");
+    assert!(
+        stdout.contains("step 2 (") && stdout.contains("s.toml:37)"),
+        "step line: {stdout}"
+    );
+    assert!(stdout.contains("- expected \"other\""), "{stdout}");
+    assert!(stdout.contains("data.reserved_at_ms"), "{stdout}");
+
+    let (ok, _, stderr) = run_cli(&[
+        "test",
+        guests::RESERVATION,
+        &scenarios,
+        "--filter",
+        "nothing like it",
+    ]);
+    assert!(!ok, "a filter that matches nothing passed");
+    assert!(
+        stderr.contains("2 filtered out") || stderr.contains("3 filtered out"),
+        "{stderr}"
+    );
+}
+
+/// Assertions that cannot apply, scenarios without steps, and broken or missing files are all
+/// refused before anything runs, every problem reported at once with its file:line.
+#[test]
+fn impossible_assertions_and_every_bad_file_are_refused_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        dir.path(),
+        "good.toml",
+        "[[scenario]]\nname = \"fine\"\n[[scenario.step]]\nkind = \"reserve\"\nkey = \"K\"\nuser = \"a\"\nexpect = \"transition\"\n",
+    );
+    let impossible = write(
+        dir.path(),
+        "impossible.toml",
+        r#"[[scenario]]
+name = "no steps"
+
+[[scenario]]
+name = "reason on a transition"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "a"
+expect = "transition"
+reason = "x"
+code = "rule_trap"
+
+[[scenario]]
+name = "status on a reject"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "a"
+expect = "reject"
+status = "reserved"
+version = 1
+data = { a = 1 }
+"#,
+    );
+    let broken = write(dir.path(), "broken.toml", "[[scenario]\nname = ");
+    let missing = dir.path().join("missing.toml");
+    let (ok, stdout, stderr) = run_cli(&[
+        "test",
+        guests::RESERVATION,
+        &good,
+        &impossible,
+        &broken,
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{stdout}");
+    assert!(
+        !stdout.contains("scenario fine"),
+        "ran before refusing: {stdout}"
+    );
+    assert!(stderr.contains("3 of 4 scenario files"), "{stderr}");
+    for expected in [
+        "impossible.toml:1:",
+        "impossible.toml:6:",
+        "reason, code",
+        "impossible.toml:16:",
+        "status, version, data",
+        "broken.toml",
+        "missing.toml",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+}
+
+/// Names, kinds, keys, users and reasons with control characters still give JUnit XML that a
+/// real XML parser accepts.
+#[test]
+fn junit_with_control_characters_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = write(
+        dir.path(),
+        "ctl.toml",
+        "[[scenario]]\nname = \"bell \\u0007 escape \\u001b[31m <&>\"\n[[scenario.step]]\nkind = \"res\\u001berve\"\nkey = \"K\\u0001\"\nuser = \"u\\u0002\"\nexpect = \"transition\"\n",
+    );
+    let junit = dir.path().join("junit.xml");
+    let (ok, stdout, _) = run_cli(&[
+        "test",
+        guests::RESERVATION,
+        &scenarios,
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok,
+        "the unknown kind is rejected, so the step fails: {stdout}"
+    );
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+    let case = doc
+        .descendants()
+        .find(|n| n.has_tag_name("testcase"))
+        .unwrap();
+    assert!(case.attribute("name").unwrap().contains("<&>"));
+    assert!(case.children().any(|n| n.has_tag_name("failure")));
+}
+
+/// Coverage credits the rule only with its own decisions: an answer replayed from the dedup
+/// table and an `id_conflict` are not counted, and `[coverage]` lists the pairs that never ran.
+#[test]
+fn coverage_counts_only_rule_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = write(
+        dir.path(),
+        "cov.toml",
+        r#"[coverage]
+statuses = ["reserved", "associated"]
+kinds = ["reserve", "associate"]
+
+[[scenario]]
+name = "retries"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "a"
+id = "r-1"
+expect = "transition"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "a"
+id = "r-1"
+expect = "transition"
+[[scenario.step]]
+kind = "reserve"
+key = "K"
+user = "b"
+id = "r-1"
+expect = "error"
+code = "id_conflict"
+"#,
+    );
+    let (ok, stdout, stderr) = run_cli(&["test", guests::RESERVATION, &scenarios]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let coverage: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("coverage"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(coverage.len(), 1, "{stdout}");
+    assert!(coverage[0].contains("(none, reserve)"), "{stdout}");
+    let never: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("never ran"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        never.len(),
+        5,
+        "3 statuses × 2 kinds, less the one that ran: {stdout}"
+    );
+    assert!(
+        never.iter().any(|l| l.contains("(reserved, reserve)")),
+        "{stdout}"
+    );
+}
