@@ -94,6 +94,15 @@ enum Command {
         /// Configuration whose [rule] limits the candidate runs under.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Exit with 2 when any decision differs (the candidate's failures included).
+        #[arg(long)]
+        fail_on_diff: bool,
+        /// Exit with 3 when the candidate fails (traps, runs out of fuel, ...) on any request.
+        #[arg(long)]
+        fail_on_error: bool,
+        /// Also write the result as JUnit XML (one test case per logged rule version).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
     },
     /// Measure throughput and latency, in process or over HTTP, against the baselines.
     Bench {
@@ -152,10 +161,26 @@ enum Command {
     },
 }
 
+/// A release gate of `turnstile replay` that tripped: the report is printed, the exit code says
+/// which gate (documented in README: 2 differences, 3 candidate failures).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct GateTripped {
+    /// The process exit code.
+    code: u8,
+    /// What tripped it.
+    message: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<GateTripped>().is_some() => {
+            let gate = e.downcast_ref::<GateTripped>().expect("checked above");
+            eprintln!("error: {}", gate.message);
+            ExitCode::from(gate.code)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -266,6 +291,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             examples,
             config,
+            fail_on_diff,
+            fail_on_error,
+            junit,
         } => {
             let config = load_config(config.as_ref())?;
             let bytes =
@@ -283,6 +311,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", turnstile::replay::render(&report, &data_dir));
+            }
+            if let Some(path) = junit {
+                std::fs::write(&path, turnstile::replay::junit(&report))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if fail_on_error && report.errors > 0 {
+                return Err(GateTripped {
+                    code: 3,
+                    message: format!(
+                        "--fail-on-error: the candidate failed on {} of {} requests",
+                        report.errors, report.decisions
+                    ),
+                }
+                .into());
+            }
+            if fail_on_diff && report.different > 0 {
+                return Err(GateTripped {
+                    code: 2,
+                    message: format!(
+                        "--fail-on-diff: {} of {} decisions differ",
+                        report.different, report.decisions
+                    ),
+                }
+                .into());
             }
             Ok(())
         }

@@ -698,22 +698,22 @@ pub fn junit(report: &Report) -> String {
         let time: f64 = results.iter().map(|r| r.seconds).sum();
         xml.push_str(&format!(
             "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" time=\"{time:.3}\">\n",
-            escape(&file.display().to_string()),
+            xml_escape(&file.display().to_string()),
             results.len()
         ));
         for r in results {
             xml.push_str(&format!(
                 "    <testcase name=\"{}\" classname=\"{}\" time=\"{:.3}\"",
-                escape(&r.name),
-                escape(&file.display().to_string()),
+                xml_escape(&r.name),
+                xml_escape(&file.display().to_string()),
                 r.seconds
             ));
             match &r.failure {
                 None => xml.push_str("/>\n"),
                 Some(why) => xml.push_str(&format!(
                     ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>\n",
-                    escape(why.lines().next().unwrap_or("failed")),
-                    escape(why)
+                    xml_escape(why.lines().next().unwrap_or("failed")),
+                    xml_escape(why)
                 )),
             }
         }
@@ -723,7 +723,9 @@ pub fn junit(report: &Report) -> String {
     xml
 }
 
-fn escape(text: &str) -> String {
+/// Escapes text for XML 1.0 attributes and content; characters XML 1.0 cannot carry at all are
+/// shown as `\u{..}`.
+pub fn xml_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
