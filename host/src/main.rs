@@ -76,6 +76,9 @@ enum Command {
         /// Run only the scenarios whose name contains this text.
         #[arg(long, value_name = "TEXT")]
         filter: Option<String>,
+        /// Show the rule's log lines for every step (by default only for failing steps).
+        #[arg(long)]
+        nocapture: bool,
     },
     /// Replay a data dir's log through a candidate rule and report what it would decide differently.
     Replay {
@@ -231,11 +234,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             junit,
             config,
             filter,
+            nocapture,
         } => {
             let config = load_config(config.as_ref())?;
             let bytes =
                 std::fs::read(&rule).with_context(|| format!("reading {}", rule.display()))?;
-            let options = turnstile::scenario::RunOptions { filter };
+            let options = turnstile::scenario::RunOptions { filter, nocapture };
             let report =
                 turnstile::scenario::run(&bytes, &scenarios, &config, &options, &mut |line| {
                     println!("{line}");

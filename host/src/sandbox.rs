@@ -176,6 +176,34 @@ pub struct Sandbox {
     /// Rules compiled by [`Sandbox::compile_shared`], by version, so starting many runtimes
     /// with one rule (`turnstile test`) compiles it once.
     shared: std::sync::Mutex<std::collections::HashMap<String, Arc<CompiledRule>>>,
+    /// Where rule log lines are also collected, for `turnstile test` to show them per step
+    /// (issue 16); `None` in the server.
+    log_capture: Option<RuleLogs>,
+}
+
+/// Rule log lines collected by a capturing sandbox ([`Sandbox::new_capturing_logs`]), as
+/// `LEVEL message`; at most [`MAX_CAPTURED_LINES`] are kept until taken, then a count of the rest.
+#[derive(Debug, Clone, Default)]
+pub struct RuleLogs(Arc<std::sync::Mutex<(Vec<String>, usize)>>);
+
+/// Most rule log lines kept between two [`RuleLogs::take`]s: a rule logging in a loop must not
+/// flood `turnstile test`'s output.
+const MAX_CAPTURED_LINES: usize = 50;
+
+impl RuleLogs {
+    fn push(&self, line: String) {
+        let mut logs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if logs.0.len() < MAX_CAPTURED_LINES {
+            logs.0.push(line);
+        } else {
+            logs.1 += 1;
+        }
+    }
+
+    /// The lines collected since the last call, and how many more were dropped.
+    pub fn take(&self) -> (Vec<String>, usize) {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl Drop for Sandbox {
@@ -216,6 +244,8 @@ pub struct HostState {
     /// The panic message the SDK's panic hook logged during the current call (issue 16): a
     /// panic ends in a bare `unreachable` trap, so this is the only place its reason survives.
     panic_message: Option<String>,
+    /// The sandbox's log capture, if it has one.
+    log_capture: Option<RuleLogs>,
 }
 
 /// Caps linear memory and remembers whether it refused a growth, so a memory bomb is reported as
@@ -271,6 +301,15 @@ impl bindings::RuleImports for HostState {
         if matches!(level, wit::Level::Error) && message.starts_with(PANIC_LOG_PREFIX) {
             self.panic_message = Some(message.to_string());
         }
+        if let Some(capture) = &self.log_capture {
+            let level = match level {
+                wit::Level::Debug => "DEBUG",
+                wit::Level::Info => "INFO",
+                wit::Level::Warn => "WARN",
+                wit::Level::Error => "ERROR",
+            };
+            capture.push(format!("{level} {message}"));
+        }
         let (partition, version) = (self.partition, &*self.rule_version);
         match level {
             wit::Level::Debug => {
@@ -294,6 +333,16 @@ impl wit::Host for HostState {}
 impl Sandbox {
     /// Builds the engine (fuel, epochs, no async) and the linker, and starts the epoch ticker.
     pub fn new(limits: RuleLimits) -> anyhow::Result<Arc<Sandbox>> {
+        Self::build(limits, None)
+    }
+
+    /// [`Sandbox::new`] that also collects every rule log line into the returned [`RuleLogs`].
+    pub fn new_capturing_logs(limits: RuleLimits) -> anyhow::Result<(Arc<Sandbox>, RuleLogs)> {
+        let logs = RuleLogs::default();
+        Ok((Self::build(limits, Some(logs.clone()))?, logs))
+    }
+
+    fn build(limits: RuleLimits, log_capture: Option<RuleLogs>) -> anyhow::Result<Arc<Sandbox>> {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -324,6 +373,7 @@ impl Sandbox {
             limits,
             ticker_stop,
             shared: Default::default(),
+            log_capture,
         }))
     }
 
@@ -434,6 +484,7 @@ impl Sandbox {
                 partition,
                 rule_version: short_version(&rule.version).into(),
                 panic_message: None,
+                log_capture: self.log_capture.clone(),
             },
         );
         store.limiter(|s| &mut s.limiter);

@@ -67,7 +67,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::model::{Request, Verdict};
 use crate::runtime::Runtime;
-use crate::sandbox::{RuleLimits, Sandbox};
+use crate::sandbox::{RuleLimits, RuleLogs, Sandbox};
 
 /// A scenario file.
 #[derive(Debug, Deserialize)]
@@ -123,6 +123,8 @@ impl LoadedFile {
 pub struct RunOptions {
     /// Run only scenarios whose name contains this.
     pub filter: Option<String>,
+    /// Show the rule's log lines of every step, not only of failing ones.
+    pub nocapture: bool,
 }
 
 /// `[settings]` of a scenario file: what may differ from the production configuration.
@@ -386,7 +388,7 @@ pub fn run(
     for file in &loaded {
         let path = &file.path;
         let config = apply(base, &file.file.settings)?;
-        let sandbox = Sandbox::new(RuleLimits::from(&config.rule))?;
+        let (sandbox, logs) = Sandbox::new_capturing_logs(RuleLimits::from(&config.rule))?;
         // Refuse a bad component once, with the loader's message, not once per scenario.
         sandbox
             .compile_shared(rule_bytes)
@@ -422,6 +424,7 @@ pub fn run(
         for spanned in selected {
             let scenario = spanned.get_ref();
             let started = Instant::now();
+            let mut transcript = Vec::new();
             let failure = tokio.block_on(run_scenario(
                 &config,
                 &sandbox,
@@ -429,12 +432,20 @@ pub fn run(
                 file,
                 scenario,
                 &mut report.coverage,
+                StepLogs {
+                    logs: &logs,
+                    all: options.nocapture,
+                    transcript: &mut transcript,
+                },
             ))?;
             out(&format!(
                 "scenario {} ... {}",
                 scenario.name,
                 if failure.is_none() { "ok" } else { "FAILED" }
             ));
+            for line in transcript {
+                out(&line);
+            }
             report.results.push(ScenarioResult {
                 file: path.clone(),
                 at: file.at(spanned.span().start),
@@ -484,6 +495,27 @@ fn apply(base: &Config, settings: &Settings) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Where a scenario's rule log lines go.
+struct StepLogs<'a> {
+    /// The sandbox's capture.
+    logs: &'a RuleLogs,
+    /// Every step's lines into `transcript` (`--nocapture`); else only a failing step's, into
+    /// its failure.
+    all: bool,
+    /// Lines to print after the scenario's result line.
+    transcript: &'a mut Vec<String>,
+}
+
+/// A step's captured rule log lines, indented for the output.
+fn log_lines(logs: &RuleLogs) -> Vec<String> {
+    let (lines, dropped) = logs.take();
+    let mut out: Vec<String> = lines.into_iter().map(|l| format!("    {l}")).collect();
+    if dropped > 0 {
+        out.push(format!("    ... {dropped} more lines not shown"));
+    }
+    out
+}
+
 /// Runs one scenario; `Ok(None)` if it passed, `Ok(Some(why))` if a step failed.
 async fn run_scenario(
     config: &Config,
@@ -492,6 +524,7 @@ async fn run_scenario(
     file: &LoadedFile,
     scenario: &Scenario,
     coverage: &mut Coverage,
+    step_logs: StepLogs<'_>,
 ) -> anyhow::Result<Option<String>> {
     let runtime = Runtime::start_in(config, sandbox.clone(), Some(rule_bytes.to_vec()))?;
     // (partition, seq) of every decision so far: seeing one again means the dedup table answered.
@@ -518,7 +551,16 @@ async fn run_scenario(
                 .map(|p| serde_json::to_string(p).expect("TOML values are JSON")),
         };
         let mut by_rule = true;
-        let actual = match runtime.submit_at(request, at_ms).await {
+        step_logs.logs.take();
+        let submitted = runtime.submit_at(request, at_ms).await;
+        let logged = log_lines(step_logs.logs);
+        if step_logs.all && !logged.is_empty() {
+            step_logs
+                .transcript
+                .push(format!("  step {number} rule log:"));
+            step_logs.transcript.extend(logged.iter().cloned());
+        }
+        let actual = match submitted {
             Ok(decision) => match decision.verdict {
                 _ if !decided.insert((decision.partition, decision.seq)) => {
                     by_rule = false;
@@ -553,6 +595,12 @@ async fn run_scenario(
             );
             for line in mismatches {
                 text.push_str(&format!("  {line}\n"));
+            }
+            if !logged.is_empty() {
+                text.push_str("  rule log:\n");
+                for line in logged {
+                    text.push_str(&format!("{line}\n"));
+                }
             }
             return Ok(Some(text));
         }

@@ -799,3 +799,50 @@ async fn replay_gates_a_release_with_exit_codes_and_per_version_counts() {
             .all(|c| c.children().any(|n| n.has_tag_name("failure")))
     );
 }
+
+/// The rule's log lines are shown for a failing step, for every step with `--nocapture`, and a
+/// rule that logs in a loop is cut to a bounded number of lines.
+#[test]
+fn rule_log_lines_are_shown_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = write(
+        dir.path(),
+        "log.toml",
+        r#"[[scenario]]
+name = "chatty passes"
+[[scenario.step]]
+kind = "chatty"
+key = "K"
+user = "u"
+expect = "transition"
+
+[[scenario]]
+name = "chatty fails"
+[[scenario.step]]
+kind = "chatty"
+key = "K"
+user = "u"
+expect = "reject"
+"#,
+    );
+    let (ok, stdout, _) = run_cli(&["test", guests::MISBEHAVE, &scenarios]);
+    assert!(!ok);
+    let shown = stdout.matches("chatty line ").count();
+    assert!(shown > 0, "no log line of the failing step: {stdout}");
+    assert!(shown < 1000, "not bounded: {shown} lines");
+    assert!(stdout.contains("more lines not shown"), "{stdout}");
+
+    let (ok, stdout, _) = run_cli(&["test", guests::MISBEHAVE, &scenarios, "--filter", "passes"]);
+    assert!(ok);
+    assert_eq!(stdout.matches("chatty line ").count(), 0, "{stdout}");
+    let (ok, stdout, _) = run_cli(&[
+        "test",
+        guests::MISBEHAVE,
+        &scenarios,
+        "--filter",
+        "passes",
+        "--nocapture",
+    ]);
+    assert!(ok);
+    assert_eq!(stdout.matches("chatty line ").count(), shown, "{stdout}");
+}
