@@ -323,6 +323,25 @@ fn new_project_builds_and_tests_green_outside_the_checkout() {
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("scenarios: 2 passed, 0 failed"), "{stdout}");
 
+    // Names are stripped by default and kept by --debug, for backtraces that name the rule.
+    let release = std::fs::read(&out).unwrap();
+    let debug_out = dir.path().join("door-keeper-debug.wasm");
+    let (ok, stdout, stderr) = run_cli(&[
+        "build",
+        project.to_str().unwrap(),
+        "--debug",
+        "--target-dir",
+        target.to_str().unwrap(),
+        "--out",
+        debug_out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let debug = std::fs::read(&debug_out).unwrap();
+    // The SDK's function names (its own functions are never all inlined away).
+    let names_rule = |bytes: &[u8]| bytes.windows(14).any(|w| w == b"turnstile_rule");
+    assert!(!names_rule(&release), "the default build kept names");
+    assert!(names_rule(&debug), "--debug lost the rule's names");
+
     let (ok, _, stderr) = run_cli(&["new", project.to_str().unwrap()]);
     assert!(!ok, "an existing directory was overwritten");
     assert!(stderr.contains("already exists"), "{stderr}");
@@ -362,13 +381,21 @@ fn version_id_is_the_same_from_two_directories() {
         let home = dir.path().join(copy).join("cargo-home");
         std::fs::create_dir_all(&home).unwrap();
         std::os::unix::fs::symlink(real_home.join("registry"), home.join("registry")).unwrap();
-        let output = std::process::Command::new(crate::support::turnstile_bin())
-            .args(["build", project.to_str().unwrap(), "--target-dir"])
-            .arg(dir.path().join(copy).join("target"))
-            .env("CARGO_HOME", &home)
-            .env_remove("CARGO_TARGET_DIR")
-            .output()
-            .unwrap();
+        // One build names its target dir with the flag, the other with CARGO_TARGET_DIR.
+        let target = dir.path().join(copy).join("target");
+        let mut build = std::process::Command::new(crate::support::turnstile_bin());
+        build
+            .args(["build", project.to_str().unwrap()])
+            .env("CARGO_HOME", &home);
+        if copy == "a" {
+            build
+                .arg("--target-dir")
+                .arg(&target)
+                .env_remove("CARGO_TARGET_DIR");
+        } else {
+            build.env("CARGO_TARGET_DIR", &target);
+        }
+        let output = build.output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         assert!(
             output.status.success(),
@@ -380,6 +407,7 @@ fn version_id_is_the_same_from_two_directories() {
             .find_map(|l| l.strip_prefix("version "))
             .unwrap()
             .to_string();
+        assert!(target.join("components/repro.wasm").exists(), "{stdout}");
         versions.push(version);
     }
     assert_eq!(
@@ -845,4 +873,15 @@ expect = "reject"
     ]);
     assert!(ok);
     assert_eq!(stdout.matches("chatty line ").count(), shown, "{stdout}");
+}
+
+/// Pointing `turnstile build` at a workspace root fails at once, naming the members, before
+/// anything is compiled.
+#[test]
+fn build_refuses_a_workspace_root_with_its_members() {
+    let (ok, stdout, stderr) = run_cli(&["build", workspace().to_str().unwrap()]);
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("workspace root"), "{stderr}");
+    assert!(stderr.contains("guest/rules/reservation"), "{stderr}");
+    assert!(!stderr.contains("Compiling"), "it compiled first: {stderr}");
 }
