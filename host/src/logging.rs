@@ -2,6 +2,8 @@
 //!
 //! Logs go to stderr so stdout carries only what scripts read (`listening on http://...`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
@@ -14,6 +16,8 @@ pub fn init(level: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for people: a file, a pipe or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init()
         .map_err(|e| anyhow::anyhow!("{e}"))

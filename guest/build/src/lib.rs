@@ -61,6 +61,7 @@ impl GuestBuild {
         packages: &[&str],
         options: &BuildOptions,
     ) -> Result<Vec<BuiltComponent>> {
+        ensure_wasm_target()?;
         let mut cargo = Command::new(&self.cargo);
         cargo
             .arg("build")
@@ -152,6 +153,40 @@ impl GuestBuild {
                 Ok(BuiltComponent { package, path })
             })
             .collect()
+    }
+}
+
+/// Makes sure the toolchain cargo will use has the standard library for [`WASM_TARGET`]: when the
+/// toolchain is installed without it (or rustup's auto-install is off), the build would otherwise
+/// fail deep inside with "can't find crate for `core`". With rustup it is added; without, the
+/// error says what to install.
+pub fn ensure_wasm_target() -> Result<()> {
+    // In a build script RUSTC is the compiler cargo uses; elsewhere `rustc` resolves the same way
+    // cargo does (rustup's proxy honours rust-toolchain.toml from the current directory).
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let output = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .with_context(|| format!("running {} --print sysroot", rustc.display()))?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if !output.status.success() || sysroot.join("lib/rustlib").join(WASM_TARGET).exists() {
+        // A rustc that cannot say: let cargo report whatever is wrong.
+        return Ok(());
+    }
+    match Command::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        .status()
+    {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => bail!(
+            "the {WASM_TARGET} target is missing from {} and `rustup target add {WASM_TARGET}` failed ({status})",
+            sysroot.display()
+        ),
+        Err(_) => bail!(
+            "the {WASM_TARGET} target is missing from {} and rustup is not available: install the \
+             toolchain's standard library for {WASM_TARGET} (e.g. `rustup target add {WASM_TARGET}`)",
+            sysroot.display()
+        ),
     }
 }
 
