@@ -540,7 +540,7 @@ pub(crate) fn apply_one(
         request: request.clone(),
         outcome,
         state_version,
-        rule_version,
+        rule_version: rule_version.clone(),
         applied_at_ms: now,
     })?;
     let decision = Decision {
@@ -549,6 +549,7 @@ pub(crate) fn apply_one(
         partition,
         seq,
         verdict,
+        rule_version,
     };
     if request.idempotent {
         tx.put_dedup(

@@ -57,6 +57,9 @@ pub struct HistoryEntry {
     pub at_ms: u64,
     /// Whether a later rollback undid it.
     pub rolled_back: bool,
+    /// The label the install was given (`PUT /v1/admin/rule?label=...`, e.g. a git sha).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// What a history entry did.
@@ -204,6 +207,7 @@ impl RuleRegistry {
         partitions: &[u32],
         versions: &[String],
         undone: Option<usize>,
+        label: Option<String>,
     ) -> Result<(), InstallError> {
         let previous = partitions
             .iter()
@@ -222,6 +226,7 @@ impl RuleRegistry {
             previous,
             at_ms: now_ms(),
             rolled_back: false,
+            label,
         });
         self.save_installed()
             .map_err(|e| InstallError::Persist(format!("{e:#}")))
@@ -338,7 +343,7 @@ pub async fn watch_rule_file(
         {
             continue;
         }
-        match runtime.install_rule(bytes, None).await {
+        match runtime.install_rule(bytes, None, None).await {
             Ok(report) => tracing::info!(
                 path = %path.display(),
                 version = short_version(&report.versions[0]),

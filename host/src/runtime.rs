@@ -290,10 +290,14 @@ impl Runtime {
     /// Compiles and checks `bytes` (off the partition threads), then switches `partitions`
     /// (all when `None`, or a canary subset given as `"0,3"`) to it between two requests.
     /// Answers once every target partition runs it.
+    ///
+    /// `label` (e.g. a git sha) is kept in the history entry. Installing the version every target
+    /// partition already runs changes nothing and adds no history entry.
     pub async fn install_rule(
         &self,
         bytes: Vec<u8>,
         partitions: Option<&str>,
+        label: Option<String>,
     ) -> Result<InstallReport, InstallError> {
         let started = std::time::Instant::now();
         let n = self.partitioner.partitions();
@@ -319,7 +323,16 @@ impl Runtime {
             }
         };
         let versions = vec![rule.version.clone(); targets.len()];
-        self.switch(&targets, &versions, Action::Install, None, started)
+        let running = self.running_versions();
+        if targets.iter().all(|p| running[*p as usize] == rule.version) {
+            return Ok(InstallReport {
+                pause_us: vec![0; targets.len()],
+                partitions: targets,
+                versions,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+            });
+        }
+        self.switch(&targets, &versions, Action::Install, None, label, started)
             .await
     }
 
@@ -340,6 +353,7 @@ impl Runtime {
             &entry.previous,
             Action::Rollback,
             Some(index),
+            None,
             started,
         )
         .await
@@ -352,6 +366,7 @@ impl Runtime {
         versions: &[String],
         action: Action,
         undone: Option<usize>,
+        label: Option<String>,
         started: std::time::Instant,
     ) -> Result<InstallReport, InstallError> {
         let mut answers = Vec::with_capacity(targets.len());
@@ -395,7 +410,7 @@ impl Runtime {
         }
         let (partitions, versions): (Vec<u32>, Vec<String>) = switched.into_iter().unzip();
         self.registry()
-            .record(action, &partitions, &versions, undone)?;
+            .record(action, &partitions, &versions, undone, label)?;
         if !failures.is_empty() {
             return Err(InstallError::SwapFailed(format!(
                 "some partitions kept their old version: {}",

@@ -885,3 +885,46 @@ fn build_refuses_a_workspace_root_with_its_members() {
     assert!(stderr.contains("guest/rules/reservation"), "{stderr}");
     assert!(!stderr.contains("Compiling"), "it compiled first: {stderr}");
 }
+
+/// Operations details of issue 16: a reject answer names the rule version that decided it, an
+/// install label shows in the history, and reinstalling the running version adds no entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejects_carry_the_rule_version_and_installs_carry_a_label() {
+    const TOKEN: &str = "label-token";
+    let server = Server::start_with(
+        ServerArgs::default().config(&format!("[admin]\ntoken = \"{TOKEN}\"\n")),
+    );
+    assert_eq!(server.request(body("reserve", Some("K"), "a")).await.0, 200);
+    let (status, answer) = server.request(body("reserve", Some("K"), "b")).await;
+    assert_eq!(status, 409);
+    let (_, admin) = server
+        .admin("GET", "/v1/admin/rule", None, Some(TOKEN))
+        .await;
+    assert_eq!(
+        answer["rule_version"], admin["partitions"][0]["version"],
+        "{answer}"
+    );
+
+    let v2 = std::fs::read(guests::RESERVATION_V2).unwrap();
+    for _ in 0..2 {
+        let (status, answer) = server
+            .admin(
+                "PUT",
+                "/v1/admin/rule?label=abc1234",
+                Some(v2.clone()),
+                Some(TOKEN),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (_, admin) = server
+        .admin("GET", "/v1/admin/rule", None, Some(TOKEN))
+        .await;
+    let history = admin["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "a reinstall added an entry: {admin}");
+    assert_eq!(history[0]["label"], "abc1234");
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule?label=%1B", Some(v2), Some(TOKEN))
+        .await;
+    assert_eq!(status, 400, "{answer}");
+}
