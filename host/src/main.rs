@@ -1,7 +1,7 @@
 //! The `turnstile` command line: parses arguments and hands off to the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -79,6 +79,10 @@ enum Command {
         /// Show the rule's log lines for every step (by default only for failing steps).
         #[arg(long)]
         nocapture: bool,
+        /// Rebuild this rule crate into RULE.wasm and rerun whenever it or a scenario file
+        /// changes, until interrupted.
+        #[arg(long, value_name = "RULE_CRATE_DIR")]
+        watch: Option<PathBuf>,
     },
     /// Replay a data dir's log through a candidate rule and report what it would decide differently.
     Replay {
@@ -198,6 +202,86 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
+/// One `turnstile test` run: results, failures, coverage, JUnit, summary; an error when any
+/// scenario failed.
+fn test_once(
+    rule: &Path,
+    scenarios: &[PathBuf],
+    config: &Config,
+    options: &turnstile::scenario::RunOptions,
+    junit: Option<&Path>,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(rule).with_context(|| format!("reading {}", rule.display()))?;
+    let report = turnstile::scenario::run(&bytes, scenarios, config, options, &mut |line| {
+        println!("{line}");
+    })?;
+    if report.results.is_empty() {
+        anyhow::bail!(
+            "no scenario matches --filter {:?} ({} filtered out)",
+            options.filter.clone().unwrap_or_default(),
+            report.filtered_out
+        );
+    }
+    let failures: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.failure.is_some())
+        .collect();
+    if !failures.is_empty() {
+        println!("\nfailures:\n");
+        for r in &failures {
+            println!("---- {} ({}) ----", r.name, r.at);
+            println!("{}", r.failure.as_deref().unwrap_or_default());
+        }
+    }
+    println!("\ncoverage (status before, kind) → outcomes seen:");
+    for line in turnstile::scenario::coverage_lines(&report.coverage) {
+        println!("{line}");
+    }
+    if !report.never_ran.is_empty() {
+        println!("\nnever ran (declared in [coverage]):");
+        for (from, kind) in &report.never_ran {
+            println!("  ({from}, {kind})");
+        }
+    }
+    if let Some(path) = junit {
+        std::fs::write(path, turnstile::scenario::junit(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!();
+    println!(
+        "scenarios: {} passed, {} failed, {} filtered out",
+        report.passed(),
+        report.failed(),
+        report.filtered_out
+    );
+    if report.failed() > 0 {
+        anyhow::bail!("{} scenario(s) failed", report.failed());
+    }
+    Ok(())
+}
+
+/// The newest modification time under `paths` (files, and directories walked recursively), so
+/// watch mode sees an edit, a new file or a removed one (the directory's own time changes).
+fn newest_change(paths: &[PathBuf]) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if let Ok(modified) = meta.modified() {
+            newest = newest.max(modified);
+        }
+        if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    newest
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::New { dir } => {
@@ -235,59 +319,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             filter,
             nocapture,
+            watch,
         } => {
             let config = load_config(config.as_ref())?;
-            let bytes =
-                std::fs::read(&rule).with_context(|| format!("reading {}", rule.display()))?;
             let options = turnstile::scenario::RunOptions { filter, nocapture };
-            let report =
-                turnstile::scenario::run(&bytes, &scenarios, &config, &options, &mut |line| {
-                    println!("{line}");
-                })?;
-            if report.results.is_empty() {
-                anyhow::bail!(
-                    "no scenario matches --filter {:?} ({} filtered out)",
-                    options.filter.unwrap_or_default(),
-                    report.filtered_out
-                );
-            }
-            let failures: Vec<_> = report
-                .results
-                .iter()
-                .filter(|r| r.failure.is_some())
-                .collect();
-            if !failures.is_empty() {
-                println!("\nfailures:\n");
-                for r in &failures {
-                    println!("---- {} ({}) ----", r.name, r.at);
-                    println!("{}", r.failure.as_deref().unwrap_or_default());
+            let Some(crate_dir) = watch else {
+                return test_once(&rule, &scenarios, &config, &options, junit.as_deref());
+            };
+            // Watch mode: rebuild (when the crate has changed) and rerun until interrupted.
+            let mut watched = scenarios.clone();
+            watched.push(crate_dir.join("Cargo.toml"));
+            watched.push(crate_dir.join("src"));
+            let mut last = None;
+            loop {
+                let stamp = newest_change(&watched);
+                if last != Some(stamp) {
+                    last = Some(stamp);
+                    let built = turnstile::toolkit::build(
+                        &crate_dir,
+                        &config,
+                        &turnstile::toolkit::BuildOptions {
+                            out: Some(rule.clone()),
+                            ..Default::default()
+                        },
+                    );
+                    let outcome = built.and_then(|_| {
+                        test_once(&rule, &scenarios, &config, &options, junit.as_deref())
+                    });
+                    if let Err(e) = outcome {
+                        println!("error: {e:#}");
+                    }
+                    println!(
+                        "\nwatching {} for changes (Ctrl-C to stop)",
+                        crate_dir.display()
+                    );
                 }
+                std::thread::sleep(std::time::Duration::from_millis(300));
             }
-            println!("\ncoverage (status before, kind) → outcomes seen:");
-            for line in turnstile::scenario::coverage_lines(&report.coverage) {
-                println!("{line}");
-            }
-            if !report.never_ran.is_empty() {
-                println!("\nnever ran (declared in [coverage]):");
-                for (from, kind) in &report.never_ran {
-                    println!("  ({from}, {kind})");
-                }
-            }
-            if let Some(path) = junit {
-                std::fs::write(&path, turnstile::scenario::junit(&report))
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            println!();
-            println!(
-                "scenarios: {} passed, {} failed, {} filtered out",
-                report.passed(),
-                report.failed(),
-                report.filtered_out
-            );
-            if report.failed() > 0 {
-                anyhow::bail!("{} scenario(s) failed", report.failed());
-            }
-            Ok(())
         }
         Command::Replay {
             data_dir,

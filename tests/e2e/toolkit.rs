@@ -928,3 +928,59 @@ async fn rejects_carry_the_rule_version_and_installs_carry_a_label() {
         .await;
     assert_eq!(status, 400, "{answer}");
 }
+
+/// `turnstile test --watch CRATE` builds and runs the scenarios, then rebuilds and reruns when
+/// the rule's source changes.
+#[test]
+fn watch_rebuilds_and_reruns_on_change() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("watched");
+    assert!(run_cli(&["new", project.to_str().unwrap()]).0);
+    let out = dir.path().join("watched.wasm");
+    let mut child = std::process::Command::new(crate::support::turnstile_bin())
+        .args(["test", out.to_str().unwrap()])
+        .arg(project.join("scenarios.toml"))
+        .arg("--watch")
+        .arg(&project)
+        .env("CARGO_TARGET_DIR", shared_rule_target())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // Waits for the next summary line (a generous bound, only so a broken build cannot hang).
+    let next_summary = || loop {
+        let line = seen
+            .recv_timeout(std::time::Duration::from_secs(600))
+            .expect("the watcher stopped or hung");
+        if line.starts_with("scenarios: ") {
+            return line;
+        }
+    };
+    let first = next_summary();
+    assert!(
+        first.starts_with("scenarios: 2 passed, 0 failed"),
+        "{first}"
+    );
+    let lib = project.join("src/lib.rs");
+    let text = std::fs::read_to_string(&lib)
+        .unwrap()
+        .replace("\"already inside\"", "\"already in\"");
+    std::fs::write(&lib, text).unwrap();
+    let second = next_summary();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        second.starts_with("scenarios: 1 passed, 1 failed"),
+        "{second}"
+    );
+}
