@@ -308,23 +308,37 @@ pub fn parse_partitions(text: &str, partitions: u32) -> Result<Vec<u32>, Install
 
 /// Polls the rule file and installs it on every partition when its content changes. A file that
 /// fails to load is logged and ignored: the running version goes on.
+///
+/// The watched file wins, at start as while running (issue 16): its first look compares it with
+/// what the partitions run, so a file replaced while the server was stopped is installed at the
+/// next start even when the data dir brought back another version. A removed file is logged once.
 pub async fn watch_rule_file(
     runtime: Arc<crate::runtime::Runtime>,
     path: PathBuf,
     interval: Duration,
 ) {
     let mut last_seen: Option<(std::time::SystemTime, u64)> = None;
+    let mut missing = false;
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let Ok(meta) = tokio::fs::metadata(&path).await else {
-            continue;
+        let meta = match tokio::fs::metadata(&path).await {
+            Ok(meta) => meta,
+            Err(e) => {
+                if !missing {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "watched rule file is gone ({e}); the running version goes on"
+                    );
+                    missing = true;
+                    // When it comes back, whatever it holds is looked at.
+                    last_seen = None;
+                }
+                continue;
+            }
         };
+        missing = false;
         let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
-        if last_seen.is_none() {
-            last_seen = Some(stamp);
-            continue;
-        }
         if last_seen == Some(stamp) {
             continue;
         }

@@ -984,3 +984,43 @@ fn watch_rebuilds_and_reruns_on_change() {
         "{second}"
     );
 }
+
+/// With `[rule] watch = true` and a data dir, the watched file wins: a file replaced while the
+/// server was stopped is installed at the next start.
+#[tokio::test(flavor = "multi_thread")]
+async fn watched_file_replaced_while_stopped_wins_at_start() {
+    const TOKEN: &str = "watch-token";
+    let dir = tempfile::tempdir().unwrap();
+    let rule = dir.path().join("rule.wasm");
+    std::fs::write(&rule, std::fs::read(guests::RESERVATION).unwrap()).unwrap();
+    let config = format!(
+        "[admin]\ntoken = \"{TOKEN}\"\n[rule]\npath = \"{}\"\nwatch = true\nwatch_interval_ms = 50\n",
+        rule.display()
+    );
+    let data = dir.path().join("data");
+    let args = ServerArgs::default().config(&config).data_dir(&data);
+    let server = Server::start_with(args.clone());
+    assert_eq!(server.request(body("reserve", Some("W"), "u")).await.0, 200);
+    assert!(server.terminate());
+
+    std::fs::write(&rule, std::fs::read(guests::ECHO).unwrap()).unwrap();
+    let echo = turnstile::sandbox::version_id(&std::fs::read(guests::ECHO).unwrap());
+    let server = Server::start_with(args);
+    let mut running = serde_json::Value::Null;
+    for _ in 0..200 {
+        let (_, doc) = server
+            .admin("GET", "/v1/admin/rule", None, Some(TOKEN))
+            .await;
+        running = doc["partitions"].clone();
+        if running
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["version"] == echo)
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the replaced watched file was not installed at start: {running}");
+}
