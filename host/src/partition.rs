@@ -64,6 +64,12 @@ pub(crate) enum Command {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<DeadLetter>, StoreError>>,
     },
+    /// Mark dead letter `seq` as resubmitted.
+    MarkResubmitted {
+        seq: u64,
+        mark: crate::store::Resubmitted,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     /// Switch to another rule between two requests: everything queued before this is decided
     /// by the old rule, everything after by the new one.
     Swap {
@@ -404,6 +410,9 @@ impl Worker {
                 } => {
                     let _ = reply.send(self.store.dead_letters(after, limit));
                 }
+                Command::MarkResubmitted { seq, mark, reply } => {
+                    let _ = reply.send(self.store.mark_resubmitted(seq, mark));
+                }
                 Command::Swap { rule, reply } => {
                     let started = std::time::Instant::now();
                     let version = rule.version.clone();
@@ -506,6 +515,7 @@ pub(crate) fn apply_one(
                 failure: failure.clone(),
                 rule_version,
                 failed_at_ms: now,
+                resubmitted: None,
             })?;
             return Ok(Applied {
                 result: Err(ApplyError::Rule(failure)),

@@ -616,15 +616,43 @@ impl Runtime {
             return Ok(None);
         };
         let request = letter.request;
-        self.submit(Request {
-            id: request.idempotent.then_some(request.id),
-            kind: request.kind,
-            key: Some(request.key),
-            user: request.user,
-            payload: Some(request.payload),
-        })
-        .await
-        .map(Some)
+        let result = self
+            .submit(Request {
+                id: request.idempotent.then_some(request.id),
+                kind: request.kind,
+                key: Some(request.key),
+                user: request.user,
+                payload: Some(request.payload),
+            })
+            .await;
+        let outcome = match &result {
+            Ok(Decision {
+                verdict: crate::model::Verdict::Transition(_),
+                ..
+            }) => "transition".to_string(),
+            Ok(_) => "reject".to_string(),
+            Err(e) => e.code().to_string(),
+        };
+        let mark = crate::store::Resubmitted {
+            at_ms: crate::model::now_ms(),
+            outcome,
+        };
+        // The answer stands even if the mark cannot be written: it is bookkeeping.
+        if let Err(e) = self
+            .ask(partition, |reply| Command::MarkResubmitted {
+                seq,
+                mark,
+                reply,
+            })
+            .await
+        {
+            tracing::warn!(
+                partition,
+                seq,
+                "could not mark the dead letter resubmitted: {e}"
+            );
+        }
+        result.map(Some)
     }
 
     /// One entry per partition.

@@ -288,6 +288,19 @@ pub struct DeadLetter {
     pub rule_version: String,
     /// Host time of the failure, ms since the Unix epoch.
     pub failed_at_ms: u64,
+    /// Set once the letter was resubmitted (`POST /v1/dead-letters/{partition}/{seq}/resubmit`),
+    /// so an operator sees which letters were dealt with; the last resubmission wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resubmitted: Option<Resubmitted>,
+}
+
+/// When a dead letter was resubmitted and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resubmitted {
+    /// Host time of the resubmission, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// `transition`, `reject`, or the error code it failed with again.
+    pub outcome: String,
 }
 
 /// Counters derived from the file at open and advanced by each committed batch.
@@ -482,6 +495,27 @@ impl PartitionStore {
             out.push(decode(value.value())?);
         }
         Ok(out)
+    }
+
+    /// Records on dead letter `seq` that it was resubmitted; `false` if there is no such letter.
+    pub fn mark_resubmitted(&mut self, seq: u64, mark: Resubmitted) -> Result<bool, StoreError> {
+        let txn = self.db()?.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+            let letter = match table.get(seq).map_err(db_error)? {
+                Some(value) => decode::<DeadLetter>(value.value())?,
+                None => return Ok(false),
+            };
+            let letter = DeadLetter {
+                resubmitted: Some(mark),
+                ..letter
+            };
+            table
+                .insert(seq, encode(&letter).as_slice())
+                .map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)?;
+        Ok(true)
     }
 
     /// Up to `limit` log entries from sequence number `from`, in order.

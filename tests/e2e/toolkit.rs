@@ -1024,3 +1024,30 @@ async fn watched_file_replaced_while_stopped_wins_at_start() {
     }
     panic!("the replaced watched file was not installed at start: {running}");
 }
+
+/// A resubmitted dead letter is marked with when and what came of it; the new failure of the
+/// resubmission is a dead letter of its own, unmarked.
+#[tokio::test(flavor = "multi_thread")]
+async fn resubmitted_dead_letters_are_marked() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE));
+    let (status, _) = server
+        .request(serde_json::json!({"kind": "panic", "key": "DL", "user": "u", "id": "dl-1"}))
+        .await;
+    assert_eq!(status, 500);
+    let (_, letters) = server.get("/v1/dead-letters").await;
+    let letter = &letters["dead_letters"][0];
+    assert!(letter.get("resubmitted").is_none(), "{letter}");
+    let (partition, seq) = (letter["partition"].clone(), letter["seq"].clone());
+    let path = format!("/v1/dead-letters/{partition}/{seq}/resubmit");
+    let (status, _) = server.admin("POST", &path, None, None).await;
+    assert_eq!(status, 500, "the same rule fails again");
+
+    let (_, letters) = server
+        .get(&format!("/v1/dead-letters?partition={partition}"))
+        .await;
+    let letters = letters["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters[0]["resubmitted"]["outcome"], "rule_trap");
+    assert!(letters[0]["resubmitted"]["at_ms"].as_u64().unwrap() > 0);
+    assert!(letters[1].get("resubmitted").is_none(), "{letters:?}");
+}
