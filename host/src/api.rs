@@ -485,6 +485,7 @@ fn decision_response(decision: &Decision) -> Response {
                 "partition": decision.partition,
                 "seq": decision.seq,
                 "reason": reason,
+                "rule_version": decision.rule_version,
             })),
         )
             .into_response(),
@@ -761,7 +762,12 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
 struct InstallQuery {
     /// A canary: only these partitions, e.g. `0,3`.
     partitions: Option<String>,
+    /// Kept in the history entry, e.g. the git sha the component was built from.
+    label: Option<String>,
 }
+
+/// Longest install label: a sha, a tag or a short note, not a document.
+const MAX_LABEL_BYTES: usize = 200;
 
 fn install_json(report: &crate::reload::InstallReport) -> Json {
     let mut versions = report.versions.clone();
@@ -783,6 +789,14 @@ async fn admin_install(
 ) -> Result<Json, ApiError> {
     authorize(&api, &headers)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let label = match query.label {
+        Some(label) if label.len() > MAX_LABEL_BYTES || label.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request(format!(
+                "`label` must be at most {MAX_LABEL_BYTES} bytes without control characters"
+            )));
+        }
+        label => label.filter(|l| !l.is_empty()),
+    };
     let bytes = axum::body::to_bytes(body, api.max_module_bytes)
         .await
         .map_err(|_| {
@@ -793,8 +807,12 @@ async fn admin_install(
         })?;
     let partitions = query.partitions.as_deref();
     let report = match &api.backend {
-        Backend::Local(runtime) => runtime.install_rule(bytes.to_vec(), partitions).await?,
-        Backend::Kafka(node) => node.install_rule(bytes.to_vec(), partitions).await?,
+        Backend::Local(runtime) => {
+            runtime
+                .install_rule(bytes.to_vec(), partitions, label)
+                .await?
+        }
+        Backend::Kafka(node) => node.install_rule(bytes.to_vec(), partitions, label).await?,
     };
     Ok(install_json(&report))
 }

@@ -25,6 +25,15 @@ pub(crate) trait PartitionThreads: Send + Sync {
     fn control(&self, p: u32) -> Option<Sender<Command>>;
 }
 
+/// What a switch records in the history.
+struct Change {
+    action: Action,
+    /// The history entry a rollback undoes.
+    undone: Option<usize>,
+    /// The install's label.
+    label: Option<String>,
+}
+
 /// The rule versions of a process's partitions and the lock that serializes changing them.
 pub(crate) struct RuleControl {
     /// Versions, history, compiled rules; locked only for short bookkeeping.
@@ -57,11 +66,14 @@ impl RuleControl {
 
     /// Compiles and checks `bytes` (off the partition threads), then switches `partitions`
     /// (all when `None`, or a canary subset given as `"0,3"`) to it between two requests.
+    /// `label` (e.g. a git sha) is kept in the history entry. Installing the version every
+    /// target partition already runs changes nothing and adds no history entry.
     pub(crate) async fn install(
         &self,
         threads: &dyn PartitionThreads,
         bytes: Vec<u8>,
         partitions: Option<&str>,
+        label: Option<String>,
     ) -> Result<InstallReport, InstallError> {
         let started = std::time::Instant::now();
         let targets = match partitions {
@@ -86,7 +98,21 @@ impl RuleControl {
             }
         };
         let versions = vec![rule.version.clone(); targets.len()];
-        self.switch(threads, &targets, &versions, Action::Install, None, started)
+        let running = self.registry().running().to_vec();
+        if targets.iter().all(|p| running[*p as usize] == rule.version) {
+            return Ok(InstallReport {
+                pause_us: vec![0; targets.len()],
+                partitions: targets,
+                versions,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+            });
+        }
+        let change = Change {
+            action: Action::Install,
+            undone: None,
+            label,
+        };
+        self.switch(threads, &targets, &versions, change, started)
             .await
     }
 
@@ -105,15 +131,13 @@ impl RuleControl {
                 .ok_or(InstallError::NothingToRollBack)?;
             (index, entry.clone())
         };
-        self.switch(
-            threads,
-            &entry.partitions,
-            &entry.previous,
-            Action::Rollback,
-            Some(index),
-            started,
-        )
-        .await
+        let change = Change {
+            action: Action::Rollback,
+            undone: Some(index),
+            label: None,
+        };
+        self.switch(threads, &entry.partitions, &entry.previous, change, started)
+            .await
     }
 
     /// Sends a swap to each target partition's thread and waits for all of them.
@@ -122,8 +146,7 @@ impl RuleControl {
         threads: &dyn PartitionThreads,
         targets: &[u32],
         versions: &[String],
-        action: Action,
-        undone: Option<usize>,
+        change: Change,
         started: std::time::Instant,
     ) -> Result<InstallReport, InstallError> {
         let mut answers = Vec::with_capacity(targets.len());
@@ -175,8 +198,13 @@ impl RuleControl {
             }
         }
         let (partitions, versions): (Vec<u32>, Vec<String>) = switched.into_iter().unzip();
-        self.registry()
-            .record(action, &partitions, &versions, undone)?;
+        self.registry().record(
+            change.action,
+            &partitions,
+            &versions,
+            change.undone,
+            change.label,
+        )?;
         if !failures.is_empty() {
             return Err(InstallError::SwapFailed(format!(
                 "some partitions kept their old version: {}",

@@ -1,7 +1,7 @@
 //! The `turnstile` command line: parses arguments and hands off to the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -34,6 +34,12 @@ enum Command {
         #[arg(long, value_name = "FILE.wasm")]
         rule: Option<PathBuf>,
     },
+    /// Create a self-contained rule project (rule, scenarios, vendored SDK) that builds anywhere.
+    New {
+        /// Directory to create; its name is the rule's package name.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Build a rule crate into the component `run --rule` accepts, and check it.
     Build {
         /// The rule crate (default: the current directory).
@@ -42,6 +48,16 @@ enum Command {
         /// Configuration whose [rule] limits the component is checked against.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Keep function names so trap backtraces name the rule's functions (bigger component).
+        #[arg(long)]
+        debug: bool,
+        /// Cargo's target dir (default: $CARGO_TARGET_DIR, else RULE_CRATE_DIR/target); share one
+        /// between rules to compile the SDK's dependencies once.
+        #[arg(long, value_name = "DIR")]
+        target_dir: Option<PathBuf>,
+        /// Also write the component to this file.
+        #[arg(long, value_name = "FILE.wasm")]
+        out: Option<PathBuf>,
     },
     /// Run scenario files against a rule, exactly as production would run it.
     Test {
@@ -57,6 +73,16 @@ enum Command {
         /// Production configuration to start from (scenario files may override parts).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Run only the scenarios whose name contains this text.
+        #[arg(long, value_name = "TEXT")]
+        filter: Option<String>,
+        /// Show the rule's log lines for every step (by default only for failing steps).
+        #[arg(long)]
+        nocapture: bool,
+        /// Rebuild this rule crate into RULE.wasm and rerun whenever it or a scenario file
+        /// changes, until interrupted.
+        #[arg(long, value_name = "RULE_CRATE_DIR")]
+        watch: Option<PathBuf>,
     },
     /// Replay a data dir's log through a candidate rule and report what it would decide differently.
     Replay {
@@ -75,6 +101,15 @@ enum Command {
         /// Configuration whose [rule] limits the candidate runs under.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Exit with 2 when any decision differs (the candidate's failures included).
+        #[arg(long)]
+        fail_on_diff: bool,
+        /// Exit with 3 when the candidate fails (traps, runs out of fuel, ...) on any request.
+        #[arg(long)]
+        fail_on_error: bool,
+        /// Also write the result as JUnit XML (one test case per logged rule version).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
     },
     /// Measure throughput and latency, in process or over HTTP, against the baselines.
     Bench {
@@ -139,12 +174,28 @@ enum Command {
     },
 }
 
+/// A release gate of `turnstile replay` that tripped: the report is printed, the exit code says
+/// which gate (documented in README: 2 differences, 3 candidate failures).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct GateTripped {
+    /// The process exit code.
+    code: u8,
+    /// What tripped it.
+    message: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = run(cli);
     turnstile::logging::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<GateTripped>().is_some() => {
+            let gate = e.downcast_ref::<GateTripped>().expect("checked above");
+            eprintln!("error: {}", gate.message);
+            ExitCode::from(gate.code)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -159,10 +210,111 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
+/// One `turnstile test` run: results, failures, coverage, JUnit, summary; an error when any
+/// scenario failed.
+fn test_once(
+    rule: &Path,
+    scenarios: &[PathBuf],
+    config: &Config,
+    options: &turnstile::scenario::RunOptions,
+    junit: Option<&Path>,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(rule).with_context(|| format!("reading {}", rule.display()))?;
+    let report = turnstile::scenario::run(&bytes, scenarios, config, options, &mut |line| {
+        println!("{line}");
+    })?;
+    if report.results.is_empty() {
+        anyhow::bail!(
+            "no scenario matches --filter {:?} ({} filtered out)",
+            options.filter.clone().unwrap_or_default(),
+            report.filtered_out
+        );
+    }
+    let failures: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.failure.is_some())
+        .collect();
+    if !failures.is_empty() {
+        println!("\nfailures:\n");
+        for r in &failures {
+            println!("---- {} ({}) ----", r.name, r.at);
+            println!("{}", r.failure.as_deref().unwrap_or_default());
+        }
+    }
+    println!("\ncoverage (status before, kind) → outcomes seen:");
+    for line in turnstile::scenario::coverage_lines(&report.coverage) {
+        println!("{line}");
+    }
+    if !report.never_ran.is_empty() {
+        println!("\nnever ran (declared in [coverage]):");
+        for (from, kind) in &report.never_ran {
+            println!("  ({from}, {kind})");
+        }
+    }
+    if let Some(path) = junit {
+        std::fs::write(path, turnstile::scenario::junit(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!();
+    println!(
+        "scenarios: {} passed, {} failed, {} filtered out",
+        report.passed(),
+        report.failed(),
+        report.filtered_out
+    );
+    if report.failed() > 0 {
+        anyhow::bail!("{} scenario(s) failed", report.failed());
+    }
+    Ok(())
+}
+
+/// The newest modification time under `paths` (files, and directories walked recursively), so
+/// watch mode sees an edit, a new file or a removed one (the directory's own time changes).
+fn newest_change(paths: &[PathBuf]) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if let Ok(modified) = meta.modified() {
+            newest = newest.max(modified);
+        }
+        if meta.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    newest
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Build { crate_dir, config } => {
-            let built = turnstile::toolkit::build(&crate_dir, &load_config(config.as_ref())?)?;
+        Command::New { dir } => {
+            let name = turnstile::toolkit::new_project(&dir)?;
+            println!("created rule `{name}` in {}", dir.display());
+            println!(
+                "next: cd {} && turnstile build . && turnstile test target/components/{name}.wasm scenarios.toml",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Build {
+            crate_dir,
+            config,
+            debug,
+            target_dir,
+            out,
+        } => {
+            let options = turnstile::toolkit::BuildOptions {
+                debug,
+                target_dir,
+                out,
+            };
+            let built =
+                turnstile::toolkit::build(&crate_dir, &load_config(config.as_ref())?, &options)?;
             println!("built {}", built.path.display());
             println!("version {}", built.rule.version);
             println!("size {} bytes", built.rule.size);
@@ -173,43 +325,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             scenarios,
             junit,
             config,
+            filter,
+            nocapture,
+            watch,
         } => {
             let config = load_config(config.as_ref())?;
-            let bytes =
-                std::fs::read(&rule).with_context(|| format!("reading {}", rule.display()))?;
-            let report = turnstile::scenario::run(&bytes, &scenarios, &config, &mut |line| {
-                println!("{line}");
-            })?;
-            let failures: Vec<_> = report
-                .results
-                .iter()
-                .filter(|r| r.failure.is_some())
-                .collect();
-            if !failures.is_empty() {
-                println!("\nfailures:\n");
-                for r in &failures {
-                    println!("---- {} ({}) ----", r.name, r.file.display());
-                    println!("{}", r.failure.as_deref().unwrap_or_default());
+            let options = turnstile::scenario::RunOptions { filter, nocapture };
+            let Some(crate_dir) = watch else {
+                return test_once(&rule, &scenarios, &config, &options, junit.as_deref());
+            };
+            // Watch mode: rebuild (when the crate has changed) and rerun until interrupted.
+            let mut watched = scenarios.clone();
+            watched.push(crate_dir.join("Cargo.toml"));
+            watched.push(crate_dir.join("src"));
+            let mut last = None;
+            loop {
+                let stamp = newest_change(&watched);
+                if last != Some(stamp) {
+                    last = Some(stamp);
+                    let built = turnstile::toolkit::build(
+                        &crate_dir,
+                        &config,
+                        &turnstile::toolkit::BuildOptions {
+                            out: Some(rule.clone()),
+                            ..Default::default()
+                        },
+                    );
+                    let outcome = built.and_then(|_| {
+                        test_once(&rule, &scenarios, &config, &options, junit.as_deref())
+                    });
+                    if let Err(e) = outcome {
+                        println!("error: {e:#}");
+                    }
+                    println!(
+                        "\nwatching {} for changes (Ctrl-C to stop)",
+                        crate_dir.display()
+                    );
                 }
+                std::thread::sleep(std::time::Duration::from_millis(300));
             }
-            println!("\ncoverage (status before, kind) → outcomes seen:");
-            for line in turnstile::scenario::coverage_lines(&report.coverage) {
-                println!("{line}");
-            }
-            if let Some(path) = junit {
-                std::fs::write(&path, turnstile::scenario::junit(&report))
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            println!();
-            println!(
-                "scenarios: {} passed, {} failed",
-                report.passed(),
-                report.failed()
-            );
-            if report.failed() > 0 {
-                anyhow::bail!("{} scenario(s) failed", report.failed());
-            }
-            Ok(())
         }
         Command::Replay {
             data_dir,
@@ -217,6 +371,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             examples,
             config,
+            fail_on_diff,
+            fail_on_error,
+            junit,
         } => {
             let config = load_config(config.as_ref())?;
             let bytes =
@@ -234,6 +391,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", turnstile::replay::render(&report, &data_dir));
+            }
+            if let Some(path) = junit {
+                std::fs::write(&path, turnstile::replay::junit(&report))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if fail_on_error && report.errors > 0 {
+                return Err(GateTripped {
+                    code: 3,
+                    message: format!(
+                        "--fail-on-error: the candidate failed on {} of {} requests",
+                        report.errors, report.decisions
+                    ),
+                }
+                .into());
+            }
+            if fail_on_diff && report.different > 0 {
+                return Err(GateTripped {
+                    code: 2,
+                    message: format!(
+                        "--fail-on-diff: {} of {} decisions differ",
+                        report.different, report.decisions
+                    ),
+                }
+                .into());
             }
             Ok(())
         }

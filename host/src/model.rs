@@ -88,6 +88,10 @@ pub struct Decision {
     pub seq: u64,
     /// What happened.
     pub verdict: Verdict,
+    /// Version id of the rule that decided, for rejects as for transitions (empty in answers
+    /// stored before it was recorded).
+    #[serde(default)]
+    pub rule_version: String,
 }
 
 /// A transition with the state it made, or a reject with its reason.

@@ -80,6 +80,12 @@ pub(crate) enum Command {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<DeadLetter>, StoreError>>,
     },
+    /// Mark dead letter `seq` as resubmitted.
+    MarkResubmitted {
+        seq: u64,
+        mark: crate::store::Resubmitted,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     /// Switch to another rule between two requests: everything queued before this is decided
     /// by the old rule, everything after by the new one.
     Swap {
@@ -525,6 +531,9 @@ impl Engine {
                 } => {
                     let _ = reply.send(self.store.dead_letters(after, limit));
                 }
+                Command::MarkResubmitted { seq, mark, reply } => {
+                    let _ = reply.send(self.store.mark_resubmitted(seq, mark));
+                }
                 Command::Swap { rule, reply } => {
                     let started = std::time::Instant::now();
                     let version = rule.version.clone();
@@ -678,6 +687,7 @@ fn apply_incoming<R>(
             rule_version: decider.version().to_string(),
             failed_at_ms: now,
             source: incoming.source.clone(),
+            resubmitted: None,
         })?;
         return Ok(Applied {
             result: Err(error),
@@ -760,6 +770,7 @@ pub(crate) fn apply_one(
                 rule_version,
                 failed_at_ms: now,
                 source: source.cloned(),
+                resubmitted: None,
             })?;
             return Ok(Applied {
                 result: Err(ApplyError::Rule(failure)),
@@ -794,7 +805,7 @@ pub(crate) fn apply_one(
         request: request.clone(),
         outcome,
         state_version,
-        rule_version,
+        rule_version: rule_version.clone(),
         applied_at_ms: now,
     })?;
     let decision = Decision {
@@ -803,6 +814,7 @@ pub(crate) fn apply_one(
         partition,
         seq,
         verdict,
+        rule_version,
     };
     if request.idempotent {
         tx.put_dedup(

@@ -57,6 +57,9 @@ pub struct HistoryEntry {
     pub at_ms: u64,
     /// Whether a later rollback undid it.
     pub rolled_back: bool,
+    /// The label the install was given (`PUT /v1/admin/rule?label=...`, e.g. a git sha).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// What a history entry did.
@@ -209,6 +212,7 @@ impl RuleRegistry {
         partitions: &[u32],
         versions: &[String],
         undone: Option<usize>,
+        label: Option<String>,
     ) -> Result<(), InstallError> {
         // No partition switched: nothing happened, so nothing is recorded (an empty entry
         // would be what the next rollback "undoes", changing nothing).
@@ -232,6 +236,7 @@ impl RuleRegistry {
             previous,
             at_ms: now_ms(),
             rolled_back: false,
+            label,
         });
         self.save_installed()
             .map_err(|e| InstallError::Persist(format!("{e:#}")))
@@ -334,23 +339,37 @@ pub fn parse_partitions(text: &str, partitions: u32) -> Result<Vec<u32>, Install
 
 /// Polls the rule file and installs it on every partition when its content changes. A file that
 /// fails to load is logged and ignored: the running version goes on.
+///
+/// The watched file wins, at start as while running (issue 16): its first look compares it with
+/// what the partitions run, so a file replaced while the server was stopped is installed at the
+/// next start even when the data dir brought back another version. A removed file is logged once.
 pub async fn watch_rule_file(
     runtime: Arc<crate::runtime::Runtime>,
     path: PathBuf,
     interval: Duration,
 ) {
     let mut last_seen: Option<(std::time::SystemTime, u64)> = None;
+    let mut missing = false;
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let Ok(meta) = tokio::fs::metadata(&path).await else {
-            continue;
+        let meta = match tokio::fs::metadata(&path).await {
+            Ok(meta) => meta,
+            Err(e) => {
+                if !missing {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "watched rule file is gone ({e}); the running version goes on"
+                    );
+                    missing = true;
+                    // When it comes back, whatever it holds is looked at.
+                    last_seen = None;
+                }
+                continue;
+            }
         };
+        missing = false;
         let stamp = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
-        if last_seen.is_none() {
-            last_seen = Some(stamp);
-            continue;
-        }
         if last_seen == Some(stamp) {
             continue;
         }
@@ -369,7 +388,7 @@ pub async fn watch_rule_file(
         {
             continue;
         }
-        match runtime.install_rule(bytes, None).await {
+        match runtime.install_rule(bytes, None, None).await {
             Ok(report) => tracing::info!(
                 path = %path.display(),
                 version = short_version(&report.versions[0]),

@@ -33,14 +33,33 @@ pub struct ReplayReport {
     pub decisions: u64,
     /// Decisions the candidate makes the same way.
     pub same: u64,
-    /// Decisions the candidate makes differently.
+    /// Decisions the candidate makes differently (its failures included).
     pub different: u64,
+    /// Requests on which the candidate failed (trap, fuel, deadline, memory, output).
+    pub errors: u64,
+    /// The same counts by the rule version that made the logged decision, oldest first seen.
+    pub by_rule_version: Vec<VersionCounts>,
     /// Differences by kind and outcome change.
     pub groups: Vec<Group>,
     /// The first differences, in full.
     pub examples: Vec<Example>,
     /// What makes the comparison less trustworthy (e.g. a log decided by warm instances).
     pub warnings: Vec<String>,
+}
+
+/// How the candidate compares with the decisions one logged rule version made.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionCounts {
+    /// Version id of the rule that made the logged decisions.
+    pub rule_version: String,
+    /// Logged decisions it made.
+    pub decisions: u64,
+    /// Of those, decided the same way by the candidate.
+    pub same: u64,
+    /// Of those, decided differently (failures included).
+    pub different: u64,
+    /// Of those, failures of the candidate.
+    pub errors: u64,
 }
 
 /// A count of differences of one kind and one outcome change.
@@ -118,6 +137,8 @@ pub fn replay(
         decisions: 0,
         same: 0,
         different: 0,
+        errors: 0,
+        by_rule_version: Vec::new(),
         groups: Vec::new(),
         examples: Vec::new(),
         warnings: Vec::new(),
@@ -128,6 +149,7 @@ pub fn replay(
         ));
     }
     let mut groups: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+    let mut by_version: Vec<VersionCounts> = Vec::new();
     for (p, db) in databases.iter().enumerate() {
         let mut instance = sandbox.instantiate(rule.clone(), p as u32)?;
         let mut states: HashMap<String, State> = HashMap::new();
@@ -138,13 +160,37 @@ pub fn replay(
             let current = states.get(&entry.request.key).cloned();
             let decided = instance.handle(current.as_ref(), &entry.request);
             report.decisions += 1;
+            let position = match by_version
+                .iter()
+                .position(|v| v.rule_version == entry.rule_version)
+            {
+                Some(i) => i,
+                None => {
+                    by_version.push(VersionCounts {
+                        rule_version: entry.rule_version.clone(),
+                        decisions: 0,
+                        same: 0,
+                        different: 0,
+                        errors: 0,
+                    });
+                    by_version.len() - 1
+                }
+            };
+            let counts = &mut by_version[position];
+            counts.decisions += 1;
+            if decided.is_err() {
+                report.errors += 1;
+                counts.errors += 1;
+            }
             if decided
                 .as_ref()
                 .is_ok_and(|o| same_outcome(o, &entry.outcome))
             {
                 report.same += 1;
+                counts.same += 1;
             } else {
                 report.different += 1;
+                counts.different += 1;
                 let candidate_label = match &decided {
                     Ok(o) => label(o),
                     Err(f) => format!("error:{}", f.kind.code()),
@@ -188,6 +234,7 @@ pub fn replay(
         }
     }
     progress(report.decisions, total);
+    report.by_rule_version = by_version;
     report.groups = groups
         .into_iter()
         .map(|((kind, logged, candidate), count)| Group {
@@ -245,6 +292,20 @@ pub fn render(report: &ReplayReport, dir: &Path) -> String {
     for warning in &report.warnings {
         out.push_str(&format!("warning: {warning}\n"));
     }
+    out.push_str(&format!("  errors:    {}\n", report.errors));
+    if report.by_rule_version.len() > 1 || report.different > 0 {
+        out.push_str("\nby logged rule version (decisions, same, different, errors):\n");
+        for v in &report.by_rule_version {
+            out.push_str(&format!(
+                "  {}  {} {} {} {}\n",
+                crate::sandbox::short_version(&v.rule_version),
+                v.decisions,
+                v.same,
+                v.different,
+                v.errors
+            ));
+        }
+    }
     if !report.groups.is_empty() {
         out.push_str("\ndifferences by kind, logged → candidate:\n");
         for g in &report.groups {
@@ -282,4 +343,47 @@ fn describe(outcome: &Outcome) -> String {
         Outcome::Transition { status, data } => format!("transition to {status:?} with {data}"),
         Outcome::Reject { reason } => format!("reject: {reason:?}"),
     }
+}
+
+/// The report as JUnit XML for CI: one test case per logged rule version, failed when the
+/// candidate decides any of that version's decisions differently.
+pub fn junit(report: &ReplayReport) -> String {
+    let failed = report
+        .by_rule_version
+        .iter()
+        .filter(|v| v.different > 0)
+        .count();
+    let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    xml.push_str(&format!(
+        "<testsuites name=\"turnstile replay\" tests=\"{}\" failures=\"{failed}\">\n  <testsuite name=\"candidate {}\" tests=\"{}\" failures=\"{failed}\">\n",
+        report.by_rule_version.len(),
+        crate::sandbox::short_version(&report.candidate_version),
+        report.by_rule_version.len(),
+    ));
+    for v in &report.by_rule_version {
+        xml.push_str(&format!(
+            "    <testcase name=\"decisions logged by {}\" classname=\"replay\"",
+            v.rule_version
+        ));
+        if v.different == 0 {
+            xml.push_str("/>\n");
+        } else {
+            let mut text = String::new();
+            for g in &report.groups {
+                text.push_str(&format!(
+                    "{} {} -> {}: {}\n",
+                    g.kind, g.logged, g.candidate, g.count
+                ));
+            }
+            xml.push_str(&format!(
+                ">\n      <failure message=\"{} of {} decisions differ ({} errors)\">{}</failure>\n    </testcase>\n",
+                v.different,
+                v.decisions,
+                v.errors,
+                crate::scenario::xml_escape(&text)
+            ));
+        }
+    }
+    xml.push_str("  </testsuite>\n</testsuites>\n");
+    xml
 }

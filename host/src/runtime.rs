@@ -79,6 +79,12 @@ impl SubmitError {
     }
 }
 
+impl crate::store::ErrorCode for SubmitError {
+    fn error_code(&self) -> &'static str {
+        self.code()
+    }
+}
+
 impl From<ApplyError> for SubmitError {
     fn from(e: ApplyError) -> Self {
         match e {
@@ -317,12 +323,16 @@ impl Runtime {
     /// Compiles and checks `bytes` (off the partition threads), then switches `partitions`
     /// (all when `None`, or a canary subset given as `"0,3"`) to it between two requests.
     /// Answers once every target partition runs it.
+    ///
+    /// `label` (e.g. a git sha) is kept in the history entry. Installing the version every target
+    /// partition already runs changes nothing and adds no history entry.
     pub async fn install_rule(
         &self,
         bytes: Vec<u8>,
         partitions: Option<&str>,
+        label: Option<String>,
     ) -> Result<InstallReport, InstallError> {
-        self.rules.install(self, bytes, partitions).await
+        self.rules.install(self, bytes, partitions, label).await
     }
 
     /// Undoes the newest install not yet rolled back: its partitions go back to the versions
@@ -523,7 +533,24 @@ impl Runtime {
         let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
             return Ok(None);
         };
-        self.submit(letter.resubmission()).await.map(Some)
+        let result = self.submit(letter.resubmission()).await;
+        let mark = crate::store::Resubmitted::of(&result);
+        // The answer stands even if the mark cannot be written: it is bookkeeping.
+        if let Err(e) = self
+            .ask(partition, |reply| Command::MarkResubmitted {
+                seq,
+                mark,
+                reply,
+            })
+            .await
+        {
+            tracing::warn!(
+                partition,
+                seq,
+                "could not mark the dead letter resubmitted: {e}"
+            );
+        }
+        result.map(Some)
     }
 
     /// Per partition: (id, batches committed, requests queued), for readiness. Lock-free, unlike

@@ -50,6 +50,9 @@ pub const REFERENCE_RULE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rese
 /// How often the epoch ticker advances the engine's clock; the deadline's resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 
+/// How the SDK's panic hook starts the error log line it sends before the rule traps.
+const PANIC_LOG_PREFIX: &str = "panicked at";
+
 /// Longest log line a rule may write; longer ones are cut, so a rule cannot flood the log.
 pub const MAX_LOG_LINE: usize = 1024;
 
@@ -267,6 +270,34 @@ pub struct Sandbox {
     /// Rules compiled by [`Sandbox::compile_shared`], by version, so starting many runtimes
     /// with one rule (`turnstile test`) compiles it once.
     shared: std::sync::Mutex<std::collections::HashMap<String, Arc<CompiledRule>>>,
+    /// Where rule log lines are also collected, for `turnstile test` to show them per step;
+    /// `None` in the server.
+    log_capture: Option<RuleLogs>,
+}
+
+/// Rule log lines collected by a capturing sandbox ([`Sandbox::new_capturing_logs`]), as
+/// `LEVEL message`; at most [`MAX_CAPTURED_LINES`] are kept until taken, then a count of the rest.
+#[derive(Debug, Clone, Default)]
+pub struct RuleLogs(Arc<std::sync::Mutex<(Vec<String>, usize)>>);
+
+/// Most rule log lines kept between two [`RuleLogs::take`]s: a rule logging in a loop must not
+/// flood `turnstile test`'s output.
+const MAX_CAPTURED_LINES: usize = 50;
+
+impl RuleLogs {
+    fn push(&self, line: String) {
+        let mut logs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if logs.0.len() < MAX_CAPTURED_LINES {
+            logs.0.push(line);
+        } else {
+            logs.1 += 1;
+        }
+    }
+
+    /// The lines collected since the last call, and how many more were dropped.
+    pub fn take(&self) -> (Vec<String>, usize) {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl Drop for Sandbox {
@@ -308,6 +339,11 @@ pub struct HostState {
     rule_version: Arc<str>,
     /// The partition's log rate limit, shared by every `Store` the partition makes.
     log_budget: Arc<std::sync::Mutex<LogBudget>>,
+    /// The panic message the SDK's panic hook logged during the current call: a panic ends in
+    /// a bare `unreachable` trap, so this is the only place its reason survives.
+    panic_message: Option<String>,
+    /// The sandbox's log capture, if it has one.
+    log_capture: Option<RuleLogs>,
 }
 
 /// Caps the instance's linear memory (all its memories together) and remembers whether it
@@ -408,6 +444,23 @@ impl LogBudget {
 
 impl bindings::RuleImports for HostState {
     fn log(&mut self, level: wit::Level, message: String) {
+        // Before the rate limit: the reason of a panic must survive a rule that also logs a lot.
+        // The SDK's panic hook logs `panicked at <file:line:col>: <message>` at error level.
+        if matches!(level, wit::Level::Error) && message.starts_with(PANIC_LOG_PREFIX) {
+            self.panic_message = Some(escape_untrusted(&message, MAX_LOG_LINE));
+        }
+        if let Some(capture) = &self.log_capture {
+            let name = match level {
+                wit::Level::Debug => "DEBUG",
+                wit::Level::Info => "INFO",
+                wit::Level::Warn => "WARN",
+                wit::Level::Error => "ERROR",
+            };
+            capture.push(format!(
+                "{name} {}",
+                escape_untrusted(&message, MAX_LOG_LINE)
+            ));
+        }
         let (allowed, dropped_before) = self
             .log_budget
             .lock()
@@ -449,6 +502,16 @@ impl wit::Host for HostState {}
 impl Sandbox {
     /// Builds the engine (fuel, epochs, no async) and the linker, and starts the epoch ticker.
     pub fn new(limits: RuleLimits) -> anyhow::Result<Arc<Sandbox>> {
+        Self::build(limits, None)
+    }
+
+    /// [`Sandbox::new`] that also collects every rule log line into the returned [`RuleLogs`].
+    pub fn new_capturing_logs(limits: RuleLimits) -> anyhow::Result<(Arc<Sandbox>, RuleLogs)> {
+        let logs = RuleLogs::default();
+        Ok((Self::build(limits, Some(logs.clone()))?, logs))
+    }
+
+    fn build(limits: RuleLimits, log_capture: Option<RuleLogs>) -> anyhow::Result<Arc<Sandbox>> {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -488,6 +551,7 @@ impl Sandbox {
             limits,
             ticker_stop,
             shared: Default::default(),
+            log_capture,
         }))
     }
 
@@ -627,6 +691,8 @@ impl Sandbox {
                 partition,
                 rule_version: short_version(&rule.version).into(),
                 log_budget: log_budget.clone(),
+                panic_message: None,
+                log_capture: self.log_capture.clone(),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -707,6 +773,7 @@ impl RuleInstance {
         // call's budget. Both setters only fail when fuel/epochs are off, which `Sandbox::new`
         // turns on.
         let _ = store.set_fuel(limits.fuel);
+        store.data_mut().panic_message = None;
         store.set_epoch_deadline(sandbox.deadline_ticks());
         let result = bindings.call_handle(&mut store, current.as_ref(), &wit_request);
         self.last_fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
@@ -780,9 +847,12 @@ fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error
         _ => {
             // The trap code is wasmtime's own text; anything else (a host error's chain) may
             // carry rule-controlled names, so it goes to the detail only.
-            let first = match trap {
-                Some(trap) => format!("the rule trapped: {trap}"),
-                None => "the rule trapped".to_string(),
+            // A panic's own message (escaped, bounded) says why; it is the rule's text, but
+            // the one a rule author needs to see, in the answer, the dead letter and the log.
+            let first = match (&store.data().panic_message, trap) {
+                (Some(panic), _) => format!("the rule {panic}"),
+                (None, Some(trap)) => format!("the rule trapped: {trap}"),
+                (None, None) => "the rule trapped".to_string(),
             };
             failure_with_detail(
                 kind,

@@ -427,6 +427,10 @@ pub struct DeadLetter {
     /// The record the request was read from, when it came from a Kafka topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::partition::RecordSource>,
+    /// Set once the letter was resubmitted (`POST /v1/dead-letters/{partition}/{seq}/resubmit`),
+    /// so an operator sees which letters were dealt with; the last resubmission wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resubmitted: Option<Resubmitted>,
 }
 
 impl DeadLetter {
@@ -477,6 +481,38 @@ impl Failure {
             detail: None,
         }
     }
+}
+
+/// When a dead letter was resubmitted and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resubmitted {
+    /// Host time of the resubmission, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// `transition`, `reject`, or the error code it failed with again.
+    pub outcome: String,
+}
+
+impl Resubmitted {
+    /// The mark for a resubmission that got `result`, now.
+    pub fn of(result: &Result<crate::model::Decision, impl ErrorCode>) -> Resubmitted {
+        let outcome = match result {
+            Ok(decision) => match decision.verdict {
+                crate::model::Verdict::Transition(_) => "transition".to_string(),
+                crate::model::Verdict::Reject(_) => "reject".to_string(),
+            },
+            Err(e) => e.error_code().to_string(),
+        };
+        Resubmitted {
+            at_ms: crate::model::now_ms(),
+            outcome,
+        }
+    }
+}
+
+/// An error with a stable API code.
+pub trait ErrorCode {
+    /// The code.
+    fn error_code(&self) -> &'static str;
 }
 
 /// Counters derived from the file at open and advanced by each committed batch.
@@ -804,6 +840,33 @@ impl PartitionStore {
                 );
             }
             Ok(out)
+        })
+    }
+
+    /// Records on dead letter `seq` that it was resubmitted; `false` if there is no such letter.
+    pub fn mark_resubmitted(&mut self, seq: u64, mark: Resubmitted) -> Result<bool, StoreError> {
+        if let Some(damage) = &self.damaged {
+            return Err(damage.clone());
+        }
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(db_error)?;
+            {
+                let mut table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
+                let letter: DeadLetter = match table.get(seq).map_err(db_error)? {
+                    Some(value) => decode(&seq, value.value())
+                        .map_err(|e| located(e, "dead_letters", &seq.to_string()))?,
+                    None => return Ok(false),
+                };
+                let letter = DeadLetter {
+                    resubmitted: Some(mark),
+                    ..letter
+                };
+                table
+                    .insert(seq, encode(&seq, &letter).as_slice())
+                    .map_err(db_error)?;
+            }
+            txn.commit().map_err(db_error)?;
+            Ok(true)
         })
     }
 

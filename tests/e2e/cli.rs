@@ -74,3 +74,16 @@ fn bench_smoke() {
     assert_eq!(rows[1]["wrong"], 0, "turnstile-warm got a user wrong");
     assert_eq!(rows[2]["wrong"], 0, "turnstile-native got a user wrong");
 }
+
+/// Logs written to a pipe (not a terminal) carry no colour codes.
+#[test]
+fn logs_to_a_pipe_are_colourless() {
+    let stderr = crate::support::Server::refused(
+        crate::support::ServerArgs::default().rule("/no/such/rule.wasm"),
+    );
+    assert!(stderr.contains("WARN"), "no log line to look at: {stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+}

@@ -39,9 +39,29 @@ pub struct GuestBuild {
     pub quiet: bool,
 }
 
+/// Choices `turnstile build` offers beyond the defaults the build scripts use.
+#[derive(Debug, Default, Clone)]
+pub struct BuildOptions {
+    /// Keep the name section (function names in backtraces) instead of stripping it.
+    pub debug: bool,
+    /// `--remap-path-prefix` pairs (from, to) so machine-specific paths (the crate's directory,
+    /// `CARGO_HOME`) do not end up in the bytes and the version id.
+    pub remap_path_prefixes: Vec<(PathBuf, String)>,
+}
+
 impl GuestBuild {
     /// Builds `packages` (empty: the manifest's own package) and wraps each into a component.
     pub fn build(&self, packages: &[&str]) -> Result<Vec<BuiltComponent>> {
+        self.build_with(packages, &BuildOptions::default())
+    }
+
+    /// [`GuestBuild::build`] with `options`.
+    pub fn build_with(
+        &self,
+        packages: &[&str],
+        options: &BuildOptions,
+    ) -> Result<Vec<BuiltComponent>> {
+        ensure_wasm_target()?;
         let mut cargo = Command::new(&self.cargo);
         cargo
             .arg("build")
@@ -58,8 +78,16 @@ impl GuestBuild {
             .args(["--config", "profile.release.lto=true"])
             .args(["--config", "profile.release.codegen-units=1"])
             .args(["--config", "profile.release.panic=\"abort\""])
-            .args(["--config", "profile.release.strip=true"])
             .args(["--config", "profile.release.debug=false"]);
+        // `strip = false` keeps the name section, which is what wasmtime's backtraces read.
+        cargo.args([
+            "--config",
+            if options.debug {
+                "profile.release.strip=false"
+            } else {
+                "profile.release.strip=true"
+            },
+        ]);
         if self.quiet {
             cargo.arg("--quiet");
         }
@@ -76,6 +104,15 @@ impl GuestBuild {
             "RUSTC_WORKSPACE_WRAPPER",
         ] {
             cargo.env_remove(var);
+        }
+        if !options.remap_path_prefixes.is_empty() {
+            // The unit separator is how cargo splits CARGO_ENCODED_RUSTFLAGS; paths may hold spaces.
+            let flags: Vec<String> = options
+                .remap_path_prefixes
+                .iter()
+                .map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display()))
+                .collect();
+            cargo.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}"));
         }
         let status = cargo
             .status()
@@ -116,6 +153,40 @@ impl GuestBuild {
                 Ok(BuiltComponent { package, path })
             })
             .collect()
+    }
+}
+
+/// Makes sure the toolchain cargo will use has the standard library for [`WASM_TARGET`]: when the
+/// toolchain is installed without it (or rustup's auto-install is off), the build would otherwise
+/// fail deep inside with "can't find crate for `core`". With rustup it is added; without, the
+/// error says what to install.
+pub fn ensure_wasm_target() -> Result<()> {
+    // In a build script RUSTC is the compiler cargo uses; elsewhere `rustc` resolves the same way
+    // cargo does (rustup's proxy honours rust-toolchain.toml from the current directory).
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let output = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .with_context(|| format!("running {} --print sysroot", rustc.display()))?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if !output.status.success() || sysroot.join("lib/rustlib").join(WASM_TARGET).exists() {
+        // A rustc that cannot say: let cargo report whatever is wrong.
+        return Ok(());
+    }
+    match Command::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        .status()
+    {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => bail!(
+            "the {WASM_TARGET} target is missing from {} and `rustup target add {WASM_TARGET}` failed ({status})",
+            sysroot.display()
+        ),
+        Err(_) => bail!(
+            "the {WASM_TARGET} target is missing from {} and rustup is not available: install the \
+             toolchain's standard library for {WASM_TARGET} (e.g. `rustup target add {WASM_TARGET}`)",
+            sysroot.display()
+        ),
     }
 }
 

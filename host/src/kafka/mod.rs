@@ -609,7 +609,17 @@ impl KafkaNode {
         let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
             return Ok(None);
         };
-        Ok(Some(self.submit(letter.resubmission()).await?))
+        let result = self.submit(letter.resubmission()).await;
+        let mark = crate::store::Resubmitted::of(&result);
+        // The answer stands even if the mark cannot be written (the partition moved): it is
+        // bookkeeping.
+        if let Err(e) = self
+            .ask(p, |reply| Command::MarkResubmitted { seq, mark, reply })
+            .await
+        {
+            tracing::warn!(p, seq, "could not mark the dead letter resubmitted: {e}");
+        }
+        Ok(Some(result?))
     }
 
     /// The rule version each partition runs in this process (or will run when it takes it).
@@ -629,10 +639,11 @@ impl KafkaNode {
         &self,
         bytes: Vec<u8>,
         partitions: Option<&str>,
+        label: Option<String>,
     ) -> Result<crate::reload::InstallReport, crate::reload::InstallError> {
         self.shared
             .rules
-            .install(self.shared.as_ref(), bytes, partitions)
+            .install(self.shared.as_ref(), bytes, partitions, label)
             .await
     }
 

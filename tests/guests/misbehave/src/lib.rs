@@ -12,8 +12,9 @@
 //! | `huge`      | returns a 1 MiB status string              | `rule_output`          |
 //! | `bad-json`  | returns data that is not JSON              | `rule_output`          |
 //! | `empty`     | returns an empty status                    | `rule_output`          |
+//! | `chatty`    | logs 1000 lines, then behaves              | none (a transition)    |
 
-use turnstile_rule::{Outcome, Request, Rule, State, export_rule};
+use turnstile_rule::{Level, Outcome, Request, Rule, State, export_rule, log};
 
 struct Misbehave;
 
@@ -39,6 +40,12 @@ impl Rule for Misbehave {
             "huge" => Outcome::transition("x".repeat(1 << 20), "{}"),
             "bad-json" => Outcome::transition("ok", "{not json"),
             "empty" => Outcome::transition("", "{}"),
+            "chatty" => {
+                for i in 0..1000 {
+                    log(Level::Info, &format!("chatty line {i}"));
+                }
+                Outcome::transition("ok", "{}")
+            }
             _ => {
                 let version = current.map_or(0, |s| s.version);
                 Outcome::transition("ok", format!("{{\"seen_version\":{version}}}"))
