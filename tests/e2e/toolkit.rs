@@ -421,7 +421,11 @@ fn version_id_is_the_same_from_two_directories() {
 #[tokio::test(flavor = "multi_thread")]
 async fn panic_message_reaches_the_answer_the_dead_letter_and_test_output() {
     const PANIC: &str = "the rule panicked on purpose";
-    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE));
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[admin]\ntoken = \"t\"\n"),
+    );
     let (status, answer) = server
         .request(serde_json::json!({"kind": "panic", "key": "P", "user": "u"}))
         .await;
@@ -430,7 +434,9 @@ async fn panic_message_reaches_the_answer_the_dead_letter_and_test_output() {
     let message = answer["error"]["message"].as_str().unwrap();
     assert!(message.contains(PANIC), "{answer}");
     assert!(message.contains("src/lib.rs:"), "no location: {answer}");
-    let (_, letters) = server.get("/v1/dead-letters").await;
+    let (_, letters) = server
+        .admin("GET", "/v1/dead-letters", None, Some("t"))
+        .await;
     let letter = &letters["dead_letters"][0];
     assert!(
         letter["failure"]["message"]
@@ -1029,21 +1035,32 @@ async fn watched_file_replaced_while_stopped_wins_at_start() {
 /// resubmission is a dead letter of its own, unmarked.
 #[tokio::test(flavor = "multi_thread")]
 async fn resubmitted_dead_letters_are_marked() {
-    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE));
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[admin]\ntoken = \"t\"\n"),
+    );
     let (status, _) = server
         .request(serde_json::json!({"kind": "panic", "key": "DL", "user": "u", "id": "dl-1"}))
         .await;
     assert_eq!(status, 500);
-    let (_, letters) = server.get("/v1/dead-letters").await;
+    let (_, letters) = server
+        .admin("GET", "/v1/dead-letters", None, Some("t"))
+        .await;
     let letter = &letters["dead_letters"][0];
     assert!(letter.get("resubmitted").is_none(), "{letter}");
     let (partition, seq) = (letter["partition"].clone(), letter["seq"].clone());
     let path = format!("/v1/dead-letters/{partition}/{seq}/resubmit");
-    let (status, _) = server.admin("POST", &path, None, None).await;
+    let (status, _) = server.admin("POST", &path, None, Some("t")).await;
     assert_eq!(status, 500, "the same rule fails again");
 
     let (_, letters) = server
-        .get(&format!("/v1/dead-letters?partition={partition}"))
+        .admin(
+            "GET",
+            &format!("/v1/dead-letters?partition={partition}"),
+            None,
+            Some("t"),
+        )
         .await;
     let letters = letters["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 2, "{letters:?}");
