@@ -21,21 +21,13 @@ use serde_json::{Value, json};
 
 use crate::model::{Decision, Request, State, Verdict};
 use crate::reload::InstallError;
-use crate::runtime::{ReadError, Runtime, SubmitError};
-
-/// What serves requests: this process's partitions, or a Kafka cluster's.
-#[derive(Clone)]
-pub enum Backend {
-    /// `turnstile run` on its own: every partition is in this process.
-    Local(Arc<Runtime>),
-    /// Kafka mode: this process owns some partitions of a cluster.
-    Kafka(Arc<crate::kafka::KafkaNode>),
-}
+use crate::runtime::{ReadError, SubmitError};
+use crate::service::{Service, ServiceError};
 
 /// What every handler shares.
 #[derive(Clone)]
 struct Api {
-    backend: Backend,
+    service: Service,
     /// Largest request body accepted, in bytes.
     max_body_bytes: usize,
     /// Largest rule component accepted by `PUT /v1/admin/rule`, in bytes.
@@ -89,15 +81,13 @@ const READINESS_SAMPLE: Duration = Duration::from_millis(100);
 impl Readiness {
     /// Samples the partitions once; returns the first stalled one as (partition, stalled for,
     /// queued).
-    fn sample(&self, backend: &Backend) -> Option<(u32, Duration, usize)> {
-        let Backend::Local(runtime) = backend else {
-            // Kafka mode: readiness is the cluster membership's business (see the README).
-            return None;
-        };
+    fn sample(&self, service: &Service) -> Option<(u32, Duration, usize)> {
+        // Kafka mode: readiness is the cluster membership's business (see the README).
+        let progress_now = service.partition_progress()?;
         let now = Instant::now();
         let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         let mut stalled = None;
-        for (id, batches, queued) in runtime.partition_progress() {
+        for (id, batches, queued) in progress_now {
             let i = id as usize;
             if progress.len() <= i {
                 progress.resize(i + 1, (batches, now));
@@ -117,7 +107,7 @@ impl Readiness {
 
 /// The router with every endpoint, over `runtime`. Called inside a tokio runtime, it starts the
 /// task that samples partition liveness for `/readyz` (it stops when shutdown starts).
-pub fn router(backend: Backend, settings: ApiSettings) -> Router {
+pub fn router(service: Service, settings: ApiSettings) -> Router {
     use sha2::Digest;
     let readiness = Arc::new(Readiness {
         stall: settings.readiness_stall,
@@ -125,17 +115,17 @@ pub fn router(backend: Backend, settings: ApiSettings) -> Router {
     });
     if tokio::runtime::Handle::try_current().is_ok() {
         let readiness = readiness.clone();
-        let backend = backend.clone();
+        let service = service.clone();
         let shutting_down = settings.shutting_down.clone();
         tokio::spawn(async move {
             while !shutting_down.load(Ordering::Relaxed) {
-                readiness.sample(&backend);
+                readiness.sample(&service);
                 tokio::time::sleep(READINESS_SAMPLE).await;
             }
         });
     }
     let api = Api {
-        backend,
+        service,
         max_body_bytes: settings.max_body_bytes,
         max_module_bytes: settings.max_module_bytes,
         admin_token_digest: settings
@@ -268,9 +258,20 @@ struct ApiError {
 impl Api {
     /// The partitioner, the same in both modes.
     fn partitioner(&self) -> crate::router::Partitioner {
-        match &self.backend {
-            Backend::Local(runtime) => runtime.partitioner(),
-            Backend::Kafka(node) => node.partitioner(),
+        self.service.partitioner()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Read(e) => e.into(),
+            ServiceError::Submit(e) => e.into(),
+            e @ ServiceError::NotOwned(_) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                code: "not_owned",
+                message: e.to_string(),
+            },
         }
     }
 }
@@ -369,7 +370,7 @@ async fn healthz() -> Json {
 /// 200 when every partition makes progress on its work; 503 `not_ready` when one has had work
 /// queued for longer than `server.readiness_stall_ms` without completing a batch.
 async fn readyz(AxumState(api): AxumState<Api>) -> Result<Json, ApiError> {
-    match api.readiness.sample(&api.backend) {
+    match api.readiness.sample(&api.service) {
         None => Ok(Json(json!({"status": "ready"}))),
         Some((partition, stalled, queued)) => Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -389,10 +390,7 @@ async fn metrics(AxumState(api): AxumState<Api>) -> Result<Response, ApiError> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        match &api.backend {
-            Backend::Local(runtime) => runtime.render_metrics(),
-            Backend::Kafka(node) => node.render_metrics(),
-        },
+        api.service.render_metrics(),
     )
         .into_response())
 }
@@ -454,10 +452,7 @@ async fn submit(
         user: body.user,
         payload: body.payload.map(|p| p.to_string()),
     };
-    let decision = match &api.backend {
-        Backend::Local(runtime) => runtime.submit(request).await?,
-        Backend::Kafka(node) => node.submit(request).await?,
-    };
+    let decision = api.service.submit(request).await?;
     Ok(decision_response(&decision))
 }
 
@@ -504,51 +499,12 @@ pub fn state_json(state: &State) -> Value {
     })
 }
 
-/// A Kafka-mode read of partition `p` that could not be answered here.
-fn partition_error(p: u32, error: crate::kafka::KeyReadError) -> ApiError {
-    match error {
-        crate::kafka::KeyReadError::NotOwned(_) => ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "not_owned",
-            message: format!(
-                "partition {p} is owned by another process of the cluster; ask that process"
-            ),
-        },
-        other => not_owned("", other),
-    }
-}
-
-fn not_owned(key: &str, error: crate::kafka::KeyReadError) -> ApiError {
-    match error {
-        crate::kafka::KeyReadError::NotOwned(partition) => ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "not_owned",
-            message: format!(
-                "key `{key}` is in partition {partition}, which another process of the cluster owns; ask that process"
-            ),
-        },
-        crate::kafka::KeyReadError::Store(e) => ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "store_unavailable",
-            message: e.to_string(),
-        },
-        e @ crate::kafka::KeyReadError::Busy(_) => ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "backpressure",
-            message: e.to_string(),
-        },
-    }
-}
-
 async fn key(
     AxumState(api): AxumState<Api>,
     key: Result<Path<String>, PathRejection>,
 ) -> Result<Json, ApiError> {
     let Path(key) = key.map_err(bad_path)?;
-    let (partition, state) = match &api.backend {
-        Backend::Local(runtime) => runtime.key_state(&key).await?,
-        Backend::Kafka(node) => node.key_state(&key).await.map_err(|e| not_owned(&key, e))?,
-    };
+    let (partition, state) = api.service.key_state(&key).await?;
     match state {
         Some(state) => Ok(Json(json!({
             "key": key,
@@ -568,24 +524,7 @@ async fn user(
     user: Result<Path<String>, PathRejection>,
 ) -> Result<Json, ApiError> {
     let Path(user) = user.map_err(bad_path)?;
-    let view = match &api.backend {
-        Backend::Local(runtime) => runtime.user(&user).await?,
-        Backend::Kafka(node) => match node.route(&user) {
-            None => None,
-            Some(route) => {
-                let (partition, state) = node
-                    .key_state(&route.key)
-                    .await
-                    .map_err(|e| not_owned(&route.key, e))?;
-                Some(crate::runtime::UserView {
-                    key: route.key,
-                    partition,
-                    recorded_at_ms: route.recorded_at_ms,
-                    state,
-                })
-            }
-        },
-    };
+    let view = api.service.user(&user).await?;
     match view {
         Some(view) => Ok(Json(json!({
             "user": user,
@@ -603,26 +542,7 @@ async fn user(
 }
 
 async fn partitions(AxumState(api): AxumState<Api>) -> Json {
-    match &api.backend {
-        Backend::Local(runtime) => {
-            let partitioner = runtime.partitioner();
-            Json(json!({
-                "count": partitioner.partitions(),
-                "hash": partitioner.hash().name(),
-                "partitions": runtime.partitions(),
-            }))
-        }
-        Backend::Kafka(node) => {
-            let partitioner = node.partitioner();
-            Json(json!({
-                "mode": "kafka",
-                "node": node.node_id(),
-                "count": partitioner.partitions(),
-                "hash": partitioner.hash().name(),
-                "partitions": node.owned_partitions(),
-            }))
-        }
-    }
+    Json(api.service.partitions_json())
 }
 
 /// Query of `GET /v1/dead-letters`.
@@ -646,32 +566,18 @@ async fn dead_letters(
     authorize(&api, &headers)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let n = api.partitioner().partitions();
-    let partitions: Vec<u32> = match query.partition {
-        Some(p) if p >= n => {
-            return Err(ApiError::bad_request(format!(
-                "partition {p} does not exist (there are {n})"
-            )));
-        }
-        Some(p) => vec![p],
-        None => (0..n).collect(),
-    };
-    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-    let mut letters = Vec::new();
-    let after = query.after.unwrap_or(0);
-    for p in partitions {
-        letters.extend(match &api.backend {
-            Backend::Local(runtime) => runtime.dead_letters(p, after, limit).await?,
-            // Kafka mode: the letters of the partitions this process owns; asking for one it
-            // does not own says which process to ask.
-            Backend::Kafka(node) => match node.dead_letters(p, after, limit).await {
-                Ok(letters) => letters,
-                Err(crate::kafka::KeyReadError::NotOwned(_)) if query.partition.is_none() => {
-                    Vec::new()
-                }
-                Err(e) => return Err(partition_error(p, e)),
-            },
-        });
+    if let Some(p) = query.partition
+        && p >= n
+    {
+        return Err(ApiError::bad_request(format!(
+            "partition {p} does not exist (there are {n})"
+        )));
     }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let letters = api
+        .service
+        .dead_letters(query.partition, query.after.unwrap_or(0), limit)
+        .await?;
     Ok(Json(json!({ "dead_letters": letters })))
 }
 
@@ -706,14 +612,7 @@ async fn resubmit_dead_letter(
             "partition {partition} does not exist (there are {n})"
         )));
     }
-    let resubmitted = match &api.backend {
-        Backend::Local(runtime) => runtime.resubmit_dead_letter(partition, seq).await?,
-        Backend::Kafka(node) => match node.resubmit_dead_letter(partition, seq).await {
-            Ok(decision) => decision,
-            Err(crate::kafka::ResubmitError::Read(e)) => return Err(partition_error(partition, e)),
-            Err(crate::kafka::ResubmitError::Submit(e)) => return Err(e.into()),
-        },
-    };
+    let resubmitted = api.service.resubmit_dead_letter(partition, seq).await?;
     match resubmitted {
         Some(decision) => Ok(decision_response(&decision)),
         None => Err(ApiError {
@@ -806,14 +705,10 @@ async fn admin_install(
             }))
         })?;
     let partitions = query.partitions.as_deref();
-    let report = match &api.backend {
-        Backend::Local(runtime) => {
-            runtime
-                .install_rule(bytes.to_vec(), partitions, label)
-                .await?
-        }
-        Backend::Kafka(node) => node.install_rule(bytes.to_vec(), partitions, label).await?,
-    };
+    let report = api
+        .service
+        .install_rule(bytes.to_vec(), partitions, label)
+        .await?;
     Ok(install_json(&report))
 }
 
@@ -822,10 +717,7 @@ async fn admin_rollback(
     headers: HeaderMap,
 ) -> Result<Json, ApiError> {
     authorize(&api, &headers)?;
-    let report = match &api.backend {
-        Backend::Local(runtime) => runtime.rollback_rule().await?,
-        Backend::Kafka(node) => node.rollback_rule().await?,
-    };
+    let report = api.service.rollback_rule().await?;
     Ok(install_json(&report))
 }
 
@@ -834,10 +726,7 @@ async fn admin_status(
     headers: HeaderMap,
 ) -> Result<Json, ApiError> {
     authorize(&api, &headers)?;
-    let (running, history) = match &api.backend {
-        Backend::Local(runtime) => (runtime.running_versions(), runtime.rule_history()),
-        Backend::Kafka(node) => (node.running_versions(), node.rule_history()),
-    };
+    let (running, history) = api.service.rules();
     Ok(Json(json!({
         "partitions": running
             .iter()

@@ -22,7 +22,8 @@
 //! - [`replay`]: `turnstile replay`: shadow evaluation of a candidate rule over a data dir's log.
 //! - [`verify`]: `turnstile verify`: every record of a stopped data dir checked for damage.
 //! - [`progress`]: a terminal progress bar for long commands.
-//! - [`api`]: the HTTP API over the runtime.
+//! - [`service`]: the one interface the HTTP front end talks to, over either mode.
+//! - [`api`]: the HTTP API over the service.
 //! - [`server`]: `turnstile run`: runtime + HTTP server + clean shutdown.
 //! - [`scenario`]: `turnstile test`: scenario files run against a rule in fresh runtimes.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
@@ -49,6 +50,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod scenario;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod toolkit;
 pub mod verify;

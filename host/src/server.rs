@@ -18,10 +18,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use anyhow::Context;
 
-use crate::api::Backend;
 use crate::config::Config;
 use crate::kafka::KafkaNode;
 use crate::runtime::Runtime;
+use crate::service::Service;
 
 /// Runs the server until a shutdown signal. Prints `listening on http://ADDR` (the real bound
 /// address) on stdout once it accepts connections.
@@ -37,11 +37,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 async fn serve_async(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let start_config = config.clone();
-    let backend = tokio::task::spawn_blocking(move || -> anyhow::Result<Backend> {
+    let service = tokio::task::spawn_blocking(move || -> anyhow::Result<Service> {
         Ok(if start_config.kafka.is_some() {
-            Backend::Kafka(KafkaNode::start(&start_config)?)
+            Service::Kafka(KafkaNode::start(&start_config)?)
         } else {
-            Backend::Local(Arc::new(Runtime::start(&start_config, None)?))
+            Service::Local(Arc::new(Runtime::start(&start_config, None)?))
         })
     })
     .await
@@ -67,7 +67,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     }
     let shutting_down = Arc::new(AtomicBool::new(false));
     let app = crate::api::router(
-        backend.clone(),
+        service.clone(),
         crate::api::ApiSettings {
             max_body_bytes: config.server.max_body_bytes,
             max_module_bytes: config.rule.max_module_bytes,
@@ -80,7 +80,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     );
     if config.rule.watch
         && let Some(path) = config.rule.path.clone()
-        && let Backend::Local(turnstile) = &backend
+        && let Service::Local(turnstile) = &service
     {
         tracing::info!(path = %path.display(), "watching the rule file");
         tokio::spawn(crate::reload::watch_rule_file(
@@ -97,12 +97,9 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     serve_connections(listener, app, limits, shutdown, shutting_down).await;
 
     tracing::info!("draining partition queues");
-    tokio::task::spawn_blocking(move || match backend {
-        Backend::Local(runtime) => runtime.shutdown(),
-        Backend::Kafka(node) => node.shutdown(),
-    })
-    .await
-    .context("stopping partitions")?;
+    tokio::task::spawn_blocking(move || service.shutdown())
+        .await
+        .context("stopping partitions")?;
     tracing::info!("stopped");
     Ok(())
 }

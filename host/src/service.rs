@@ -1,0 +1,216 @@
+//! The service the HTTP front end talks to: one interface over the two modes, with typed
+//! errors, so a handler says what it wants and never which mode serves it.
+//!
+//! In local mode every partition is in this process ([`Runtime`]); in Kafka mode this process
+//! owns some partitions of a cluster ([`KafkaNode`]), and a read of a partition another process
+//! owns is [`ServiceError::NotOwned`].
+
+use std::sync::Arc;
+
+use crate::kafka::{KafkaNode, KeyReadError, ResubmitError};
+use crate::model::{Decision, Request, State};
+use crate::reload::{HistoryEntry, InstallError, InstallReport};
+use crate::router::Partitioner;
+use crate::runtime::{ReadError, Runtime, SubmitError, UserView};
+use crate::store::DeadLetter;
+
+/// What serves requests: this process's partitions, or its share of a Kafka cluster's.
+#[derive(Clone)]
+pub enum Service {
+    /// `turnstile run` on its own: every partition is in this process.
+    Local(Arc<Runtime>),
+    /// Kafka mode: this process owns some partitions of a cluster.
+    Kafka(Arc<KafkaNode>),
+}
+
+/// Why a read or a dead-letter call could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The partition could not be read (busy, stopping, store trouble).
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// A resubmitted request failed.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// Kafka mode: another process of the cluster owns the partition (or it is moving).
+    #[error("partition {0} is owned by another process of the cluster; ask that process")]
+    NotOwned(u32),
+}
+
+impl From<KeyReadError> for ServiceError {
+    fn from(e: KeyReadError) -> Self {
+        match e {
+            KeyReadError::NotOwned(p) => ServiceError::NotOwned(p),
+            KeyReadError::Busy(p) => ServiceError::Read(ReadError::Backpressure(p)),
+            KeyReadError::Store(e) => ServiceError::Read(ReadError::from(e)),
+        }
+    }
+}
+
+impl From<ResubmitError> for ServiceError {
+    fn from(e: ResubmitError) -> Self {
+        match e {
+            ResubmitError::Read(e) => e.into(),
+            ResubmitError::Submit(e) => ServiceError::Submit(e),
+        }
+    }
+}
+
+impl Service {
+    /// The partitioner, the same in both modes.
+    pub fn partitioner(&self) -> Partitioner {
+        match self {
+            Service::Local(runtime) => runtime.partitioner(),
+            Service::Kafka(node) => node.partitioner(),
+        }
+    }
+
+    /// Routes and applies a request; answers once its effect is durable (local) or in the
+    /// changelog (Kafka).
+    pub async fn submit(&self, request: Request) -> Result<Decision, SubmitError> {
+        match self {
+            Service::Local(runtime) => runtime.submit(request).await,
+            Service::Kafka(node) => node.submit(request).await,
+        }
+    }
+
+    /// The committed state of `key` and its partition.
+    pub async fn key_state(&self, key: &str) -> Result<(u32, Option<State>), ServiceError> {
+        Ok(match self {
+            Service::Local(runtime) => runtime.key_state(key).await?,
+            Service::Kafka(node) => node.key_state(key).await?,
+        })
+    }
+
+    /// The user's route and the state of its key; `None` for a user with no route.
+    pub async fn user(&self, user: &str) -> Result<Option<UserView>, ServiceError> {
+        match self {
+            Service::Local(runtime) => Ok(runtime.user(user).await?),
+            Service::Kafka(node) => {
+                let Some(route) = node.route(user) else {
+                    return Ok(None);
+                };
+                let (partition, state) = node.key_state(&route.key).await?;
+                Ok(Some(UserView {
+                    key: route.key,
+                    partition,
+                    recorded_at_ms: route.recorded_at_ms,
+                    state,
+                }))
+            }
+        }
+    }
+
+    /// Dead letters after sequence number `after`, at most `limit` per partition: of
+    /// `partition`, or of every partition this process has (in Kafka mode, those it owns).
+    pub async fn dead_letters(
+        &self,
+        partition: Option<u32>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, ServiceError> {
+        let partitions = match partition {
+            Some(p) => vec![p],
+            None => (0..self.partitioner().partitions()).collect(),
+        };
+        let mut letters = Vec::new();
+        for p in partitions {
+            let page = match self {
+                Service::Local(runtime) => runtime.dead_letters(p, after, limit).await?,
+                Service::Kafka(node) => match node.dead_letters(p, after, limit).await {
+                    Ok(page) => page,
+                    // Listing all: the letters of the partitions this process owns.
+                    Err(KeyReadError::NotOwned(_)) if partition.is_none() => Vec::new(),
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            letters.extend(page);
+        }
+        Ok(letters)
+    }
+
+    /// Applies dead letter `seq` of `partition` again; `Ok(None)` if there is no such letter.
+    pub async fn resubmit_dead_letter(
+        &self,
+        partition: u32,
+        seq: u64,
+    ) -> Result<Option<Decision>, ServiceError> {
+        Ok(match self {
+            Service::Local(runtime) => runtime.resubmit_dead_letter(partition, seq).await?,
+            Service::Kafka(node) => node.resubmit_dead_letter(partition, seq).await?,
+        })
+    }
+
+    /// Installs a rule version (see [`crate::install`]).
+    pub async fn install_rule(
+        &self,
+        bytes: Vec<u8>,
+        partitions: Option<&str>,
+        label: Option<String>,
+    ) -> Result<InstallReport, InstallError> {
+        match self {
+            Service::Local(runtime) => runtime.install_rule(bytes, partitions, label).await,
+            Service::Kafka(node) => node.install_rule(bytes, partitions, label).await,
+        }
+    }
+
+    /// Undoes the newest install.
+    pub async fn rollback_rule(&self) -> Result<InstallReport, InstallError> {
+        match self {
+            Service::Local(runtime) => runtime.rollback_rule().await,
+            Service::Kafka(node) => node.rollback_rule().await,
+        }
+    }
+
+    /// The version each partition runs, and the history of installs and rollbacks.
+    pub fn rules(&self) -> (Vec<String>, Vec<HistoryEntry>) {
+        match self {
+            Service::Local(runtime) => (runtime.running_versions(), runtime.rule_history()),
+            Service::Kafka(node) => (node.running_versions(), node.rule_history()),
+        }
+    }
+
+    /// What `GET /v1/partitions` shows.
+    pub fn partitions_json(&self) -> serde_json::Value {
+        let partitioner = self.partitioner();
+        match self {
+            Service::Local(runtime) => serde_json::json!({
+                "count": partitioner.partitions(),
+                "hash": partitioner.hash().name(),
+                "partitions": runtime.partitions(),
+            }),
+            Service::Kafka(node) => serde_json::json!({
+                "mode": "kafka",
+                "node": node.node_id(),
+                "count": partitioner.partitions(),
+                "hash": partitioner.hash().name(),
+                "partitions": node.owned_partitions(),
+            }),
+        }
+    }
+
+    /// Every metric, in the Prometheus text exposition format.
+    pub fn render_metrics(&self) -> String {
+        match self {
+            Service::Local(runtime) => runtime.render_metrics(),
+            Service::Kafka(node) => node.render_metrics(),
+        }
+    }
+
+    /// Per partition: (id, batches committed, requests queued), for readiness; `None` in Kafka
+    /// mode, where partition liveness is the cluster membership's business.
+    pub fn partition_progress(&self) -> Option<Vec<(u32, u64, usize)>> {
+        match self {
+            Service::Local(runtime) => Some(runtime.partition_progress()),
+            Service::Kafka(_) => None,
+        }
+    }
+
+    /// Stops the partitions (local) or leaves the cluster (Kafka). Blocks.
+    pub fn shutdown(&self) {
+        match self {
+            Service::Local(runtime) => runtime.shutdown(),
+            Service::Kafka(node) => node.shutdown(),
+        }
+    }
+}
