@@ -434,11 +434,6 @@ impl Config {
         if r.watch_interval_ms == 0 {
             return Err(invalid("rule.watch_interval_ms must be at least 1"));
         }
-        if self.kafka.is_some() && r.watch {
-            return Err(invalid(
-                "rule.watch is not available in Kafka mode (hot reload is per process)",
-            ));
-        }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes must be at least 1"));
         }
@@ -508,8 +503,8 @@ mod tests {
         assert!(Config::parse("").unwrap().kafka.is_none());
         // A data dir keeps each owned partition's state locally (delta restores).
         assert!(Config::parse("[kafka]\n[store]\ndata_dir = \"d\"\n").is_ok());
-        let err = Config::parse("[kafka]\n[rule]\npath = \"r.wasm\"\nwatch = true\n").unwrap_err();
-        assert!(err.to_string().contains("rule.watch"), "{err}");
+        // Each process of a cluster may watch its rule file (installs are per process).
+        assert!(Config::parse("[kafka]\n[rule]\npath = \"r.wasm\"\nwatch = true\n").is_ok());
         let err = Config::parse("[kafka]\nbrokerz = \"x\"\n").unwrap_err();
         assert!(err.to_string().contains("brokerz"), "{err}");
     }

@@ -343,11 +343,7 @@ pub fn parse_partitions(text: &str, partitions: u32) -> Result<Vec<u32>, Install
 /// The watched file wins, at start as while running (issue 16): its first look compares it with
 /// what the partitions run, so a file replaced while the server was stopped is installed at the
 /// next start even when the data dir brought back another version. A removed file is logged once.
-pub async fn watch_rule_file(
-    runtime: Arc<crate::runtime::Runtime>,
-    path: PathBuf,
-    interval: Duration,
-) {
+pub async fn watch_rule_file(service: crate::service::Service, path: PathBuf, interval: Duration) {
     let mut last_seen: Option<(std::time::SystemTime, u64)> = None;
     let mut missing = false;
     let mut ticker = tokio::time::interval(interval);
@@ -381,14 +377,15 @@ pub async fn watch_rule_file(
                 continue;
             }
         };
-        if runtime
-            .running_versions()
+        if service
+            .rules()
+            .0
             .iter()
             .all(|v| *v == crate::sandbox::version_id(&bytes))
         {
             continue;
         }
-        match runtime.install_rule(bytes, None, None).await {
+        match service.install_rule(bytes, None, None).await {
             Ok(report) => tracing::info!(
                 path = %path.display(),
                 version = short_version(&report.versions[0]),

@@ -80,11 +80,10 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     );
     if config.rule.watch
         && let Some(path) = config.rule.path.clone()
-        && let Service::Local(turnstile) = &service
     {
         tracing::info!(path = %path.display(), "watching the rule file");
         tokio::spawn(crate::reload::watch_rule_file(
-            turnstile.clone(),
+            service.clone(),
             path,
             std::time::Duration::from_millis(config.rule.watch_interval_ms),
         ));
