@@ -529,7 +529,17 @@ impl Sandbox {
             // the other cores to the partition threads.
             .parallel_compilation(false)
             .max_wasm_stack(512 * 1024);
-        let engine = Engine::new(&config)?;
+        let engine = match Engine::new(config.clone().allocation_strategy(pool(&limits))) {
+            Ok(engine) => engine,
+            Err(e) => {
+                // The pool reserves address space up front; where that is refused (a low
+                // `ulimit -v`), instances are allocated one by one instead: slower, same limits.
+                tracing::warn!(
+                    "the pooling instance allocator is unavailable ({e:#}); instances are allocated on demand, which makes each call slower"
+                );
+                Engine::new(&config)?
+            }
+        };
         let mut linker = Linker::new(&engine);
         bindings::Rule::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
 
@@ -708,6 +718,38 @@ impl Sandbox {
     fn deadline_ticks(&self) -> u64 {
         (self.limits.deadline.as_micros() as u64).div_ceil(EPOCH_TICK.as_micros() as u64) + 1
     }
+}
+
+/// Slots of the instance pool: instances alive at once in one process's sandbox (a per-call
+/// instance lives for one call; the warm mode keeps one per partition).
+const POOL_INSTANCES: u32 = 1000;
+
+/// Dirty bytes of a freed slot reset in place (kept resident) rather than given back to the OS.
+const POOL_KEEP_RESIDENT_BYTES: usize = 1024 * 1024;
+
+/// The pooling allocator: pre-reserved slots for instances, memories and tables, reused from
+/// call to call (a slot is reset to the component's initial image when it is freed), sized by
+/// the same limits the [`MemoryLimiter`] enforces.
+fn pool(limits: &RuleLimits) -> wasmtime::PoolingAllocationConfig {
+    let mut pool = wasmtime::PoolingAllocationConfig::new();
+    pool.total_component_instances(POOL_INSTANCES)
+        .total_core_instances(POOL_INSTANCES * MAX_INSTANCES as u32)
+        .total_memories(POOL_INSTANCES * 2)
+        .total_tables(POOL_INSTANCES * 2)
+        .max_core_instances_per_component(MAX_INSTANCES as u32)
+        .max_memories_per_component(MAX_MEMORIES as u32)
+        .max_memories_per_module(MAX_MEMORIES as u32)
+        .max_tables_per_component(MAX_TABLES as u32)
+        .max_tables_per_module(MAX_TABLES as u32)
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .max_memory_size(limits.max_memory_bytes)
+        // A freed slot is reset by copying back only the pages the call dirtied (found with
+        // Linux's PAGEMAP_SCAN, kernel 6.7+; elsewhere this is ignored) instead of `madvise`
+        // and faulting every touched page in again on the next call.
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(POOL_KEEP_RESIDENT_BYTES)
+        .table_keep_resident(POOL_KEEP_RESIDENT_BYTES);
+    pool
 }
 
 /// One partition's instance of a rule, used only from that partition's thread.

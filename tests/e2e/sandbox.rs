@@ -316,9 +316,8 @@ async fn a_stderr_nobody_reads_blocks_no_partition() {
     let server = Server::start_with(
         ServerArgs::default()
             .rule(guests::HOSTILE)
-            // A generous deadline: 2000 log calls of a debug build on 2 shared cores may take
-            // more than 100 ms, and this test is about the pipe, not the clock.
-            .config("[rule]\nmax_log_lines_per_second = 1000000000\ndeadline_ms = 5000\n"),
+            // A generous deadline: this test is about the log sink, not about slow machines.
+            .config("[rule]\nmax_log_lines_per_second = 1000000000\ndeadline_ms = 30000\n"),
     );
     // 4 partitions × 5 requests × 2000 lines of ~150 bytes: far more than a 64 KiB pipe.
     for round in 0..5 {
