@@ -1010,3 +1010,60 @@ async fn hot_reload_under_traffic_in_kafka_mode() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["state"]["status"], "reserved", "{answer}");
 }
+
+/// The waiting gauge of a process.
+async fn waiting_requests(server: &Server) -> u64 {
+    let (_, metrics) = server.get_text("/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_kafka_waiting_requests "))
+        .and_then(|v| v.parse().ok())
+        .expect("the waiting gauge")
+}
+
+/// An HTTP client that gives up while its request waits for an outcome leaves no waiter
+/// behind (the outcome here cannot come soon: the partition's owner is frozen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_gives_up_leaves_no_waiter() {
+    let config = cluster_config();
+    let (front, owner) = (start(&config), start(&config));
+    let owned = wait_for_split(&[&front, &owner]).await;
+    let partitioner =
+        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+    let key = (0..)
+        .map(|u| format!("gone-{u}"))
+        .find(|k| owned[1].contains(&(partitioner.partition(k) as u64)))
+        .unwrap();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &owner.pid().to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    for i in 0..5 {
+        let sent = impatient
+            .post(format!("{}/v1/requests", front.url))
+            .json(&request(
+                "reserve",
+                Some(&key),
+                "gone-user",
+                &format!("gone-{i}"),
+            ))
+            .send()
+            .await;
+        assert!(
+            sent.is_err(),
+            "an outcome came from a frozen owner: {sent:?}"
+        );
+    }
+    // Well inside the frozen owner's session timeout: no outcome can have arrived.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = waiting_requests(&front).await;
+    signal("-CONT");
+    assert_eq!(waiting, 0, "waiters leaked by clients that went away");
+}
