@@ -686,7 +686,12 @@ async fn admin_install(
     query: Result<Query<InstallQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Json, ApiError> {
-    authorize(&api, &headers)?;
+    if let Err(refused) = authorize(&api, &headers) {
+        // Read what the client is sending (bounded) before refusing, so it gets the 401
+        // instead of a connection closed under its upload.
+        let _ = axum::body::to_bytes(body, api.max_module_bytes).await;
+        return Err(refused);
+    }
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let label = match query.label {
         Some(label) if label.len() > MAX_LABEL_BYTES || label.chars().any(char::is_control) => {

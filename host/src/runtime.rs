@@ -513,44 +513,20 @@ impl Runtime {
         .await
     }
 
-    /// Applies the request of dead letter `seq` of `partition` again (typically after a fixed
-    /// rule was installed): same kind, key, user, payload, and the same id if the client gave
-    /// one. `Ok(None)` if there is no such dead letter. The dead letter itself stays on record.
-    pub async fn resubmit_dead_letter(
+    /// Records on dead letter `seq` of `partition` that it was resubmitted; `false` if there
+    /// is no such letter.
+    pub async fn mark_resubmitted(
         &self,
         partition: u32,
         seq: u64,
-    ) -> Result<Option<Decision>, SubmitError> {
-        let letters = self
-            .dead_letters(partition, seq.saturating_sub(1), 1)
-            .await
-            .map_err(|e| match e {
-                ReadError::Backpressure(p) => SubmitError::Backpressure(p),
-                ReadError::ShuttingDown => SubmitError::ShuttingDown,
-                ReadError::Store(e) => SubmitError::Store(e),
-                ReadError::Damaged(e) => SubmitError::Damaged(e),
-            })?;
-        let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
-            return Ok(None);
-        };
-        let result = self.submit(letter.resubmission()).await;
-        let mark = crate::store::Resubmitted::of(&result);
-        // The answer stands even if the mark cannot be written: it is bookkeeping.
-        if let Err(e) = self
-            .ask(partition, |reply| Command::MarkResubmitted {
-                seq,
-                mark,
-                reply,
-            })
-            .await
-        {
-            tracing::warn!(
-                partition,
-                seq,
-                "could not mark the dead letter resubmitted: {e}"
-            );
-        }
-        result.map(Some)
+        mark: crate::store::Resubmitted,
+    ) -> Result<bool, ReadError> {
+        self.ask(partition, |reply| Command::MarkResubmitted {
+            seq,
+            mark,
+            reply,
+        })
+        .await
     }
 
     /// Per partition: (id, batches committed, requests queued), for readiness. Lock-free, unlike

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::kafka::{KafkaNode, KeyReadError, ResubmitError};
+use crate::kafka::{KafkaNode, KeyReadError};
 use crate::model::{Decision, Request, State};
 use crate::reload::{HistoryEntry, InstallError, InstallReport};
 use crate::router::Partitioner;
@@ -43,15 +43,6 @@ impl From<KeyReadError> for ServiceError {
             KeyReadError::NotOwned(p) => ServiceError::NotOwned(p),
             KeyReadError::Busy(p) => ServiceError::Read(ReadError::Backpressure(p)),
             KeyReadError::Store(e) => ServiceError::Read(ReadError::from(e)),
-        }
-    }
-}
-
-impl From<ResubmitError> for ServiceError {
-    fn from(e: ResubmitError) -> Self {
-        match e {
-            ResubmitError::Read(e) => e.into(),
-            ResubmitError::Submit(e) => ServiceError::Submit(e),
         }
     }
 }
@@ -129,16 +120,42 @@ impl Service {
         Ok(letters)
     }
 
-    /// Applies dead letter `seq` of `partition` again; `Ok(None)` if there is no such letter.
+    /// Applies the request of dead letter `seq` of `partition` again (typically after a fixed
+    /// rule was installed): same kind, key, user, payload, and the same id if the client gave
+    /// one. `Ok(None)` if there is no such letter. The letter stays, marked with when and what
+    /// came of it.
     pub async fn resubmit_dead_letter(
         &self,
         partition: u32,
         seq: u64,
     ) -> Result<Option<Decision>, ServiceError> {
-        Ok(match self {
-            Service::Local(runtime) => runtime.resubmit_dead_letter(partition, seq).await?,
-            Service::Kafka(node) => node.resubmit_dead_letter(partition, seq).await?,
-        })
+        let letters = self
+            .dead_letters(Some(partition), seq.saturating_sub(1), 1)
+            .await?;
+        let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
+            return Ok(None);
+        };
+        let result = self.submit(letter.resubmission()).await;
+        let mark = crate::store::Resubmitted::of(&result);
+        let marked = match self {
+            Service::Local(runtime) => runtime
+                .mark_resubmitted(partition, seq, mark)
+                .await
+                .map_err(ServiceError::from),
+            Service::Kafka(node) => node
+                .mark_resubmitted(partition, seq, mark)
+                .await
+                .map_err(ServiceError::from),
+        };
+        // The answer stands even if the mark cannot be written: it is bookkeeping.
+        if let Err(e) = marked {
+            tracing::warn!(
+                partition,
+                seq,
+                "could not mark the dead letter resubmitted: {e}"
+            );
+        }
+        Ok(Some(result?))
     }
 
     /// Installs a rule version (see [`crate::install`]).

@@ -192,17 +192,6 @@ struct Owned {
     control: crossbeam_channel::Sender<Command>,
 }
 
-/// Why a dead letter could not be resubmitted in Kafka mode.
-#[derive(Debug, thiserror::Error)]
-pub enum ResubmitError {
-    /// The dead letter could not be read here.
-    #[error("{0}")]
-    Read(#[from] KeyReadError),
-    /// The resubmitted request failed.
-    #[error("{0}")]
-    Submit(#[from] SubmitError),
-}
-
 /// Why a key's state could not be read in Kafka mode.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyReadError {
@@ -598,28 +587,16 @@ impl KafkaNode {
         }
     }
 
-    /// Applies the request of dead letter `seq` of partition `p` again, if this process owns
-    /// the partition; `Ok(None)` if there is no such dead letter.
-    pub async fn resubmit_dead_letter(
+    /// Records on dead letter `seq` of partition `p` that it was resubmitted, if this process
+    /// owns the partition; `false` if there is no such letter.
+    pub async fn mark_resubmitted(
         &self,
         p: u32,
         seq: u64,
-    ) -> Result<Option<Decision>, ResubmitError> {
-        let letters = self.dead_letters(p, seq.saturating_sub(1), 1).await?;
-        let Some(letter) = letters.into_iter().find(|l| l.seq == seq) else {
-            return Ok(None);
-        };
-        let result = self.submit(letter.resubmission()).await;
-        let mark = crate::store::Resubmitted::of(&result);
-        // The answer stands even if the mark cannot be written (the partition moved): it is
-        // bookkeeping.
-        if let Err(e) = self
-            .ask(p, |reply| Command::MarkResubmitted { seq, mark, reply })
+        mark: crate::store::Resubmitted,
+    ) -> Result<bool, KeyReadError> {
+        self.ask(p, |reply| Command::MarkResubmitted { seq, mark, reply })
             .await
-        {
-            tracing::warn!(p, seq, "could not mark the dead letter resubmitted: {e}");
-        }
-        Ok(Some(result?))
     }
 
     /// The rule version each partition runs in this process (or will run when it takes it).
