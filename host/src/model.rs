@@ -22,7 +22,9 @@ pub struct Request {
 }
 
 /// A request after routing: what the partition thread applies, the rule sees, and the log keeps.
+/// Unknown fields are refused: a Kafka record carrying one is not what it claims to be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RoutedRequest {
     /// The client's id, or one the host generated.
     pub id: String,

@@ -678,7 +678,10 @@ fn apply_incoming<R>(
         None => check_routed(&incoming.request, partitioner, partition).err(),
     };
     if let Some(error) = refused {
-        tracing::warn!(partition, id = %incoming.request.id, source = ?incoming.source, "request refused: {error}");
+        // The id and the reason may come from another producer's record: bounded and escaped.
+        let id = crate::sandbox::escape_untrusted(&incoming.request.id, 128);
+        let reason = crate::sandbox::escape_untrusted(&error.to_string(), 512);
+        tracing::warn!(partition, %id, source = ?incoming.source, "request refused: {reason}");
         tx.dead_letter(DeadLetter {
             seq: 0,
             partition,

@@ -639,11 +639,14 @@ impl RequestIds {
         };
         let (id, idempotent) = match request.id {
             Some(id) => (id, true),
+            // A random part too: a host-made id must not be guessable, or another producer of
+            // a Kafka requests topic could take it first and make this request an id_conflict.
             None => (
                 format!(
-                    "{}-{}",
+                    "{}-{}-{:016x}",
                     self.prefix,
-                    self.next.fetch_add(1, Ordering::Relaxed)
+                    self.next.fetch_add(1, Ordering::Relaxed),
+                    rand::random::<u64>()
                 ),
                 false,
             ),
@@ -664,8 +667,10 @@ impl RequestIds {
 /// Checks a request's fields before it is routed, so nothing malformed reaches a partition.
 pub fn validate(request: &Request) -> Result<(), SubmitError> {
     let field = |name: &str, value: &str| {
-        if value.is_empty() {
-            Err(SubmitError::Invalid(format!("`{name}` must not be empty")))
+        if value.trim().is_empty() {
+            Err(SubmitError::Invalid(format!(
+                "`{name}` must not be empty or only whitespace"
+            )))
         } else if value.len() > MAX_FIELD_BYTES {
             Err(SubmitError::Invalid(format!(
                 "`{name}` is {} bytes, more than {MAX_FIELD_BYTES}",

@@ -53,7 +53,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -77,10 +77,13 @@ pub use changelog::{ChangelogRecord, Checkpoint};
 
 /// A record of the requests topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RequestRecord {
     /// The request as routed.
     pub request: RoutedRequest,
-    /// Its dedup fingerprint (empty without a client id).
+    /// Its dedup fingerprint, as the front end computed it (optional, and ignored by the
+    /// consumer, which computes its own).
+    #[serde(default)]
     pub fingerprint: String,
 }
 
@@ -216,7 +219,7 @@ struct Shared {
     rules: RuleControl,
     /// Checks that consumed records are on the partition their key belongs to.
     partitioner: Partitioner,
-    producer: FutureProducer,
+    producer: Producers,
     node_id: String,
     owned: Mutex<BTreeMap<u32, Owned>>,
     /// Times a partition thread of this process found itself fenced by a newer owner.
@@ -402,16 +405,16 @@ impl KafkaNode {
             std::process::id(),
             rand::random::<u32>()
         );
-        let producer: FutureProducer = client_config(&kafka)
+        let mut producer_config = client_config(&kafka);
+        producer_config
             .set("client.id", &node_id)
             .set("acks", "all")
             // The idempotent producer: a send retried after a lost acknowledgement is written
             // once, and each partition's records stay in order with several in flight.
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .context("creating the Kafka producer")?;
+            .set("message.timeout.ms", "30000");
+        let producer = Producers::new(producer_config)?;
 
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -1205,6 +1208,69 @@ fn open_local_store(
     }
 }
 
+/// The process's producer, replaced when it turns fatal: an idempotent producer that the broker
+/// fenced (after a long broker pause, say) never produces again, so every later send would
+/// fail until the process restarts.
+struct Producers {
+    config: ClientConfig,
+    current: std::sync::RwLock<FutureProducer>,
+}
+
+impl Producers {
+    fn new(config: ClientConfig) -> anyhow::Result<Producers> {
+        let producer = config.create().context("creating the Kafka producer")?;
+        Ok(Producers {
+            config,
+            current: std::sync::RwLock::new(producer),
+        })
+    }
+
+    /// The producer to send with now.
+    fn get(&self) -> FutureProducer {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sends one record with the current producer; a failure that left the producer fatal
+    /// replaces it, so the next send (a retry) works again.
+    async fn send<K, P>(
+        &self,
+        record: FutureRecord<'_, K, P>,
+        timeout: Duration,
+    ) -> rdkafka::producer::future_producer::OwnedDeliveryResult
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        let result = self.get().send(record, timeout).await;
+        if result.is_err() {
+            self.renew_if_fatal();
+        }
+        result
+    }
+
+    /// After a failed send: if the producer is in a fatal state, replace it with a new one.
+    fn renew_if_fatal(&self) {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let Some((code, reason)) = current.client().fatal_error() else {
+            return;
+        };
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(
+                    "the Kafka producer failed for good ({code}: {reason}); replaced it"
+                );
+                *current = fresh;
+            }
+            Err(e) => tracing::error!(
+                "the Kafka producer failed for good ({code}: {reason}) and could not be replaced: {e}"
+            ),
+        }
+    }
+}
+
 /// Drops the reads and swaps queued for a partition that is not serving: each waiting caller
 /// sees its reply channel close and answers `not_owned` instead of waiting.
 fn refuse_queued(control: &crossbeam_channel::Receiver<Command>) {
@@ -1333,14 +1399,21 @@ fn restore_and_serve(
     stats.restored.store(true, Ordering::Relaxed);
     engine.run(&mut transport);
     if transport.fenced {
-        // Another process owns the partition now; this one leaves it alone until the group
-        // gives it back (a new thread, a new restore).
+        // A newer owner wrote a fence: if the group really moved the partition, its revocation
+        // (the stop) comes within a session timeout. If it does not, the fence was not a real
+        // owner's (a stray or forged record): restore again, with a fence of this process's own.
         stats.restored.store(false, Ordering::Relaxed);
-        while !stop.load(Ordering::Relaxed) {
+        let grace = Instant::now() + Duration::from_millis(2 * kafka.session_timeout_ms);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < grace {
             refuse_queued(control);
             std::thread::sleep(Duration::from_millis(50));
         }
-        return Ok(());
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "partition {p} was fenced but the group still assigns it to this process; restoring it again"
+        );
     }
     match transport.failure.take() {
         Some(e) => Err(e),
@@ -1549,7 +1622,10 @@ impl KafkaLog<'_> {
         let payload = message.payload().unwrap_or_default();
         match serde_json::from_slice::<RequestRecord>(payload) {
             Ok(record) => {
-                let request = record.request;
+                let mut request = record.request;
+                // Every request in Kafka mode is deduplicated by its id: a producer cannot turn
+                // that off for its records.
+                request.idempotent = true;
                 // Computed here, never taken from the record: a producer cannot make two
                 // different requests look the same to deduplication.
                 let fingerprint = crate::runtime::fingerprint(
@@ -1605,6 +1681,19 @@ impl KafkaLog<'_> {
 /// Produces `records` (key, value) in order and waits until the broker has acknowledged all;
 /// returns the offset of the last one.
 async fn produce_all(
+    producers: &Producers,
+    topic: &str,
+    partition: Option<i32>,
+    records: &[(String, Vec<u8>)],
+) -> anyhow::Result<Option<i64>> {
+    let result = produce_all_with(&producers.get(), topic, partition, records).await;
+    if result.is_err() {
+        producers.renew_if_fatal();
+    }
+    result
+}
+
+async fn produce_all_with(
     producer: &FutureProducer,
     topic: &str,
     partition: Option<i32>,
