@@ -1245,16 +1245,34 @@ impl Producers {
         P: rdkafka::message::ToBytes + ?Sized,
     {
         let result = self.get().send(record, timeout).await;
-        if result.is_err() {
-            self.renew_if_fatal();
+        if let Err((e, _)) = &result {
+            self.renew_after(e);
         }
         result
     }
 
-    /// After a failed send: if the producer is in a fatal state, replace it with a new one.
-    fn renew_if_fatal(&self) {
+    /// After a failed send: if the producer is in a fatal state, or the broker fenced its
+    /// producer id (Tansu does after a long pause, on every later send), replace it.
+    fn renew_after(&self, error: &rdkafka::error::KafkaError) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        let Some((code, reason)) = current.client().fatal_error() else {
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                Code::ProducerFenced
+                    | Code::InvalidProducerEpoch
+                    | Code::UnknownProducerId
+                    | Code::OutOfOrderSequenceNumber
+            )
+        );
+        let Some((code, reason)) = current.client().fatal_error().or_else(|| {
+            fenced.then(|| {
+                (
+                    error.rdkafka_error_code().expect("fenced"),
+                    error.to_string(),
+                )
+            })
+        }) else {
             return;
         };
         match self.config.create::<FutureProducer>() {
@@ -1687,8 +1705,10 @@ async fn produce_all(
     records: &[(String, Vec<u8>)],
 ) -> anyhow::Result<Option<i64>> {
     let result = produce_all_with(&producers.get(), topic, partition, records).await;
-    if result.is_err() {
-        producers.renew_if_fatal();
+    if let Err(e) = &result
+        && let Some(e) = e.downcast_ref::<rdkafka::error::KafkaError>()
+    {
+        producers.renew_after(e);
     }
     result
 }
@@ -1717,7 +1737,9 @@ async fn produce_all_with(
                     ),
                     _,
                 )) => tokio::time::sleep(Duration::from_millis(1)).await,
-                Err((e, _)) => bail!("producing to {topic}: {e}"),
+                Err((e, _)) => {
+                    return Err(anyhow::Error::new(e).context(format!("producing to {topic}")));
+                }
             }
         }
     }
@@ -1725,7 +1747,9 @@ async fn produce_all_with(
     for delivery in deliveries {
         match delivery.await {
             Ok(Ok(delivery)) => last = Some(delivery.offset),
-            Ok(Err((e, _))) => bail!("producing to {topic}: {e}"),
+            Ok(Err((e, _))) => {
+                return Err(anyhow::Error::new(e).context(format!("producing to {topic}")));
+            }
             Err(_) => bail!("producing to {topic}: the producer went away"),
         }
     }
