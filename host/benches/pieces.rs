@@ -3,17 +3,20 @@
 //! - the partitioner (Java `String.hashCode` and Kafka murmur2) on a typical key;
 //! - one call of the reference rule as a Wasm component (in a fresh instance, the default, and in
 //!   a warm instance kept between calls), and the same rule compiled natively;
-//! - one group commit of 256 transitions into a partition store.
+//! - trap recovery: a call that really traps (the rule runs out of fuel) in warm mode, which
+//!   drops the instance, so each iteration also pays the new Store + instance the trap leaves;
+//! - one group commit of 256 requests into a partition store with every record a partition
+//!   writes for an idempotent transition: route, state read and write, log entry, dedup entry.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use turnstile::config::{Config, Durability};
-use turnstile::model::{Outcome, RoutedRequest, State};
-use turnstile::router::{HashKind, Partitioner};
+use turnstile::model::{Decision, Outcome, RoutedRequest, State, Verdict};
+use turnstile::router::{HashKind, Partitioner, Route};
 use turnstile::sandbox::{Isolation, REFERENCE_RULE, RuleLimits, Sandbox};
-use turnstile::store::{Location, LogEntry, PartitionStore};
+use turnstile::store::{DedupEntry, Location, LogEntry, PartitionStore};
 
 fn request(kind: &str) -> RoutedRequest {
     RoutedRequest {
@@ -70,44 +73,92 @@ fn rule_call(c: &mut Criterion) {
         "rule/wasm new store and instance (warm mode, after a failure)",
         |b| b.iter(|| warm.replace_rule(warm.rule().clone()).unwrap()),
     );
+    // Too little fuel for the call: the rule traps every time, and the warm instance is dropped
+    // as after any failure, so the next iteration instantiates afresh.
+    let mut trapping_limits = RuleLimits::from(&Config::default().rule);
+    trapping_limits.isolation = Isolation::WarmInstanceLeaksState;
+    trapping_limits.fuel = 50;
+    let trapping_sandbox = Sandbox::new(trapping_limits).unwrap();
+    let trapping_rule = Arc::new(trapping_sandbox.compile(REFERENCE_RULE).unwrap());
+    let mut trapping = trapping_sandbox.instantiate(trapping_rule, 0).unwrap();
+    assert!(
+        trapping.handle(Some(&reserved), &associate).is_err(),
+        "the trap recovery bench needs a call that traps"
+    );
+    c.bench_function(
+        "rule/wasm trap recovery (a call that runs out of fuel, then a new instance)",
+        |b| b.iter(|| trapping.handle(black_box(Some(&reserved)), black_box(&associate))),
+    );
 }
 
 fn group_commit(c: &mut Criterion) {
     let mut store = PartitionStore::open(&Location::Memory, 0, Durability::None, 1_000).unwrap();
     let mut round = 0u64;
-    c.bench_function("store/group commit of 256 transitions", |b| {
-        b.iter(|| {
-            round += 1;
-            store
-                .write_batch(|tx| {
-                    for i in 0..256u64 {
-                        let key = format!("k-{}", (round * 256 + i) % 100_000);
-                        let state = State {
-                            status: "reserved".into(),
-                            user: "u".into(),
-                            data: "{}".into(),
-                            version: 1,
-                            rule_version: String::new(),
-                            updated_at_ms: 0,
-                        };
-                        tx.put_state(&key, &state)?;
-                        tx.append_log(LogEntry {
-                            seq: 0,
-                            request: request("reserve"),
-                            outcome: Outcome::Transition {
+    c.bench_function(
+        "store/group commit of 256 idempotent transitions (route, state, log, dedup)",
+        |b| {
+            b.iter(|| {
+                round += 1;
+                store
+                    .write_batch(|tx| {
+                        for i in 0..256u64 {
+                            let n = round * 256 + i;
+                            let key = format!("k-{}", n % 100_000);
+                            let mut request = request("reserve");
+                            request.id = format!("id-{n}");
+                            request.idempotent = true;
+                            request.key = key.clone();
+                            request.user = format!("u-{}", n % 100_000);
+                            // The same records, in the same order, as a partition applying it.
+                            tx.record_route(
+                                &request.user,
+                                &Route {
+                                    key: key.clone(),
+                                    recorded_at_ms: request.received_at_ms,
+                                },
+                            )?;
+                            let current = tx.state(&key)?;
+                            let state = State {
                                 status: "reserved".into(),
+                                user: request.user.clone(),
                                 data: "{}".into(),
-                            },
-                            state_version: 1,
-                            rule_version: String::new(),
-                            applied_at_ms: 0,
-                        })?;
-                    }
-                    Ok(())
-                })
-                .unwrap()
-        })
-    });
+                                version: current.map_or(0, |s| s.version) + 1,
+                                rule_version: String::new(),
+                                updated_at_ms: 0,
+                            };
+                            tx.put_state(&key, &state)?;
+                            let seq = tx.append_log(LogEntry {
+                                seq: 0,
+                                request: request.clone(),
+                                outcome: Outcome::Transition {
+                                    status: "reserved".into(),
+                                    data: "{}".into(),
+                                },
+                                state_version: state.version,
+                                rule_version: String::new(),
+                                applied_at_ms: 0,
+                            })?;
+                            tx.put_dedup(
+                                &request.id,
+                                &DedupEntry {
+                                    fingerprint: "0".repeat(64),
+                                    decision: Decision {
+                                        id: request.id.clone(),
+                                        key,
+                                        partition: 0,
+                                        seq,
+                                        verdict: Verdict::Transition(state),
+                                        rule_version: String::new(),
+                                    },
+                                },
+                            )?;
+                        }
+                        Ok(())
+                    })
+                    .unwrap()
+            })
+        },
+    );
 }
 
 criterion_group!(pieces, partitioner, rule_call, group_commit);

@@ -1,49 +1,81 @@
 //! `turnstile bench`: load on the real runtime, and the baselines it is measured against, on the
 //! same workload in the same process.
 //!
-//! The workload is the patent's: `users` users, each sending `reserve` (key + user) and then
-//! `associate`. In process the two are sent back to back without waiting (the way a queue
-//! delivers them), so ordering matters; over HTTP (`--url`) the client waits for the reserve's
-//! answer first, as an HTTP client must.
+//! Workloads (`--workload`):
+//! - `pairs` (the patent's): `users` users, each sending `reserve` (key + user) and then
+//!   `associate` (user only, resolved through the route cache). In process the two are sent back
+//!   to back without waiting (the way a queue delivers them), so ordering matters: `wrong` counts
+//!   users that did not end `associated` at version 2 with both answers transitions. Over HTTP
+//!   (`--url`) the client waits for the reserve's answer first, as an HTTP client must.
+//! - `race`: for each user, `rounds` times, a `reserve` and an `associate` sent at the same time
+//!   from two different client tasks. Any order of the two is allowed; `anomalies` counts users
+//!   whose answers and final stored state no serial order of their requests explains (an
+//!   oracle replaying the reference rule over every order the rounds allow).
+//!
+//! Load (`--rate`): without it, closed loop (each client waits for its answers before its next
+//! user). With `--rate R[,R...]`, open loop: requests are scheduled at a fixed rate whatever the
+//! answers, and latency counts from each request's *scheduled* send time (no coordinated
+//! omission), recorded in an HDR histogram; one row per rate.
 //!
 //! Variants (`--compare` runs all of them):
 //! - `turnstile`: the runtime with the Wasm rule (router, route cache, partition threads, store),
 //!   a fresh instance per call (the default `rule.isolation`).
-//! - `turnstile-warm`: the same with `rule.isolation = "warm_instance_leaks_state"`: the cost of
-//!   per-call isolation is the ratio of the two.
-//! - `turnstile-native`: the same runtime with the reference rule compiled natively: the cost of
-//!   the sandbox is the ratio of the two.
-//! - `locked-workers`: the status-quo design the patent replaces: a pool of worker threads taking
-//!   requests from one shared queue and updating a shared map under per-key locks, with the same
-//!   Wasm rule (one instance per worker) and the same durability (an append-only file, fsynced
-//!   per request with `sync`).
-//! - `unordered-workers`: a naive multi-consumer: requests dealt round-robin to workers, no
-//!   per-key serialization. It counts the users it gets wrong (not `associated` at the end).
+//! - `turnstile-warm`: the same with `rule.isolation = "warm_instance_leaks_state"`.
+//! - `turnstile-native`: the same runtime with the reference rule compiled natively.
+//! - `locked-workers`: the status-quo design the patent replaces: worker threads taking requests
+//!   from one shared queue and deciding under per-key locks, with the same Wasm rule.
+//! - `unordered-workers`: requests dealt round-robin to workers, no per-key serialization.
+//!
+//! The baselines do the same work as Turnstile: the same route resolution (the same route cache,
+//! recorded by a request with a key, looked up by one without), the same records (route, state,
+//! log entry) in the same store (one redb file per shard, as many shards as partitions), written
+//! by one committer thread per shard in group commits of up to `max_batch` with the same
+//! durability, and a failed write fails the requests of its batch. What differs is the design:
+//! shared workers and locks instead of one thread per partition. One difference remains: a
+//! worker reads the current state from an in-memory map (the state is shared between workers),
+//! Turnstile from its store's transaction.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, Durability};
 use crate::model::{Outcome, Request, RoutedRequest, State, Verdict};
-use crate::runtime::Runtime;
+use crate::router::{Route, RouteCache};
+use crate::runtime::{Runtime, SubmitError};
 use crate::sandbox::{RuleLimits, Sandbox};
+use crate::store::{Location, LogEntry, PartitionStore};
+
+/// Which requests the clients send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Per user, `reserve` then `associate`, back to back from one client.
+    Pairs,
+    /// Per user, `rounds` times, `reserve` and `associate` at once from two clients.
+    Race {
+        /// How many times each user's pair is sent.
+        rounds: u32,
+    },
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Partitions (and, for the baselines, worker threads).
+    /// Partitions (and, for the baselines, worker threads and store shards).
     pub partitions: u32,
-    /// Users; each sends two requests.
+    /// Users; each sends two requests per round.
     pub users: u64,
-    /// Concurrent clients (in process: tasks; over HTTP: connections).
+    /// Concurrent clients (in process: tasks; over HTTP: connections). In open loop, the number
+    /// of tasks scheduling the requests.
     pub clients: usize,
     /// Store durability.
     pub durability: Durability,
@@ -53,6 +85,10 @@ pub struct BenchOptions {
     pub rule: Option<Vec<u8>>,
     /// Run every baseline too.
     pub compare: bool,
+    /// Which requests.
+    pub workload: Workload,
+    /// Open-loop arrival rates, requests per second, one row each; empty: closed loop.
+    pub rates: Vec<f64>,
     /// Drive running servers over HTTP instead (clients are spread over the URLs, e.g. the
     /// processes of a Kafka-mode cluster).
     pub url: Option<Vec<String>>,
@@ -63,24 +99,33 @@ pub struct BenchOptions {
 pub struct Row {
     /// Which variant.
     pub variant: String,
+    /// `pairs` or `race`.
+    pub workload: String,
+    /// The open-loop arrival rate, req/s; `None` for closed loop.
+    pub offered_rate: Option<f64>,
     /// Requests sent.
     pub requests: u64,
-    /// Wall-clock seconds.
+    /// Wall-clock seconds from the first send to the last answer.
     pub seconds: f64,
-    /// Requests per second.
+    /// Requests answered per second.
     pub throughput: f64,
-    /// Latency percentiles of one request, µs.
+    /// Latency percentiles of one request, µs (open loop: from its scheduled send time).
     pub p50_us: f64,
     /// 99th percentile, µs.
     pub p99_us: f64,
     /// 99.9th percentile, µs.
     pub p999_us: f64,
+    /// Slowest request, µs.
+    pub max_us: f64,
     /// Process CPU time (user + system) per request, µs.
     pub cpu_us_per_request: f64,
-    /// Users that did not end `associated` after exactly two transitions (a correct design has
-    /// none). For the Turnstile variants this is judged from the answers, for the worker
-    /// baselines from their final state.
+    /// Requests that got no decision (store failure, rule failure, runtime stopping).
+    pub errors: u64,
+    /// `pairs`: users that did not end `associated` at version 2 with a transition for each
+    /// request (a correct design has none). `race`: 0.
     pub wrong: u64,
+    /// `race`: users whose answers and final state no serial order explains. `pairs`: 0.
+    pub anomalies: u64,
 }
 
 /// Runs the benchmark; `progress(done, total)` as it goes.
@@ -89,38 +134,108 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(u64, u64)) -> anyhow
         .enable_all()
         .thread_name("bench-client")
         .build()?;
+    let loads: Vec<Option<f64>> = if options.rates.is_empty() {
+        vec![None]
+    } else {
+        options.rates.iter().copied().map(Some).collect()
+    };
     if let Some(urls) = &options.url {
-        return Ok(vec![tokio.block_on(http(urls, options, progress))?]);
+        return loads
+            .into_iter()
+            .map(|rate| tokio.block_on(http(urls, options, rate, progress)))
+            .collect();
+    }
+    let mut variants = vec![Variant::Turnstile(Decide::Wasm)];
+    if options.compare {
+        variants.extend([
+            Variant::Turnstile(Decide::WasmWarm),
+            Variant::Turnstile(Decide::Native),
+            Variant::Workers(WorkerDesign::Locked),
+            Variant::Workers(WorkerDesign::Unordered),
+        ]);
     }
     let mut rows = Vec::new();
-    rows.push(turnstile_variant(&tokio, options, Decide::Wasm, progress)?);
-    if options.compare {
-        rows.push(turnstile_variant(
-            &tokio,
-            options,
-            Decide::WasmWarm,
-            progress,
-        )?);
-        rows.push(turnstile_variant(
-            &tokio,
-            options,
-            Decide::Native,
-            progress,
-        )?);
-        rows.push(workers_variant(
-            &tokio,
-            options,
-            WorkerDesign::Locked,
-            progress,
-        )?);
-        rows.push(workers_variant(
-            &tokio,
-            options,
-            WorkerDesign::Unordered,
-            progress,
-        )?);
+    // Rates outside, variants inside: the rows of one rate are measured close together.
+    for rate in loads {
+        for variant in &variants {
+            let dir = TempDir::new("run")?;
+            let system = variant.start(options, &dir.0)?;
+            let row = tokio.block_on(drive(system.clone(), options, rate, progress))?;
+            let row = Row {
+                variant: variant.name().to_string(),
+                ..row
+            };
+            system.stop();
+            rows.push(row);
+        }
     }
     Ok(rows)
+}
+
+/// What one request got, as the oracle and the counters see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// The rule made a transition to this status.
+    Transition(String),
+    /// The rule rejected it, or it had no key and the user no route: nothing changed.
+    Rejected,
+    /// No decision (store failure, rule failure, stopping): the oracle cannot judge the user.
+    Failed,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// A design under load: Turnstile or a baseline, behind one interface so that every variant
+/// gets exactly the same load generator.
+trait System: Send + Sync + 'static {
+    /// Submits one request; the future is its answer once durable.
+    fn submit(self: Arc<Self>, request: Request) -> Pending;
+    /// The key's durable status and version after the load, read from the store.
+    fn final_state(
+        self: Arc<Self>,
+        key: String,
+    ) -> Pin<Box<dyn Future<Output = Option<State>> + Send>>;
+    /// Stops the threads.
+    fn stop(&self);
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Variant {
+    Turnstile(Decide),
+    Workers(WorkerDesign),
+}
+
+impl Variant {
+    fn name(&self) -> &'static str {
+        match self {
+            Variant::Turnstile(Decide::Wasm) => "turnstile",
+            Variant::Turnstile(Decide::WasmWarm) => "turnstile-warm",
+            Variant::Turnstile(Decide::Native) => "turnstile-native",
+            Variant::Workers(WorkerDesign::Locked) => "locked-workers",
+            Variant::Workers(WorkerDesign::Unordered) => "unordered-workers",
+        }
+    }
+
+    fn start(
+        &self,
+        options: &BenchOptions,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<Arc<dyn System>> {
+        Ok(match *self {
+            Variant::Turnstile(decide) => {
+                let mut config = base_config(options, dir.to_path_buf());
+                if decide == Decide::WasmWarm {
+                    config.rule.isolation = crate::sandbox::Isolation::WarmInstanceLeaksState;
+                }
+                Arc::new(TurnstileSystem(if decide == Decide::Native {
+                    Runtime::start_native(&config, crate::native::REFERENCE)?
+                } else {
+                    Runtime::start(&config, options.rule.clone())?
+                }))
+            }
+            Variant::Workers(design) => Arc::new(Workers::start(options, dir, design)?),
+        })
+    }
 }
 
 fn base_config(options: &BenchOptions, data_dir: PathBuf) -> Config {
@@ -128,10 +243,15 @@ fn base_config(options: &BenchOptions, data_dir: PathBuf) -> Config {
     config.partitions.servers = 1;
     config.partitions.containers = options.partitions;
     config.partitions.max_batch = options.max_batch;
-    config.partitions.queue_capacity = (options.clients * 4).max(1024);
+    config.partitions.queue_capacity = queue_capacity(options);
     config.store.durability = options.durability;
     config.store.data_dir = Some(data_dir);
     config
+}
+
+/// Room in each queue, the same for Turnstile's partitions and the baselines' workers.
+fn queue_capacity(options: &BenchOptions) -> usize {
+    (options.clients * 4).max(1024)
 }
 
 /// A temporary directory removed when dropped.
@@ -155,67 +275,762 @@ impl Drop for TempDir {
     }
 }
 
-fn reserve(u: u64) -> Request {
+/// How a Turnstile variant decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decide {
+    /// The Wasm rule, a fresh instance per call.
+    Wasm,
+    /// The Wasm rule, one warm instance per partition.
+    WasmWarm,
+    /// The rule compiled into the host.
+    Native,
+}
+
+struct TurnstileSystem(Runtime);
+
+impl System for TurnstileSystem {
+    fn submit(self: Arc<Self>, request: Request) -> Pending {
+        Box::pin(async move {
+            loop {
+                match self.0.submit(request.clone()).await {
+                    Ok(decision) => {
+                        return match decision.verdict {
+                            Verdict::Transition(state) => Answer::Transition(state.status),
+                            Verdict::Reject(_) => Answer::Rejected,
+                        };
+                    }
+                    Err(SubmitError::UnknownRoute(_)) => return Answer::Rejected,
+                    // A full queue: wait for room, as the baselines' producers do.
+                    Err(SubmitError::Backpressure(_)) => tokio::task::yield_now().await,
+                    Err(_) => return Answer::Failed,
+                }
+            }
+        })
+    }
+
+    fn final_state(
+        self: Arc<Self>,
+        key: String,
+    ) -> Pin<Box<dyn Future<Output = Option<State>> + Send>> {
+        Box::pin(async move { self.0.key_state(&key).await.ok().and_then(|(_, s)| s) })
+    }
+
+    fn stop(&self) {
+        self.0.shutdown();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerDesign {
+    /// One shared queue, per-key locks.
+    Locked,
+    /// Round-robin to per-worker queues, no per-key serialization.
+    Unordered,
+}
+
+/// A request for a baseline worker.
+struct Job {
+    request: RoutedRequest,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// A decided request on its way to its shard's committer.
+struct Commit {
+    request: RoutedRequest,
+    outcome: Outcome,
+    /// The new state when the outcome is a transition.
+    state: Option<State>,
+    state_version: u64,
+    reply: oneshot::Sender<Answer>,
+    answer: Answer,
+}
+
+/// The state the workers share: an in-memory map of current states, per-key lock stripes, and
+/// the committers of the store shards.
+struct Shared {
+    shards: Vec<Mutex<HashMap<String, State>>>,
+    key_locks: Vec<Mutex<()>>,
+    committers: Vec<crossbeam_channel::Sender<Commit>>,
+}
+
+fn index(key: &str, len: usize) -> usize {
+    (crate::router::java_string_hash(key).unsigned_abs() as usize) % len
+}
+
+/// The lock-based or unordered baseline.
+struct Workers {
+    routes: RouteCache,
+    senders: Mutex<Option<Vec<crossbeam_channel::Sender<Job>>>>,
+    next: AtomicU64,
+    stores: Vec<Arc<Mutex<PartitionStore>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Workers {
+    fn start(
+        options: &BenchOptions,
+        dir: &std::path::Path,
+        design: WorkerDesign,
+    ) -> anyhow::Result<Workers> {
+        let config = base_config(options, dir.to_path_buf());
+        let shard_count = options.partitions;
+        crate::store::create_partition_files(dir, shard_count).map_err(anyhow::Error::msg)?;
+        let mut stores = Vec::new();
+        let mut threads = Vec::new();
+        let mut committers = Vec::new();
+        for s in 0..shard_count {
+            let store = PartitionStore::open(
+                &Location::Dir(dir.to_path_buf()),
+                s,
+                options.durability,
+                config.store.dedup_retention,
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let store = Arc::new(Mutex::new(store));
+            let (tx, rx) = crossbeam_channel::bounded::<Commit>(queue_capacity(options));
+            let (store_for_thread, max_batch) = (store.clone(), options.max_batch.max(1));
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("bench-commit-{s}"))
+                    .spawn(move || commit_loop(&rx, &store_for_thread, max_batch))?,
+            );
+            stores.push(store);
+            committers.push(tx);
+        }
+        let shared = Arc::new(Shared {
+            shards: (0..64).map(|_| Mutex::default()).collect(),
+            key_locks: (0..4096).map(|_| Mutex::default()).collect(),
+            committers,
+        });
+        let sandbox = Sandbox::new(RuleLimits::from(&config.rule))?;
+        let bytes = options
+            .rule
+            .clone()
+            .unwrap_or_else(|| crate::sandbox::REFERENCE_RULE.to_vec());
+        let rule = sandbox.compile_shared(&bytes)?;
+        let workers = options.partitions as usize;
+        let (senders, receivers): (Vec<_>, Vec<_>) = match design {
+            // One queue that every worker takes from.
+            WorkerDesign::Locked => {
+                let (tx, rx) = crossbeam_channel::bounded::<Job>(queue_capacity(options));
+                (vec![tx], vec![rx; workers])
+            }
+            // One queue per worker, dealt round-robin.
+            WorkerDesign::Unordered => (0..workers)
+                .map(|_| crossbeam_channel::bounded::<Job>(queue_capacity(options)))
+                .unzip(),
+        };
+        for (w, receiver) in receivers.into_iter().enumerate() {
+            let mut instance = sandbox.instantiate(rule.clone(), w as u32)?;
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("bench-worker-{w}"))
+                    .spawn(move || {
+                        for job in receiver {
+                            let key = job.request.key.clone();
+                            let _guard = (design == WorkerDesign::Locked).then(|| {
+                                shared.key_locks[index(&key, shared.key_locks.len())]
+                                    .lock()
+                                    .unwrap()
+                            });
+                            let shard = &shared.shards[index(&key, shared.shards.len())];
+                            let current = shard.lock().unwrap().get(&key).cloned();
+                            let outcome = match instance.handle(current.as_ref(), &job.request) {
+                                Ok(outcome) => outcome,
+                                Err(_) => {
+                                    let _ = job.reply.send(Answer::Failed);
+                                    continue;
+                                }
+                            };
+                            let (state, state_version, answer) = match &outcome {
+                                Outcome::Transition { status, data } => {
+                                    let state = State {
+                                        status: status.clone(),
+                                        user: current.as_ref().map_or_else(
+                                            || job.request.user.clone(),
+                                            |s| s.user.clone(),
+                                        ),
+                                        data: data.clone(),
+                                        version: current.as_ref().map_or(0, |s| s.version) + 1,
+                                        rule_version: instance.rule().version.clone(),
+                                        updated_at_ms: job.request.received_at_ms,
+                                    };
+                                    shard.lock().unwrap().insert(key.clone(), state.clone());
+                                    let version = state.version;
+                                    (Some(state), version, Answer::Transition(status.clone()))
+                                }
+                                Outcome::Reject { .. } => (
+                                    None,
+                                    current.as_ref().map_or(0, |s| s.version),
+                                    Answer::Rejected,
+                                ),
+                            };
+                            // Handed over while the key's lock is held, so that a key's records
+                            // reach its committer in the order they were decided.
+                            let commit = Commit {
+                                request: job.request,
+                                outcome,
+                                state,
+                                state_version,
+                                reply: job.reply,
+                                answer,
+                            };
+                            if let Err(back) =
+                                shared.committers[index(&key, shared.committers.len())].send(commit)
+                            {
+                                let _ = back.0.reply.send(Answer::Failed);
+                            }
+                        }
+                    })?,
+            );
+        }
+        Ok(Workers {
+            routes: RouteCache::new(config.routes.capacity, config.routes.ttl_seconds * 1000),
+            senders: Mutex::new(Some(senders)),
+            next: AtomicU64::new(0),
+            stores,
+            threads: Mutex::new(threads),
+        })
+    }
+}
+
+/// A shard's committer: the same records as a Turnstile partition (route, state on a transition,
+/// log entry) in group commits of up to `max_batch`; a failed commit fails its whole batch.
+fn commit_loop(
+    queue: &crossbeam_channel::Receiver<Commit>,
+    store: &Mutex<PartitionStore>,
+    max_batch: usize,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(commit) => batch.push(commit),
+                Err(_) => break,
+            }
+        }
+        let now = crate::model::now_ms();
+        let written = store.lock().unwrap().write_batch(|tx| {
+            for c in &batch {
+                tx.record_route(
+                    &c.request.user,
+                    &Route {
+                        key: c.request.key.clone(),
+                        recorded_at_ms: c.request.received_at_ms,
+                    },
+                )?;
+                if let Some(state) = &c.state {
+                    tx.put_state(&c.request.key, state)?;
+                }
+                tx.append_log(LogEntry {
+                    seq: 0,
+                    request: c.request.clone(),
+                    outcome: c.outcome.clone(),
+                    state_version: c.state_version,
+                    rule_version: c
+                        .state
+                        .as_ref()
+                        .map_or_else(String::new, |s| s.rule_version.clone()),
+                    applied_at_ms: now,
+                })?;
+            }
+            Ok(())
+        });
+        for c in batch {
+            let answer = if written.is_ok() {
+                c.answer
+            } else {
+                Answer::Failed
+            };
+            let _ = c.reply.send(answer);
+        }
+    }
+}
+
+impl System for Workers {
+    fn submit(self: Arc<Self>, request: Request) -> Pending {
+        Box::pin(async move {
+            // The same route resolution as Turnstile's router: a request with a key records the
+            // user's route, one without resolves it.
+            let now = crate::model::now_ms();
+            let key = match request.key {
+                Some(key) => {
+                    self.routes.record(
+                        &request.user,
+                        Route {
+                            key: key.clone(),
+                            recorded_at_ms: now,
+                        },
+                    );
+                    key
+                }
+                None => match self.routes.lookup(&request.user, now) {
+                    Some(route) => route.key,
+                    None => return Answer::Rejected,
+                },
+            };
+            let (reply, answer) = oneshot::channel();
+            let mut job = Job {
+                request: RoutedRequest {
+                    id: format!("bench-{}", self.next.fetch_add(1, Ordering::Relaxed)),
+                    idempotent: false,
+                    kind: request.kind,
+                    key,
+                    user: request.user,
+                    payload: "null".into(),
+                    received_at_ms: now,
+                },
+                reply,
+            };
+            let sender = {
+                let senders = self.senders.lock().unwrap();
+                let Some(senders) = senders.as_ref() else {
+                    return Answer::Failed;
+                };
+                senders[self.next.load(Ordering::Relaxed) as usize % senders.len()].clone()
+            };
+            loop {
+                match sender.try_send(job) {
+                    Ok(()) => break,
+                    // A full queue: wait for room, like a producer would.
+                    Err(crossbeam_channel::TrySendError::Full(back)) => {
+                        job = back;
+                        tokio::task::yield_now().await;
+                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Answer::Failed,
+                }
+            }
+            answer.await.unwrap_or(Answer::Failed)
+        })
+    }
+
+    fn final_state(
+        self: Arc<Self>,
+        key: String,
+    ) -> Pin<Box<dyn Future<Output = Option<State>> + Send>> {
+        Box::pin(async move {
+            let store = &self.stores[index(&key, self.stores.len())];
+            store.lock().unwrap().state(&key).ok().flatten()
+        })
+    }
+
+    fn stop(&self) {
+        self.senders.lock().unwrap().take();
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Drives running servers over HTTP: keep-alive connections spread over the URLs.
+struct HttpSystem {
+    client: reqwest::Client,
+    urls: Vec<String>,
+    next: AtomicU64,
+}
+
+impl HttpSystem {
+    fn url(&self) -> &str {
+        &self.urls[self.next.fetch_add(1, Ordering::Relaxed) as usize % self.urls.len()]
+    }
+}
+
+impl System for HttpSystem {
+    fn submit(self: Arc<Self>, request: Request) -> Pending {
+        Box::pin(async move {
+            let mut body = serde_json::json!({"kind": request.kind, "user": request.user});
+            if let Some(key) = request.key {
+                body["key"] = key.into();
+            }
+            let url = format!("{}/v1/requests", self.url());
+            loop {
+                let Ok(response) = self.client.post(&url).json(&body).send().await else {
+                    return Answer::Failed;
+                };
+                let status = response.status().as_u16();
+                let Ok(reply) = response.json::<serde_json::Value>().await else {
+                    return Answer::Failed;
+                };
+                return match (status, reply["error"]["code"].as_str()) {
+                    (200, _) => reply["state"]["status"]
+                        .as_str()
+                        .map_or(Answer::Failed, |s| Answer::Transition(s.to_string())),
+                    (409, _) | (404, Some("unknown_route")) => Answer::Rejected,
+                    // A full partition queue: wait and send again, as the in-process clients do.
+                    (_, Some("backpressure")) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    _ => Answer::Failed,
+                };
+            }
+        })
+    }
+
+    fn final_state(
+        self: Arc<Self>,
+        key: String,
+    ) -> Pin<Box<dyn Future<Output = Option<State>> + Send>> {
+        Box::pin(async move {
+            let url = format!("{}/v1/keys/{key}", self.urls[0]);
+            let reply: serde_json::Value =
+                self.client.get(&url).send().await.ok()?.json().await.ok()?;
+            Some(State {
+                status: reply["state"]["status"].as_str()?.to_string(),
+                user: String::new(),
+                data: String::new(),
+                version: reply["state"]["version"].as_u64()?,
+                rule_version: String::new(),
+                updated_at_ms: 0,
+            })
+        })
+    }
+
+    fn stop(&self) {}
+}
+
+async fn http(
+    urls: &[String],
+    options: &BenchOptions,
+    rate: Option<f64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> anyhow::Result<Row> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(options.clients)
+        .build()?;
+    let system = Arc::new(HttpSystem {
+        client,
+        urls: urls.to_vec(),
+        next: AtomicU64::new(0),
+    });
+    let row = drive(system, options, rate, progress).await?;
+    Ok(Row {
+        variant: "turnstile-http".into(),
+        ..row
+    })
+}
+
+/// What one user's requests got.
+struct UserResult {
+    /// Which user.
+    user: u64,
+    /// Per round, the reserve's and the associate's answer.
+    answers: Vec<(Answer, Answer)>,
+    /// Latency of each request, µs.
+    latencies_us: Vec<u64>,
+    /// When its last answer arrived.
+    last_answer: Instant,
+}
+
+fn reserve(run: &str, u: u64) -> Request {
     Request {
         id: None,
         kind: "reserve".into(),
-        key: Some(format!("B-{u}")),
-        user: format!("bu-{u}"),
+        key: Some(key_of(run, u)),
+        user: format!("bu-{run}-{u}"),
         payload: None,
     }
 }
 
-fn associate(u: u64, with_key: bool) -> Request {
+fn associate(run: &str, u: u64) -> Request {
     Request {
         id: None,
         kind: "associate".into(),
-        key: with_key.then(|| format!("B-{u}")),
-        user: format!("bu-{u}"),
+        key: None,
+        user: format!("bu-{run}-{u}"),
         payload: None,
     }
 }
 
-/// Measures wall time, CPU time and latencies of one variant.
-struct Measure {
-    started: Instant,
-    cpu_started: Duration,
-    latencies_us: Vec<u32>,
+fn key_of(run: &str, u: u64) -> String {
+    format!("B-{run}-{u}")
 }
 
-impl Measure {
-    fn start() -> Measure {
-        Measure {
-            started: Instant::now(),
-            cpu_started: process_cpu_time(),
-            latencies_us: Vec::new(),
+/// Sends one user's requests; latency counts from `scheduled` for the first round (from the
+/// send of later rounds, which wait for the previous answers).
+async fn user_work(
+    system: Arc<dyn System>,
+    workload: Workload,
+    ordered_pairs: bool,
+    run: Arc<str>,
+    u: u64,
+    scheduled: Instant,
+) -> UserResult {
+    let mut result = UserResult {
+        user: u,
+        answers: Vec::new(),
+        latencies_us: Vec::new(),
+        last_answer: scheduled,
+    };
+    let timed = |system: Arc<dyn System>, request: Request, from: Instant| async move {
+        let answer = system.submit(request).await;
+        let at = Instant::now();
+        (
+            answer,
+            at,
+            at.saturating_duration_since(from).as_micros() as u64,
+        )
+    };
+    match workload {
+        Workload::Pairs if ordered_pairs => {
+            // Over HTTP: the associate is sent once the reserve is answered.
+            let (a, at, l1) = timed(system.clone(), reserve(&run, u), scheduled).await;
+            let (b, bt, l2) = timed(system, associate(&run, u), at).await;
+            result.answers.push((a, b));
+            result.latencies_us.extend([l1, l2]);
+            result.last_answer = bt;
         }
-    }
-
-    fn finish(mut self, variant: &str, requests: u64, wrong: u64) -> Row {
-        let seconds = self.started.elapsed().as_secs_f64();
-        let cpu = process_cpu_time().saturating_sub(self.cpu_started);
-        self.latencies_us.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if self.latencies_us.is_empty() {
-                return 0.0;
+        Workload::Pairs => {
+            // Polled in order: the reserve is queued before the associate, which is routed
+            // through the route the reserve just recorded.
+            let ((a, at, l1), (b, bt, l2)) = tokio::join!(
+                timed(system.clone(), reserve(&run, u), scheduled),
+                timed(system, associate(&run, u), scheduled)
+            );
+            result.answers.push((a, b));
+            result.latencies_us.extend([l1, l2]);
+            result.last_answer = at.max(bt);
+        }
+        Workload::Race { rounds } => {
+            let mut from = scheduled;
+            for _ in 0..rounds {
+                // Two tasks, so the two requests race from different clients (threads).
+                let first = tokio::spawn(timed(system.clone(), reserve(&run, u), from));
+                let second = tokio::spawn(timed(system.clone(), associate(&run, u), from));
+                let (a, at, l1) = first.await.unwrap_or((Answer::Failed, Instant::now(), 0));
+                let (b, bt, l2) = second.await.unwrap_or((Answer::Failed, Instant::now(), 0));
+                result.answers.push((a, b));
+                result.latencies_us.extend([l1, l2]);
+                from = at.max(bt);
+                result.last_answer = from;
             }
-            let i = ((self.latencies_us.len() as f64 * p).ceil() as usize)
-                .clamp(1, self.latencies_us.len())
-                - 1;
-            f64::from(self.latencies_us[i])
-        };
-        Row {
-            variant: variant.to_string(),
-            requests,
-            seconds,
-            throughput: requests as f64 / seconds,
-            p50_us: pct(0.50),
-            p99_us: pct(0.99),
-            p999_us: pct(0.999),
-            cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests as f64,
-            wrong,
         }
     }
+    result
+}
+
+/// Runs the workload against one system and measures it.
+async fn drive(
+    system: Arc<dyn System>,
+    options: &BenchOptions,
+    rate: Option<f64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> anyhow::Result<Row> {
+    let run: Arc<str> = format!("{:08x}", rand::random::<u32>()).into();
+    let per_user = match options.workload {
+        Workload::Pairs => 2,
+        Workload::Race { rounds } => 2 * u64::from(rounds.max(1)),
+    };
+    let total = options.users * per_user;
+    let ordered_pairs = options.url.is_some();
+    let done = Arc::new(AtomicU64::new(0));
+    let clients = options.clients.max(1) as u64;
+    let cpu_started = process_cpu_time();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (system, done, run) = (system.clone(), done.clone(), run.clone());
+            let workload = options.workload;
+            let users = options.users;
+            tokio::spawn(async move {
+                let mine = (c..users).step_by(clients as usize);
+                let mut results = Vec::new();
+                match rate {
+                    None => {
+                        for u in mine {
+                            let r = user_work(
+                                system.clone(),
+                                workload,
+                                ordered_pairs,
+                                run.clone(),
+                                u,
+                                Instant::now(),
+                            )
+                            .await;
+                            done.fetch_add(per_user, Ordering::Relaxed);
+                            results.push(r);
+                        }
+                    }
+                    Some(rate) => {
+                        // User u is due at u / (rate / requests per user) seconds, whatever
+                        // happened to the users before it.
+                        let users_per_second = rate / per_user as f64;
+                        let mut pending = Vec::new();
+                        for u in mine {
+                            let due =
+                                started + Duration::from_secs_f64(u as f64 / users_per_second);
+                            tokio::time::sleep_until(due.into()).await;
+                            let (system, run, done) = (system.clone(), run.clone(), done.clone());
+                            pending.push(tokio::spawn(async move {
+                                let r =
+                                    user_work(system, workload, ordered_pairs, run, u, due).await;
+                                done.fetch_add(per_user, Ordering::Relaxed);
+                                r
+                            }));
+                        }
+                        for p in pending {
+                            if let Ok(r) = p.await {
+                                results.push(r);
+                            }
+                        }
+                    }
+                }
+                results
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for mut task in tasks {
+        let finished = loop {
+            match tokio::time::timeout(Duration::from_millis(100), &mut task).await {
+                Ok(finished) => break finished,
+                Err(_) => progress(done.load(Ordering::Relaxed), total),
+            }
+        };
+        results.extend(finished.context("a bench client failed")?);
+    }
+    let cpu = process_cpu_time().saturating_sub(cpu_started);
+    progress(total, total);
+    // The clock stops at the last answer, not when this loop noticed it.
+    let ended = results
+        .iter()
+        .map(|r| r.last_answer)
+        .max()
+        .unwrap_or(started);
+    let seconds = ended
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        .max(1e-9);
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut errors = 0;
+    for r in &results {
+        for l in &r.latencies_us {
+            histogram.saturating_record((*l).max(1));
+        }
+        errors += r
+            .answers
+            .iter()
+            .flat_map(|(a, b)| [a, b])
+            .filter(|a| **a == Answer::Failed)
+            .count() as u64;
+    }
+    // Judged against the durable state, which also catches lost updates that answered well.
+    let (mut wrong, mut anomalies) = (0, 0);
+    for r in &results {
+        let last = system.clone().final_state(key_of(&run, r.user)).await;
+        let final_state = last.as_ref().map(|s| (s.status.as_str(), s.version));
+        match options.workload {
+            Workload::Pairs => {
+                let answered = r.answers.first()
+                    == Some(&(
+                        Answer::Transition(RESERVED.into()),
+                        Answer::Transition(ASSOCIATED.into()),
+                    ));
+                if !answered || final_state != Some((ASSOCIATED, 2)) {
+                    wrong += 1;
+                }
+            }
+            Workload::Race { .. } => {
+                let judged = r
+                    .answers
+                    .iter()
+                    .all(|(a, b)| *a != Answer::Failed && *b != Answer::Failed);
+                if judged && !serial_order_explains(&r.answers, final_state) {
+                    anomalies += 1;
+                }
+            }
+        }
+    }
+    Ok(Row {
+        variant: String::new(),
+        workload: match options.workload {
+            Workload::Pairs => "pairs".into(),
+            Workload::Race { .. } => "race".into(),
+        },
+        offered_rate: rate,
+        requests: total,
+        seconds,
+        throughput: (total - errors) as f64 / seconds,
+        p50_us: histogram.value_at_quantile(0.50) as f64,
+        p99_us: histogram.value_at_quantile(0.99) as f64,
+        p999_us: histogram.value_at_quantile(0.999) as f64,
+        max_us: histogram.max() as f64,
+        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / total as f64,
+        errors,
+        wrong,
+        anomalies,
+    })
+}
+
+const RESERVED: &str = "reserved";
+const ASSOCIATED: &str = "associated";
+
+/// The oracle of the race workload: whether some serial order of one user's requests (in each
+/// round the reserve first or the associate first, rounds in sequence since each waits for the
+/// previous answers) gives exactly the observed answers and leaves the observed final status and
+/// version, with the reference rule deciding and an associate before any reserve finding no
+/// route.
+fn serial_order_explains(answers: &[(Answer, Answer)], observed: Option<(&str, u64)>) -> bool {
+    fn apply(current: &Option<State>, routed: bool, kind: &str) -> (Option<State>, bool, Answer) {
+        if kind == "associate" && !routed {
+            return (current.clone(), routed, Answer::Rejected);
+        }
+        let request = RoutedRequest {
+            id: String::new(),
+            idempotent: false,
+            kind: kind.into(),
+            key: "k".into(),
+            user: "u".into(),
+            payload: "null".into(),
+            received_at_ms: 0,
+        };
+        match (crate::native::REFERENCE.decide)(current.as_ref(), &request) {
+            Ok(Outcome::Transition { status, data }) => {
+                let state = State {
+                    status: status.clone(),
+                    user: "u".into(),
+                    data,
+                    version: current.as_ref().map_or(0, |s| s.version) + 1,
+                    rule_version: String::new(),
+                    updated_at_ms: 0,
+                };
+                (Some(state), true, Answer::Transition(status))
+            }
+            _ => (
+                current.clone(),
+                routed || kind == "reserve",
+                Answer::Rejected,
+            ),
+        }
+    }
+    fn search(
+        current: &Option<State>,
+        routed: bool,
+        answers: &[(Answer, Answer)],
+        observed: Option<(&str, u64)>,
+    ) -> bool {
+        let Some(((reserve_answer, associate_answer), rest)) = answers.split_first() else {
+            return current.as_ref().map(|s| (s.status.as_str(), s.version)) == observed;
+        };
+        for order in [["reserve", "associate"], ["associate", "reserve"]] {
+            let (mid, mid_routed, first) = apply(current, routed, order[0]);
+            let (end, end_routed, second) = apply(&mid, mid_routed, order[1]);
+            let (got_reserve, got_associate) = if order[0] == "reserve" {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            if got_reserve == *reserve_answer
+                && got_associate == *associate_answer
+                && search(&end, end_routed, rest, observed)
+            {
+                return true;
+            }
+        }
+        false
+    }
+    search(&None, false, answers, observed)
 }
 
 /// User + system CPU time of this process, from `/proc/self/stat` (clock ticks of 10 ms, the
@@ -237,420 +1052,86 @@ fn process_cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-/// Splits users over clients.
-fn shares(users: u64, clients: usize) -> Vec<std::ops::Range<u64>> {
-    let clients = clients.max(1) as u64;
-    (0..clients)
-        .map(|c| (users * c / clients)..(users * (c + 1) / clients))
-        .collect()
-}
-
-/// How a Turnstile variant decides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decide {
-    /// The Wasm rule, a fresh instance per call.
-    Wasm,
-    /// The Wasm rule, one warm instance per partition.
-    WasmWarm,
-    /// The rule compiled into the host.
-    Native,
-}
-
-fn turnstile_variant(
-    tokio: &tokio::runtime::Runtime,
-    options: &BenchOptions,
-    decide: Decide,
-    progress: &mut dyn FnMut(u64, u64),
-) -> anyhow::Result<Row> {
-    let dir = TempDir::new("turnstile")?;
-    let mut config = base_config(options, dir.0.clone());
-    if decide == Decide::WasmWarm {
-        config.rule.isolation = crate::sandbox::Isolation::WarmInstanceLeaksState;
-    }
-    let runtime = Arc::new(if decide == Decide::Native {
-        Runtime::start_native(&config, crate::native::REFERENCE)?
-    } else {
-        Runtime::start(&config, options.rule.clone())?
-    });
-    let total = options.users * 2;
-    let done = Arc::new(AtomicU64::new(0));
-    let measure = Measure::start();
-    let tasks: Vec<_> = shares(options.users, options.clients)
-        .into_iter()
-        .map(|range| {
-            let (runtime, done) = (runtime.clone(), done.clone());
-            tokio.spawn(async move {
-                let mut latencies = Vec::with_capacity((range.end - range.start) as usize * 2);
-                let mut wrong = 0u64;
-                for u in range {
-                    let timed = |request: Request| {
-                        let runtime = &runtime;
-                        async move {
-                            let t = Instant::now();
-                            let r = runtime.submit(request).await;
-                            (r, t.elapsed().as_micros() as u32)
-                        }
-                    };
-                    // Polled in order: the reserve is queued before the associate, which is
-                    // routed through the route cache the reserve just filled.
-                    let ((r1, l1), (r2, l2)) =
-                        tokio::join!(timed(reserve(u)), timed(associate(u, false)));
-                    latencies.push(l1);
-                    latencies.push(l2);
-                    let ok = |r: &Result<crate::model::Decision, _>, status: &str| {
-                        matches!(r, Ok(d) if matches!(&d.verdict, Verdict::Transition(s) if s.status == status))
-                    };
-                    if !(ok(&r1, "reserved") && ok(&r2, "associated")) {
-                        wrong += 1;
-                    }
-                    done.fetch_add(2, Ordering::Relaxed);
-                }
-                (latencies, wrong)
-            })
-        })
-        .collect();
-    let mut measure = measure;
-    let mut wrong = 0;
-    for (latencies, client_wrong) in wait_with_progress(tokio, tasks, &done, total, progress)? {
-        measure.latencies_us.extend(latencies);
-        wrong += client_wrong;
-    }
-    let row = measure.finish(
-        match decide {
-            Decide::Wasm => "turnstile",
-            Decide::WasmWarm => "turnstile-warm",
-            Decide::Native => "turnstile-native",
-        },
-        total,
-        wrong,
-    );
-    drop(runtime);
-    Ok(row)
-}
-
-/// Waits for the client tasks, reporting progress, and returns what each returned.
-fn wait_with_progress<T: Send + 'static>(
-    tokio: &tokio::runtime::Runtime,
-    tasks: Vec<tokio::task::JoinHandle<T>>,
-    done: &AtomicU64,
-    total: u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> anyhow::Result<Vec<T>> {
-    while !tasks.iter().all(|t| t.is_finished()) {
-        progress(done.load(Ordering::Relaxed), total);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    progress(total, total);
-    tasks
-        .into_iter()
-        .map(|task| tokio.block_on(task).context("a bench client failed"))
-        .collect()
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum WorkerDesign {
-    /// One shared queue, per-key locks.
-    Locked,
-    /// Round-robin to per-worker queues, no per-key serialization.
-    Unordered,
-}
-
-/// A job for a baseline worker.
-struct Job {
-    request: RoutedRequest,
-    reply: oneshot::Sender<Result<Outcome, String>>,
-}
-
-/// The shared state of the baselines: a sharded map, per-key lock stripes, and a durable log.
-struct Shared {
-    shards: Vec<Mutex<HashMap<String, State>>>,
-    key_locks: Vec<Mutex<()>>,
-    log: Mutex<std::fs::File>,
-    sync: bool,
-}
-
-impl Shared {
-    fn index(&self, key: &str, len: usize) -> usize {
-        (crate::router::java_string_hash(key).unsigned_abs() as usize) % len
-    }
-}
-
-fn workers_variant(
-    tokio: &tokio::runtime::Runtime,
-    options: &BenchOptions,
-    design: WorkerDesign,
-    progress: &mut dyn FnMut(u64, u64),
-) -> anyhow::Result<Row> {
-    let dir = TempDir::new("workers")?;
-    let sandbox = Sandbox::new(RuleLimits::from(&Config::default().rule))?;
-    let bytes = options
-        .rule
-        .clone()
-        .unwrap_or_else(|| crate::sandbox::REFERENCE_RULE.to_vec());
-    let rule = sandbox.compile_shared(&bytes)?;
-    let shared = Arc::new(Shared {
-        shards: (0..64).map(|_| Mutex::default()).collect(),
-        key_locks: (0..4096).map(|_| Mutex::default()).collect(),
-        log: Mutex::new(std::fs::File::create(dir.0.join("log"))?),
-        sync: options.durability == Durability::Sync,
-    });
-    let workers = options.partitions as usize;
-    let (senders, receivers): (Vec<_>, Vec<_>) = match design {
-        // One queue that every worker takes from.
-        WorkerDesign::Locked => {
-            let (tx, rx) = crossbeam_channel::bounded::<Job>(options.clients * 4);
-            (vec![tx], vec![rx; workers])
-        }
-        // One queue per worker, dealt round-robin.
-        WorkerDesign::Unordered => (0..workers)
-            .map(|_| crossbeam_channel::bounded::<Job>(options.clients * 4))
-            .unzip(),
-    };
-    let mut threads = Vec::new();
-    for (w, receiver) in receivers.into_iter().enumerate() {
-        let mut instance = sandbox.instantiate(rule.clone(), w as u32)?;
-        let shared = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("bench-worker-{w}"))
-                .spawn(move || {
-                    for job in receiver {
-                        let key = job.request.key.clone();
-                        let _guard = (design == WorkerDesign::Locked).then(|| {
-                            shared.key_locks[shared.index(&key, shared.key_locks.len())]
-                                .lock()
-                                .unwrap()
-                        });
-                        let shard = &shared.shards[shared.index(&key, shared.shards.len())];
-                        let current = shard.lock().unwrap().get(&key).cloned();
-                        let result = instance
-                            .handle(current.as_ref(), &job.request)
-                            .map_err(|e| e.message);
-                        if let Ok(Outcome::Transition { status, data }) = &result {
-                            let state = State {
-                                status: status.clone(),
-                                user: current
-                                    .as_ref()
-                                    .map_or_else(|| job.request.user.clone(), |s| s.user.clone()),
-                                data: data.clone(),
-                                version: current.as_ref().map_or(0, |s| s.version) + 1,
-                                rule_version: String::new(),
-                                updated_at_ms: job.request.received_at_ms,
-                            };
-                            let line = serde_json::to_vec(&(&key, &state)).expect("serializable");
-                            let file = {
-                                let mut log = shared.log.lock().unwrap();
-                                let _ = log.write_all(&line);
-                                let _ = log.write_all(b"\n");
-                                log.try_clone()
-                            };
-                            if shared.sync
-                                && let Ok(file) = file
-                            {
-                                let _ = file.sync_data();
-                            }
-                            shard.lock().unwrap().insert(key, state);
-                        }
-                        let _ = job.reply.send(result);
-                    }
-                })?,
-        );
-    }
-    let senders = Arc::new(senders);
-    let next = Arc::new(AtomicU64::new(0));
-    let total = options.users * 2;
-    let done = Arc::new(AtomicU64::new(0));
-    let measure = Measure::start();
-    let tasks: Vec<_> = shares(options.users, options.clients)
-        .into_iter()
-        .map(|range| {
-            let (senders, next, done) = (senders.clone(), next.clone(), done.clone());
-            tokio.spawn(async move {
-                let mut latencies = Vec::new();
-                for u in range {
-                    // Queue the reserve, then the associate, then wait for both answers. Whether
-                    // they were right is judged afterwards from the final state.
-                    let first = enqueue(&senders, &next, reserve(u)).await;
-                    let second = enqueue(&senders, &next, associate(u, true)).await;
-                    let ((_, l1), (_, l2)) = tokio::join!(first, second);
-                    latencies.push(l1);
-                    latencies.push(l2);
-                    done.fetch_add(2, Ordering::Relaxed);
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut measure = measure;
-    measure.latencies_us = wait_with_progress(tokio, tasks, &done, total, progress)?
-        .into_iter()
-        .flatten()
-        .collect();
-    // Judge by the final state, which also catches lost updates that answered 200.
-    let associated = shared
-        .shards
-        .iter()
-        .map(|shard| {
-            shard
-                .lock()
-                .unwrap()
-                .values()
-                .filter(|s| s.status == "associated" && s.version == 2)
-                .count() as u64
-        })
-        .sum::<u64>();
-    let wrong = options.users - associated;
-    let name = match design {
-        WorkerDesign::Locked => "locked-workers",
-        WorkerDesign::Unordered => "unordered-workers",
-    };
-    let row = measure.finish(name, total, wrong);
-    drop(senders);
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok(row)
-}
-
-/// Queues a request to a baseline worker (waiting for room, like a producer would) and returns a
-/// future of its answer and latency.
-async fn enqueue(
-    senders: &[crossbeam_channel::Sender<Job>],
-    next: &AtomicU64,
-    request: Request,
-) -> impl std::future::Future<Output = (Result<Outcome, String>, u32)> + use<> {
-    let (reply, answer) = oneshot::channel();
-    let mut job = Job {
-        request: RoutedRequest {
-            id: String::new(),
-            idempotent: false,
-            kind: request.kind,
-            key: request.key.unwrap_or_default(),
-            user: request.user,
-            payload: "null".into(),
-            received_at_ms: crate::model::now_ms(),
-        },
-        reply,
-    };
-    let started = Instant::now();
-    let sender = &senders[next.fetch_add(1, Ordering::Relaxed) as usize % senders.len()];
-    let queued = loop {
-        match sender.try_send(job) {
-            Ok(()) => break true,
-            Err(crossbeam_channel::TrySendError::Full(back)) => {
-                job = back;
-                tokio::task::yield_now().await;
-            }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => break false,
-        }
-    };
-    async move {
-        let result = if queued {
-            answer
-                .await
-                .unwrap_or_else(|_| Err("worker stopped".into()))
-        } else {
-            Err("queue closed".into())
-        };
-        (result, started.elapsed().as_micros() as u32)
-    }
-}
-
-/// Drives a running server over HTTP: each client owns keep-alive connections and sends, per
-/// user, the reserve and (after its answer) the associate by user.
-async fn http(
-    urls: &[String],
-    options: &BenchOptions,
-    progress: &mut dyn FnMut(u64, u64),
-) -> anyhow::Result<Row> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.clients)
-        .build()?;
-    let total = options.users * 2;
-    let done = Arc::new(AtomicU64::new(0));
-    let run_id = format!("{:08x}", rand::random::<u32>());
-    let measure = Measure::start();
-    let tasks: Vec<_> = shares(options.users, options.clients)
-        .into_iter()
-        .enumerate()
-        .map(|(c, range)| {
-            let url = urls[c % urls.len()].clone();
-            let (client, done, run_id) = (client.clone(), done.clone(), run_id.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut wrong = 0u64;
-                for u in range {
-                    let mut ok = true;
-                    for (kind, key) in [("reserve", true), ("associate", false)] {
-                        let mut body =
-                            serde_json::json!({"kind": kind, "user": format!("hu-{run_id}-{u}")});
-                        if key {
-                            body["key"] = format!("H-{run_id}-{u}").into();
-                        }
-                        let t = Instant::now();
-                        let status = client
-                            .post(format!("{url}/v1/requests"))
-                            .json(&body)
-                            .send()
-                            .await
-                            .map(|r| r.status().as_u16())
-                            .unwrap_or(0);
-                        latencies.push(t.elapsed().as_micros() as u32);
-                        ok &= status == 200;
-                    }
-                    if !ok {
-                        wrong += 1;
-                    }
-                    done.fetch_add(2, Ordering::Relaxed);
-                }
-                (latencies, wrong)
-            })
-        })
-        .collect();
-    while !tasks.iter().all(|t| t.is_finished()) {
-        progress(done.load(Ordering::Relaxed), total);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    progress(total, total);
-    let mut measure = measure;
-    let mut wrong = 0;
-    for task in tasks {
-        let (l, w) = task.await?;
-        measure.latencies_us.extend(l);
-        wrong += w;
-    }
-    Ok(measure.finish("turnstile-http", total, wrong))
-}
-
-/// The results as a table, with ratios against the first row.
+/// The results as a table, with ratios against the first row of the same rate.
 pub fn render(rows: &[Row], options: &BenchOptions) -> String {
     let mut out = format!(
-        "turnstile bench: {} partitions, {} users ({} requests), durability {:?}, max batch {}, {} clients\n\n",
+        "turnstile bench: workload {:?}, {} partitions, {} users, durability {:?}, max batch {}, {} clients\n\n",
+        options.workload,
         options.partitions,
         options.users,
-        options.users * 2,
         options.durability,
         options.max_batch,
         options.clients
     )
     .to_lowercase();
     out.push_str(&format!(
-        "{:<18} {:>11} {:>9} {:>9} {:>9} {:>11} {:>8} {:>15}\n",
-        "variant", "req/s", "p50 µs", "p99 µs", "p999 µs", "CPU µs/req", "wrong", "turnstile ÷ it"
+        "{:<18} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>14}\n",
+        "variant",
+        "offered",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "max µs",
+        "CPU µs",
+        "errors",
+        "wrong",
+        "anomalies",
+        "turnstile ÷ it"
     ));
-    let base = rows.first().map_or(1.0, |r| r.throughput);
     for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| b.offered_rate == r.offered_rate)
+            .map_or(r.throughput, |b| b.throughput);
         out.push_str(&format!(
-            "{:<18} {:>11.0} {:>9.0} {:>9.0} {:>9.0} {:>11.1} {:>8} {:>15.2}\n",
+            "{:<18} {:>9} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.1} {:>6} {:>6} {:>9} {:>14.2}\n",
             r.variant,
+            r.offered_rate.map_or_else(|| "closed".to_string(), |o| format!("{o:.0}")),
             r.throughput,
             r.p50_us,
             r.p99_us,
             r.p999_us,
+            r.max_us,
             r.cpu_us_per_request,
+            r.errors,
             r.wrong,
+            r.anomalies,
             base / r.throughput
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(status: &str) -> Answer {
+        Answer::Transition(status.into())
+    }
+
+    #[test]
+    fn the_oracle_accepts_serial_outcomes_and_refuses_lost_updates() {
+        // Reserve first, then the associate, then a second round that changes nothing.
+        let serial = [
+            (t(RESERVED), t(ASSOCIATED)),
+            (Answer::Rejected, Answer::Rejected),
+        ];
+        assert!(serial_order_explains(&serial, Some((ASSOCIATED, 2))));
+        // Associate first (no route or no reservation), then the second round associates.
+        let late = [
+            (t(RESERVED), Answer::Rejected),
+            (Answer::Rejected, t(ASSOCIATED)),
+        ];
+        assert!(serial_order_explains(&late, Some((ASSOCIATED, 2))));
+        // Both answered transitions but the store kept the reserve: a lost update.
+        assert!(!serial_order_explains(&serial, Some((RESERVED, 1))));
+        // Two reserves that both answered `reserved`.
+        let double = [
+            (t(RESERVED), Answer::Rejected),
+            (t(RESERVED), Answer::Rejected),
+        ];
+        assert!(!serial_order_explains(&double, Some((RESERVED, 1))));
+    }
 }

@@ -138,6 +138,17 @@ enum Command {
         /// clients over the processes of a cluster.
         #[arg(long, value_name = "URL[,URL...]")]
         url: Option<String>,
+        /// `pairs`: each user's reserve then associate from one client; `race`: a user's
+        /// reserve and associate at once from two clients, `--rounds` times, judged by an oracle.
+        #[arg(long, default_value = "pairs", value_parser = ["pairs", "race"])]
+        workload: String,
+        /// Race workload: how many times each user's two requests are sent.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Open loop: requests per second, scheduled whatever the answers (latency from each
+        /// request's scheduled time); several, comma-separated, give one row each.
+        #[arg(long, value_name = "R[,R...]", value_delimiter = ',')]
+        rate: Vec<f64>,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
@@ -427,8 +438,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rule,
             compare,
             url,
+            workload,
+            rounds,
+            rate,
             json,
         } => {
+            anyhow::ensure!(
+                rate.iter().all(|r| r.is_finite() && *r > 0.0),
+                "--rate must be positive"
+            );
+            anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
             anyhow::ensure!(partitions >= 2, "--partitions must be at least 2");
             anyhow::ensure!(
                 users >= 1 && clients >= 1,
@@ -448,6 +467,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|p| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
                     .transpose()?,
                 compare,
+                workload: if workload == "race" {
+                    turnstile::bench::Workload::Race { rounds }
+                } else {
+                    turnstile::bench::Workload::Pairs
+                },
+                rates: rate,
                 url: url.map(|list| {
                     list.split(',')
                         .map(|u| u.trim().trim_end_matches('/').to_string())
