@@ -1,7 +1,7 @@
 //! The HTTP API (axum): JSON in, JSON out, errors as `{"error": {"code", "message"}}`.
 //!
 //! This module only translates: it parses and checks bodies (so nothing malformed reaches a
-//! partition), calls the [`Runtime`], and maps its results and errors to status codes.
+//! partition), calls the [`Service`](crate::service::Service), and maps its results and errors to status codes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,41 +5,37 @@
 //!
 //! | topic       | partitions | key         | value                                              |
 //! |-------------|-----------:|-------------|----------------------------------------------------|
-//! | requests    | N          | routing key | a routed request and its fingerprint               |
-//! | changelog   | N          | routing key | per applied request: the key's new state, the route, the dedup entry, and the request's offset; or a restore fence |
+//! | requests    | N          | routing key | a routed request (any producer may write it)        |
+//! | changelog   | N, compacted | see `changelog.rs` | per request its effect and offset; copies; fences |
 //! | outcomes    | any        | request id  | the decision (or the error) for one request        |
-//! | routes      | any        | user        | the user's route (key + when recorded)             |
+//! | routes      | N, compacted | user      | the user's route, and position markers of lookups  |
 //!
 //! # How a request flows
 //!
 //! Any process's HTTP front end accepts a request, records the user's route (in its own cache and
-//! on the routes topic, before routing: claim 5) or resolves it (claim 3), and produces the
-//! request to the requests partition that Turnstile's partitioner picks, so a producer that is not
-//! Turnstile can feed the topic with the same partitioner. It then waits for the outcome on the
-//! outcomes topic, which every process reads.
+//! on the routes topic, before routing: claim 5) or resolves it (claim 3, after a position marker
+//! proves the routes read so far are complete), gives it an id, and produces it to the requests
+//! partition that Turnstile's partitioner picks, so a producer that is not Turnstile can feed the
+//! topic with the same partitioner. It then waits for the outcome on the outcomes topic.
 //!
 //! Every process joins one consumer group on the requests topic. The group consumer only serves
 //! membership: the partitions it is given are paused on it, and each one gets its own dedicated
-//! thread (1:1, the only writer) with its own consumer positioned exactly where the partition's
-//! state says it stopped. On revocation the thread finishes its batch, flushes, and stops.
+//! thread (1:1, the only writer) running the partition engine (`partition::Engine`)
+//! with this module's transport: its own consumer positioned where the partition's state says it
+//! stopped, the changelog as the commit step, the outcomes topic for answers. On revocation the
+//! thread finishes its batch and stops.
 //!
 //! # Delivery guarantee
 //!
-//! *State transitions are exactly once; answers are at least once.* A partition thread applies a
-//! batch to its in-memory partition store, then writes one changelog record per request, each
-//! carrying the request's offset together with the state, route and dedup entry it produced (so
-//! the consumed offset is stored atomically with its effect), waits until the broker has them all,
-//! and only then produces the outcomes. A process that gains a partition writes a fence record to
-//! the changelog partition, reads the partition from the start up to its own fence (so it needs
-//! no end-offset query), rebuilds the state, and resumes at the offset after the last one the
-//! changelog holds. So a request is applied once whatever crashes or rebalances happen; a crash
-//! between the changelog and the outcome loses only the answer, and a retry with the same id gets
-//! it from the dedup entry.
+//! *State transitions are exactly once; answers are at least once.* A batch is applied to the
+//! partition's store inside one transaction; its changelog records (each request's effect with
+//! its offset) are produced and read back, and only if no newer owner fenced this one does the
+//! transaction commit (with the changelog position) and the outcomes go out. A process that gains
+//! a partition restores it from the changelog up to a fence of its own (see `changelog.rs`), so a
+//! request is applied once whatever crashes, rebalances or zombies happen; a crash between the
+//! changelog and the outcome loses only the answer, and a retry with the same id gets it from the
+//! dedup entry.
 //!
-//! Not covered: fencing of a zombie owner (a process cut off from the group that keeps writing
-//! after its partition moved), which Kafka Streams does with transactions; Tansu and this code do
-//! not use transactions.
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
