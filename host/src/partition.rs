@@ -643,13 +643,13 @@ pub(crate) fn check_routed(
     partitioner: Partitioner,
     partition: u32,
 ) -> Result<(), ApplyError> {
-    crate::runtime::validate(&crate::model::Request {
-        id: Some(request.id.clone()),
-        kind: request.kind.clone(),
-        key: Some(request.key.clone()),
-        user: request.user.clone(),
-        payload: Some(request.payload.clone()),
-    })
+    crate::runtime::validate_fields(
+        &request.kind,
+        &request.user,
+        Some(&request.key),
+        Some(&request.id),
+        Some(&request.payload),
+    )
     .map_err(|e| ApplyError::Invalid(e.to_string()))?;
     let owner = partitioner.partition(&request.key);
     if owner != partition {

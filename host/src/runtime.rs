@@ -666,6 +666,23 @@ impl RequestIds {
 
 /// Checks a request's fields before it is routed, so nothing malformed reaches a partition.
 pub fn validate(request: &Request) -> Result<(), SubmitError> {
+    validate_fields(
+        &request.kind,
+        &request.user,
+        request.key.as_deref(),
+        request.id.as_deref(),
+        request.payload.as_deref(),
+    )
+}
+
+/// [`validate`] over borrowed fields, so a routed request is checked without copying it.
+pub(crate) fn validate_fields(
+    kind: &str,
+    user: &str,
+    key: Option<&str>,
+    id: Option<&str>,
+    payload: Option<&str>,
+) -> Result<(), SubmitError> {
     let field = |name: &str, value: &str| {
         if value.trim().is_empty() {
             Err(SubmitError::Invalid(format!(
@@ -680,15 +697,15 @@ pub fn validate(request: &Request) -> Result<(), SubmitError> {
             Ok(())
         }
     };
-    field("kind", &request.kind)?;
-    field("user", &request.user)?;
-    if let Some(key) = &request.key {
+    field("kind", kind)?;
+    field("user", user)?;
+    if let Some(key) = key {
         field("key", key)?;
     }
-    if let Some(id) = &request.id {
+    if let Some(id) = id {
         field("id", id)?;
     }
-    if let Some(payload) = &request.payload
+    if let Some(payload) = payload
         && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(payload)
     {
         return Err(SubmitError::Invalid(format!("`payload` is not JSON: {e}")));

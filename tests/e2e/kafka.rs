@@ -302,6 +302,28 @@ fn unreachable_brokers_are_refused_at_start() {
     );
 }
 
+/// The partitioner of [`cluster_config`]'s clusters (java hash, 12 partitions).
+fn partitioner() -> turnstile::router::Partitioner {
+    turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32)
+}
+
+/// Reserves `{prefix}-{u}` for user `{prefix}-user-{u}` (id = the key), `u` in `0..n`, through
+/// `server`; each must be a transition.
+async fn reserve_all(server: &Server, prefix: &str, n: usize) {
+    for u in 0..n {
+        let key = format!("{prefix}-{u}");
+        let (status, answer) = server
+            .request(request(
+                "reserve",
+                Some(&key),
+                &format!("{prefix}-user-{u}"),
+                &key,
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+}
+
 /// A producer that is not Turnstile: a plain rdkafka client with default settings.
 fn outside_producer() -> rdkafka::producer::FutureProducer {
     rdkafka::ClientConfig::new()
@@ -369,8 +391,7 @@ async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
     let server = start(&config);
     wait_for_all(&server).await;
     let requests = topic(&config, "requests");
-    let partitioner =
-        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+    let partitioner = partitioner();
 
     let key = "K-misrouted";
     let right = partitioner.partition(key) as i32;
@@ -523,20 +544,8 @@ async fn a_corrupt_changelog_record_is_quarantined_and_the_partition_serves() {
     let config = cluster_config();
     let first = start(&config);
     wait_for_all(&first).await;
-    for u in 0..20 {
-        let key = format!("cc-{u}");
-        let (status, answer) = first
-            .request(request(
-                "reserve",
-                Some(&key),
-                &format!("cc-user-{u}"),
-                &key,
-            ))
-            .await;
-        assert_eq!(status, 200, "{answer}");
-    }
-    let partitioner =
-        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+    reserve_all(&first, "cc", 20).await;
+    let partitioner = partitioner();
     let damaged = partitioner.partition("cc-0") as i32;
     produce(
         &topic(&config, "changelog"),
@@ -660,18 +669,7 @@ async fn a_restart_with_a_data_dir_restores_only_the_delta() {
     let dir = tempfile::tempdir().unwrap();
     let first = Server::start_with(ServerArgs::default().config(&config).data_dir(dir.path()));
     wait_for_all(&first).await;
-    for u in 0..40 {
-        let key = format!("dr-{u}");
-        let (status, answer) = first
-            .request(request(
-                "reserve",
-                Some(&key),
-                &format!("dr-user-{u}"),
-                &key,
-            ))
-            .await;
-        assert_eq!(status, 200, "{answer}");
-    }
+    reserve_all(&first, "dr", 40).await;
     assert!(first.terminate(), "clean stop");
 
     let again = Server::start_with(ServerArgs::default().config(&config).data_dir(dir.path()));
@@ -719,8 +717,7 @@ async fn a_zombie_owner_is_fenced() {
     let config = cluster_config();
     let (zombie, survivor) = (start(&config), start(&config));
     let owned = wait_for_split(&[&zombie, &survivor]).await;
-    let partitioner =
-        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+    let partitioner = partitioner();
     // Keys in the partitions the zombie-to-be owns.
     let keys: Vec<String> = (0..)
         .map(|u| format!("z-{u}"))
@@ -1092,8 +1089,7 @@ async fn a_client_that_gives_up_leaves_no_waiter() {
     let config = cluster_config();
     let (front, owner) = (start(&config), start(&config));
     let owned = wait_for_split(&[&front, &owner]).await;
-    let partitioner =
-        turnstile::router::Partitioner::new(turnstile::router::HashKind::Java, PARTITIONS as u32);
+    let partitioner = partitioner();
     let key = (0..)
         .map(|u| format!("gone-{u}"))
         .find(|k| owned[1].contains(&(partitioner.partition(k) as u64)))
