@@ -20,6 +20,8 @@
 //! Variants (`--compare` runs all of them):
 //! - `turnstile`: the runtime with the Wasm rule (router, route cache, partition threads, store),
 //!   a fresh instance per call (the default `rule.isolation`).
+//! - `turnstile-hardened`: the same with `rule.spectre_hardening = true` (guard pages, so each
+//!   per-call instance costs `mprotect` calls).
 //! - `turnstile-warm`: the same with `rule.isolation = "warm_instance_leaks_state"`.
 //! - `turnstile-native`: the same runtime with the reference rule compiled natively.
 //! - `locked-workers`: the status-quo design the patent replaces: worker threads taking requests
@@ -148,6 +150,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(u64, u64)) -> anyhow
     let mut variants = vec![Variant::Turnstile(Decide::Wasm)];
     if options.compare {
         variants.extend([
+            Variant::Turnstile(Decide::WasmHardened),
             Variant::Turnstile(Decide::WasmWarm),
             Variant::Turnstile(Decide::Native),
             Variant::Workers(WorkerDesign::Locked),
@@ -209,6 +212,7 @@ impl Variant {
     fn name(&self) -> &'static str {
         match self {
             Variant::Turnstile(Decide::Wasm) => "turnstile",
+            Variant::Turnstile(Decide::WasmHardened) => "turnstile-hardened",
             Variant::Turnstile(Decide::WasmWarm) => "turnstile-warm",
             Variant::Turnstile(Decide::Native) => "turnstile-native",
             Variant::Workers(WorkerDesign::Locked) => "locked-workers",
@@ -224,8 +228,12 @@ impl Variant {
         Ok(match *self {
             Variant::Turnstile(decide) => {
                 let mut config = base_config(options, dir.to_path_buf());
-                if decide == Decide::WasmWarm {
-                    config.rule.isolation = crate::sandbox::Isolation::WarmInstanceLeaksState;
+                match decide {
+                    Decide::WasmWarm => {
+                        config.rule.isolation = crate::sandbox::Isolation::WarmInstanceLeaksState
+                    }
+                    Decide::WasmHardened => config.rule.spectre_hardening = true,
+                    Decide::Wasm | Decide::Native => {}
                 }
                 Arc::new(TurnstileSystem(if decide == Decide::Native {
                     Runtime::start_native(&config, crate::native::REFERENCE)?
@@ -280,6 +288,8 @@ impl Drop for TempDir {
 enum Decide {
     /// The Wasm rule, a fresh instance per call.
     Wasm,
+    /// The Wasm rule, a fresh instance per call, with guard pages (`rule.spectre_hardening`).
+    WasmHardened,
     /// The Wasm rule, one warm instance per partition.
     WasmWarm,
     /// The rule compiled into the host.

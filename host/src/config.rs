@@ -228,6 +228,10 @@ pub struct RuleConfig {
     /// Whether each call starts from the component's initial state (`per_call`) or a partition
     /// keeps one instance between calls (`warm_instance_leaks_state`: faster, leaks state).
     pub isolation: crate::sandbox::Isolation,
+    /// Guard pages and Spectre-hardened bounds checks (wasmtime's defaults) instead of plain
+    /// explicit bounds checks: safer against a rule that probes host memory speculatively, but
+    /// every per-call instance then costs `mprotect` calls and TLB shootdowns.
+    pub spectre_hardening: bool,
     /// Most bytes of a failure's detail (a trap's text) kept in a dead letter.
     pub max_failure_detail_bytes: usize,
     /// Rule log lines each partition may write per second; the rest are dropped and counted.
@@ -249,6 +253,7 @@ impl Default for RuleConfig {
             max_functions: 10_000,
             max_output_bytes: 64 * 1024,
             isolation: crate::sandbox::Isolation::PerCall,
+            spectre_hardening: false,
             max_failure_detail_bytes: 4096,
             max_log_lines_per_second: 100,
             watch: false,

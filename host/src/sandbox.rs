@@ -101,6 +101,8 @@ pub struct RuleLimits {
     pub max_log_lines_per_second: u32,
     /// Whether each call gets a fresh instance.
     pub isolation: Isolation,
+    /// Guard pages and Spectre-hardened bounds checks instead of plain explicit bounds checks.
+    pub spectre_hardening: bool,
 }
 
 impl From<&RuleConfig> for RuleLimits {
@@ -115,6 +117,7 @@ impl From<&RuleConfig> for RuleLimits {
             max_failure_detail_bytes: c.max_failure_detail_bytes,
             max_log_lines_per_second: c.max_log_lines_per_second,
             isolation: c.isolation,
+            spectre_hardening: c.spectre_hardening,
         }
     }
 }
@@ -529,6 +532,19 @@ impl Sandbox {
             // the other cores to the partition threads.
             .parallel_compilation(false)
             .max_wasm_stack(512 * 1024);
+        if !limits.spectre_hardening {
+            // Per-call isolation makes an instance per request. With guard pages, each one costs
+            // two `mprotect`s (the slot's accessible size is cut back to the initial size at
+            // instantiation, and raised again when the rule's allocator grows memory), and each
+            // `mprotect` takes the process's memory-map lock and flushes the TLB of every core
+            // running a partition thread: measured 2.2x the full path's throughput without them
+            // (BENCHMARKS.md). Explicit bounds checks (no guard region, no signal handlers) keep a
+            // slot's pages accessible, so a per-call instance makes no system call. wasmtime then
+            // compiles bounds checks without its Spectre mitigation: a rule has no clock, no
+            // threads and no I/O to time a speculative read with; `rule.spectre_hardening` turns
+            // the mitigation (and the cost) back on.
+            config.signals_based_traps(false).memory_guard_size(0);
+        }
         let engine = match Engine::new(config.clone().allocation_strategy(pool(&limits))) {
             Ok(engine) => engine,
             Err(e) => {

@@ -33,8 +33,9 @@ fn bad_config_files_are_refused_with_the_key_named() {
     assert!(stderr.contains("/no/such/file.toml"), "{stderr}");
 }
 
-const BENCH_VARIANTS: [&str; 5] = [
+const BENCH_VARIANTS: [&str; 6] = [
     "turnstile",
+    "turnstile-hardened",
     "turnstile-warm",
     "turnstile-native",
     "locked-workers",

@@ -37,15 +37,25 @@ fn failures(partitions: &Value, id: u64) -> Value {
 /// nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_misbehaviour_costs_one_request() {
-    let server = Server::start_with(
-        ServerArgs::default()
-            .rule(guests::MISBEHAVE)
-            .config(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")),
-    );
+    each_misbehaviour_costs_one_request_with("").await;
+}
+
+/// The same with guard pages and wasmtime's Spectre mitigations instead of explicit bounds checks:
+/// the limits do not depend on how memory accesses are checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_misbehaviour_costs_one_request_with_spectre_hardening() {
+    each_misbehaviour_costs_one_request_with("[rule]\nspectre_hardening = true\n").await;
+}
+
+async fn each_misbehaviour_costs_one_request_with(rule_config: &str) {
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE).config(
+        &format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n{rule_config}"),
+    ));
     let cases = [
         ("loop", "rule_fuel_exhausted"),
         ("alloc", "rule_memory"),
         ("panic", "rule_trap"),
+        ("out-of-bounds", "rule_trap"),
         ("recurse", "rule_trap"),
         ("huge", "rule_output"),
         ("bad-json", "rule_output"),
@@ -90,7 +100,7 @@ async fn each_misbehaviour_costs_one_request() {
     let on_1 = failures(&partitions, 1);
     assert_eq!(on_1["rule_fuel_exhausted"], 1);
     assert_eq!(on_1["rule_memory"], 1);
-    assert_eq!(on_1["rule_trap"], 2);
+    assert_eq!(on_1["rule_trap"], 3);
     assert_eq!(on_1["rule_output"], 3);
     for other in [0, 2, 3] {
         let counts = failures(&partitions, other);
@@ -111,7 +121,7 @@ async fn each_misbehaviour_costs_one_request() {
         assert_eq!(letter["partition"], 1);
         assert_eq!(letter["rule_version"].as_str().unwrap().len(), 64);
     }
-    // Paging: after the third letter come the other four.
+    // Paging: after the third letter come the others.
     let (_, page) = admin_get(&server, "/v1/dead-letters?partition=1&after=3&limit=2").await;
     let page = page["dead_letters"].as_array().unwrap();
     assert_eq!(page.len(), 2);

@@ -36,6 +36,14 @@ impl Rule for Misbehave {
                 }
             }
             "panic" => panic!("the rule panicked on purpose"),
+            "out-of-bounds" => {
+                // An address far past the 16 MiB memory cap: trapped by a bounds check (or a
+                // guard page with `rule.spectre_hardening`), never a read of host memory.
+                let far = std::hint::black_box(usize::MAX - 15) as *const u8;
+                #[allow(unsafe_code)] // a hostile rule is what this guest is for
+                let byte = unsafe { core::ptr::read_volatile(far) };
+                Outcome::transition("ok", format!("{byte}"))
+            }
             "recurse" => Outcome::transition("ok", format!("{}", recurse(std::hint::black_box(1)))),
             "huge" => Outcome::transition("x".repeat(1 << 20), "{}"),
             "bad-json" => Outcome::transition("ok", "{not json"),
