@@ -94,6 +94,9 @@ pub struct BenchOptions {
     /// Drive running servers over HTTP instead (clients are spread over the URLs, e.g. the
     /// processes of a Kafka-mode cluster).
     pub url: Option<Vec<String>>,
+    /// After each Turnstile variant's run, stop it and time opening its data dir again (start
+    /// to ready with every key the run wrote).
+    pub restart: bool,
 }
 
 /// One line of the results table.
@@ -128,6 +131,9 @@ pub struct Row {
     pub wrong: u64,
     /// `race`: users whose answers and final state no serial order explains. `pairs`: 0.
     pub anomalies: u64,
+    /// With `--restart`: seconds from opening the stopped variant's data dir to a runtime ready
+    /// to serve (partitions open, routes loaded). `None` for the baselines and without it.
+    pub restart_seconds: Option<f64>,
 }
 
 /// Runs the benchmark; `progress(done, total)` as it goes.
@@ -169,7 +175,21 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(u64, u64)) -> anyhow
                 ..row
             };
             system.stop();
-            rows.push(row);
+            drop(system);
+            let restart_seconds = match variant {
+                Variant::Turnstile(_) if options.restart => {
+                    let started = Instant::now();
+                    let reopened = variant.start(options, &dir.0)?;
+                    let seconds = started.elapsed().as_secs_f64();
+                    reopened.stop();
+                    Some(seconds)
+                }
+                _ => None,
+            };
+            rows.push(Row {
+                restart_seconds,
+                ..row
+            });
         }
     }
     Ok(rows)
@@ -970,6 +990,7 @@ async fn drive(
         errors,
         wrong,
         anomalies,
+        restart_seconds: None,
     })
 }
 
@@ -1109,6 +1130,14 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
             r.anomalies,
             base / r.throughput
         ));
+    }
+    for r in rows {
+        if let Some(seconds) = r.restart_seconds {
+            out.push_str(&format!(
+                "{}: restart to ready {:.3} s with {} users' keys in the data dir\n",
+                r.variant, seconds, options.users
+            ));
+        }
     }
     out
 }

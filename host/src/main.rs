@@ -149,6 +149,10 @@ enum Command {
         /// request's scheduled time); several, comma-separated, give one row each.
         #[arg(long, value_name = "R[,R...]", value_delimiter = ',')]
         rate: Vec<f64>,
+        /// After each in-process Turnstile run, time reopening its data dir (start to ready with
+        /// every key the run wrote).
+        #[arg(long)]
+        restart: bool,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
@@ -441,6 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workload,
             rounds,
             rate,
+            restart,
             json,
         } => {
             anyhow::ensure!(
@@ -479,6 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .filter(|u| !u.is_empty())
                         .collect()
                 }),
+                restart,
             };
             let mut bar = turnstile::progress::Progress::new("bench");
             let rows = turnstile::bench::run(&options, &mut |done, total| bar.update(done, total))?;
