@@ -153,9 +153,34 @@ enum Command {
         /// every key the run wrote).
         #[arg(long)]
         restart: bool,
+        /// Kafka mode: be the outside producer of the cluster this configuration file describes
+        /// (its processes must be running), and compare with a pass-through pipe on the same
+        /// broker.
+        #[arg(long, value_name = "CLUSTER.toml")]
+        kafka: Option<PathBuf>,
+        /// Kafka mode: processes whose CPU time to report, as LABEL=PID (e.g. broker=123).
+        #[arg(long, value_name = "LABEL=PID", value_delimiter = ',')]
+        cpu: Vec<String>,
+        /// Kafka mode: skip the pass-through floor.
+        #[arg(long)]
+        no_floor: bool,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// The pass-through pipe `bench --kafka` measures as its floor (started by the bench).
+    #[command(hide = true)]
+    BenchPipe {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        requests_topic: String,
+        #[arg(long)]
+        outcomes_topic: String,
+        #[arg(long)]
+        changelog_topic: String,
+        #[arg(long)]
+        partitions: u32,
     },
     /// Move a stopped data dir to another partition count or hash, all or nothing.
     Repartition {
@@ -446,8 +471,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             rate,
             restart,
+            kafka,
+            cpu,
+            no_floor,
             json,
         } => {
+            if let Some(path) = kafka {
+                let cpu = cpu
+                    .iter()
+                    .map(|item| {
+                        item.split_once('=')
+                            .and_then(|(label, pid)| Some((label.to_string(), pid.parse().ok()?)))
+                            .with_context(|| format!("--cpu {item:?}: expected LABEL=PID"))
+                    })
+                    .collect::<anyhow::Result<Vec<(String, u32)>>>()?;
+                let options = turnstile::bench::kafka::KafkaBenchOptions {
+                    config: Config::load(&path)?,
+                    users,
+                    rates: rate,
+                    cpu,
+                    floor: !no_floor,
+                    idle_timeout: std::time::Duration::from_secs(30),
+                };
+                let mut bar = turnstile::progress::Progress::new("bench");
+                let rows = turnstile::bench::kafka::run(&options, &mut |done, total| {
+                    bar.update(done, total)
+                })?;
+                bar.finish();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", turnstile::bench::kafka::render(&rows, &options));
+                }
+                return Ok(());
+            }
             anyhow::ensure!(
                 rate.iter().all(|r| r.is_finite() && *r > 0.0),
                 "--rate must be positive"
@@ -496,6 +553,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::BenchPipe {
+            brokers,
+            requests_topic,
+            outcomes_topic,
+            changelog_topic,
+            partitions,
+        } => turnstile::bench::kafka::pipe(
+            &brokers,
+            &requests_topic,
+            &outcomes_topic,
+            &changelog_topic,
+            partitions,
+        ),
         Command::Repartition {
             data_dir,
             servers,

@@ -1127,3 +1127,41 @@ async fn a_client_that_gives_up_leaves_no_waiter() {
     signal("-CONT");
     assert_eq!(waiting, 0, "waiters leaked by clients that went away");
 }
+
+/// `turnstile bench --kafka`: the outside producer's load reaches a running process and the
+/// pass-through floor alike, every request gets its outcome, and Turnstile decides each user's
+/// associate after its reserve (no error, no reject).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_consume_bench_measures_turnstile_against_the_floor() {
+    let config = cluster_config();
+    let server = start(&config);
+    wait_for_split(&[&server]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.toml");
+    std::fs::write(&path, &config).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        crate::support::run_cli(&["bench", "--kafka", &path, "--users", "100", "--json"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    let rows: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["pipe (floor)", "turnstile"]);
+    for row in &rows {
+        assert_eq!(row["requests"], 200, "{row}");
+        assert_eq!(row["missing"], 0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        assert_eq!(row["rejected"], 0, "{row}");
+        assert!(row["throughput"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let (_, partitions) = server.get("/v1/partitions").await;
+    let processed: u64 = partitions["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["processed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(processed, 200, "{partitions}");
+}

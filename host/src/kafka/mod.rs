@@ -216,6 +216,8 @@ struct Shared {
     /// Checks that consumed records are on the partition their key belongs to.
     partitioner: Partitioner,
     producer: Producers,
+    /// Outcomes' acknowledgements, awaited off the partition threads (see [`OutcomeAcks`]).
+    outcome_acks: OutcomeAcks,
     node_id: String,
     owned: Mutex<BTreeMap<u32, Owned>>,
     /// Times a partition thread of this process found itself fenced by a newer owner.
@@ -419,6 +421,7 @@ impl KafkaNode {
             rules: RuleControl::new(registry, n),
             partitioner,
             producer,
+            outcome_acks: OutcomeAcks::start()?,
             node_id: node_id.clone(),
             owned: Mutex::new(BTreeMap::new()),
             fenced: AtomicU64::new(0),
@@ -900,7 +903,7 @@ fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(B
 
 /// Creates the topics that do not exist (requests and changelog with N partitions), and refuses
 /// to start if the requests or changelog topic has another partition count.
-fn ensure_topics(kafka: &KafkaConfig, n: u32) -> anyhow::Result<()> {
+pub(crate) fn ensure_topics(kafka: &KafkaConfig, n: u32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka)
         .create()
         .context("creating the Kafka admin client")?;
@@ -1587,15 +1590,33 @@ impl Transport for KafkaLog<'_> {
                 Some((id, serde_json::to_vec(&record).expect("outcomes serialize")))
             })
             .collect();
-        let producer = &self.shared.producer;
+        // Not awaited: the batch's effects are in the changelog already (a retry with the same id
+        // gets the answer), so the partition goes on with its next batch while another thread
+        // waits for the broker. Measured: waiting here took as long as the changelog's produce.
+        let producer = self.shared.producer.get();
         let topic = &self.shared.kafka.outcomes_topic;
-        if let Err(e) = self
-            .runtime
-            .block_on(produce_all(producer, topic, None, &outcomes))
-        {
-            // The effects are in the changelog; a retry with the same id gets the answer.
-            tracing::warn!(partition = self.p, "producing outcomes: {e:#}");
+        let mut deliveries = Vec::with_capacity(outcomes.len());
+        for (id, value) in &outcomes {
+            loop {
+                match producer.send_result(FutureRecord::to(topic).key(id).payload(value)) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        _,
+                    )) => std::thread::sleep(Duration::from_millis(1)),
+                    Err((e, _)) => {
+                        tracing::warn!(partition = self.p, "producing an outcome: {e}");
+                        break;
+                    }
+                }
+            }
         }
+        self.shared.outcome_acks.watch(self.p, deliveries);
     }
 
     fn failed(&mut self, batch: Vec<Incoming<LogReply>>, error: &StoreError) {
@@ -1688,6 +1709,58 @@ impl KafkaLog<'_> {
                     reply: LogReply { id, offset },
                 }
             }
+        }
+    }
+}
+
+/// Waits for the broker's acknowledgements of produced outcomes on its own thread, so that a
+/// partition thread never waits for them, and logs the failures (one line per batch).
+struct OutcomeAcks {
+    /// Each batch's deliveries, with its partition; bounded, so a broker that stops
+    /// acknowledging slows the partitions down instead of growing memory.
+    batches: std::sync::mpsc::SyncSender<(u32, Vec<rdkafka::producer::DeliveryFuture>)>,
+}
+
+impl OutcomeAcks {
+    fn start() -> anyhow::Result<OutcomeAcks> {
+        let (batches, receiver) =
+            std::sync::mpsc::sync_channel::<(u32, Vec<rdkafka::producer::DeliveryFuture>)>(1024);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("outcome-acks".into())
+            .spawn(move || {
+                for (partition, deliveries) in receiver {
+                    let total = deliveries.len();
+                    let mut failed = 0;
+                    let mut first = None;
+                    for delivery in deliveries {
+                        match runtime.block_on(delivery) {
+                            Ok(Ok(_)) => {}
+                            Ok(Err((e, _))) => {
+                                failed += 1;
+                                first.get_or_insert_with(|| e.to_string());
+                            }
+                            Err(_) => {
+                                failed += 1;
+                                first.get_or_insert_with(|| "the producer went away".into());
+                            }
+                        }
+                    }
+                    if let Some(first) = first {
+                        // The effects are in the changelog; a retry with the same id gets the
+                        // answer.
+                        tracing::warn!(partition, failed, total, "producing outcomes: {first}");
+                    }
+                }
+            })?;
+        Ok(OutcomeAcks { batches })
+    }
+
+    fn watch(&self, partition: u32, deliveries: Vec<rdkafka::producer::DeliveryFuture>) {
+        if !deliveries.is_empty() {
+            let _ = self.batches.send((partition, deliveries));
         }
     }
 }

@@ -47,6 +47,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
+
+pub mod kafka;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -856,7 +858,7 @@ async fn drive(
     let ordered_pairs = options.url.is_some();
     let done = Arc::new(AtomicU64::new(0));
     let clients = options.clients.max(1) as u64;
-    let cpu_started = process_cpu_time();
+    let cpu_started = process_cpu_time("self");
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
@@ -920,7 +922,7 @@ async fn drive(
         };
         results.extend(finished.context("a bench client failed")?);
     }
-    let cpu = process_cpu_time().saturating_sub(cpu_started);
+    let cpu = process_cpu_time("self").saturating_sub(cpu_started);
     progress(total, total);
     // The clock stops at the last answer, not when this loop noticed it.
     let ended = results
@@ -1064,10 +1066,10 @@ fn serial_order_explains(answers: &[(Answer, Answer)], observed: Option<(&str, u
     search(&None, false, answers, observed)
 }
 
-/// User + system CPU time of this process, from `/proc/self/stat` (clock ticks of 10 ms, the
-/// Linux default).
-fn process_cpu_time() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// User + system CPU time of process `pid` (`self` for this one), from `/proc/PID/stat` (clock
+/// ticks of 10 ms, the Linux default).
+fn process_cpu_time(pid: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
     // Fields after the command name (which may contain spaces) start at ") ".
