@@ -1165,3 +1165,44 @@ async fn the_consume_bench_measures_turnstile_against_the_floor() {
         .sum();
     assert_eq!(processed, 200, "{partitions}");
 }
+
+/// A process whose hash, group or topics differ from the cluster it would join is refused at
+/// start with the setting named, and the cluster's own processes go on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_with_another_layout_is_refused() {
+    let config = cluster_config();
+    let first = start(&config);
+    wait_for_split(&[&first]).await;
+    let group = config
+        .lines()
+        .find_map(|l| l.strip_prefix("group = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let changelog = topic(&config, "changelog");
+    let cases = [
+        (
+            config.replace("[kafka]", "hash = \"murmur2\"\n\n[kafka]"),
+            "partitions.hash",
+        ),
+        (
+            config.replace(&format!("group = \"{group}\""), "group = \"another-group\""),
+            "kafka.group",
+        ),
+        (
+            config.replace(&changelog, &format!("{changelog}-other")),
+            "kafka.changelog_topic",
+        ),
+    ];
+    for (other, setting) in cases {
+        assert_ne!(other, config, "{setting}: the case changed nothing");
+        let err = tokio::task::spawn_blocking(move || {
+            Server::refused(ServerArgs::default().config(&other))
+        })
+        .await
+        .unwrap();
+        assert!(err.contains(setting), "{setting}: {err}");
+    }
+    // The cluster itself is untouched.
+    reserve_all(&first, "layout", 5).await;
+}

@@ -67,6 +67,7 @@ use crate::sandbox::{FailureKind, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{DeadLetter, Location, PartitionStore, StoreError};
 
 mod changelog;
+pub mod layout;
 
 use changelog::{CHECKPOINT, Tail};
 pub use changelog::{ChangelogRecord, Checkpoint};
@@ -388,6 +389,11 @@ impl KafkaNode {
         };
         let rule = sandbox.compile_shared(&bytes).context("loading the rule")?;
         ensure_topics(&kafka, n)?;
+        layout::agree(
+            &kafka,
+            &client_config(&kafka),
+            &layout::Layout::of(config, &kafka),
+        )?;
         // Hot reload as in local mode: the versions this process's partitions run, persisted
         // under the data dir when there is one.
         let (registry, _) = crate::reload::RuleRegistry::open(
