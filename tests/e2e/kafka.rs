@@ -511,29 +511,36 @@ async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
     use rdkafka::consumer::Consumer;
     use rdkafka::message::Message;
     consumer.subscribe(&[&outcomes]).unwrap();
-    let mut errors = BTreeMap::new();
+    let mut outcomes = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(errors.contains_key("outside-1") && errors.contains_key("outside-2"))
+    while !["outside-1", "outside-2", "outside-5"]
+        .iter()
+        .all(|id| outcomes.contains_key(*id))
         && Instant::now() < deadline
     {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
             let outcome: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
-            if let Some(code) = outcome["result"]["Err"]["code"].as_str() {
-                errors.insert(
-                    outcome["id"].as_str().unwrap().to_string(),
-                    code.to_string(),
-                );
-            }
+            // The documented, versioned format, keyed by the request id.
+            assert_eq!(outcome["schema"], 1, "{outcome}");
+            let id = outcome["id"].as_str().unwrap().to_string();
+            assert_eq!(message.key(), Some(id.as_bytes()), "{outcome}");
+            outcomes.insert(id, outcome);
         }
     }
+    let errors: BTreeMap<&str, &str> = outcomes
+        .iter()
+        .filter_map(|(id, o)| Some((id.as_str(), o["result"]["Err"]["code"].as_str()?)))
+        .collect();
+    let applied = &outcomes["outside-5"]["result"]["Ok"];
+    assert_eq!(applied["key"], twice, "{applied}");
+    assert_eq!(applied["partition"], twice_p, "{applied}");
     assert_eq!(
-        errors.get("outside-1").map(String::as_str),
-        Some("invalid_request")
+        applied["verdict"]["transition"]["status"], "reserved",
+        "{applied}"
     );
-    assert_eq!(
-        errors.get("outside-2").map(String::as_str),
-        Some("invalid_request")
-    );
+    assert_eq!(applied["verdict"]["transition"]["version"], 1, "{applied}");
+    assert_eq!(errors.get("outside-1"), Some(&"invalid_request"));
+    assert_eq!(errors.get("outside-2"), Some(&"invalid_request"));
 }
 
 /// A changelog record that cannot be decoded is quarantined by the process that restores the

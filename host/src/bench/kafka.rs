@@ -579,7 +579,7 @@ pub fn pipe(
                                 .ok()
                                 .and_then(|v| v["request"]["id"].as_str().map(str::to_string))?;
                             let outcome = serde_json::to_vec(&serde_json::json!({
-                                "id": id, "result": {"Ok": null}
+                                "schema": 1, "id": id, "result": {"Ok": null}
                             }))
                             .expect("outcomes serialize");
                             producer

@@ -84,9 +84,14 @@ pub struct RequestRecord {
     pub fingerprint: String,
 }
 
-/// A record of the outcomes topic.
+/// Version of the outcome record's format, in every outcome (README, "Outcome records").
+pub const OUTCOME_SCHEMA: u32 = 1;
+
+/// A record of the outcomes topic (keyed by request id).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutcomeRecord {
+    /// [`OUTCOME_SCHEMA`] of the process that wrote it.
+    pub schema: u32,
     /// The request id.
     pub id: String,
     /// The decision, or the error code and message.
@@ -1590,6 +1595,7 @@ impl Transport for KafkaLog<'_> {
             .filter_map(|(reply, result)| {
                 let id = reply.id?;
                 let record = OutcomeRecord {
+                    schema: OUTCOME_SCHEMA,
                     id: id.clone(),
                     result: result.map_err(|e| RemoteError::from(&e)),
                 };
