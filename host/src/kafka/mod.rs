@@ -1084,6 +1084,10 @@ fn spawn_group_member(
             (kafka.session_timeout_ms / 3).max(100).to_string(),
         )
         .set("auto.offset.reset", "earliest")
+        // Incremental cooperative rebalancing (KIP-429): a join, leave or death moves only the
+        // partitions that change owner; the others keep their threads and keep serving. With
+        // the eager protocol every member gave up every partition on each change.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .create_with_context(GroupContext { shared })
         .context("creating the group consumer")?;
     consumer
