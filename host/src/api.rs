@@ -307,7 +307,9 @@ impl From<SubmitError> for ApiError {
             SubmitError::Backpressure(_) | SubmitError::ShuttingDown | SubmitError::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            SubmitError::Rule(_) | SubmitError::Damaged(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubmitError::Rule(_) | SubmitError::Damaged(_) | SubmitError::RecordDamaged(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             SubmitError::IdConflict(_) => StatusCode::CONFLICT,
             SubmitError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         };
@@ -326,6 +328,7 @@ impl From<ReadError> for ApiError {
             ReadError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ReadError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ReadError::Damaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_damaged"),
+            ReadError::RecordDamaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "record_damaged"),
         };
         ApiError {
             status,

@@ -173,6 +173,10 @@ enum Command {
         /// The data dir (the server must be stopped).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+        /// Remove the damaged records found (giving them up; see README, Data dir) instead of
+        /// only listing them. Damage of a file's structure is left for a restore.
+        #[arg(long)]
+        drop_damaged: bool,
     },
     /// Check a rule component against the world and the limits, without running a server.
     Check {
@@ -533,7 +537,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Verify { data_dir } => {
+        Command::Verify {
+            data_dir,
+            drop_damaged: true,
+        } => {
+            let (reports, removed) = turnstile::verify::drop_damaged(&data_dir)?;
+            print!("{}", turnstile::verify::render(&reports));
+            println!("removed {removed} damaged records");
+            if reports
+                .iter()
+                .any(|r| r.damage.iter().any(|d| d.key.is_none()))
+            {
+                anyhow::bail!(
+                    "a partition file's structure is damaged; {}",
+                    turnstile::store::DAMAGE_RECOVERY
+                );
+            }
+            Ok(())
+        }
+        Command::Verify { data_dir, .. } => {
             let reports = turnstile::verify::verify(&data_dir)?;
             print!("{}", turnstile::verify::render(&reports));
             let damaged = reports.iter().filter(|r| !r.damage.is_empty()).count();

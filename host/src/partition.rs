@@ -49,6 +49,8 @@ impl ApplyError {
         match self {
             ApplyError::Rule(f) => f.kind.code(),
             ApplyError::IdConflict(_) => "id_conflict",
+            ApplyError::Store(e) if e.is_damage() => "store_damaged",
+            ApplyError::Store(e) if e.is_record_damage() => "record_damaged",
             ApplyError::Store(_) => "store_unavailable",
             ApplyError::Invalid(_) => "invalid_request",
         }
@@ -117,6 +119,8 @@ pub struct PartitionStats {
     /// Requests refused before the rule saw them (malformed, or on the wrong partition) and
     /// dead-lettered.
     pub refused: AtomicU64,
+    /// Damaged records quarantined in the partition's file (refused one by one).
+    pub quarantined: AtomicU64,
 }
 
 impl Default for PartitionStats {
@@ -130,6 +134,7 @@ impl Default for PartitionStats {
             batch_sizes: crate::metrics::Histogram::new(&crate::metrics::BATCH_BUCKETS),
             fuel_used: AtomicU64::default(),
             refused: AtomicU64::default(),
+            quarantined: AtomicU64::default(),
         }
     }
 }
@@ -432,8 +437,10 @@ impl Engine {
     pub(crate) fn run<T: Transport>(mut self, transport: &mut T) {
         let mut inbox = Inbox::default();
         let mut results = Vec::new();
+        self.publish_quarantine();
         while transport.next_batch(&mut inbox, self.max_batch) {
             let stop = !inbox.is_empty() && self.process(transport, &mut inbox, &mut results);
+            self.publish_quarantine();
             if stop {
                 break;
             }
@@ -443,6 +450,12 @@ impl Engine {
         }
         self.sync();
         tracing::debug!(partition = self.id, "partition thread stopped");
+    }
+
+    /// Publishes how many damaged records the store has quarantined.
+    fn publish_quarantine(&self) {
+        let known = self.store.quarantine().len() as u64;
+        self.stats.quarantined.store(known, Ordering::Relaxed);
     }
 
     /// Syncs unsynced commits (durability `none`); a failure is logged and retried later.
@@ -694,6 +707,14 @@ fn apply_incoming<R>(
         })?;
         return Ok(Applied {
             result: Err(error),
+            applied: false,
+        });
+    }
+    // Issue 12 item 10: a request that needs a damaged record is refused alone, the rest of the
+    // batch goes on.
+    if let Some(damage) = tx.damaged_record_for(&incoming.request)? {
+        return Ok(Applied {
+            result: Err(ApplyError::Store(damage)),
             applied: false,
         });
     }

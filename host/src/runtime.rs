@@ -56,6 +56,10 @@ pub enum SubmitError {
     /// file is restored (see [`crate::store::StoreErrorKind::Damaged`]).
     #[error("{0}")]
     Damaged(String),
+    /// A record the request needs is damaged (quarantined); nothing was applied, and a retry
+    /// cannot help until the record is repaired (see [`crate::store::Quarantine`]).
+    #[error("{0}")]
+    RecordDamaged(String),
     /// Kafka mode: no outcome came back in time. The request may still be applied; retry it
     /// with the same id to learn its answer.
     #[error("{0}")]
@@ -74,6 +78,7 @@ impl SubmitError {
             SubmitError::IdConflict(_) => "id_conflict",
             SubmitError::Store(_) => "store_unavailable",
             SubmitError::Damaged(_) => "store_damaged",
+            SubmitError::RecordDamaged(_) => "record_damaged",
             SubmitError::Timeout(_) => "outcome_timeout",
         }
     }
@@ -91,6 +96,7 @@ impl From<ApplyError> for SubmitError {
             ApplyError::Rule(f) => SubmitError::Rule(f),
             ApplyError::IdConflict(id) => SubmitError::IdConflict(id),
             ApplyError::Store(e) if e.is_damage() => SubmitError::Damaged(e.message),
+            ApplyError::Store(e) if e.is_record_damage() => SubmitError::RecordDamaged(e.message),
             e @ ApplyError::Store(_) => SubmitError::Store(e.to_string()),
             ApplyError::Invalid(message) => SubmitError::Invalid(message),
         }
@@ -112,12 +118,17 @@ pub enum ReadError {
     /// The partition's file is damaged.
     #[error("{0}")]
     Damaged(String),
+    /// The record read is damaged (quarantined).
+    #[error("{0}")]
+    RecordDamaged(String),
 }
 
 impl From<StoreError> for ReadError {
     fn from(e: StoreError) -> Self {
         if e.is_damage() {
             ReadError::Damaged(e.message)
+        } else if e.is_record_damage() {
+            ReadError::RecordDamaged(e.message)
         } else {
             ReadError::Store(e.message)
         }
@@ -128,6 +139,8 @@ impl From<StoreError> for SubmitError {
     fn from(e: StoreError) -> Self {
         if e.is_damage() {
             SubmitError::Damaged(e.message)
+        } else if e.is_record_damage() {
+            SubmitError::RecordDamaged(e.message)
         } else {
             SubmitError::Store(e.message)
         }
@@ -166,6 +179,9 @@ pub struct PartitionInfo {
     pub store_failures: u64,
     /// Requests refused before the rule saw them, and dead-lettered.
     pub refused: u64,
+    /// Damaged records quarantined in its file (requests that need one answer
+    /// `record_damaged`).
+    pub quarantined_records: u64,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
     /// Version id of the rule it runs.
@@ -486,6 +502,7 @@ impl Runtime {
             Err(SubmitError::Backpressure(p)) => return Err(ReadError::Backpressure(p)),
             Err(SubmitError::Store(e)) => return Err(ReadError::Store(e)),
             Err(SubmitError::Damaged(e)) => return Err(ReadError::Damaged(e)),
+            Err(SubmitError::RecordDamaged(e)) => return Err(ReadError::RecordDamaged(e)),
             Err(_) => return Err(ReadError::ShuttingDown),
         };
         let Some(route) = route else { return Ok(None) };
@@ -558,6 +575,7 @@ impl Runtime {
                 batches: p.stats.batches.load(Ordering::Relaxed),
                 store_failures: p.stats.store_failures.load(Ordering::Relaxed),
                 refused: p.stats.refused.load(Ordering::Relaxed),
+                quarantined_records: p.stats.quarantined.load(Ordering::Relaxed),
                 rule_failures: crate::sandbox::FailureKind::ALL
                     .iter()
                     .zip(&p.stats.rule_failures)

@@ -24,9 +24,10 @@
 //!
 //! Every value is a checksummed record: one marker byte, the CRC-32 of the record's key and
 //! JSON, then the JSON itself (so a file can still be inspected with any redb tool). A record
-//! whose checksum does not match, or that does not decode, is *damage*: the partition refuses
-//! to start, or, if the damage is met while running, refuses every further write (see
-//! [`StoreErrorKind::Damaged`]). Data dirs of format 1 hold records without the prefix; they are
+//! whose checksum does not match, or that does not decode, is *damaged*: it is quarantined
+//! (requests that need it are refused, the rest of the partition goes on; see [`Quarantine`]).
+//! Damage of the file's structure, which redb meets itself, refuses the partition: it does not
+//! start, or, if met while running, refuses every further write ([`StoreErrorKind::Damaged`]). Data dirs of format 1 hold records without the prefix; they are
 //! read as they are (without a checksum) and new records are written checksummed.
 //!
 //! # Invariants
@@ -55,8 +56,9 @@
 //!    dir before `turnstile.json` names it; afterwards a file is only ever opened
 //!    ([`open_existing`]), and a missing or empty one is an error naming the path.
 //! 8. **Damage is found, not served.** Every record carries a CRC-32 of its key and value; all
-//!    are checked at open, each again when read. A partition that met damage refuses writes
-//!    (reads of healthy records go on); redb panics on bad pages are caught ([`guard`]).
+//!    are checked at open, each again when read. A damaged record is quarantined, refused alone;
+//!    a partition whose file structure is damaged refuses writes (reads of healthy records go
+//!    on); redb panics on bad pages are caught ([`guard`]).
 //!
 //! # Assumptions about the disk
 //!
@@ -143,7 +145,7 @@ pub struct StoreError {
     pub message: String,
 }
 
-/// Whether a store failure is transient or the file is damaged.
+/// Whether a store failure is transient, the file is damaged, or one record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreErrorKind {
     /// The disk or the database failed; the partition reopens the file before its next batch,
@@ -153,6 +155,10 @@ pub enum StoreErrorKind {
     /// or a redb structure redb itself cannot read). Retrying cannot help: the partition refuses
     /// every write until the file is restored (500 `store_damaged`).
     Damaged,
+    /// One record's bytes are damaged (a checksum mismatch or undecodable JSON) while redb's
+    /// structure is intact. The record is *quarantined*: requests that need it are refused
+    /// (500 `record_damaged`), everything else on the partition goes on (see [`Quarantine`]).
+    RecordDamaged,
 }
 
 impl StoreError {
@@ -179,6 +185,11 @@ impl StoreError {
     /// Whether the file is damaged (see [`StoreErrorKind::Damaged`]).
     pub fn is_damage(&self) -> bool {
         self.kind == StoreErrorKind::Damaged
+    }
+
+    /// Whether one record is damaged (see [`StoreErrorKind::RecordDamaged`]).
+    pub fn is_record_damage(&self) -> bool {
+        self.kind == StoreErrorKind::RecordDamaged
     }
 }
 
@@ -544,9 +555,15 @@ pub struct PartitionStore {
     /// Set once damage is found in the file: every later write is refused with it, since
     /// writing into a damaged file can only spread the damage (reads of healthy records go on).
     damaged: Option<StoreError>,
+    /// Damaged records refused one by one while the rest of the file is served.
+    quarantine: Quarantine,
     /// With durability `none`: when the oldest commit not yet synced to disk was made.
     unsynced_since: Option<std::time::Instant>,
 }
+
+/// Most damaged records a partition quarantines at open; more than that is not a stray fault
+/// but a file to restore, and the partition refuses to start.
+pub const QUARANTINE_LIMIT: usize = 1000;
 
 /// Dead letters a partition keeps unless told otherwise (`store.dead_letter_retention`).
 pub const DEFAULT_DEAD_LETTER_RETENTION: u64 = 10_000;
@@ -565,16 +582,29 @@ impl PartitionStore {
         dedup_retention: u64,
     ) -> Result<PartitionStore, StoreError> {
         let db = open_db(location, partition)?;
+        let quarantine = Quarantine::default();
         if let Location::Dir(dir) = location {
             let path = partition_path(dir, partition);
-            let found = scan(&db, 5);
-            if !found.is_empty() {
-                let listed: Vec<String> = found.iter().map(|d| d.to_string()).collect();
+            let found = scan(&db, QUARANTINE_LIMIT + 1);
+            // Damage redb itself meets (the file's structure), or more damaged records than a
+            // disk fault explains, refuse the partition; single damaged records are quarantined.
+            let structural = found.iter().any(|d| d.key.is_none());
+            if structural || found.len() > QUARANTINE_LIMIT {
+                let listed: Vec<String> = found.iter().take(5).map(|d| d.to_string()).collect();
                 return Err(StoreError::damaged(format!(
                     "{} is damaged: {}; {DAMAGE_RECOVERY}",
                     path.display(),
                     listed.join("; ")
                 )));
+            }
+            let place = path.display().to_string();
+            for damage in &found {
+                let key = damage.key.as_deref().unwrap_or_default();
+                let e = StoreError {
+                    kind: StoreErrorKind::RecordDamaged,
+                    message: format!("{}: {}", record_name(&damage.table, key), damage.problem),
+                };
+                quarantine.note(&place, &e);
             }
         }
         let mut store = PartitionStore {
@@ -589,6 +619,7 @@ impl PartitionStore {
             dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
             counters: Counters::default(),
             damaged: None,
+            quarantine,
             unsynced_since: None,
         };
         store.counters = store.read_counters()?;
@@ -633,8 +664,21 @@ impl PartitionStore {
         let result = guard(|| f(db)).and_then(|r| r);
         match result {
             Err(e) if e.is_damage() => Err(self.mark_damaged(e)),
+            Err(e) if e.is_record_damage() => {
+                let place = self.describe();
+                self.quarantine.note(&place, &e);
+                Err(StoreError {
+                    kind: e.kind,
+                    message: format!("{place}: {}", e.message),
+                })
+            }
             other => other,
         }
+    }
+
+    /// The partition's damaged records.
+    pub fn quarantine(&self) -> &Quarantine {
+        &self.quarantine
     }
 
     /// Records damage (the first one wins) and returns it with the file named.
@@ -671,6 +715,8 @@ impl PartitionStore {
         let dead_letter_retention = self.dead_letter_retention;
         let counters = self.counters;
         let partition = self.partition;
+        let quarantine = self.quarantine.clone();
+        let place = self.describe();
         // `None` from the closure: the commit failed and the handle must be reopened.
         let outcome = self.with_db(|db| {
             let mut txn = db.begin_write().map_err(db_error)?;
@@ -688,6 +734,8 @@ impl PartitionStore {
                     counters,
                     dedup_retention: retention,
                     dead_letter_retention,
+                    quarantine,
+                    place,
                 };
                 let result = f(&mut batch)
                     .and_then(|r| batch.trim_dedup().map(|()| r))
@@ -793,8 +841,11 @@ impl PartitionStore {
         })
     }
 
-    /// Every route recorded in this partition, for warming the route cache at start.
+    /// Every route recorded in this partition, for warming the route cache at start. A damaged
+    /// route is left out (it is quarantined; the user's next request with a key replaces it).
     pub fn routes(&mut self) -> Result<Vec<(String, Route)>, StoreError> {
+        let quarantine = self.quarantine.clone();
+        let place = self.describe();
         self.with_db(|db| {
             let txn = db.begin_read().map_err(db_error)?;
             let table = txn.open_table(ROUTES).map_err(db_error)?;
@@ -802,10 +853,11 @@ impl PartitionStore {
             for row in table.iter().map_err(db_error)? {
                 let (user, value) = row.map_err(db_error)?;
                 let user = user.value();
-                out.push((
-                    user.to_string(),
-                    decode(user, value.value()).map_err(|e| located(e, "routes", user))?,
-                ));
+                match decode(user, value.value()).map_err(|e| located(e, "routes", user)) {
+                    Ok(route) => out.push((user.to_string(), route)),
+                    Err(e) if e.is_record_damage() => quarantine.note(&place, &e),
+                    Err(e) => return Err(e),
+                }
             }
             Ok(out)
         })
@@ -960,11 +1012,63 @@ fn read_counters(db: &Database) -> Result<Counters, StoreError> {
     })
 }
 
-/// Names the table and key of a damaged record in its error.
+/// Names the table and key of a damaged record in its error; a record's own damage (its
+/// checksum or decoding) becomes [`StoreErrorKind::RecordDamaged`], so only that record is
+/// quarantined.
 fn located(e: StoreError, table: &str, key: &str) -> StoreError {
     StoreError {
-        kind: e.kind,
-        message: format!("table `{table}`, key `{key}`: {}", e.message),
+        kind: match e.kind {
+            StoreErrorKind::Damaged => StoreErrorKind::RecordDamaged,
+            other => other,
+        },
+        message: format!("{}: {}", record_name(table, key), e.message),
+    }
+}
+
+/// How a damaged record is named in errors, logs and the quarantine.
+fn record_name(table: &str, key: &str) -> String {
+    format!("table `{table}`, key `{key}`")
+}
+
+/// The damaged records of one partition (item 10 of issue 12): found by the verify pass at open
+/// or met while running. Each is logged once with the file and key, and counted
+/// (`/v1/partitions`, `/metrics`); requests that need one are refused with 500 `record_damaged`
+/// (its checksum fails on every read, so nothing here serves the refusal), while the rest of the
+/// batch and of the partition commit. Shared with the partition's batches (the same thread, so
+/// the lock is never contended).
+#[derive(Debug, Clone, Default)]
+pub struct Quarantine(std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+
+impl Quarantine {
+    /// Remembers a damaged record (by its error, which names it), logging it the first time.
+    fn note(&self, place: &str, e: &StoreError) {
+        let name = e
+            .message
+            .split(": ")
+            .next()
+            .unwrap_or(&e.message)
+            .to_string();
+        let new = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name);
+        if new {
+            tracing::error!(
+                "{place}: damaged record quarantined (requests that need it answer `record_damaged`, the rest of the partition goes on): {}; {DAMAGE_RECOVERY}",
+                e.message
+            );
+        }
+    }
+
+    /// How many damaged records are known.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -1039,9 +1143,41 @@ pub struct Batch<'txn> {
     counters: Counters,
     dedup_retention: u64,
     dead_letter_retention: u64,
+    /// The partition's damaged records, to note one met by this batch.
+    quarantine: Quarantine,
+    /// The partition file, for the log line of a damaged record.
+    place: String,
 }
 
 impl Batch<'_> {
+    /// The damaged record `request` needs, if any: its key's state, or its id's dedup entry.
+    /// Such a request is refused alone, before it writes anything, so the rest of the batch
+    /// commits (item 10 of issue 12); any other failure aborts the batch as usual.
+    pub fn damaged_record_for(
+        &self,
+        request: &RoutedRequest,
+    ) -> Result<Option<StoreError>, StoreError> {
+        let state = self.state(&request.key).map(|_| ());
+        let dedup = match request.idempotent {
+            true => self.dedup(&request.id).map(|_| ()),
+            false => Ok(()),
+        };
+        for read in [state, dedup] {
+            match read {
+                Ok(()) => {}
+                Err(e) if e.is_record_damage() => {
+                    self.quarantine.note(&self.place, &e);
+                    return Ok(Some(StoreError {
+                        kind: e.kind,
+                        message: format!("{}: {}", self.place, e.message),
+                    }));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
     /// The state of `key` as this batch has it so far (earlier requests in the batch included).
     pub fn state(&self, key: &str) -> Result<Option<State>, StoreError> {
         get_json(&self.states, "states", key)
@@ -1379,6 +1515,41 @@ fn scan_tables(
     Ok(())
 }
 
+/// Removes the damaged records `damage` lists (from [`scan`]) from an open partition file, in one
+/// transaction: what `turnstile verify --drop-damaged` does once an operator chose to give those
+/// records up (see the README, Data dir, for what each table's loss means). Damage of the file's
+/// structure is not repaired here; returns how many records were removed.
+pub fn drop_records(db: &Database, damage: &[Damage]) -> Result<usize, StoreError> {
+    let txn = db.begin_write().map_err(db_error)?;
+    let mut removed = 0;
+    {
+        let mut by_name = [
+            (RECORD_TABLES[0], txn.open_table(STATES).map_err(db_error)?),
+            (RECORD_TABLES[1], txn.open_table(ROUTES).map_err(db_error)?),
+            (RECORD_TABLES[2], txn.open_table(DEDUP).map_err(db_error)?),
+        ];
+        let mut by_seq = [
+            (RECORD_TABLES[3], txn.open_table(LOG).map_err(db_error)?),
+            (
+                RECORD_TABLES[4],
+                txn.open_table(DEAD_LETTERS).map_err(db_error)?,
+            ),
+        ];
+        for found in damage {
+            let Some(key) = &found.key else { continue };
+            if let Some((_, table)) = by_name.iter_mut().find(|(n, _)| *n == found.table) {
+                removed += usize::from(table.remove(key.as_str()).map_err(db_error)?.is_some());
+            } else if let Some((_, table)) = by_seq.iter_mut().find(|(n, _)| *n == found.table)
+                && let Ok(seq) = key.parse::<u64>()
+            {
+                removed += usize::from(table.remove(seq).map_err(db_error)?.is_some());
+            }
+        }
+    }
+    txn.commit().map_err(db_error)?;
+    Ok(removed)
+}
+
 /// Runs `f`, turning a panic (redb panics on some malformed pages in debug builds and on a few
 /// in release builds) into damage, so bad bytes never kill a partition thread.
 pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
@@ -1428,11 +1599,11 @@ mod tests {
         }
     }
 
-    /// Damage met while the partition runs (a record whose bytes changed under it) is reported
-    /// with the file and the key, and from then on every write to that partition is refused,
-    /// even to healthy keys; healthy keys can still be read.
+    /// A record whose bytes changed under the running partition is reported with the file and
+    /// the key and quarantined: that record is refused, every other write goes on, and a restart
+    /// quarantines it again instead of refusing the partition.
     #[test]
-    fn damage_met_while_running_refuses_every_later_write() {
+    fn damaged_record_is_quarantined_not_the_partition() {
         let data = TempDataDir::new("running");
         let generation = prepare_dir(&data.0, 2, HashKind::Java).unwrap();
         let location = Location::Dir(generation.clone());
@@ -1459,25 +1630,22 @@ mod tests {
         }
 
         let e = store.state("hurt").unwrap_err();
-        assert!(e.is_damage());
+        assert!(e.is_record_damage());
         let path = partition_path(&generation, 0).display().to_string();
         assert!(
             e.message.contains(&path) && e.message.contains("hurt"),
             "{e}"
         );
-        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
-        let refused = store
+        assert_eq!(store.quarantine().len(), 1);
+        store
             .write_batch(|batch| batch.put_state("healthy", &state("c")))
-            .unwrap_err();
-        assert!(refused.is_damage(), "{refused}");
-        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
+            .unwrap();
+        assert_eq!(store.state("healthy").unwrap(), Some(state("c")));
         drop(store);
 
-        // A restart does not serve it either.
-        let e = PartitionStore::open(&location, 0, Durability::Sync, 10)
-            .err()
-            .expect("a damaged partition opened");
-        assert!(e.is_damage() && e.message.contains("hurt"), "{e}");
+        let mut store = PartitionStore::open(&location, 0, Durability::Sync, 10).unwrap();
+        assert_eq!(store.quarantine().len(), 1);
+        assert!(store.state("hurt").unwrap_err().is_record_damage());
     }
 
     /// After a failed commit the partition reopens its file before the next batch; a file
