@@ -168,6 +168,19 @@ enum Command {
         #[arg(long, value_parser = ["java", "murmur2"])]
         hash: Option<String>,
     },
+    /// Take an online, consistent backup of a running server into a new data dir (on the
+    /// server's host), without stopping traffic; usable by `run --data-dir` and `replay`.
+    Backup {
+        /// The server, e.g. http://127.0.0.1:8080.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The directory to write, as the server sees it: new, or empty.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The admin token (default: $TURNSTILE_ADMIN_TOKEN).
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
     /// Check every record of a stopped data dir for damage; exits 1 naming each damaged file and key.
     Verify {
         /// The data dir (the server must be stopped).
@@ -535,6 +548,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(version) = &report.rule_version {
                 println!("every partition runs rule version {version}");
             }
+            Ok(())
+        }
+        Command::Backup { url, out, token } => {
+            let token = token
+                .or_else(|| std::env::var("TURNSTILE_ADMIN_TOKEN").ok())
+                .context("the admin token is needed: --token or TURNSTILE_ADMIN_TOKEN")?;
+            let status = turnstile::backup::run_client(&url, &out, &token)?;
+            println!(
+                "backup {}: {} partitions, {} records",
+                out.display(),
+                status.partitions_done,
+                status.records
+            );
             Ok(())
         }
         Command::Verify {

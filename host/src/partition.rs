@@ -95,6 +95,11 @@ pub(crate) enum Command {
         /// Answers with how long the switch held the partition, or why it failed.
         reply: oneshot::Sender<Result<std::time::Duration, String>>,
     },
+    /// Issue 12 item 11 (backup): a read transaction over everything committed so far, taken
+    /// between two batches, for a backup thread to copy.
+    Snapshot {
+        reply: oneshot::Sender<Result<redb::ReadTransaction, StoreError>>,
+    },
     /// Finish everything queued before this, then stop the thread.
     Stop,
 }
@@ -561,6 +566,9 @@ impl Engine {
                         Err(e) => tracing::error!(partition = self.id, "rule swap failed: {e:#}"),
                     }
                     let _ = reply.send(result.map_err(|e| format!("{e:#}")));
+                }
+                Command::Snapshot { reply } => {
+                    let _ = reply.send(self.store.snapshot());
                 }
                 Command::Stop => stop = true,
             }

@@ -121,11 +121,19 @@ pub fn replay(
     let mut total = 0;
     for p in 0..layout.partitions {
         let path = store::partition_path(&generation, p);
-        let db = ReadOnlyDatabase::open(&path).with_context(|| {
-            format!(
-                "opening {} read-only (a file left by a crash needs one start of the server, or replay a copy)",
+        let db = ReadOnlyDatabase::open(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                "{} is in use: a turnstile server is running on this data dir; replay a backup of it \
+                 (`turnstile backup --url URL --out DIR`), or stop the server first",
                 path.display()
-            )
+            ),
+            redb::DatabaseError::RepairAborted => anyhow::anyhow!(
+                "{} needs recovery before it can be read: it was left by a crash, or copied while a \
+                 server was writing it (a plain copy of a running server's files is not consistent; \
+                 take one with `turnstile backup`); start the server on this data dir once to recover it",
+                path.display()
+            ),
+            e => anyhow::anyhow!("opening {} read-only: {e}", path.display()),
         })?;
         total += db.begin_read()?.open_table(LOG)?.len()?;
         databases.push(db);

@@ -322,6 +322,35 @@ impl Runtime {
         &self.location
     }
 
+    /// Backup (issue 12 item 11): runs `copy_rules` and then takes one snapshot per partition,
+    /// each between two batches and after everything queued before, all while the rule
+    /// registry is locked (no install or rollback in between), so rules and states match.
+    pub fn snapshots(
+        &self,
+        copy_rules: &mut dyn FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<redb::ReadTransaction>> {
+        let _registry = self.registry();
+        copy_rules()?;
+        let mut waiting = Vec::with_capacity(self.partitions.len());
+        for partition in &self.partitions {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            partition
+                .blocking_sender()
+                .send(crate::partition::Command::Snapshot { reply })
+                .map_err(|_| anyhow::anyhow!("partition {} has stopped", partition.id))?;
+            waiting.push((partition.id, answer));
+        }
+        waiting
+            .into_iter()
+            .map(|(id, answer)| {
+                answer
+                    .blocking_recv()
+                    .map_err(|_| anyhow::anyhow!("partition {id} has stopped"))?
+                    .map_err(|e| crate::backup::snapshot_error(id, e))
+            })
+            .collect()
+    }
+
     fn registry(&self) -> std::sync::MutexGuard<'_, RuleRegistry> {
         self.rules.registry()
     }

@@ -823,6 +823,11 @@ impl PartitionStore {
         })
     }
 
+    /// A read transaction over everything committed so far (a backup's snapshot).
+    pub fn snapshot(&mut self) -> Result<redb::ReadTransaction, StoreError> {
+        self.with_db(|db| db.begin_read().map_err(db_error))
+    }
+
     /// The current state of `key`, from committed data.
     pub fn state(&mut self, key: &str) -> Result<Option<State>, StoreError> {
         self.with_db(|db| {

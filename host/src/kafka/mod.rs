@@ -118,6 +118,8 @@ impl RemoteError {
         match self.code.as_str() {
             "id_conflict" => SubmitError::IdConflict(id.to_string()),
             "invalid_request" => SubmitError::Invalid(self.message),
+            "record_damaged" => SubmitError::RecordDamaged(self.message),
+            "store_damaged" => SubmitError::Damaged(self.message),
             _ => SubmitError::Store(self.message),
         }
     }
