@@ -126,6 +126,10 @@ pub struct PartitionStats {
     pub refused: AtomicU64,
     /// Damaged records quarantined in the partition's file (refused one by one).
     pub quarantined: AtomicU64,
+    /// Size of the partition's file in bytes, sampled between batches (0 in memory).
+    pub data_bytes: AtomicU64,
+    /// Stored routes removed because they outlived `routes.ttl_seconds`.
+    pub routes_expired: AtomicU64,
 }
 
 impl Default for PartitionStats {
@@ -140,6 +144,8 @@ impl Default for PartitionStats {
             fuel_used: AtomicU64::default(),
             refused: AtomicU64::default(),
             quarantined: AtomicU64::default(),
+            data_bytes: AtomicU64::default(),
+            routes_expired: AtomicU64::default(),
         }
     }
 }
@@ -154,6 +160,8 @@ pub(crate) struct PartitionSetup {
     pub durability: Durability,
     pub dedup_retention: u64,
     pub dead_letter_retention: u64,
+    /// What the store trims (the log, expired routes).
+    pub retention: crate::store::Retention,
     pub queue_capacity: usize,
     pub max_batch: usize,
     pub sync_interval: std::time::Duration,
@@ -203,7 +211,11 @@ impl Partition {
                     setup.durability,
                     setup.dedup_retention,
                 )
-                .map(|store| store.with_dead_letter_retention(setup.dead_letter_retention))
+                .map(|store| {
+                    store
+                        .with_dead_letter_retention(setup.dead_letter_retention)
+                        .with_retention(setup.retention)
+                })
                 .map_err(|e| anyhow::anyhow!("opening the store of partition {}: {e}", setup.id))
                 .and_then(|mut store| {
                     let routes = store.routes()?;
@@ -452,9 +464,24 @@ impl Engine {
             if self.store.sync_due(self.sync_interval) {
                 self.sync();
             }
+            if self.store.maintenance_due() {
+                self.maintain();
+            }
         }
         self.sync();
         tracing::debug!(partition = self.id, "partition thread stopped");
+    }
+
+    /// Issue 12 item 8: expired stored routes are removed a slice at a time between batches,
+    /// and the file's size is published.
+    fn maintain(&mut self) {
+        let (expired, size) = self.store.maintain(now_ms());
+        self.stats
+            .routes_expired
+            .fetch_add(expired, Ordering::Relaxed);
+        self.stats
+            .data_bytes
+            .store(size.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Publishes how many damaged records the store has quarantined.

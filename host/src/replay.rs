@@ -45,6 +45,9 @@ pub struct ReplayReport {
     pub examples: Vec<Example>,
     /// What makes the comparison less trustworthy (e.g. a log decided by warm instances).
     pub warnings: Vec<String>,
+    /// Logged decisions not replayed because their key's history begins before the oldest
+    /// log entry kept (`store.log_retention`): the state before them is unknown.
+    pub skipped: u64,
 }
 
 /// How the candidate compares with the decisions one logged rule version made.
@@ -150,6 +153,7 @@ pub fn replay(
         groups: Vec::new(),
         examples: Vec::new(),
         warnings: Vec::new(),
+        skipped: 0,
     };
     if let Some(since_ms) = crate::reload::warm_instances_since(dir) {
         report.warnings.push(format!(
@@ -161,10 +165,23 @@ pub fn replay(
     for (p, db) in databases.iter().enumerate() {
         let mut instance = sandbox.instantiate(rule.clone(), p as u32)?;
         let mut states: HashMap<String, State> = HashMap::new();
+        // Keys whose history began before the oldest kept entry (the log was trimmed).
+        let mut unknown: std::collections::HashSet<String> = std::collections::HashSet::new();
         let txn = db.begin_read()?;
         for row in txn.open_table(LOG)?.iter()? {
             let (seq, value) = row?;
             let entry: LogEntry = store::decode(&seq.value(), value.value())?;
+            let version_before = match entry.outcome {
+                Outcome::Transition { .. } => entry.state_version.saturating_sub(1),
+                Outcome::Reject { .. } => entry.state_version,
+            };
+            if unknown.contains(&entry.request.key)
+                || (version_before > 0 && !states.contains_key(&entry.request.key))
+            {
+                unknown.insert(entry.request.key.clone());
+                report.skipped += 1;
+                continue;
+            }
             let current = states.get(&entry.request.key).cloned();
             let decided = instance.handle(current.as_ref(), &entry.request);
             report.decisions += 1;
@@ -242,6 +259,12 @@ pub fn replay(
         }
     }
     progress(report.decisions, total);
+    if report.skipped > 0 {
+        report.warnings.push(format!(
+            "{} logged decisions were not replayed: their key's history begins before the oldest log entry kept (store.log_retention, store.log_retention_seconds), so the state they were decided on is unknown",
+            report.skipped
+        ));
+    }
     report.by_rule_version = by_version;
     report.groups = groups
         .into_iter()

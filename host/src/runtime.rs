@@ -182,6 +182,8 @@ pub struct PartitionInfo {
     /// Damaged records quarantined in its file (requests that need one answer
     /// `record_damaged`).
     pub quarantined_records: u64,
+    /// Size of its file in bytes, sampled about once a second; none in memory.
+    pub data_bytes: Option<u64>,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
     /// Version id of the rule it runs.
@@ -281,6 +283,7 @@ impl Runtime {
                 durability: config.store.durability,
                 dedup_retention: config.store.dedup_retention,
                 dead_letter_retention: config.store.dead_letter_retention,
+                retention: crate::store::Retention::of(config),
                 queue_capacity: config.partitions.queue_capacity,
                 max_batch: config.partitions.max_batch,
                 sync_interval: std::time::Duration::from_millis(config.store.flush_interval_ms),
@@ -605,6 +608,8 @@ impl Runtime {
                 store_failures: p.stats.store_failures.load(Ordering::Relaxed),
                 refused: p.stats.refused.load(Ordering::Relaxed),
                 quarantined_records: p.stats.quarantined.load(Ordering::Relaxed),
+                data_bytes: matches!(self.location, Location::Dir(_))
+                    .then(|| p.stats.data_bytes.load(Ordering::Relaxed)),
                 rule_failures: crate::sandbox::FailureKind::ALL
                     .iter()
                     .zip(&p.stats.rule_failures)

@@ -557,9 +557,49 @@ pub struct PartitionStore {
     damaged: Option<StoreError>,
     /// Damaged records refused one by one while the rest of the file is served.
     quarantine: Quarantine,
+    /// What is trimmed, and when.
+    retention: Retention,
+    /// The user after which the next route sweep starts (sweeps walk the table a slice at a
+    /// time and wrap around).
+    sweep_after: Option<String>,
+    /// When the last maintenance (route sweep, size sample) ran.
+    maintained_at: Option<std::time::Instant>,
     /// With durability `none`: when the oldest commit not yet synced to disk was made.
     unsynced_since: Option<std::time::Instant>,
 }
+
+/// What a partition trims (item 8 of issue 12). Zero means "keep everything" for each limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Most log entries kept per partition (`store.log_retention`); the oldest go first.
+    pub log_entries: u64,
+    /// Oldest log entry kept, by its batch's time (`store.log_retention_seconds`), in ms.
+    pub log_age_ms: u64,
+    /// Stored routes older than this are removed in the background (`routes.ttl_seconds`), in
+    /// ms; the route cache forgets them at the same age.
+    pub route_ttl_ms: u64,
+}
+
+impl Retention {
+    /// The retention a configuration asks for.
+    pub fn of(config: &crate::config::Config) -> Retention {
+        Retention {
+            log_entries: config.store.log_retention,
+            log_age_ms: config.store.log_retention_seconds.saturating_mul(1000),
+            route_ttl_ms: config.routes.ttl_seconds.saturating_mul(1000),
+        }
+    }
+}
+
+/// Most log entries one batch removes, so lowering the retention on a big file does not stall
+/// one batch: the rest goes with the following batches (each removes more than it appends).
+const LOG_TRIM_PER_BATCH: u64 = 1024;
+
+/// Stored routes one background sweep reads (and at most removes).
+const ROUTES_PER_SWEEP: usize = 1000;
+
+/// How often a partition sweeps expired routes and samples its file's size.
+const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most damaged records a partition quarantines at open; more than that is not a stray fault
 /// but a file to restore, and the partition refuses to start.
@@ -620,6 +660,9 @@ impl PartitionStore {
             counters: Counters::default(),
             damaged: None,
             quarantine,
+            retention: Retention::default(),
+            sweep_after: None,
+            maintained_at: None,
             unsynced_since: None,
         };
         store.counters = store.read_counters()?;
@@ -630,6 +673,96 @@ impl PartitionStore {
     pub fn with_dead_letter_retention(mut self, count: u64) -> PartitionStore {
         self.dead_letter_retention = count.max(1);
         self
+    }
+
+    /// Trims by `retention` from now on.
+    pub fn with_retention(mut self, retention: Retention) -> PartitionStore {
+        self.retention = retention;
+        self
+    }
+
+    /// Whether [`Self::maintain`] is due.
+    pub fn maintenance_due(&self) -> bool {
+        self.maintained_at
+            .is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL)
+    }
+
+    /// Background upkeep between batches, at most once per [`MAINTENANCE_INTERVAL`]: removes a
+    /// slice of expired stored routes (in its own transaction, only when there is something to
+    /// remove). Returns how many routes it removed and the partition file's size in bytes
+    /// (`None` in memory).
+    pub fn maintain(&mut self, now_ms: u64) -> (u64, Option<u64>) {
+        self.maintained_at = Some(std::time::Instant::now());
+        let mut removed = 0;
+        if self.retention.route_ttl_ms > 0 && self.damaged.is_none() {
+            match self.sweep_routes(now_ms) {
+                Ok(n) => removed = n as u64,
+                Err(e) => tracing::warn!(partition = self.partition, "sweeping routes: {e}"),
+            }
+        }
+        let size = match &self.location {
+            Location::Dir(dir) => std::fs::metadata(partition_path(dir, self.partition))
+                .ok()
+                .map(|m| m.len()),
+            Location::Memory => None,
+        };
+        (removed, size)
+    }
+
+    /// Reads the next [`ROUTES_PER_SWEEP`] stored routes and removes those older than the
+    /// route TTL. Returns how many it removed.
+    fn sweep_routes(&mut self, now_ms: u64) -> Result<usize, StoreError> {
+        let oldest_live = now_ms.saturating_sub(self.retention.route_ttl_ms);
+        let after = self.sweep_after.clone();
+        let durability = self.durability;
+        let (removed, next) = self.with_db(|db| {
+            let mut expired = Vec::new();
+            let mut last = None;
+            let mut read = 0;
+            {
+                let txn = db.begin_read().map_err(db_error)?;
+                let table = txn.open_table(ROUTES).map_err(db_error)?;
+                let rows = match &after {
+                    Some(after) => table.range::<&str>((
+                        std::ops::Bound::Excluded(after.as_str()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => table.range::<&str>(..),
+                }
+                .map_err(db_error)?;
+                for row in rows.take(ROUTES_PER_SWEEP) {
+                    let (user, value) = row.map_err(db_error)?;
+                    let user = user.value().to_string();
+                    // A damaged route is quarantined, not swept: removing is the operator's call.
+                    if let Ok(route) = decode::<_, Route>(user.as_str(), value.value())
+                        && route.recorded_at_ms < oldest_live
+                    {
+                        expired.push(user.clone());
+                    }
+                    last = Some(user);
+                    read += 1;
+                }
+            }
+            if !expired.is_empty() {
+                let mut txn = db.begin_write().map_err(db_error)?;
+                txn.set_durability(durability).map_err(db_error)?;
+                {
+                    let mut table = txn.open_table(ROUTES).map_err(db_error)?;
+                    for user in &expired {
+                        table.remove(user.as_str()).map_err(db_error)?;
+                    }
+                }
+                txn.commit().map_err(db_error)?;
+            }
+            // A slice shorter than asked for reached the end: the next sweep starts over.
+            Ok((expired.len(), last.filter(|_| read == ROUTES_PER_SWEEP)))
+        })?;
+        if removed > 0 && matches!(durability, RedbDurability::None) {
+            self.unsynced_since
+                .get_or_insert_with(std::time::Instant::now);
+        }
+        self.sweep_after = next;
+        Ok(removed)
     }
 
     /// Where this partition's data lives, for messages.
@@ -711,12 +844,13 @@ impl PartitionStore {
             return Err(damage.clone());
         }
         let durability = self.durability;
-        let retention = self.dedup_retention;
+        let dedup_retention = self.dedup_retention;
         let dead_letter_retention = self.dead_letter_retention;
         let counters = self.counters;
         let partition = self.partition;
         let quarantine = self.quarantine.clone();
         let place = self.describe();
+        let retention = self.retention;
         // `None` from the closure: the commit failed and the handle must be reopened.
         let outcome = self.with_db(|db| {
             let mut txn = db.begin_write().map_err(db_error)?;
@@ -732,13 +866,15 @@ impl PartitionStore {
                     meta: txn.open_table(META).map_err(db_error)?,
                     checkpoints: txn.open_table(CHECKPOINTS).map_err(db_error)?,
                     counters,
-                    dedup_retention: retention,
+                    dedup_retention,
                     dead_letter_retention,
                     quarantine,
                     place,
+                    retention,
                 };
                 let result = f(&mut batch)
                     .and_then(|r| batch.trim_dedup().map(|()| r))
+                    .and_then(|r| batch.trim_log().map(|()| r))
                     .and_then(|r| batch.save_last_order(counters.last_order).map(|()| r));
                 result.map(|r| (r, batch.counters))
             };
@@ -1152,6 +1288,8 @@ pub struct Batch<'txn> {
     quarantine: Quarantine,
     /// The partition file, for the log line of a damaged record.
     place: String,
+    /// How much of the log to keep.
+    retention: Retention,
 }
 
 impl Batch<'_> {
@@ -1307,6 +1445,45 @@ impl Batch<'_> {
             self.dead_letters.remove(first).map_err(db_error)?;
         }
         Ok(seq)
+    }
+
+    /// Removes the oldest log entries beyond the retention (by count, then by age), at most
+    /// [`LOG_TRIM_PER_BATCH`] per batch. Counted by the table's length, not by sequence numbers,
+    /// which have gaps in Kafka mode.
+    fn trim_log(&mut self) -> Result<(), StoreError> {
+        let Retention {
+            log_entries,
+            log_age_ms,
+            ..
+        } = self.retention;
+        if log_entries == 0 && log_age_ms == 0 {
+            return Ok(());
+        }
+        let oldest_kept_ms = crate::model::now_ms().saturating_sub(log_age_ms);
+        let mut len = self.log.len().map_err(db_error)?;
+        for _ in 0..LOG_TRIM_PER_BATCH {
+            let beyond_count = log_entries > 0 && len > log_entries;
+            if !beyond_count {
+                if log_age_ms == 0 {
+                    break;
+                }
+                let Some((seq, value)) = self.log.first().map_err(db_error)? else {
+                    break;
+                };
+                let seq = seq.value();
+                // A damaged entry (quarantined) counts as old: only its time is unknown.
+                let old = decode::<_, LogEntry>(&seq, value.value())
+                    .map_or(true, |entry| entry.applied_at_ms < oldest_kept_ms);
+                if !old {
+                    break;
+                }
+            }
+            if self.log.pop_first().map_err(db_error)?.is_none() {
+                break;
+            }
+            len -= 1;
+        }
+        Ok(())
     }
 
     /// Forgets the oldest client ids beyond the retention.

@@ -1178,8 +1178,10 @@ fn open_local_store(
 ) -> anyhow::Result<PartitionStore> {
     let store = &shared.config.store;
     let open = || {
-        PartitionStore::open(location, p, store.durability, store.dedup_retention)
-            .map(|s| s.with_dead_letter_retention(store.dead_letter_retention))
+        PartitionStore::open(location, p, store.durability, store.dedup_retention).map(|s| {
+            s.with_dead_letter_retention(store.dead_letter_retention)
+                .with_retention(crate::store::Retention::of(&shared.config))
+        })
     };
     let Location::Dir(dir) = location else {
         return Ok(open()?);
