@@ -1190,7 +1190,15 @@ fn open_local_store(
     if !path.exists() {
         redb::Database::create(&path).with_context(|| format!("creating {}", path.display()))?;
     }
-    match open() {
+    // A local store with quarantined records is rebuilt too: here the changelog holds every
+    // record, so nothing needs to be refused.
+    let opened = open().and_then(|store| match store.quarantine().len() {
+        0 => Ok(store),
+        n => Err(crate::store::StoreError::damaged(format!(
+            "{n} damaged records (see the log lines above)"
+        ))),
+    });
+    match opened {
         Ok(store) => Ok(store),
         Err(e) => {
             let aside = path.with_extension("redb.damaged");
