@@ -1748,6 +1748,7 @@ pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::now_ms;
 
     fn state(user: &str) -> State {
         State {
@@ -1828,6 +1829,69 @@ mod tests {
         let mut store = PartitionStore::open(&location, 0, Durability::Sync, 10).unwrap();
         assert_eq!(store.quarantine().len(), 1);
         assert!(store.state("hurt").unwrap_err().is_record_damage());
+    }
+
+    fn log_entry(applied_at_ms: u64) -> LogEntry {
+        LogEntry {
+            seq: 0,
+            request: RoutedRequest {
+                id: "i".into(),
+                idempotent: false,
+                kind: "reserve".into(),
+                key: "k".into(),
+                user: "u".into(),
+                payload: "{}".into(),
+                received_at_ms: applied_at_ms,
+            },
+            outcome: Outcome::Reject { reason: "r".into() },
+            state_version: 0,
+            rule_version: "v".into(),
+            applied_at_ms,
+        }
+    }
+
+    fn log_seqs(store: &mut PartitionStore) -> Vec<u64> {
+        store.log(0, 1000).unwrap().iter().map(|e| e.seq).collect()
+    }
+
+    /// The log keeps the newest `log_entries` (counted, not computed from sequence numbers,
+    /// which have gaps in Kafka mode), and drops entries older than `log_age_ms`.
+    #[test]
+    fn log_retention_by_count_and_by_age() {
+        let mut store = PartitionStore::open(&Location::Memory, 0, Durability::Sync, 10)
+            .unwrap()
+            .with_retention(Retention {
+                log_entries: 3,
+                ..Retention::default()
+            });
+        for _ in 0..5 {
+            store
+                .write_batch(|batch| batch.append_log(log_entry(now_ms())).map(|_| ()))
+                .unwrap();
+        }
+        assert_eq!(log_seqs(&mut store), vec![3, 4, 5]);
+        store
+            .write_batch(|batch| {
+                batch.set_next_log_seq(100);
+                batch.append_log(log_entry(now_ms())).map(|_| ())
+            })
+            .unwrap();
+        assert_eq!(log_seqs(&mut store), vec![4, 5, 100]);
+
+        let mut store = PartitionStore::open(&Location::Memory, 1, Durability::Sync, 10)
+            .unwrap()
+            .with_retention(Retention {
+                log_age_ms: 60_000,
+                ..Retention::default()
+            });
+        store
+            .write_batch(|batch| {
+                batch.append_log(log_entry(1))?;
+                batch.append_log(log_entry(2))?;
+                batch.append_log(log_entry(now_ms())).map(|_| ())
+            })
+            .unwrap();
+        assert_eq!(log_seqs(&mut store), vec![3]);
     }
 
     /// After a failed commit the partition reopens its file before the next batch; a file
