@@ -1005,12 +1005,15 @@ impl PartitionStore {
     }
 
     /// Up to `limit` dead letters with a sequence number above `after`, oldest first, and no
-    /// more than [`DEAD_LETTER_PAGE_BYTES`] of them (but at least one).
+    /// more than [`DEAD_LETTER_PAGE_BYTES`] of them (but at least one). A damaged letter is
+    /// left out of the page (and quarantined), so the others can still be paged through.
     pub fn dead_letters(
         &mut self,
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        let quarantine = self.quarantine.clone();
+        let place = self.describe();
         self.with_db(|db| {
             let txn = db.begin_read().map_err(db_error)?;
             let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
@@ -1027,10 +1030,13 @@ impl PartitionStore {
                 if bytes > DEAD_LETTER_PAGE_BYTES && !out.is_empty() {
                     break;
                 }
-                out.push(
-                    decode(&seq, value.value())
-                        .map_err(|e| located(e, "dead_letters", &seq.to_string()))?,
-                );
+                match decode(&seq, value.value())
+                    .map_err(|e| located(e, "dead_letters", &seq.to_string()))
+                {
+                    Ok(letter) => out.push(letter),
+                    Err(e) if e.is_record_damage() => quarantine.note(&place, &e),
+                    Err(e) => return Err(e),
+                }
             }
             Ok(out)
         })
@@ -1892,6 +1898,50 @@ mod tests {
             })
             .unwrap();
         assert_eq!(log_seqs(&mut store), vec![3]);
+    }
+
+    /// A damaged dead letter is left out of its page and quarantined; the others are served.
+    #[test]
+    fn damaged_dead_letter_is_skipped_in_pages() {
+        let mut store = PartitionStore::open(&Location::Memory, 0, Durability::Sync, 10).unwrap();
+        let letter = |seq| DeadLetter {
+            seq,
+            partition: 0,
+            request: log_entry(1).request,
+            failure: Failure::refused(&"bad"),
+            rule_version: "v".into(),
+            failed_at_ms: 1,
+            source: None,
+            resubmitted: None,
+        };
+        store
+            .write_batch(|batch| {
+                for _ in 0..3 {
+                    batch.dead_letter(letter(0))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        {
+            let db = store.db.as_ref().unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut bytes = encode(&2u64, &letter(2));
+            let last = bytes.len() - 2;
+            bytes[last] ^= 0x01;
+            txn.open_table(DEAD_LETTERS)
+                .unwrap()
+                .insert(2, bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let seqs: Vec<u64> = store
+            .dead_letters(0, 10)
+            .unwrap()
+            .iter()
+            .map(|l| l.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 3]);
+        assert_eq!(store.quarantine().len(), 1);
     }
 
     /// After a failed commit the partition reopens its file before the next batch; a file
