@@ -170,7 +170,14 @@ pub fn replay(
         let txn = db.begin_read()?;
         for row in txn.open_table(LOG)?.iter()? {
             let (seq, value) = row?;
-            let entry: LogEntry = store::decode(&seq.value(), value.value())?;
+            let entry: LogEntry = store::decode(&seq.value(), value.value()).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: table `log`, key `{}`: {e}; {}",
+                    store::partition_path(&generation, p as u32).display(),
+                    seq.value(),
+                    store::DAMAGE_RECOVERY
+                )
+            })?;
             let version_before = match entry.outcome {
                 Outcome::Transition { .. } => entry.state_version.saturating_sub(1),
                 Outcome::Reject { .. } => entry.state_version,
