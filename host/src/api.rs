@@ -43,6 +43,8 @@ struct Api {
     shutting_down: Arc<AtomicBool>,
     /// Partition liveness, for `/readyz`.
     readiness: Arc<Readiness>,
+    /// The online backups of this server (`/v1/admin/backup`).
+    backups: Arc<crate::backup::Backups>,
 }
 
 /// Settings of the HTTP API.
@@ -135,10 +137,15 @@ pub fn router(service: Service, settings: ApiSettings) -> Router {
         request_timeout: settings.request_timeout,
         shutting_down: settings.shutting_down,
         readiness,
+        backups: Arc::default(),
     };
     Router::new()
         .route("/v1/admin/rule", get(admin_status).put(admin_install))
         .route("/v1/admin/rule/rollback", post(admin_rollback))
+        .route(
+            "/v1/admin/backup",
+            get(admin_backup_status).post(admin_backup),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -307,7 +314,9 @@ impl From<SubmitError> for ApiError {
             SubmitError::Backpressure(_) | SubmitError::ShuttingDown | SubmitError::Store(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            SubmitError::Rule(_) | SubmitError::Damaged(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubmitError::Rule(_) | SubmitError::Damaged(_) | SubmitError::RecordDamaged(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             SubmitError::IdConflict(_) => StatusCode::CONFLICT,
             SubmitError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         };
@@ -326,6 +335,7 @@ impl From<ReadError> for ApiError {
             ReadError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ReadError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ReadError::Damaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_damaged"),
+            ReadError::RecordDamaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "record_damaged"),
         };
         ApiError {
             status,
@@ -724,6 +734,56 @@ async fn admin_rollback(
     authorize(&api, &headers)?;
     let report = api.service.rollback_rule().await?;
     Ok(install_json(&report))
+}
+
+/// Query of `POST /v1/admin/backup`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupQuery {
+    /// The directory to write, on the server's host: new, or empty.
+    out: String,
+}
+
+/// Starts an online backup (see [`crate::backup`]); 202 with its status.
+async fn admin_backup(
+    AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
+    query: Result<Query<BackupQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&api, &headers)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if query.out.trim().is_empty() {
+        return Err(ApiError::bad_request("`out` must name a directory"));
+    }
+    let runtime = match &api.service {
+        Service::Local(runtime) => runtime.clone(),
+        Service::Kafka(_) => {
+            return Err(ApiError {
+                status: StatusCode::NOT_IMPLEMENTED,
+                code: "backup_unsupported",
+                message: "Kafka mode keeps its state in the changelog topic: back up the topics, not a process".into(),
+            });
+        }
+    };
+    let source: Arc<dyn crate::backup::Source> = runtime;
+    match api.backups.start(source, query.out.into()) {
+        Ok(status) => Ok((StatusCode::ACCEPTED, axum::Json(status)).into_response()),
+        Err(e @ crate::backup::StartError::Running(_)) => Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "backup_running",
+            message: e.to_string(),
+        }),
+        Err(e @ crate::backup::StartError::Invalid(_)) => Err(ApiError::bad_request(e.to_string())),
+    }
+}
+
+/// The last backup's status and progress.
+async fn admin_backup_status(
+    AxumState(api): AxumState<Api>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&api, &headers)?;
+    Ok(axum::Json(api.backups.status()).into_response())
 }
 
 async fn admin_status(

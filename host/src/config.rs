@@ -279,6 +279,11 @@ pub struct StoreConfig {
     pub dedup_retention: u64,
     /// How many dead letters each partition keeps; older ones are pruned.
     pub dead_letter_retention: u64,
+    /// Most log entries each partition keeps (the oldest are removed as new ones arrive);
+    /// 0 keeps them all, which is what `turnstile replay` needs to see every decision.
+    pub log_retention: u64,
+    /// Log entries older than this are removed, in seconds; 0 keeps them all.
+    pub log_retention_seconds: u64,
 }
 
 impl Default for StoreConfig {
@@ -289,6 +294,8 @@ impl Default for StoreConfig {
             flush_interval_ms: 1000,
             dedup_retention: 1_000_000,
             dead_letter_retention: crate::store::DEFAULT_DEAD_LETTER_RETENTION,
+            log_retention: 0,
+            log_retention_seconds: 0,
         }
     }
 }

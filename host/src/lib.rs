@@ -32,6 +32,7 @@
 //! - [`logging`]: `tracing` setup.
 
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod config;
 pub mod install;

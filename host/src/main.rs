@@ -197,11 +197,28 @@ enum Command {
         #[arg(long, value_parser = ["java", "murmur2"])]
         hash: Option<String>,
     },
+    /// Take an online, consistent backup of a running server into a new data dir (on the
+    /// server's host), without stopping traffic; usable by `run --data-dir` and `replay`.
+    Backup {
+        /// The server, e.g. http://127.0.0.1:8080.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The directory to write, as the server sees it: new, or empty.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The admin token (default: $TURNSTILE_ADMIN_TOKEN).
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
     /// Check every record of a stopped data dir for damage; exits 1 naming each damaged file and key.
     Verify {
         /// The data dir (the server must be stopped).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+        /// Remove the damaged records found (giving them up; see README, Data dir) instead of
+        /// only listing them. Damage of a file's structure is left for a restore.
+        #[arg(long)]
+        drop_damaged: bool,
     },
     /// Check a rule component against the world and the limits, without running a server.
     Check {
@@ -609,7 +626,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Verify { data_dir } => {
+        Command::Backup { url, out, token } => {
+            let token = token
+                .or_else(|| std::env::var("TURNSTILE_ADMIN_TOKEN").ok())
+                .context("the admin token is needed: --token or TURNSTILE_ADMIN_TOKEN")?;
+            let status = turnstile::backup::run_client(&url, &out, &token)?;
+            println!(
+                "backup {}: {} partitions, {} records",
+                out.display(),
+                status.partitions_done,
+                status.records
+            );
+            Ok(())
+        }
+        Command::Verify {
+            data_dir,
+            drop_damaged: true,
+        } => {
+            let (reports, removed) = turnstile::verify::drop_damaged(&data_dir)?;
+            print!("{}", turnstile::verify::render(&reports));
+            println!("removed {removed} damaged records");
+            if reports
+                .iter()
+                .any(|r| r.damage.iter().any(|d| d.key.is_none()))
+            {
+                anyhow::bail!(
+                    "a partition file's structure is damaged; {}",
+                    turnstile::store::DAMAGE_RECOVERY
+                );
+            }
+            Ok(())
+        }
+        Command::Verify { data_dir, .. } => {
             let reports = turnstile::verify::verify(&data_dir)?;
             print!("{}", turnstile::verify::render(&reports));
             let damaged = reports.iter().filter(|r| !r.damage.is_empty()).count();

@@ -209,7 +209,7 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
         &'static str,
         fn(&PartitionSample<'_>) -> u64,
     );
-    let series: [Series; 7] = [
+    let series: [Series; 10] = [
         (
             "turnstile_partition_queue_depth",
             "gauge",
@@ -251,6 +251,24 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
             "counter",
             "Requests refused before the rule saw them (malformed, or a record on the wrong partition) and dead-lettered.",
             |p| p.stats.refused.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_quarantined_records",
+            "gauge",
+            "Damaged records quarantined in the partition's file (requests that need one answer record_damaged).",
+            |p| p.stats.quarantined.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_data_bytes",
+            "gauge",
+            "Size of the partition's file in bytes, sampled about once a second (0 in memory).",
+            |p| p.stats.data_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_partition_routes_expired_total",
+            "counter",
+            "Stored routes removed in the background because they outlived routes.ttl_seconds.",
+            |p| p.stats.routes_expired.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, help, value) in series {

@@ -49,6 +49,8 @@ impl ApplyError {
         match self {
             ApplyError::Rule(f) => f.kind.code(),
             ApplyError::IdConflict(_) => "id_conflict",
+            ApplyError::Store(e) if e.is_damage() => "store_damaged",
+            ApplyError::Store(e) if e.is_record_damage() => "record_damaged",
             ApplyError::Store(_) => "store_unavailable",
             ApplyError::Invalid(_) => "invalid_request",
         }
@@ -93,6 +95,11 @@ pub(crate) enum Command {
         /// Answers with how long the switch held the partition, or why it failed.
         reply: oneshot::Sender<Result<std::time::Duration, String>>,
     },
+    /// Issue 12 item 11 (backup): a read transaction over everything committed so far, taken
+    /// between two batches, for a backup thread to copy.
+    Snapshot {
+        reply: oneshot::Sender<Result<redb::ReadTransaction, StoreError>>,
+    },
     /// Finish everything queued before this, then stop the thread.
     Stop,
 }
@@ -117,6 +124,12 @@ pub struct PartitionStats {
     /// Requests refused before the rule saw them (malformed, or on the wrong partition) and
     /// dead-lettered.
     pub refused: AtomicU64,
+    /// Damaged records quarantined in the partition's file (refused one by one).
+    pub quarantined: AtomicU64,
+    /// Size of the partition's file in bytes, sampled between batches (0 in memory).
+    pub data_bytes: AtomicU64,
+    /// Stored routes removed because they outlived `routes.ttl_seconds`.
+    pub routes_expired: AtomicU64,
 }
 
 impl Default for PartitionStats {
@@ -130,6 +143,9 @@ impl Default for PartitionStats {
             batch_sizes: crate::metrics::Histogram::new(&crate::metrics::BATCH_BUCKETS),
             fuel_used: AtomicU64::default(),
             refused: AtomicU64::default(),
+            quarantined: AtomicU64::default(),
+            data_bytes: AtomicU64::default(),
+            routes_expired: AtomicU64::default(),
         }
     }
 }
@@ -144,6 +160,8 @@ pub(crate) struct PartitionSetup {
     pub durability: Durability,
     pub dedup_retention: u64,
     pub dead_letter_retention: u64,
+    /// What the store trims (the log, expired routes).
+    pub retention: crate::store::Retention,
     pub queue_capacity: usize,
     pub max_batch: usize,
     pub sync_interval: std::time::Duration,
@@ -193,7 +211,11 @@ impl Partition {
                     setup.durability,
                     setup.dedup_retention,
                 )
-                .map(|store| store.with_dead_letter_retention(setup.dead_letter_retention))
+                .map(|store| {
+                    store
+                        .with_dead_letter_retention(setup.dead_letter_retention)
+                        .with_retention(setup.retention)
+                })
                 .map_err(|e| anyhow::anyhow!("opening the store of partition {}: {e}", setup.id))
                 .and_then(|mut store| {
                     let routes = store.routes()?;
@@ -432,17 +454,40 @@ impl Engine {
     pub(crate) fn run<T: Transport>(mut self, transport: &mut T) {
         let mut inbox = Inbox::default();
         let mut results = Vec::new();
+        self.publish_quarantine();
         while transport.next_batch(&mut inbox, self.max_batch) {
             let stop = !inbox.is_empty() && self.process(transport, &mut inbox, &mut results);
+            self.publish_quarantine();
             if stop {
                 break;
             }
             if self.store.sync_due(self.sync_interval) {
                 self.sync();
             }
+            if self.store.maintenance_due() {
+                self.maintain();
+            }
         }
         self.sync();
         tracing::debug!(partition = self.id, "partition thread stopped");
+    }
+
+    /// Issue 12 item 8: expired stored routes are removed a slice at a time between batches,
+    /// and the file's size is published.
+    fn maintain(&mut self) {
+        let (expired, size) = self.store.maintain(now_ms());
+        self.stats
+            .routes_expired
+            .fetch_add(expired, Ordering::Relaxed);
+        self.stats
+            .data_bytes
+            .store(size.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Publishes how many damaged records the store has quarantined.
+    fn publish_quarantine(&self) {
+        let known = self.store.quarantine().len() as u64;
+        self.stats.quarantined.store(known, Ordering::Relaxed);
     }
 
     /// Syncs unsynced commits (durability `none`); a failure is logged and retried later.
@@ -548,6 +593,9 @@ impl Engine {
                         Err(e) => tracing::error!(partition = self.id, "rule swap failed: {e:#}"),
                     }
                     let _ = reply.send(result.map_err(|e| format!("{e:#}")));
+                }
+                Command::Snapshot { reply } => {
+                    let _ = reply.send(self.store.snapshot());
                 }
                 Command::Stop => stop = true,
             }
@@ -694,6 +742,14 @@ fn apply_incoming<R>(
         })?;
         return Ok(Applied {
             result: Err(error),
+            applied: false,
+        });
+    }
+    // Issue 12 item 10: a request that needs a damaged record is refused alone, the rest of the
+    // batch goes on.
+    if let Some(damage) = tx.damaged_record_for(&incoming.request)? {
+        return Ok(Applied {
+            result: Err(ApplyError::Store(damage)),
             applied: false,
         });
     }

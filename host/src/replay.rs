@@ -45,6 +45,9 @@ pub struct ReplayReport {
     pub examples: Vec<Example>,
     /// What makes the comparison less trustworthy (e.g. a log decided by warm instances).
     pub warnings: Vec<String>,
+    /// Logged decisions not replayed because their key's history begins before the oldest
+    /// log entry kept (`store.log_retention`): the state before them is unknown.
+    pub skipped: u64,
 }
 
 /// How the candidate compares with the decisions one logged rule version made.
@@ -121,11 +124,19 @@ pub fn replay(
     let mut total = 0;
     for p in 0..layout.partitions {
         let path = store::partition_path(&generation, p);
-        let db = ReadOnlyDatabase::open(&path).with_context(|| {
-            format!(
-                "opening {} read-only (a file left by a crash needs one start of the server, or replay a copy)",
+        let db = ReadOnlyDatabase::open(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                "{} is in use: a turnstile server is running on this data dir; replay a backup of it \
+                 (`turnstile backup --url URL --out DIR`), or stop the server first",
                 path.display()
-            )
+            ),
+            redb::DatabaseError::RepairAborted => anyhow::anyhow!(
+                "{} needs recovery before it can be read: it was left by a crash, or copied while a \
+                 server was writing it (a plain copy of a running server's files is not consistent; \
+                 take one with `turnstile backup`); start the server on this data dir once to recover it",
+                path.display()
+            ),
+            e => anyhow::anyhow!("opening {} read-only: {e}", path.display()),
         })?;
         total += db.begin_read()?.open_table(LOG)?.len()?;
         databases.push(db);
@@ -142,6 +153,7 @@ pub fn replay(
         groups: Vec::new(),
         examples: Vec::new(),
         warnings: Vec::new(),
+        skipped: 0,
     };
     if let Some(since_ms) = crate::reload::warm_instances_since(dir) {
         report.warnings.push(format!(
@@ -153,10 +165,30 @@ pub fn replay(
     for (p, db) in databases.iter().enumerate() {
         let mut instance = sandbox.instantiate(rule.clone(), p as u32)?;
         let mut states: HashMap<String, State> = HashMap::new();
+        // Keys whose history began before the oldest kept entry (the log was trimmed).
+        let mut unknown: std::collections::HashSet<String> = std::collections::HashSet::new();
         let txn = db.begin_read()?;
         for row in txn.open_table(LOG)?.iter()? {
             let (seq, value) = row?;
-            let entry: LogEntry = store::decode(&seq.value(), value.value())?;
+            let entry: LogEntry = store::decode(&seq.value(), value.value()).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: table `log`, key `{}`: {e}; {}",
+                    store::partition_path(&generation, p as u32).display(),
+                    seq.value(),
+                    store::DAMAGE_RECOVERY
+                )
+            })?;
+            let version_before = match entry.outcome {
+                Outcome::Transition { .. } => entry.state_version.saturating_sub(1),
+                Outcome::Reject { .. } => entry.state_version,
+            };
+            if unknown.contains(&entry.request.key)
+                || (version_before > 0 && !states.contains_key(&entry.request.key))
+            {
+                unknown.insert(entry.request.key.clone());
+                report.skipped += 1;
+                continue;
+            }
             let current = states.get(&entry.request.key).cloned();
             let decided = instance.handle(current.as_ref(), &entry.request);
             report.decisions += 1;
@@ -234,6 +266,12 @@ pub fn replay(
         }
     }
     progress(report.decisions, total);
+    if report.skipped > 0 {
+        report.warnings.push(format!(
+            "{} logged decisions were not replayed: their key's history begins before the oldest log entry kept (store.log_retention, store.log_retention_seconds), so the state they were decided on is unknown",
+            report.skipped
+        ));
+    }
     report.by_rule_version = by_version;
     report.groups = groups
         .into_iter()

@@ -56,6 +56,10 @@ pub enum SubmitError {
     /// file is restored (see [`crate::store::StoreErrorKind::Damaged`]).
     #[error("{0}")]
     Damaged(String),
+    /// A record the request needs is damaged (quarantined); nothing was applied, and a retry
+    /// cannot help until the record is repaired (see [`crate::store::Quarantine`]).
+    #[error("{0}")]
+    RecordDamaged(String),
     /// Kafka mode: no outcome came back in time. The request may still be applied; retry it
     /// with the same id to learn its answer.
     #[error("{0}")]
@@ -74,6 +78,7 @@ impl SubmitError {
             SubmitError::IdConflict(_) => "id_conflict",
             SubmitError::Store(_) => "store_unavailable",
             SubmitError::Damaged(_) => "store_damaged",
+            SubmitError::RecordDamaged(_) => "record_damaged",
             SubmitError::Timeout(_) => "outcome_timeout",
         }
     }
@@ -91,6 +96,7 @@ impl From<ApplyError> for SubmitError {
             ApplyError::Rule(f) => SubmitError::Rule(f),
             ApplyError::IdConflict(id) => SubmitError::IdConflict(id),
             ApplyError::Store(e) if e.is_damage() => SubmitError::Damaged(e.message),
+            ApplyError::Store(e) if e.is_record_damage() => SubmitError::RecordDamaged(e.message),
             e @ ApplyError::Store(_) => SubmitError::Store(e.to_string()),
             ApplyError::Invalid(message) => SubmitError::Invalid(message),
         }
@@ -112,12 +118,17 @@ pub enum ReadError {
     /// The partition's file is damaged.
     #[error("{0}")]
     Damaged(String),
+    /// The record read is damaged (quarantined).
+    #[error("{0}")]
+    RecordDamaged(String),
 }
 
 impl From<StoreError> for ReadError {
     fn from(e: StoreError) -> Self {
         if e.is_damage() {
             ReadError::Damaged(e.message)
+        } else if e.is_record_damage() {
+            ReadError::RecordDamaged(e.message)
         } else {
             ReadError::Store(e.message)
         }
@@ -128,6 +139,8 @@ impl From<StoreError> for SubmitError {
     fn from(e: StoreError) -> Self {
         if e.is_damage() {
             SubmitError::Damaged(e.message)
+        } else if e.is_record_damage() {
+            SubmitError::RecordDamaged(e.message)
         } else {
             SubmitError::Store(e.message)
         }
@@ -166,6 +179,11 @@ pub struct PartitionInfo {
     pub store_failures: u64,
     /// Requests refused before the rule saw them, and dead-lettered.
     pub refused: u64,
+    /// Damaged records quarantined in its file (requests that need one answer
+    /// `record_damaged`).
+    pub quarantined_records: u64,
+    /// Size of its file in bytes, sampled about once a second; none in memory.
+    pub data_bytes: Option<u64>,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
     /// Version id of the rule it runs.
@@ -265,6 +283,7 @@ impl Runtime {
                 durability: config.store.durability,
                 dedup_retention: config.store.dedup_retention,
                 dead_letter_retention: config.store.dead_letter_retention,
+                retention: crate::store::Retention::of(config),
                 queue_capacity: config.partitions.queue_capacity,
                 max_batch: config.partitions.max_batch,
                 sync_interval: std::time::Duration::from_millis(config.store.flush_interval_ms),
@@ -304,6 +323,35 @@ impl Runtime {
     /// Where the partitions' data lives.
     pub fn location(&self) -> &Location {
         &self.location
+    }
+
+    /// Backup (issue 12 item 11): runs `copy_rules` and then takes one snapshot per partition,
+    /// each between two batches and after everything queued before, all while the rule
+    /// registry is locked (no install or rollback in between), so rules and states match.
+    pub fn snapshots(
+        &self,
+        copy_rules: &mut dyn FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<redb::ReadTransaction>> {
+        let _registry = self.registry();
+        copy_rules()?;
+        let mut waiting = Vec::with_capacity(self.partitions.len());
+        for partition in &self.partitions {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            partition
+                .blocking_sender()
+                .send(crate::partition::Command::Snapshot { reply })
+                .map_err(|_| anyhow::anyhow!("partition {} has stopped", partition.id))?;
+            waiting.push((partition.id, answer));
+        }
+        waiting
+            .into_iter()
+            .map(|(id, answer)| {
+                answer
+                    .blocking_recv()
+                    .map_err(|_| anyhow::anyhow!("partition {id} has stopped"))?
+                    .map_err(|e| crate::backup::snapshot_error(id, e))
+            })
+            .collect()
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, RuleRegistry> {
@@ -486,6 +534,7 @@ impl Runtime {
             Err(SubmitError::Backpressure(p)) => return Err(ReadError::Backpressure(p)),
             Err(SubmitError::Store(e)) => return Err(ReadError::Store(e)),
             Err(SubmitError::Damaged(e)) => return Err(ReadError::Damaged(e)),
+            Err(SubmitError::RecordDamaged(e)) => return Err(ReadError::RecordDamaged(e)),
             Err(_) => return Err(ReadError::ShuttingDown),
         };
         let Some(route) = route else { return Ok(None) };
@@ -558,6 +607,9 @@ impl Runtime {
                 batches: p.stats.batches.load(Ordering::Relaxed),
                 store_failures: p.stats.store_failures.load(Ordering::Relaxed),
                 refused: p.stats.refused.load(Ordering::Relaxed),
+                quarantined_records: p.stats.quarantined.load(Ordering::Relaxed),
+                data_bytes: matches!(self.location, Location::Dir(_))
+                    .then(|| p.stats.data_bytes.load(Ordering::Relaxed)),
                 rule_failures: crate::sandbox::FailureKind::ALL
                     .iter()
                     .zip(&p.stats.rule_failures)

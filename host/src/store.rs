@@ -24,9 +24,10 @@
 //!
 //! Every value is a checksummed record: one marker byte, the CRC-32 of the record's key and
 //! JSON, then the JSON itself (so a file can still be inspected with any redb tool). A record
-//! whose checksum does not match, or that does not decode, is *damage*: the partition refuses
-//! to start, or, if the damage is met while running, refuses every further write (see
-//! [`StoreErrorKind::Damaged`]). Data dirs of format 1 hold records without the prefix; they are
+//! whose checksum does not match, or that does not decode, is *damaged*: it is quarantined
+//! (requests that need it are refused, the rest of the partition goes on; see [`Quarantine`]).
+//! Damage of the file's structure, which redb meets itself, refuses the partition: it does not
+//! start, or, if met while running, refuses every further write ([`StoreErrorKind::Damaged`]). Data dirs of format 1 hold records without the prefix; they are
 //! read as they are (without a checksum) and new records are written checksummed.
 //!
 //! # Invariants
@@ -55,8 +56,9 @@
 //!    dir before `turnstile.json` names it; afterwards a file is only ever opened
 //!    ([`open_existing`]), and a missing or empty one is an error naming the path.
 //! 8. **Damage is found, not served.** Every record carries a CRC-32 of its key and value; all
-//!    are checked at open, each again when read. A partition that met damage refuses writes
-//!    (reads of healthy records go on); redb panics on bad pages are caught ([`guard`]).
+//!    are checked at open, each again when read. A damaged record is quarantined, refused alone;
+//!    a partition whose file structure is damaged refuses writes (reads of healthy records go
+//!    on); redb panics on bad pages are caught ([`guard`]).
 //!
 //! # Assumptions about the disk
 //!
@@ -143,7 +145,7 @@ pub struct StoreError {
     pub message: String,
 }
 
-/// Whether a store failure is transient or the file is damaged.
+/// Whether a store failure is transient, the file is damaged, or one record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreErrorKind {
     /// The disk or the database failed; the partition reopens the file before its next batch,
@@ -153,6 +155,10 @@ pub enum StoreErrorKind {
     /// or a redb structure redb itself cannot read). Retrying cannot help: the partition refuses
     /// every write until the file is restored (500 `store_damaged`).
     Damaged,
+    /// One record's bytes are damaged (a checksum mismatch or undecodable JSON) while redb's
+    /// structure is intact. The record is *quarantined*: requests that need it are refused
+    /// (500 `record_damaged`), everything else on the partition goes on (see [`Quarantine`]).
+    RecordDamaged,
 }
 
 impl StoreError {
@@ -179,6 +185,11 @@ impl StoreError {
     /// Whether the file is damaged (see [`StoreErrorKind::Damaged`]).
     pub fn is_damage(&self) -> bool {
         self.kind == StoreErrorKind::Damaged
+    }
+
+    /// Whether one record is damaged (see [`StoreErrorKind::RecordDamaged`]).
+    pub fn is_record_damage(&self) -> bool {
+        self.kind == StoreErrorKind::RecordDamaged
     }
 }
 
@@ -544,9 +555,55 @@ pub struct PartitionStore {
     /// Set once damage is found in the file: every later write is refused with it, since
     /// writing into a damaged file can only spread the damage (reads of healthy records go on).
     damaged: Option<StoreError>,
+    /// Damaged records refused one by one while the rest of the file is served.
+    quarantine: Quarantine,
+    /// What is trimmed, and when.
+    retention: Retention,
+    /// The user after which the next route sweep starts (sweeps walk the table a slice at a
+    /// time and wrap around).
+    sweep_after: Option<String>,
+    /// When the last maintenance (route sweep, size sample) ran.
+    maintained_at: Option<std::time::Instant>,
     /// With durability `none`: when the oldest commit not yet synced to disk was made.
     unsynced_since: Option<std::time::Instant>,
 }
+
+/// What a partition trims (item 8 of issue 12). Zero means "keep everything" for each limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Most log entries kept per partition (`store.log_retention`); the oldest go first.
+    pub log_entries: u64,
+    /// Oldest log entry kept, by its batch's time (`store.log_retention_seconds`), in ms.
+    pub log_age_ms: u64,
+    /// Stored routes older than this are removed in the background (`routes.ttl_seconds`), in
+    /// ms; the route cache forgets them at the same age.
+    pub route_ttl_ms: u64,
+}
+
+impl Retention {
+    /// The retention a configuration asks for.
+    pub fn of(config: &crate::config::Config) -> Retention {
+        Retention {
+            log_entries: config.store.log_retention,
+            log_age_ms: config.store.log_retention_seconds.saturating_mul(1000),
+            route_ttl_ms: config.routes.ttl_seconds.saturating_mul(1000),
+        }
+    }
+}
+
+/// Most log entries one batch removes, so lowering the retention on a big file does not stall
+/// one batch: the rest goes with the following batches (each removes more than it appends).
+const LOG_TRIM_PER_BATCH: u64 = 1024;
+
+/// Stored routes one background sweep reads (and at most removes).
+const ROUTES_PER_SWEEP: usize = 1000;
+
+/// How often a partition sweeps expired routes and samples its file's size.
+const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Most damaged records a partition quarantines at open; more than that is not a stray fault
+/// but a file to restore, and the partition refuses to start.
+pub const QUARANTINE_LIMIT: usize = 1000;
 
 /// Dead letters a partition keeps unless told otherwise (`store.dead_letter_retention`).
 pub const DEFAULT_DEAD_LETTER_RETENTION: u64 = 10_000;
@@ -565,16 +622,29 @@ impl PartitionStore {
         dedup_retention: u64,
     ) -> Result<PartitionStore, StoreError> {
         let db = open_db(location, partition)?;
+        let quarantine = Quarantine::default();
         if let Location::Dir(dir) = location {
             let path = partition_path(dir, partition);
-            let found = scan(&db, 5);
-            if !found.is_empty() {
-                let listed: Vec<String> = found.iter().map(|d| d.to_string()).collect();
+            let found = scan(&db, QUARANTINE_LIMIT + 1);
+            // Damage redb itself meets (the file's structure), or more damaged records than a
+            // disk fault explains, refuse the partition; single damaged records are quarantined.
+            let structural = found.iter().any(|d| d.key.is_none());
+            if structural || found.len() > QUARANTINE_LIMIT {
+                let listed: Vec<String> = found.iter().take(5).map(|d| d.to_string()).collect();
                 return Err(StoreError::damaged(format!(
                     "{} is damaged: {}; {DAMAGE_RECOVERY}",
                     path.display(),
                     listed.join("; ")
                 )));
+            }
+            let place = path.display().to_string();
+            for damage in &found {
+                let key = damage.key.as_deref().unwrap_or_default();
+                let e = StoreError {
+                    kind: StoreErrorKind::RecordDamaged,
+                    message: format!("{}: {}", record_name(&damage.table, key), damage.problem),
+                };
+                quarantine.note(&place, &e);
             }
         }
         let mut store = PartitionStore {
@@ -589,6 +659,10 @@ impl PartitionStore {
             dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
             counters: Counters::default(),
             damaged: None,
+            quarantine,
+            retention: Retention::default(),
+            sweep_after: None,
+            maintained_at: None,
             unsynced_since: None,
         };
         store.counters = store.read_counters()?;
@@ -599,6 +673,96 @@ impl PartitionStore {
     pub fn with_dead_letter_retention(mut self, count: u64) -> PartitionStore {
         self.dead_letter_retention = count.max(1);
         self
+    }
+
+    /// Trims by `retention` from now on.
+    pub fn with_retention(mut self, retention: Retention) -> PartitionStore {
+        self.retention = retention;
+        self
+    }
+
+    /// Whether [`Self::maintain`] is due.
+    pub fn maintenance_due(&self) -> bool {
+        self.maintained_at
+            .is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL)
+    }
+
+    /// Background upkeep between batches, at most once per [`MAINTENANCE_INTERVAL`]: removes a
+    /// slice of expired stored routes (in its own transaction, only when there is something to
+    /// remove). Returns how many routes it removed and the partition file's size in bytes
+    /// (`None` in memory).
+    pub fn maintain(&mut self, now_ms: u64) -> (u64, Option<u64>) {
+        self.maintained_at = Some(std::time::Instant::now());
+        let mut removed = 0;
+        if self.retention.route_ttl_ms > 0 && self.damaged.is_none() {
+            match self.sweep_routes(now_ms) {
+                Ok(n) => removed = n as u64,
+                Err(e) => tracing::warn!(partition = self.partition, "sweeping routes: {e}"),
+            }
+        }
+        let size = match &self.location {
+            Location::Dir(dir) => std::fs::metadata(partition_path(dir, self.partition))
+                .ok()
+                .map(|m| m.len()),
+            Location::Memory => None,
+        };
+        (removed, size)
+    }
+
+    /// Reads the next [`ROUTES_PER_SWEEP`] stored routes and removes those older than the
+    /// route TTL. Returns how many it removed.
+    fn sweep_routes(&mut self, now_ms: u64) -> Result<usize, StoreError> {
+        let oldest_live = now_ms.saturating_sub(self.retention.route_ttl_ms);
+        let after = self.sweep_after.clone();
+        let durability = self.durability;
+        let (removed, next) = self.with_db(|db| {
+            let mut expired = Vec::new();
+            let mut last = None;
+            let mut read = 0;
+            {
+                let txn = db.begin_read().map_err(db_error)?;
+                let table = txn.open_table(ROUTES).map_err(db_error)?;
+                let rows = match &after {
+                    Some(after) => table.range::<&str>((
+                        std::ops::Bound::Excluded(after.as_str()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => table.range::<&str>(..),
+                }
+                .map_err(db_error)?;
+                for row in rows.take(ROUTES_PER_SWEEP) {
+                    let (user, value) = row.map_err(db_error)?;
+                    let user = user.value().to_string();
+                    // A damaged route is quarantined, not swept: removing is the operator's call.
+                    if let Ok(route) = decode::<_, Route>(user.as_str(), value.value())
+                        && route.recorded_at_ms < oldest_live
+                    {
+                        expired.push(user.clone());
+                    }
+                    last = Some(user);
+                    read += 1;
+                }
+            }
+            if !expired.is_empty() {
+                let mut txn = db.begin_write().map_err(db_error)?;
+                txn.set_durability(durability).map_err(db_error)?;
+                {
+                    let mut table = txn.open_table(ROUTES).map_err(db_error)?;
+                    for user in &expired {
+                        table.remove(user.as_str()).map_err(db_error)?;
+                    }
+                }
+                txn.commit().map_err(db_error)?;
+            }
+            // A slice shorter than asked for reached the end: the next sweep starts over.
+            Ok((expired.len(), last.filter(|_| read == ROUTES_PER_SWEEP)))
+        })?;
+        if removed > 0 && matches!(durability, RedbDurability::None) {
+            self.unsynced_since
+                .get_or_insert_with(std::time::Instant::now);
+        }
+        self.sweep_after = next;
+        Ok(removed)
     }
 
     /// Where this partition's data lives, for messages.
@@ -633,8 +797,21 @@ impl PartitionStore {
         let result = guard(|| f(db)).and_then(|r| r);
         match result {
             Err(e) if e.is_damage() => Err(self.mark_damaged(e)),
+            Err(e) if e.is_record_damage() => {
+                let place = self.describe();
+                self.quarantine.note(&place, &e);
+                Err(StoreError {
+                    kind: e.kind,
+                    message: format!("{place}: {}", e.message),
+                })
+            }
             other => other,
         }
+    }
+
+    /// The partition's damaged records.
+    pub fn quarantine(&self) -> &Quarantine {
+        &self.quarantine
     }
 
     /// Records damage (the first one wins) and returns it with the file named.
@@ -667,10 +844,13 @@ impl PartitionStore {
             return Err(damage.clone());
         }
         let durability = self.durability;
-        let retention = self.dedup_retention;
+        let dedup_retention = self.dedup_retention;
         let dead_letter_retention = self.dead_letter_retention;
         let counters = self.counters;
         let partition = self.partition;
+        let quarantine = self.quarantine.clone();
+        let place = self.describe();
+        let retention = self.retention;
         // `None` from the closure: the commit failed and the handle must be reopened.
         let outcome = self.with_db(|db| {
             let mut txn = db.begin_write().map_err(db_error)?;
@@ -686,11 +866,15 @@ impl PartitionStore {
                     meta: txn.open_table(META).map_err(db_error)?,
                     checkpoints: txn.open_table(CHECKPOINTS).map_err(db_error)?,
                     counters,
-                    dedup_retention: retention,
+                    dedup_retention,
                     dead_letter_retention,
+                    quarantine,
+                    place,
+                    retention,
                 };
                 let result = f(&mut batch)
                     .and_then(|r| batch.trim_dedup().map(|()| r))
+                    .and_then(|r| batch.trim_log().map(|()| r))
                     .and_then(|r| batch.save_last_order(counters.last_order).map(|()| r));
                 result.map(|r| (r, batch.counters))
             };
@@ -775,6 +959,11 @@ impl PartitionStore {
         })
     }
 
+    /// A read transaction over everything committed so far (a backup's snapshot).
+    pub fn snapshot(&mut self) -> Result<redb::ReadTransaction, StoreError> {
+        self.with_db(|db| db.begin_read().map_err(db_error))
+    }
+
     /// The current state of `key`, from committed data.
     pub fn state(&mut self, key: &str) -> Result<Option<State>, StoreError> {
         self.with_db(|db| {
@@ -793,8 +982,11 @@ impl PartitionStore {
         })
     }
 
-    /// Every route recorded in this partition, for warming the route cache at start.
+    /// Every route recorded in this partition, for warming the route cache at start. A damaged
+    /// route is left out (it is quarantined; the user's next request with a key replaces it).
     pub fn routes(&mut self) -> Result<Vec<(String, Route)>, StoreError> {
+        let quarantine = self.quarantine.clone();
+        let place = self.describe();
         self.with_db(|db| {
             let txn = db.begin_read().map_err(db_error)?;
             let table = txn.open_table(ROUTES).map_err(db_error)?;
@@ -802,22 +994,26 @@ impl PartitionStore {
             for row in table.iter().map_err(db_error)? {
                 let (user, value) = row.map_err(db_error)?;
                 let user = user.value();
-                out.push((
-                    user.to_string(),
-                    decode(user, value.value()).map_err(|e| located(e, "routes", user))?,
-                ));
+                match decode(user, value.value()).map_err(|e| located(e, "routes", user)) {
+                    Ok(route) => out.push((user.to_string(), route)),
+                    Err(e) if e.is_record_damage() => quarantine.note(&place, &e),
+                    Err(e) => return Err(e),
+                }
             }
             Ok(out)
         })
     }
 
     /// Up to `limit` dead letters with a sequence number above `after`, oldest first, and no
-    /// more than [`DEAD_LETTER_PAGE_BYTES`] of them (but at least one).
+    /// more than [`DEAD_LETTER_PAGE_BYTES`] of them (but at least one). A damaged letter is
+    /// left out of the page (and quarantined), so the others can still be paged through.
     pub fn dead_letters(
         &mut self,
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        let quarantine = self.quarantine.clone();
+        let place = self.describe();
         self.with_db(|db| {
             let txn = db.begin_read().map_err(db_error)?;
             let table = txn.open_table(DEAD_LETTERS).map_err(db_error)?;
@@ -834,10 +1030,13 @@ impl PartitionStore {
                 if bytes > DEAD_LETTER_PAGE_BYTES && !out.is_empty() {
                     break;
                 }
-                out.push(
-                    decode(&seq, value.value())
-                        .map_err(|e| located(e, "dead_letters", &seq.to_string()))?,
-                );
+                match decode(&seq, value.value())
+                    .map_err(|e| located(e, "dead_letters", &seq.to_string()))
+                {
+                    Ok(letter) => out.push(letter),
+                    Err(e) if e.is_record_damage() => quarantine.note(&place, &e),
+                    Err(e) => return Err(e),
+                }
             }
             Ok(out)
         })
@@ -960,11 +1159,63 @@ fn read_counters(db: &Database) -> Result<Counters, StoreError> {
     })
 }
 
-/// Names the table and key of a damaged record in its error.
+/// Names the table and key of a damaged record in its error; a record's own damage (its
+/// checksum or decoding) becomes [`StoreErrorKind::RecordDamaged`], so only that record is
+/// quarantined.
 fn located(e: StoreError, table: &str, key: &str) -> StoreError {
     StoreError {
-        kind: e.kind,
-        message: format!("table `{table}`, key `{key}`: {}", e.message),
+        kind: match e.kind {
+            StoreErrorKind::Damaged => StoreErrorKind::RecordDamaged,
+            other => other,
+        },
+        message: format!("{}: {}", record_name(table, key), e.message),
+    }
+}
+
+/// How a damaged record is named in errors, logs and the quarantine.
+fn record_name(table: &str, key: &str) -> String {
+    format!("table `{table}`, key `{key}`")
+}
+
+/// The damaged records of one partition (item 10 of issue 12): found by the verify pass at open
+/// or met while running. Each is logged once with the file and key, and counted
+/// (`/v1/partitions`, `/metrics`); requests that need one are refused with 500 `record_damaged`
+/// (its checksum fails on every read, so nothing here serves the refusal), while the rest of the
+/// batch and of the partition commit. Shared with the partition's batches (the same thread, so
+/// the lock is never contended).
+#[derive(Debug, Clone, Default)]
+pub struct Quarantine(std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+
+impl Quarantine {
+    /// Remembers a damaged record (by its error, which names it), logging it the first time.
+    fn note(&self, place: &str, e: &StoreError) {
+        let name = e
+            .message
+            .split(": ")
+            .next()
+            .unwrap_or(&e.message)
+            .to_string();
+        let new = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name);
+        if new {
+            tracing::error!(
+                "{place}: damaged record quarantined (requests that need it answer `record_damaged`, the rest of the partition goes on): {}; {DAMAGE_RECOVERY}",
+                e.message
+            );
+        }
+    }
+
+    /// How many damaged records are known.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -1039,9 +1290,43 @@ pub struct Batch<'txn> {
     counters: Counters,
     dedup_retention: u64,
     dead_letter_retention: u64,
+    /// The partition's damaged records, to note one met by this batch.
+    quarantine: Quarantine,
+    /// The partition file, for the log line of a damaged record.
+    place: String,
+    /// How much of the log to keep.
+    retention: Retention,
 }
 
 impl Batch<'_> {
+    /// The damaged record `request` needs, if any: its key's state, or its id's dedup entry.
+    /// Such a request is refused alone, before it writes anything, so the rest of the batch
+    /// commits (item 10 of issue 12); any other failure aborts the batch as usual.
+    pub fn damaged_record_for(
+        &self,
+        request: &RoutedRequest,
+    ) -> Result<Option<StoreError>, StoreError> {
+        let state = self.state(&request.key).map(|_| ());
+        let dedup = match request.idempotent {
+            true => self.dedup(&request.id).map(|_| ()),
+            false => Ok(()),
+        };
+        for read in [state, dedup] {
+            match read {
+                Ok(()) => {}
+                Err(e) if e.is_record_damage() => {
+                    self.quarantine.note(&self.place, &e);
+                    return Ok(Some(StoreError {
+                        kind: e.kind,
+                        message: format!("{}: {}", self.place, e.message),
+                    }));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
     /// The state of `key` as this batch has it so far (earlier requests in the batch included).
     pub fn state(&self, key: &str) -> Result<Option<State>, StoreError> {
         get_json(&self.states, "states", key)
@@ -1166,6 +1451,45 @@ impl Batch<'_> {
             self.dead_letters.remove(first).map_err(db_error)?;
         }
         Ok(seq)
+    }
+
+    /// Removes the oldest log entries beyond the retention (by count, then by age), at most
+    /// [`LOG_TRIM_PER_BATCH`] per batch. Counted by the table's length, not by sequence numbers,
+    /// which have gaps in Kafka mode.
+    fn trim_log(&mut self) -> Result<(), StoreError> {
+        let Retention {
+            log_entries,
+            log_age_ms,
+            ..
+        } = self.retention;
+        if log_entries == 0 && log_age_ms == 0 {
+            return Ok(());
+        }
+        let oldest_kept_ms = crate::model::now_ms().saturating_sub(log_age_ms);
+        let mut len = self.log.len().map_err(db_error)?;
+        for _ in 0..LOG_TRIM_PER_BATCH {
+            let beyond_count = log_entries > 0 && len > log_entries;
+            if !beyond_count {
+                if log_age_ms == 0 {
+                    break;
+                }
+                let Some((seq, value)) = self.log.first().map_err(db_error)? else {
+                    break;
+                };
+                let seq = seq.value();
+                // A damaged entry (quarantined) counts as old: only its time is unknown.
+                let old = decode::<_, LogEntry>(&seq, value.value())
+                    .map_or(true, |entry| entry.applied_at_ms < oldest_kept_ms);
+                if !old {
+                    break;
+                }
+            }
+            if self.log.pop_first().map_err(db_error)?.is_none() {
+                break;
+            }
+            len -= 1;
+        }
+        Ok(())
     }
 
     /// Forgets the oldest client ids beyond the retention.
@@ -1379,6 +1703,41 @@ fn scan_tables(
     Ok(())
 }
 
+/// Removes the damaged records `damage` lists (from [`scan`]) from an open partition file, in one
+/// transaction: what `turnstile verify --drop-damaged` does once an operator chose to give those
+/// records up (see the README, Data dir, for what each table's loss means). Damage of the file's
+/// structure is not repaired here; returns how many records were removed.
+pub fn drop_records(db: &Database, damage: &[Damage]) -> Result<usize, StoreError> {
+    let txn = db.begin_write().map_err(db_error)?;
+    let mut removed = 0;
+    {
+        let mut by_name = [
+            (RECORD_TABLES[0], txn.open_table(STATES).map_err(db_error)?),
+            (RECORD_TABLES[1], txn.open_table(ROUTES).map_err(db_error)?),
+            (RECORD_TABLES[2], txn.open_table(DEDUP).map_err(db_error)?),
+        ];
+        let mut by_seq = [
+            (RECORD_TABLES[3], txn.open_table(LOG).map_err(db_error)?),
+            (
+                RECORD_TABLES[4],
+                txn.open_table(DEAD_LETTERS).map_err(db_error)?,
+            ),
+        ];
+        for found in damage {
+            let Some(key) = &found.key else { continue };
+            if let Some((_, table)) = by_name.iter_mut().find(|(n, _)| *n == found.table) {
+                removed += usize::from(table.remove(key.as_str()).map_err(db_error)?.is_some());
+            } else if let Some((_, table)) = by_seq.iter_mut().find(|(n, _)| *n == found.table)
+                && let Ok(seq) = key.parse::<u64>()
+            {
+                removed += usize::from(table.remove(seq).map_err(db_error)?.is_some());
+            }
+        }
+    }
+    txn.commit().map_err(db_error)?;
+    Ok(removed)
+}
+
 /// Runs `f`, turning a panic (redb panics on some malformed pages in debug builds and on a few
 /// in release builds) into damage, so bad bytes never kill a partition thread.
 pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
@@ -1395,6 +1754,7 @@ pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::now_ms;
 
     fn state(user: &str) -> State {
         State {
@@ -1428,11 +1788,11 @@ mod tests {
         }
     }
 
-    /// Damage met while the partition runs (a record whose bytes changed under it) is reported
-    /// with the file and the key, and from then on every write to that partition is refused,
-    /// even to healthy keys; healthy keys can still be read.
+    /// A record whose bytes changed under the running partition is reported with the file and
+    /// the key and quarantined: that record is refused, every other write goes on, and a restart
+    /// quarantines it again instead of refusing the partition.
     #[test]
-    fn damage_met_while_running_refuses_every_later_write() {
+    fn damaged_record_is_quarantined_not_the_partition() {
         let data = TempDataDir::new("running");
         let generation = prepare_dir(&data.0, 2, HashKind::Java).unwrap();
         let location = Location::Dir(generation.clone());
@@ -1459,25 +1819,129 @@ mod tests {
         }
 
         let e = store.state("hurt").unwrap_err();
-        assert!(e.is_damage());
+        assert!(e.is_record_damage());
         let path = partition_path(&generation, 0).display().to_string();
         assert!(
             e.message.contains(&path) && e.message.contains("hurt"),
             "{e}"
         );
-        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
-        let refused = store
+        assert_eq!(store.quarantine().len(), 1);
+        store
             .write_batch(|batch| batch.put_state("healthy", &state("c")))
-            .unwrap_err();
-        assert!(refused.is_damage(), "{refused}");
-        assert_eq!(store.state("healthy").unwrap(), Some(state("a")));
+            .unwrap();
+        assert_eq!(store.state("healthy").unwrap(), Some(state("c")));
         drop(store);
 
-        // A restart does not serve it either.
-        let e = PartitionStore::open(&location, 0, Durability::Sync, 10)
-            .err()
-            .expect("a damaged partition opened");
-        assert!(e.is_damage() && e.message.contains("hurt"), "{e}");
+        let mut store = PartitionStore::open(&location, 0, Durability::Sync, 10).unwrap();
+        assert_eq!(store.quarantine().len(), 1);
+        assert!(store.state("hurt").unwrap_err().is_record_damage());
+    }
+
+    fn log_entry(applied_at_ms: u64) -> LogEntry {
+        LogEntry {
+            seq: 0,
+            request: RoutedRequest {
+                id: "i".into(),
+                idempotent: false,
+                kind: "reserve".into(),
+                key: "k".into(),
+                user: "u".into(),
+                payload: "{}".into(),
+                received_at_ms: applied_at_ms,
+            },
+            outcome: Outcome::Reject { reason: "r".into() },
+            state_version: 0,
+            rule_version: "v".into(),
+            applied_at_ms,
+        }
+    }
+
+    fn log_seqs(store: &mut PartitionStore) -> Vec<u64> {
+        store.log(0, 1000).unwrap().iter().map(|e| e.seq).collect()
+    }
+
+    /// The log keeps the newest `log_entries` (counted, not computed from sequence numbers,
+    /// which have gaps in Kafka mode), and drops entries older than `log_age_ms`.
+    #[test]
+    fn log_retention_by_count_and_by_age() {
+        let mut store = PartitionStore::open(&Location::Memory, 0, Durability::Sync, 10)
+            .unwrap()
+            .with_retention(Retention {
+                log_entries: 3,
+                ..Retention::default()
+            });
+        for _ in 0..5 {
+            store
+                .write_batch(|batch| batch.append_log(log_entry(now_ms())).map(|_| ()))
+                .unwrap();
+        }
+        assert_eq!(log_seqs(&mut store), vec![3, 4, 5]);
+        store
+            .write_batch(|batch| {
+                batch.set_next_log_seq(100);
+                batch.append_log(log_entry(now_ms())).map(|_| ())
+            })
+            .unwrap();
+        assert_eq!(log_seqs(&mut store), vec![4, 5, 100]);
+
+        let mut store = PartitionStore::open(&Location::Memory, 1, Durability::Sync, 10)
+            .unwrap()
+            .with_retention(Retention {
+                log_age_ms: 60_000,
+                ..Retention::default()
+            });
+        store
+            .write_batch(|batch| {
+                batch.append_log(log_entry(1))?;
+                batch.append_log(log_entry(2))?;
+                batch.append_log(log_entry(now_ms())).map(|_| ())
+            })
+            .unwrap();
+        assert_eq!(log_seqs(&mut store), vec![3]);
+    }
+
+    /// A damaged dead letter is left out of its page and quarantined; the others are served.
+    #[test]
+    fn damaged_dead_letter_is_skipped_in_pages() {
+        let mut store = PartitionStore::open(&Location::Memory, 0, Durability::Sync, 10).unwrap();
+        let letter = |seq| DeadLetter {
+            seq,
+            partition: 0,
+            request: log_entry(1).request,
+            failure: Failure::refused(&"bad"),
+            rule_version: "v".into(),
+            failed_at_ms: 1,
+            source: None,
+            resubmitted: None,
+        };
+        store
+            .write_batch(|batch| {
+                for _ in 0..3 {
+                    batch.dead_letter(letter(0))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        {
+            let db = store.db.as_ref().unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut bytes = encode(&2u64, &letter(2));
+            let last = bytes.len() - 2;
+            bytes[last] ^= 0x01;
+            txn.open_table(DEAD_LETTERS)
+                .unwrap()
+                .insert(2, bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let seqs: Vec<u64> = store
+            .dead_letters(0, 10)
+            .unwrap()
+            .iter()
+            .map(|l| l.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 3]);
+        assert_eq!(store.quarantine().len(), 1);
     }
 
     /// After a failed commit the partition reopens its file before the next batch; a file

@@ -51,6 +51,25 @@ pub fn verify(dir: &Path) -> anyhow::Result<Vec<FileReport>> {
     Ok(reports)
 }
 
+/// Removes every damaged record of every partition file of the stopped data dir `dir` (the
+/// quarantined ones), after the operator chose to give them up rather than restore the file.
+/// A file whose structure is damaged is left as it is (restore it from a backup). Returns the
+/// report of what was found, and how many records were removed.
+pub fn drop_damaged(dir: &Path) -> anyhow::Result<(Vec<FileReport>, usize)> {
+    let reports = verify(dir)?;
+    let mut removed = 0;
+    for report in &reports {
+        if report.damage.is_empty() || report.damage.iter().any(|d| d.key.is_none()) {
+            continue;
+        }
+        let db = store::open_existing(&report.path).map_err(|e| anyhow::anyhow!(e.message))?;
+        removed += store::drop_records(&db, &report.damage)
+            .map_err(|e| anyhow::anyhow!(e.message))
+            .with_context(|| format!("removing damaged records from {}", report.path.display()))?;
+    }
+    Ok((reports, removed))
+}
+
 /// The report as text: one line per healthy file, one per finding otherwise.
 pub fn render(reports: &[FileReport]) -> String {
     let mut out = String::new();

@@ -2,6 +2,7 @@
 //! the middle of a file are found, named by file and key, and never kill a partition thread.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use turnstile::router::{HashKind, Partitioner};
 
@@ -75,10 +76,13 @@ fn rewrite(file: &Path, needle: &[u8], replacement: &[u8]) -> usize {
     count
 }
 
-/// One changed byte inside a stored record (the redb structure intact): the server refuses to
-/// start naming the file and the key; `turnstile verify` names them too and exits non-zero.
+/// One changed byte inside a stored record (the redb structure intact): the record is
+/// quarantined, not the partition. The server starts; the damaged key answers 500
+/// `record_damaged` (read and write), while other keys of the same partition, sent alongside it
+/// so they share batches, keep committing; `/v1/partitions` and `/metrics` count it; `turnstile
+/// verify` (server stopped) names the file and the key and exits non-zero.
 #[tokio::test(flavor = "multi_thread")]
-async fn changed_record_bytes_are_found_and_named() {
+async fn changed_record_bytes_quarantine_only_that_record() {
     let dir = data_dir_with("K-flip", "flip-user-1").await;
     let (ok, stdout, stderr) = run_cli(&["verify", "--data-dir", dir.path().to_str().unwrap()]);
     assert!(ok, "healthy data dir: {stdout}{stderr}");
@@ -87,10 +91,64 @@ async fn changed_record_bytes_are_found_and_named() {
     let file = file_of(dir.path(), "K-flip");
     assert!(rewrite(&file, b"flip-user-1", b"flip-user-2") > 0);
 
-    let err = Server::refused(ServerArgs::default().data_dir(dir.path()));
-    assert!(err.contains(&file.display().to_string()), "{err}");
-    assert!(err.contains("K-flip"), "{err}");
-    assert!(!err.contains("thread died"), "{err}");
+    let partitioner = Partitioner::new(HashKind::Java, 4);
+    let partition = partitioner.partition("K-flip");
+    let neighbours: Vec<String> = (0..200)
+        .map(|i| format!("K-near-{i}"))
+        .filter(|k| partitioner.partition(k) == partition)
+        .take(20)
+        .collect();
+    assert!(neighbours.len() >= 5);
+
+    let server = Arc::new(Server::start_with(
+        ServerArgs::default().data_dir(dir.path()),
+    ));
+    let (status, answer) = server.get("/v1/keys/K-flip").await;
+    assert_eq!(status, 500, "{answer}");
+    assert_eq!(answer["error"]["code"], "record_damaged", "{answer}");
+
+    // The damaged key and healthy keys of its partition, all at once.
+    let mut tasks = Vec::new();
+    for (i, key) in std::iter::once("K-flip")
+        .chain(neighbours.iter().map(String::as_str))
+        .enumerate()
+    {
+        let (server, key) = (server.clone(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            server
+                .request(body("reserve", Some(&key), &format!("near-user-{i}")))
+                .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let (status, answer) = &answers[0];
+    assert_eq!(*status, 500, "{answer}");
+    assert_eq!(answer["error"]["code"], "record_damaged", "{answer}");
+    for (status, answer) in &answers[1..] {
+        assert_eq!(*status, 200, "{answer}");
+    }
+    for key in &neighbours {
+        let (status, answer) = server.get(&format!("/v1/keys/{key}")).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    let (_, partitions) = server.get("/v1/partitions").await;
+    let quarantined = partitions["partitions"][partition as usize]["quarantined_records"]
+        .as_u64()
+        .unwrap();
+    assert!(quarantined >= 1, "{partitions}");
+    let (_, metrics) = server.get_text("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "turnstile_partition_quarantined_records{{partition=\"{partition}\"}} {quarantined}"
+        )),
+        "{metrics}"
+    );
+    let server = Arc::into_inner(server).expect("no task holds the server");
+    assert!(server.terminate());
 
     let (ok, stdout, stderr) = run_cli(&["verify", "--data-dir", dir.path().to_str().unwrap()]);
     assert!(!ok, "verify passed a damaged file: {stdout}");
@@ -105,6 +163,23 @@ async fn changed_record_bytes_are_found_and_named() {
         "{stdout}{stderr}"
     );
     assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 3);
+
+    // The operator gives the damaged records up: the file verifies again and the key is free.
+    let data_dir = dir.path().to_str().unwrap();
+    let (ok, stdout, stderr) = run_cli(&["verify", "--data-dir", data_dir, "--drop-damaged"]);
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, stdout, stderr) = run_cli(&["verify", "--data-dir", data_dir]);
+    assert!(ok, "{stdout}{stderr}");
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()));
+    let (status, answer) = server
+        .request(body("reserve", Some("K-flip"), "after-repair"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, partitions) = server.get("/v1/partitions").await;
+    assert_eq!(
+        partitions["partitions"][partition as usize]["quarantined_records"],
+        0
+    );
 }
 
 /// Garbage over a whole region in the middle of a partition file (page headers included): the

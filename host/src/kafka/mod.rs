@@ -124,6 +124,8 @@ impl RemoteError {
         match self.code.as_str() {
             "id_conflict" => SubmitError::IdConflict(id.to_string()),
             "invalid_request" => SubmitError::Invalid(self.message),
+            "record_damaged" => SubmitError::RecordDamaged(self.message),
+            "store_damaged" => SubmitError::Damaged(self.message),
             _ => SubmitError::Store(self.message),
         }
     }
@@ -1194,8 +1196,10 @@ fn open_local_store(
 ) -> anyhow::Result<PartitionStore> {
     let store = &shared.config.store;
     let open = || {
-        PartitionStore::open(location, p, store.durability, store.dedup_retention)
-            .map(|s| s.with_dead_letter_retention(store.dead_letter_retention))
+        PartitionStore::open(location, p, store.durability, store.dedup_retention).map(|s| {
+            s.with_dead_letter_retention(store.dead_letter_retention)
+                .with_retention(crate::store::Retention::of(&shared.config))
+        })
     };
     let Location::Dir(dir) = location else {
         return Ok(open()?);
@@ -1204,7 +1208,15 @@ fn open_local_store(
     if !path.exists() {
         redb::Database::create(&path).with_context(|| format!("creating {}", path.display()))?;
     }
-    match open() {
+    // A local store with quarantined records is rebuilt too: here the changelog holds every
+    // record, so nothing needs to be refused.
+    let opened = open().and_then(|store| match store.quarantine().len() {
+        0 => Ok(store),
+        n => Err(crate::store::StoreError::damaged(format!(
+            "{n} damaged records (see the log lines above)"
+        ))),
+    });
+    match opened {
         Ok(store) => Ok(store),
         Err(e) => {
             let aside = path.with_extension("redb.damaged");
