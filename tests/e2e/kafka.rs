@@ -62,9 +62,15 @@ async fn wait_for_split(servers: &[&Server]) -> Vec<BTreeSet<u64>> {
         let owned = ownership(servers).await;
         let total: usize = owned.iter().map(|o| o.len()).sum();
         let union: BTreeSet<u64> = owned.iter().flatten().copied().collect();
+        // Balanced, which is where cooperative rebalancing ends: it moves partitions in rounds,
+        // and an intermediate round can already give every process some.
+        let (fewest, most) = (
+            PARTITIONS as usize / servers.len(),
+            (PARTITIONS as usize).div_ceil(servers.len()),
+        );
         if total == PARTITIONS as usize
             && union.len() == PARTITIONS as usize
-            && owned.iter().all(|o| !o.is_empty())
+            && owned.iter().all(|o| (fewest..=most).contains(&o.len()))
         {
             return owned;
         }
@@ -111,8 +117,22 @@ async fn pair(servers: &[&Server], prefix: &str, u: usize) {
     assert_eq!(answer["state"]["version"], 2);
 }
 
-/// The state of `key` from whichever process owns it (exactly one does).
+/// The state of `key` from whichever process owns it (exactly one does, once a partition that
+/// is moving has arrived: waits up to 30 s for that).
 async fn state_anywhere(servers: &[&Server], key: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = owners_of(servers, key).await;
+        if !found.is_empty() || Instant::now() > deadline {
+            assert_eq!(found.len(), 1, "{key} owned by {} processes", found.len());
+            return found.into_iter().next().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// What each process that owns `key`'s partition says of it.
+async fn owners_of(servers: &[&Server], key: &str) -> Vec<Value> {
     let mut found = Vec::new();
     for server in servers {
         let (status, doc) = server.get(&format!("/v1/keys/{key}")).await;
@@ -125,8 +145,7 @@ async fn state_anywhere(servers: &[&Server], key: &str) -> Value {
             _ => panic!("{status} {doc}"),
         }
     }
-    assert_eq!(found.len(), 1, "{key} owned by {} processes", found.len());
-    found.remove(0)
+    found
 }
 
 /// Two processes split 12 partitions, one thread each; pairs end associated whichever process
@@ -1212,4 +1231,112 @@ async fn a_process_with_another_layout_is_refused() {
     }
     // The cluster itself is untouched.
     reserve_all(&first, "layout", 5).await;
+}
+
+/// Applied requests per partition this process has served since it got each one.
+async fn processed(server: &Server) -> BTreeMap<u64, u64> {
+    let (_, doc) = server.get("/v1/partitions").await;
+    doc["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_u64().unwrap(), p["processed"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Cooperative rebalancing: when a second process joins, the partitions the first one keeps
+/// are never revoked (their threads, counters and state stay), only the moving ones pause. The
+/// longest answer on a kept partition during the join is printed, not asserted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_moves_only_the_partitions_that_change_owner() {
+    let config = cluster_config();
+    let first = start(&config);
+    wait_for_all(&first).await;
+    let partitioner = partitioner();
+    // Three keys on every partition, so that each has applied something before the join.
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("coop-{i}"))
+        .scan(BTreeMap::<u32, usize>::new(), |per_partition, key| {
+            let n = per_partition
+                .entry(partitioner.partition(&key))
+                .or_default();
+            *n += 1;
+            Some((*n <= 3).then_some(key))
+        })
+        .flatten()
+        .take(3 * PARTITIONS as usize)
+        .collect();
+    for key in &keys {
+        let (status, answer) = first
+            .request(request("reserve", Some(key), &format!("{key}-user"), key))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let before = processed(&first).await;
+    assert_eq!(before.len(), PARTITIONS as usize);
+
+    // While the second process joins, keep asking one key of every partition through the first.
+    let probes: Vec<(u64, String)> = (0..PARTITIONS)
+        .map(|p| {
+            let key = (0..)
+                .map(|i| format!("probe-{i}"))
+                .find(|k| u64::from(partitioner.partition(k)) == p)
+                .unwrap();
+            (p, key)
+        })
+        .collect();
+    let url = first.url.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let probes = probes.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut slowest: BTreeMap<u64, Duration> = BTreeMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (p, key) in &probes {
+                    let started = Instant::now();
+                    let answered = client
+                        .get(format!("{url}/v1/keys/{key}"))
+                        .timeout(Duration::from_secs(20))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    if answered == Ok(200) {
+                        let took = started.elapsed();
+                        let slot = slowest.entry(*p).or_default();
+                        *slot = (*slot).max(took);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            slowest
+        })
+    };
+    let second = start(&config);
+    let owned = wait_for_split(&[&first, &second]).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let slowest = watcher.await.unwrap();
+
+    let after = processed(&first).await;
+    assert!(!owned[0].is_empty() && !owned[1].is_empty(), "{owned:?}");
+    for p in &owned[0] {
+        // A partition revoked and assigned again would have a new thread counting from 0.
+        assert!(
+            after[p] >= before[p] && before[p] > 0,
+            "partition {p} was restarted: {} applied before the join, {} after",
+            before[p],
+            after[p]
+        );
+    }
+    let kept: Vec<String> = owned[0]
+        .iter()
+        .map(|p| format!("{p}: {:?}", slowest.get(p)))
+        .collect();
+    eprintln!("slowest read of each kept partition during the join: {kept:?}");
+    // Everything applied before is intact wherever it lives now.
+    for key in &keys {
+        let doc = state_anywhere(&[&first, &second], key).await;
+        assert_eq!(doc["state"]["status"], "reserved", "{doc}");
+    }
 }
