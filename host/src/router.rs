@@ -123,20 +123,62 @@ pub struct Route {
     /// The key (reservation number).
     pub key: String,
     /// When the route was recorded (host time, ms since the Unix epoch); the TTL counts from here.
+    /// Never used to tell which of two routes is newer: clocks step back.
     pub recorded_at_ms: u64,
 }
 
+/// What the cache holds for one user.
+#[derive(Debug)]
+struct Entry {
+    /// The route the applied requests left (`None` while the user has only provisional ones).
+    route: Option<Route>,
+    /// The record order of `route` (see [`crate::store`]): a newer route has a higher order,
+    /// whatever the clock said.
+    order: u64,
+    /// Keyed requests of this user recorded before routing (claim 5) whose outcome is not in
+    /// yet. They do not route anything: until a partition applied a request, the route stays
+    /// what the applied ones made it.
+    provisional: u32,
+}
+
 /// The in-memory route cache: user → key, bounded, with a TTL.
+///
+/// A keyed request is recorded *provisionally* before it is routed ([`RouteCache::provisional`]);
+/// the partition that applies it confirms the route with the record order it stored it under
+/// ([`RouteCache::confirm`]), and a request that was not applied leaves the route as it was. So
+/// the route is always the one the last *applied* keyed request recorded.
 #[derive(Debug)]
 pub struct RouteCache {
     /// Independent locks so concurrent HTTP handlers rarely contend.
-    shards: Box<[Mutex<HashMap<String, Route>>]>,
+    shards: Box<[Mutex<HashMap<String, Entry>>]>,
     /// Picks a user's shard; random per process so users cannot aim at one shard.
     shard_hasher: RandomState,
     /// Most entries one shard holds before it evicts.
     shard_capacity: usize,
     /// Routes older than this are gone (as if never recorded).
     ttl_ms: u64,
+}
+
+/// A keyed request recorded before routing; dropping it (whatever the outcome) withdraws the
+/// provisional record. The route itself only changes through [`RouteCache::confirm`].
+#[must_use = "the provisional record lasts as long as this value"]
+pub struct Provisional<'a> {
+    /// The cache it was recorded in.
+    cache: &'a RouteCache,
+    /// Whose request it is.
+    user: String,
+}
+
+impl Drop for Provisional<'_> {
+    fn drop(&mut self) {
+        let mut shard = self.cache.lock(&self.user);
+        if let Some(entry) = shard.get_mut(&self.user) {
+            entry.provisional = entry.provisional.saturating_sub(1);
+            if entry.provisional == 0 && entry.route.is_none() {
+                shard.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl RouteCache {
@@ -151,9 +193,9 @@ impl RouteCache {
         }
     }
 
-    fn shard(&self, user: &str) -> &Mutex<HashMap<String, Route>> {
+    fn lock(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         let index = self.shard_hasher.hash_one(user) as usize % self.shards.len();
-        &self.shards[index]
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a route recorded at `recorded_at_ms` is still alive at `now_ms`.
@@ -161,21 +203,22 @@ impl RouteCache {
         now_ms.saturating_sub(recorded_at_ms) < self.ttl_ms
     }
 
-    /// Records (or refreshes) `user → key`. A newer route replaces an older one; an older one
-    /// (e.g. loaded from a store at start) never replaces a newer one.
-    pub fn record(&self, user: &str, route: Route) {
-        let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = shard.get_mut(user) {
-            if existing.recorded_at_ms <= route.recorded_at_ms {
-                *existing = route;
-            }
-            return;
-        }
-        if shard.len() >= self.shard_capacity {
+    /// The user's entry, made room for if new.
+    fn entry<'s>(
+        &self,
+        shard: &'s mut HashMap<String, Entry>,
+        user: &str,
+        now_ms: u64,
+    ) -> &'s mut Entry {
+        if !shard.contains_key(user) && shard.len() >= self.shard_capacity {
             // Full: drop the expired, and if that is not enough an eighth of the rest. Evicting
             // a live route costs only a slower lookup later, since the stores keep every route.
-            let now = route.recorded_at_ms;
-            shard.retain(|_, r| now.saturating_sub(r.recorded_at_ms) < self.ttl_ms);
+            shard.retain(|_, e| {
+                e.provisional > 0
+                    || e.route
+                        .as_ref()
+                        .is_some_and(|r| self.is_live(r.recorded_at_ms, now_ms))
+            });
             if shard.len() >= self.shard_capacity {
                 let mut n = 0usize;
                 shard.retain(|_, _| {
@@ -184,32 +227,64 @@ impl RouteCache {
                 });
             }
         }
-        shard.insert(user.to_string(), route);
+        shard.entry(user.to_string()).or_insert(Entry {
+            route: None,
+            order: 0,
+            provisional: 0,
+        })
     }
 
-    /// Sets the user's route whatever the cache held: for a reader that sees routes in the
-    /// order they were recorded (Kafka mode's routes topic), where that order, not the clocks
-    /// of the processes that recorded them, says which is newest.
-    pub fn replace(&self, user: &str, route: Route) {
-        let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = shard.get_mut(user) {
-            *existing = route;
-            return;
+    /// Claim 5: records that a keyed request of `user` is about to be routed, before it is. The
+    /// route does not change until a partition applied the request and confirmed it.
+    pub fn provisional(&self, user: &str, now_ms: u64) -> Provisional<'_> {
+        let mut shard = self.lock(user);
+        self.entry(&mut shard, user, now_ms).provisional += 1;
+        Provisional {
+            cache: self,
+            user: user.to_string(),
         }
-        drop(shard);
-        self.record(user, route);
+    }
+
+    /// Records `user → route` as stored under record order `order` (by the partition that
+    /// applied the request, or read back from a store): it replaces the cached route only if it
+    /// is newer by that order, so the last applied request wins and a clock step does not matter.
+    pub fn confirm(&self, user: &str, route: Route, order: u64) {
+        let mut shard = self.lock(user);
+        let entry = self.entry(&mut shard, user, route.recorded_at_ms);
+        // Order 0 is a route stored before orders existed: only its time can place it.
+        let newer = match &entry.route {
+            None => true,
+            Some(cached) if order == 0 && entry.order == 0 => {
+                route.recorded_at_ms >= cached.recorded_at_ms
+            }
+            Some(_) => order > entry.order,
+        };
+        if newer {
+            entry.route = Some(route);
+            entry.order = order;
+        }
+    }
+
+    /// Sets the user's route whatever the cache held: for a caller that records routes in the
+    /// order they happened (Kafka mode, which reads them back in its routes topic's order, and
+    /// the benchmark's equal-work baseline).
+    pub fn record(&self, user: &str, route: Route) {
+        let mut shard = self.lock(user);
+        let entry = self.entry(&mut shard, user, route.recorded_at_ms);
+        entry.route = Some(route);
     }
 
     /// The user's live route, if the cache has it.
     pub fn lookup(&self, user: &str, now_ms: u64) -> Option<Route> {
-        let shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
+        let shard = self.lock(user);
         shard
             .get(user)
+            .and_then(|e| e.route.as_ref())
             .filter(|r| self.is_live(r.recorded_at_ms, now_ms))
             .cloned()
     }
 
-    /// How many routes the cache holds (live or not yet evicted).
+    /// How many users the cache holds an entry for (live or not yet evicted).
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -326,33 +401,57 @@ mod tests {
         }
     }
 
+    fn route(key: &str, at: u64) -> Route {
+        Route {
+            key: key.to_string(),
+            recorded_at_ms: at,
+        }
+    }
+
     #[test]
     fn route_cache_ttl_and_recency() {
         let cache = RouteCache::new(100, 1000);
-        let route = |key: &str, at| Route {
-            key: key.to_string(),
-            recorded_at_ms: at,
-        };
-        cache.record("u", route("k1", 10));
+        cache.confirm("u", route("k1", 10), 1);
         assert_eq!(cache.lookup("u", 500).unwrap().key, "k1");
-        cache.record("u", route("k2", 20));
-        cache.record("u", route("k0", 5)); // older: ignored
+        cache.confirm("u", route("k2", 20), 3);
+        cache.confirm("u", route("k0", 30), 2); // applied before k2: ignored
         assert_eq!(cache.lookup("u", 500).unwrap().key, "k2");
         assert!(cache.lookup("u", 1020).is_none(), "expired after the TTL");
         assert!(cache.lookup("nobody", 0).is_none());
+    }
+
+    /// Item 7 of issue 12: after the clock steps back, the route applied last still wins, and an
+    /// older route (read back from a store) never replaces it.
+    #[test]
+    fn clock_step_back_does_not_make_a_stale_route_win() {
+        let cache = RouteCache::new(100, 60_000);
+        cache.confirm("u", route("before-step", 50_000), 7);
+        cache.confirm("u", route("after-step", 10_000), 8); // the clock went back 40 s
+        assert_eq!(cache.lookup("u", 10_001).unwrap().key, "after-step");
+        cache.confirm("u", route("before-step", 50_000), 7); // a store's copy, read late
+        assert_eq!(cache.lookup("u", 10_001).unwrap().key, "after-step");
+    }
+
+    /// A provisional record routes nothing, and leaves nothing behind once withdrawn.
+    #[test]
+    fn provisional_records_do_not_route() {
+        let cache = RouteCache::new(100, 60_000);
+        cache.confirm("u", route("applied", 10), 1);
+        let pending = cache.provisional("u", 20);
+        assert_eq!(cache.lookup("u", 30).unwrap().key, "applied");
+        drop(pending);
+        assert_eq!(cache.lookup("u", 30).unwrap().key, "applied");
+        let pending = cache.provisional("new-user", 20);
+        assert!(cache.lookup("new-user", 30).is_none());
+        drop(pending);
+        assert_eq!(cache.len(), 1, "the withdrawn user has no entry left");
     }
 
     #[test]
     fn route_cache_is_bounded() {
         let cache = RouteCache::new(1000, u64::MAX);
         for i in 0..50_000u64 {
-            cache.record(
-                &format!("user-{i}"),
-                Route {
-                    key: format!("k{i}"),
-                    recorded_at_ms: i,
-                },
-            );
+            cache.confirm(&format!("user-{i}"), route(&format!("k{i}"), i), i + 1);
         }
         assert!(cache.len() <= 1000 + 64, "len {}", cache.len());
         assert_eq!(cache.lookup("user-49999", 0).unwrap().key, "k49999");
