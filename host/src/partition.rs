@@ -65,6 +65,8 @@ pub(crate) enum Command {
         request: RoutedRequest,
         /// sha256 (hex) of the request's body, compared on a retry with the same client id.
         fingerprint: String,
+        /// See [`Incoming::moves_route`].
+        moves_route: bool,
         reply: oneshot::Sender<Result<Decision, ApplyError>>,
     },
     /// Read a key's committed state.
@@ -345,6 +347,10 @@ pub(crate) struct Incoming<R> {
     pub fingerprint: String,
     /// Where the record came from, if it came from a log.
     pub source: Option<RecordSource>,
+    /// Whether applying the request records its user's route: one that came with a key does; a
+    /// user-only one does not (it went by the route, possibly a provisional one whose request
+    /// was then refused, which it must not make durable). Kafka mode: every request.
+    pub moves_route: bool,
     /// Where the answer goes.
     pub reply: R,
 }
@@ -636,12 +642,14 @@ impl Inbox<oneshot::Sender<Result<Decision, ApplyError>>> {
             Command::Apply {
                 request,
                 fingerprint,
+                moves_route,
                 reply,
             } => self.requests.push(Incoming {
                 request,
                 unreadable: None,
                 fingerprint,
                 source: None,
+                moves_route,
                 reply,
             }),
             other => self.others.push(other),
@@ -734,6 +742,7 @@ fn apply_incoming<R>(
         &incoming.request,
         &incoming.fingerprint,
         incoming.source.as_ref(),
+        incoming.moves_route,
     )
 }
 
@@ -749,6 +758,7 @@ pub(crate) fn apply_one(
     request: &RoutedRequest,
     fingerprint: &str,
     source: Option<&RecordSource>,
+    moves_route: bool,
 ) -> Result<Applied, StoreError> {
     if request.idempotent
         && let Some(entry) = tx.dedup(&request.id)?
@@ -837,13 +847,17 @@ pub(crate) fn apply_one(
     };
     // The route is stored with the applied request, in its transaction (the cache recorded it
     // provisionally before routing, claim 5); a request the rule failed on moves no route.
-    let route_order = tx.record_route(
-        &request.user,
-        &Route {
-            key: request.key.clone(),
-            recorded_at_ms: request.received_at_ms,
-        },
-    )?;
+    let route_order = if moves_route {
+        Some(tx.record_route(
+            &request.user,
+            &Route {
+                key: request.key.clone(),
+                recorded_at_ms: request.received_at_ms,
+            },
+        )?)
+    } else {
+        None
+    };
     if request.idempotent {
         tx.put_dedup(
             &request.id,
@@ -856,6 +870,6 @@ pub(crate) fn apply_one(
     Ok(Applied {
         result: Ok(decision),
         applied: true,
-        route_order: Some(route_order),
+        route_order,
     })
 }

@@ -9,10 +9,13 @@
 //! * `murmur2`: Kafka's default partitioner (`murmur2(key bytes) & 0x7fffffff`), so a Kafka
 //!   producer with default settings writes a key to the partition Turnstile expects.
 //!
-//! The route cache maps user → key (claims 3, 5, 7). It is recorded *before* a keyed request is
-//! routed, and consulted for requests that carry only a user. It is a bounded, sharded in-memory
-//! cache; the partitions' stores hold every route durably, so the cache may forget an entry (when
-//! full) without losing the route: a miss is answered by asking the partitions.
+//! The route cache maps user → key (claims 3, 5, 7). A keyed request is recorded in it
+//! provisionally *before* it is routed; the partition that applies the request confirms the route
+//! with the record order it stored it under, so the route is the one the last *applied* request
+//! made, by the order of application rather than any clock. It is consulted for requests that
+//! carry only a user. It is a bounded, sharded in-memory cache; the partitions' stores hold every
+//! route durably, so the cache may forget an entry (when full) without losing the route: a miss
+//! is answered by reading the partitions' stores.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -136,9 +139,10 @@ struct Entry {
     /// whatever the clock said.
     order: u64,
     /// Keyed requests of this user recorded before routing (claim 5) whose outcome is not in
-    /// yet. They do not route anything: until a partition applied a request, the route stays
-    /// what the applied ones made it.
-    provisional: u32,
+    /// yet, oldest first, each with the token of its [`Provisional`]. While there are any, the
+    /// newest routes the user's user-only requests, which so follow it into its partition's
+    /// queue; once it is withdrawn the route is again what the applied requests made it.
+    provisional: Vec<(u64, Route)>,
 }
 
 /// The in-memory route cache: user → key, bounded, with a TTL.
@@ -155,6 +159,8 @@ pub struct RouteCache {
     shard_hasher: RandomState,
     /// Most entries one shard holds before it evicts.
     shard_capacity: usize,
+    /// Numbers the provisional records, so each withdraws only itself.
+    next_token: std::sync::atomic::AtomicU64,
     /// Routes older than this are gone (as if never recorded).
     ttl_ms: u64,
 }
@@ -167,14 +173,16 @@ pub struct Provisional<'a> {
     cache: &'a RouteCache,
     /// Whose request it is.
     user: String,
+    /// Which of the user's provisional records it is.
+    token: u64,
 }
 
 impl Drop for Provisional<'_> {
     fn drop(&mut self) {
         let mut shard = self.cache.lock(&self.user);
         if let Some(entry) = shard.get_mut(&self.user) {
-            entry.provisional = entry.provisional.saturating_sub(1);
-            if entry.provisional == 0 && entry.route.is_none() {
+            entry.provisional.retain(|(token, _)| *token != self.token);
+            if entry.provisional.is_empty() && entry.route.is_none() {
                 shard.remove(&self.user);
             }
         }
@@ -189,6 +197,7 @@ impl RouteCache {
             shards: (0..shard_count).map(|_| Mutex::default()).collect(),
             shard_hasher: RandomState::new(),
             shard_capacity: capacity.div_ceil(shard_count).max(1),
+            next_token: std::sync::atomic::AtomicU64::new(0),
             ttl_ms,
         }
     }
@@ -214,7 +223,7 @@ impl RouteCache {
             // Full: drop the expired, and if that is not enough an eighth of the rest. Evicting
             // a live route costs only a slower lookup later, since the stores keep every route.
             shard.retain(|_, e| {
-                e.provisional > 0
+                !e.provisional.is_empty()
                     || e.route
                         .as_ref()
                         .is_some_and(|r| self.is_live(r.recorded_at_ms, now_ms))
@@ -230,18 +239,26 @@ impl RouteCache {
         shard.entry(user.to_string()).or_insert(Entry {
             route: None,
             order: 0,
-            provisional: 0,
+            provisional: Vec::new(),
         })
     }
 
-    /// Claim 5: records that a keyed request of `user` is about to be routed, before it is. The
-    /// route does not change until a partition applied the request and confirmed it.
-    pub fn provisional(&self, user: &str, now_ms: u64) -> Provisional<'_> {
+    /// Claim 5: records `user → route` for a keyed request about to be routed, before it is.
+    /// Until it is dropped, the user's lookups find it (the newest such record wins); the route
+    /// the applied requests made changes only when a partition applied the request and confirmed
+    /// it ([`RouteCache::confirm`]).
+    pub fn provisional(&self, user: &str, route: Route) -> Provisional<'_> {
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut shard = self.lock(user);
-        self.entry(&mut shard, user, now_ms).provisional += 1;
+        self.entry(&mut shard, user, route.recorded_at_ms)
+            .provisional
+            .push((token, route));
         Provisional {
             cache: self,
             user: user.to_string(),
+            token,
         }
     }
 
@@ -274,14 +291,19 @@ impl RouteCache {
         entry.route = Some(route);
     }
 
-    /// The user's live route, if the cache has it.
+    /// The user's live route, if the cache has it: the newest provisional record while there
+    /// is one, else the route the applied requests made.
     pub fn lookup(&self, user: &str, now_ms: u64) -> Option<Route> {
         let shard = self.lock(user);
-        shard
-            .get(user)
-            .and_then(|e| e.route.as_ref())
-            .filter(|r| self.is_live(r.recorded_at_ms, now_ms))
-            .cloned()
+        let entry = shard.get(user)?;
+        match entry.provisional.last() {
+            Some((_, route)) => Some(route.clone()),
+            None => entry
+                .route
+                .as_ref()
+                .filter(|r| self.is_live(r.recorded_at_ms, now_ms))
+                .cloned(),
+        }
     }
 
     /// How many users the cache holds an entry for (live or not yet evicted).
@@ -432,18 +454,23 @@ mod tests {
         assert_eq!(cache.lookup("u", 10_001).unwrap().key, "after-step");
     }
 
-    /// A provisional record routes nothing, and leaves nothing behind once withdrawn.
+    /// A provisional record routes while it lasts, the newest first; withdrawn, it leaves the
+    /// route the applied requests made, and nothing behind for a user with none.
     #[test]
-    fn provisional_records_do_not_route() {
+    fn provisional_records_route_until_withdrawn() {
         let cache = RouteCache::new(100, 60_000);
         cache.confirm("u", route("applied", 10), 1);
-        let pending = cache.provisional("u", 20);
+        let first = cache.provisional("u", route("first", 20));
+        let second = cache.provisional("u", route("second", 21));
+        assert_eq!(cache.lookup("u", 30).unwrap().key, "second");
+        drop(second);
+        assert_eq!(cache.lookup("u", 30).unwrap().key, "first");
+        drop(first);
         assert_eq!(cache.lookup("u", 30).unwrap().key, "applied");
+        let pending = cache.provisional("new-user", route("pending", 20));
+        assert_eq!(cache.lookup("new-user", 30).unwrap().key, "pending");
         drop(pending);
-        assert_eq!(cache.lookup("u", 30).unwrap().key, "applied");
-        let pending = cache.provisional("new-user", 20);
         assert!(cache.lookup("new-user", 30).is_none());
-        drop(pending);
         assert_eq!(cache.len(), 1, "the withdrawn user has no entry left");
     }
 

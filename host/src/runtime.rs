@@ -385,12 +385,17 @@ impl Runtime {
         received_at_ms: u64,
     ) -> Result<Decision, SubmitError> {
         validate(&request)?;
-        // Claim 5: a keyed request is recorded before it is routed, provisionally: the partition
-        // that applies it confirms the route, and one it does not apply (refused, failed, a dedup
-        // answer, or never queued) leaves the route as it was when this record is dropped.
-        let (key, _provisional) = match request.key.clone() {
+        // Claim 5: a keyed request is recorded before it is routed, provisionally (user-only
+        // requests sent meanwhile follow it into its partition's queue); the partition that
+        // applies it confirms the route, and one it does not apply (refused, failed, a dedup
+        // answer, or never queued) leaves the route as it was once this record is dropped.
+        let (key, provisional) = match request.key.clone() {
             Some(key) => {
-                let provisional = self.routes.provisional(&request.user, received_at_ms);
+                let route = Route {
+                    key: key.clone(),
+                    recorded_at_ms: received_at_ms,
+                };
+                let provisional = self.routes.provisional(&request.user, route);
                 (key, Some(provisional))
             }
             None => {
@@ -416,16 +421,19 @@ impl Runtime {
             .try_send(Command::Apply {
                 request: routed,
                 fingerprint,
+                moves_route: provisional.is_some(),
                 reply,
             })
             .map_err(|e| match e {
                 QueueError::Full => SubmitError::Backpressure(partition),
                 QueueError::Stopped => SubmitError::ShuttingDown,
             })?;
-        match answer.await {
+        let result = match answer.await {
             Ok(result) => result.map_err(SubmitError::from),
             Err(_) => Err(SubmitError::ShuttingDown),
-        }
+        };
+        drop(provisional);
+        result
     }
 
     /// Reads every partition's store with `read` on a blocking thread, beside the partitions'

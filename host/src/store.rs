@@ -1559,7 +1559,7 @@ mod tests {
             .write_batch(|batch| batch.put_state("kept", &state("a")))
             .unwrap();
         // What a failed commit leaves: no handle, reopened on next use.
-        store.db = None;
+        store.forget_handle();
         let path = partition_path(&generation, 1);
         std::fs::File::create(&path).unwrap();
 

@@ -1658,6 +1658,7 @@ impl KafkaLog<'_> {
                     unreadable: None,
                     fingerprint,
                     source,
+                    moves_route: true,
                 }
             }
             Err(e) => {
@@ -1686,6 +1687,7 @@ impl KafkaLog<'_> {
                     )),
                     fingerprint: String::new(),
                     source,
+                    moves_route: true,
                     reply: LogReply { id, offset },
                 }
             }
