@@ -364,3 +364,41 @@ async fn unknown_users_do_not_turn_writes_into_backpressure() {
         "unknown users not answered 404 unknown_route: {other_answers:?}"
     );
 }
+
+/// Of two concurrent keyed requests of one user, the one applied last is the route. Both keys
+/// are on one partition, so the log sequence numbers in the answers say which was applied last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_two_concurrent_reserves_the_one_applied_last_is_the_route() {
+    let config = turnstile::config::Config::parse("").unwrap();
+    let runtime = Arc::new(turnstile::runtime::Runtime::start(&config, None).unwrap());
+    let keys = keys_on(2, "race", 2000);
+    let mut pairs = Vec::new();
+    for (u, pair) in keys.chunks(2).enumerate() {
+        let user = format!("racer-{u}");
+        let submit = |key: &str| {
+            let (runtime, request) = (
+                runtime.clone(),
+                turnstile::model::Request {
+                    id: None,
+                    kind: "reserve".into(),
+                    key: Some(key.to_string()),
+                    user: user.clone(),
+                    payload: None,
+                },
+            );
+            tokio::spawn(async move { runtime.submit(request).await.unwrap() })
+        };
+        pairs.push((user.clone(), submit(&pair[0]), submit(&pair[1])));
+    }
+    for (user, first, second) in pairs {
+        let (first, second) = (first.await.unwrap(), second.await.unwrap());
+        let last = if first.seq > second.seq {
+            first
+        } else {
+            second
+        };
+        let view = runtime.user(&user).await.unwrap().unwrap();
+        assert_eq!(view.key, last.key, "{user}");
+    }
+    runtime.shutdown();
+}
