@@ -19,9 +19,12 @@ use tokio::sync::oneshot;
 
 use crate::config::Durability;
 use crate::model::{Decision, Outcome, RoutedRequest, State, Verdict, now_ms};
-use crate::router::{Partitioner, Route};
+use crate::router::{Partitioner, Route, RouteCache};
 use crate::sandbox::{CompiledRule, FailureKind, RuleFailure, RuleInstance, Sandbox};
-use crate::store::{DeadLetter, DedupEntry, Location, LogEntry, PartitionStore, StoreError};
+use crate::store::{
+    DeadLetter, DedupEntry, Location, LogEntry, PartitionStore, StoreError, StoreReader,
+    StoredRoute,
+};
 
 /// Why a request could not be applied.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,17 +67,14 @@ pub(crate) enum Command {
         request: RoutedRequest,
         /// sha256 (hex) of the request's body, compared on a retry with the same client id.
         fingerprint: String,
+        /// See [`Incoming::moves_route`].
+        moves_route: bool,
         reply: oneshot::Sender<Result<Decision, ApplyError>>,
     },
     /// Read a key's committed state.
     ReadState {
         key: String,
         reply: oneshot::Sender<Result<Option<State>, StoreError>>,
-    },
-    /// Read the route this partition holds for a user.
-    ReadRoute {
-        user: String,
-        reply: oneshot::Sender<Result<Option<Route>, StoreError>>,
     },
     /// Read dead letters after a sequence number.
     DeadLetters {
@@ -167,6 +167,8 @@ pub(crate) struct PartitionSetup {
     pub sync_interval: std::time::Duration,
     /// Decide with this native function instead of the Wasm rule (benchmarks only).
     pub native: Option<crate::native::NativeRule>,
+    /// The route cache the partition confirms the routes of the requests it applied in.
+    pub route_cache: Option<Arc<RouteCache>>,
 }
 
 /// The handle other threads hold to a partition.
@@ -178,6 +180,8 @@ pub struct Partition {
     sender: Sender<Command>,
     /// Counters the thread publishes.
     pub stats: Arc<PartitionStats>,
+    /// Reads the partition's routes and dedup entries without queueing behind its requests.
+    pub(crate) reader: StoreReader,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -195,7 +199,7 @@ impl Partition {
     /// routes its store holds) or failed to start.
     pub(crate) fn start(
         setup: PartitionSetup,
-    ) -> anyhow::Result<(Partition, Vec<(String, Route)>)> {
+    ) -> anyhow::Result<(Partition, Vec<(String, StoredRoute)>)> {
         let (sender, receiver) = crossbeam_channel::bounded(setup.queue_capacity);
         let stats = Arc::new(PartitionStats::default());
         let thread_name = format!("partition-{}", setup.id);
@@ -229,7 +233,7 @@ impl Partition {
                 });
                 match opened {
                     Ok((store, instance, routes)) => {
-                        let _ = ready_tx.send(Ok(routes));
+                        let _ = ready_tx.send(Ok((routes, store.reader())));
                         let engine = Engine {
                             id: setup.id,
                             partitioner: setup.partitioner,
@@ -238,6 +242,7 @@ impl Partition {
                             stats: thread_stats,
                             max_batch: setup.max_batch,
                             sync_interval: setup.sync_interval,
+                            route_cache: setup.route_cache,
                         };
                         engine.run(&mut LocalQueue {
                             receiver,
@@ -249,7 +254,7 @@ impl Partition {
                     }
                 }
             })?;
-        let routes = ready_rx
+        let (routes, reader) = ready_rx
             .recv()
             .map_err(|_| anyhow::anyhow!("partition {id} thread died while starting"))??;
         Ok((
@@ -258,6 +263,7 @@ impl Partition {
                 thread_name,
                 sender,
                 stats,
+                reader,
                 thread: std::sync::Mutex::new(Some(thread)),
             },
             routes,
@@ -363,6 +369,10 @@ pub(crate) struct Incoming<R> {
     pub fingerprint: String,
     /// Where the record came from, if it came from a log.
     pub source: Option<RecordSource>,
+    /// Whether applying the request records its user's route: one that came with a key does; a
+    /// user-only one does not (it went by the route, possibly a provisional one whose request
+    /// was then refused, which it must not make durable). Kafka mode: every request.
+    pub moves_route: bool,
     /// Where the answer goes.
     pub reply: R,
 }
@@ -447,6 +457,9 @@ pub(crate) struct Engine {
     pub max_batch: usize,
     /// With durability `none`: how long a commit may stay unsynced (the window a crash loses).
     pub sync_interval: std::time::Duration,
+    /// Local mode: the route cache, where the routes of applied requests are confirmed after
+    /// the commit and before the answer (Kafka mode confirms routes through its routes topic).
+    pub route_cache: Option<Arc<RouteCache>>,
 }
 
 impl Engine {
@@ -529,6 +542,22 @@ impl Engine {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                     self.stats.batch_sizes.record(batch.len() as u64);
+                    if let Some(cache) = &self.route_cache {
+                        // Only now, committed, does a request move its user's route; the
+                        // record order makes the request applied last win across partitions.
+                        for (incoming, done) in batch.iter().zip(results.iter()) {
+                            if let Some(order) = done.route_order {
+                                cache.confirm(
+                                    &incoming.request.user,
+                                    Route {
+                                        key: incoming.request.key.clone(),
+                                        recorded_at_ms: incoming.request.received_at_ms,
+                                    },
+                                    order,
+                                );
+                            }
+                        }
+                    }
                     let mut answers = Vec::with_capacity(batch.len());
                     for (incoming, done) in batch.into_iter().zip(results.drain(..)) {
                         match (&done.result, done.applied) {
@@ -565,9 +594,6 @@ impl Engine {
                 Command::Apply { .. } => unreachable!("applies are sorted into requests"),
                 Command::ReadState { key, reply } => {
                     let _ = reply.send(self.store.state(&key));
-                }
-                Command::ReadRoute { user, reply } => {
-                    let _ = reply.send(self.store.route(&user));
                 }
                 Command::DeadLetters {
                     after,
@@ -664,12 +690,14 @@ impl Inbox<oneshot::Sender<Result<Decision, ApplyError>>> {
             Command::Apply {
                 request,
                 fingerprint,
+                moves_route,
                 reply,
             } => self.requests.push(Incoming {
                 request,
                 unreadable: None,
                 fingerprint,
                 source: None,
+                moves_route,
                 reply,
             }),
             other => self.others.push(other),
@@ -682,6 +710,8 @@ pub(crate) struct Applied {
     pub(crate) result: Result<Decision, ApplyError>,
     /// Whether the rule ran and its effect is in the batch (not a dedup answer or a failure).
     pub(crate) applied: bool,
+    /// The record order the request's route was stored under, when it was applied.
+    pub(crate) route_order: Option<u64>,
 }
 
 /// Checks a routed request the way the HTTP front end checks a submitted one, and that it
@@ -743,6 +773,7 @@ fn apply_incoming<R>(
         return Ok(Applied {
             result: Err(error),
             applied: false,
+            route_order: None,
         });
     }
     // Issue 12 item 10: a request that needs a damaged record is refused alone, the rest of the
@@ -751,6 +782,7 @@ fn apply_incoming<R>(
         return Ok(Applied {
             result: Err(ApplyError::Store(damage)),
             applied: false,
+            route_order: None,
         });
     }
     if let Some(source) = &incoming.source {
@@ -767,6 +799,7 @@ fn apply_incoming<R>(
         &incoming.request,
         &incoming.fingerprint,
         incoming.source.as_ref(),
+        incoming.moves_route,
     )
 }
 
@@ -782,6 +815,7 @@ pub(crate) fn apply_one(
     request: &RoutedRequest,
     fingerprint: &str,
     source: Option<&RecordSource>,
+    moves_route: bool,
 ) -> Result<Applied, StoreError> {
     if request.idempotent
         && let Some(entry) = tx.dedup(&request.id)?
@@ -794,17 +828,9 @@ pub(crate) fn apply_one(
         return Ok(Applied {
             result,
             applied: false,
+            route_order: None,
         });
     }
-
-    // Claim 5: the route is stored with the request, before the rule decides.
-    tx.record_route(
-        &request.user,
-        &Route {
-            key: request.key.clone(),
-            recorded_at_ms: request.received_at_ms,
-        },
-    )?;
 
     let current = tx.state(&request.key)?;
     let rule_version = instance.version().to_string();
@@ -834,6 +860,7 @@ pub(crate) fn apply_one(
             return Ok(Applied {
                 result: Err(ApplyError::Rule(failure)),
                 applied: false,
+                route_order: None,
             });
         }
     };
@@ -875,6 +902,19 @@ pub(crate) fn apply_one(
         verdict,
         rule_version,
     };
+    // The route is stored with the applied request, in its transaction (the cache recorded it
+    // provisionally before routing, claim 5); a request the rule failed on moves no route.
+    let route_order = if moves_route {
+        Some(tx.record_route(
+            &request.user,
+            &Route {
+                key: request.key.clone(),
+                recorded_at_ms: request.received_at_ms,
+            },
+        )?)
+    } else {
+        None
+    };
     if request.idempotent {
         tx.put_dedup(
             &request.id,
@@ -887,5 +927,6 @@ pub(crate) fn apply_one(
     Ok(Applied {
         result: Ok(decision),
         applied: true,
+        route_order,
     })
 }

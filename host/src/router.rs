@@ -9,10 +9,13 @@
 //! * `murmur2`: Kafka's default partitioner (`murmur2(key bytes) & 0x7fffffff`), so a Kafka
 //!   producer with default settings writes a key to the partition Turnstile expects.
 //!
-//! The route cache maps user → key (claims 3, 5, 7). It is recorded *before* a keyed request is
-//! routed, and consulted for requests that carry only a user. It is a bounded, sharded in-memory
-//! cache; the partitions' stores hold every route durably, so the cache may forget an entry (when
-//! full) without losing the route: a miss is answered by asking the partitions.
+//! The route cache maps user → key (claims 3, 5, 7). A keyed request is recorded in it
+//! provisionally *before* it is routed; the partition that applies the request confirms the route
+//! with the record order it stored it under, so the route is the one the last *applied* request
+//! made, by the order of application rather than any clock. It is consulted for requests that
+//! carry only a user. It is a bounded, sharded in-memory cache; the partitions' stores hold every
+//! route durably, so the cache may forget an entry (when full) without losing the route: a miss
+//! is answered by reading the partitions' stores.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -123,20 +126,67 @@ pub struct Route {
     /// The key (reservation number).
     pub key: String,
     /// When the route was recorded (host time, ms since the Unix epoch); the TTL counts from here.
+    /// Never used to tell which of two routes is newer: clocks step back.
     pub recorded_at_ms: u64,
 }
 
+/// What the cache holds for one user.
+#[derive(Debug)]
+struct Entry {
+    /// The route the applied requests left (`None` while the user has only provisional ones).
+    route: Option<Route>,
+    /// The record order of `route` (see [`crate::store`]): a newer route has a higher order,
+    /// whatever the clock said.
+    order: u64,
+    /// Keyed requests of this user recorded before routing (claim 5) whose outcome is not in
+    /// yet, oldest first, each with the token of its [`Provisional`]. While there are any, the
+    /// newest routes the user's user-only requests, which so follow it into its partition's
+    /// queue; once it is withdrawn the route is again what the applied requests made it.
+    provisional: Vec<(u64, Route)>,
+}
+
 /// The in-memory route cache: user → key, bounded, with a TTL.
+///
+/// A keyed request is recorded *provisionally* before it is routed ([`RouteCache::provisional`]);
+/// the partition that applies it confirms the route with the record order it stored it under
+/// ([`RouteCache::confirm`]), and a request that was not applied leaves the route as it was. So
+/// the route is always the one the last *applied* keyed request recorded.
 #[derive(Debug)]
 pub struct RouteCache {
     /// Independent locks so concurrent HTTP handlers rarely contend.
-    shards: Box<[Mutex<HashMap<String, Route>>]>,
+    shards: Box<[Mutex<HashMap<String, Entry>>]>,
     /// Picks a user's shard; random per process so users cannot aim at one shard.
     shard_hasher: RandomState,
     /// Most entries one shard holds before it evicts.
     shard_capacity: usize,
+    /// Numbers the provisional records, so each withdraws only itself.
+    next_token: std::sync::atomic::AtomicU64,
     /// Routes older than this are gone (as if never recorded).
     ttl_ms: u64,
+}
+
+/// A keyed request recorded before routing; dropping it (whatever the outcome) withdraws the
+/// provisional record. The route itself only changes through [`RouteCache::confirm`].
+#[must_use = "the provisional record lasts as long as this value"]
+pub struct Provisional<'a> {
+    /// The cache it was recorded in.
+    cache: &'a RouteCache,
+    /// Whose request it is.
+    user: String,
+    /// Which of the user's provisional records it is.
+    token: u64,
+}
+
+impl Drop for Provisional<'_> {
+    fn drop(&mut self) {
+        let mut shard = self.cache.lock(&self.user);
+        if let Some(entry) = shard.get_mut(&self.user) {
+            entry.provisional.retain(|(token, _)| *token != self.token);
+            if entry.provisional.is_empty() && entry.route.is_none() {
+                shard.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl RouteCache {
@@ -147,13 +197,14 @@ impl RouteCache {
             shards: (0..shard_count).map(|_| Mutex::default()).collect(),
             shard_hasher: RandomState::new(),
             shard_capacity: capacity.div_ceil(shard_count).max(1),
+            next_token: std::sync::atomic::AtomicU64::new(0),
             ttl_ms,
         }
     }
 
-    fn shard(&self, user: &str) -> &Mutex<HashMap<String, Route>> {
+    fn lock(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         let index = self.shard_hasher.hash_one(user) as usize % self.shards.len();
-        &self.shards[index]
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a route recorded at `recorded_at_ms` is still alive at `now_ms`.
@@ -161,21 +212,22 @@ impl RouteCache {
         now_ms.saturating_sub(recorded_at_ms) < self.ttl_ms
     }
 
-    /// Records (or refreshes) `user → key`. A newer route replaces an older one; an older one
-    /// (e.g. loaded from a store at start) never replaces a newer one.
-    pub fn record(&self, user: &str, route: Route) {
-        let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = shard.get_mut(user) {
-            if existing.recorded_at_ms <= route.recorded_at_ms {
-                *existing = route;
-            }
-            return;
-        }
-        if shard.len() >= self.shard_capacity {
+    /// The user's entry, made room for if new.
+    fn entry<'s>(
+        &self,
+        shard: &'s mut HashMap<String, Entry>,
+        user: &str,
+        now_ms: u64,
+    ) -> &'s mut Entry {
+        if !shard.contains_key(user) && shard.len() >= self.shard_capacity {
             // Full: drop the expired, and if that is not enough an eighth of the rest. Evicting
             // a live route costs only a slower lookup later, since the stores keep every route.
-            let now = route.recorded_at_ms;
-            shard.retain(|_, r| now.saturating_sub(r.recorded_at_ms) < self.ttl_ms);
+            shard.retain(|_, e| {
+                !e.provisional.is_empty()
+                    || e.route
+                        .as_ref()
+                        .is_some_and(|r| self.is_live(r.recorded_at_ms, now_ms))
+            });
             if shard.len() >= self.shard_capacity {
                 let mut n = 0usize;
                 shard.retain(|_, _| {
@@ -184,32 +236,77 @@ impl RouteCache {
                 });
             }
         }
-        shard.insert(user.to_string(), route);
+        shard.entry(user.to_string()).or_insert(Entry {
+            route: None,
+            order: 0,
+            provisional: Vec::new(),
+        })
     }
 
-    /// Sets the user's route whatever the cache held: for a reader that sees routes in the
-    /// order they were recorded (Kafka mode's routes topic), where that order, not the clocks
-    /// of the processes that recorded them, says which is newest.
-    pub fn replace(&self, user: &str, route: Route) {
-        let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = shard.get_mut(user) {
-            *existing = route;
-            return;
+    /// Claim 5: records `user → route` for a keyed request about to be routed, before it is.
+    /// Until it is dropped, the user's lookups find it (the newest such record wins); the route
+    /// the applied requests made changes only when a partition applied the request and confirmed
+    /// it ([`RouteCache::confirm`]).
+    pub fn provisional(&self, user: &str, route: Route) -> Provisional<'_> {
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut shard = self.lock(user);
+        self.entry(&mut shard, user, route.recorded_at_ms)
+            .provisional
+            .push((token, route));
+        Provisional {
+            cache: self,
+            user: user.to_string(),
+            token,
         }
-        drop(shard);
-        self.record(user, route);
     }
 
-    /// The user's live route, if the cache has it.
+    /// Records `user → route` as stored under record order `order` (by the partition that
+    /// applied the request, or read back from a store): it replaces the cached route only if it
+    /// is newer by that order, so the last applied request wins and a clock step does not matter.
+    pub fn confirm(&self, user: &str, route: Route, order: u64) {
+        let mut shard = self.lock(user);
+        let entry = self.entry(&mut shard, user, route.recorded_at_ms);
+        // Order 0 is a route stored before orders existed: only its time can place it.
+        let newer = match &entry.route {
+            None => true,
+            Some(cached) if order == 0 && entry.order == 0 => {
+                route.recorded_at_ms >= cached.recorded_at_ms
+            }
+            Some(_) => order > entry.order,
+        };
+        if newer {
+            entry.route = Some(route);
+            entry.order = order;
+        }
+    }
+
+    /// Sets the user's route whatever the cache held: for a caller that records routes in the
+    /// order they happened (Kafka mode, which reads them back in its routes topic's order, and
+    /// the benchmark's equal-work baseline).
+    pub fn record(&self, user: &str, route: Route) {
+        let mut shard = self.lock(user);
+        let entry = self.entry(&mut shard, user, route.recorded_at_ms);
+        entry.route = Some(route);
+    }
+
+    /// The user's live route, if the cache has it: the newest provisional record while there
+    /// is one, else the route the applied requests made.
     pub fn lookup(&self, user: &str, now_ms: u64) -> Option<Route> {
-        let shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
-        shard
-            .get(user)
-            .filter(|r| self.is_live(r.recorded_at_ms, now_ms))
-            .cloned()
+        let shard = self.lock(user);
+        let entry = shard.get(user)?;
+        match entry.provisional.last() {
+            Some((_, route)) => Some(route.clone()),
+            None => entry
+                .route
+                .as_ref()
+                .filter(|r| self.is_live(r.recorded_at_ms, now_ms))
+                .cloned(),
+        }
     }
 
-    /// How many routes the cache holds (live or not yet evicted).
+    /// How many users the cache holds an entry for (live or not yet evicted).
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -326,33 +423,62 @@ mod tests {
         }
     }
 
+    fn route(key: &str, at: u64) -> Route {
+        Route {
+            key: key.to_string(),
+            recorded_at_ms: at,
+        }
+    }
+
     #[test]
     fn route_cache_ttl_and_recency() {
         let cache = RouteCache::new(100, 1000);
-        let route = |key: &str, at| Route {
-            key: key.to_string(),
-            recorded_at_ms: at,
-        };
-        cache.record("u", route("k1", 10));
+        cache.confirm("u", route("k1", 10), 1);
         assert_eq!(cache.lookup("u", 500).unwrap().key, "k1");
-        cache.record("u", route("k2", 20));
-        cache.record("u", route("k0", 5)); // older: ignored
+        cache.confirm("u", route("k2", 20), 3);
+        cache.confirm("u", route("k0", 30), 2); // applied before k2: ignored
         assert_eq!(cache.lookup("u", 500).unwrap().key, "k2");
         assert!(cache.lookup("u", 1020).is_none(), "expired after the TTL");
         assert!(cache.lookup("nobody", 0).is_none());
+    }
+
+    /// Item 7 of issue 12: after the clock steps back, the route applied last still wins, and an
+    /// older route (read back from a store) never replaces it.
+    #[test]
+    fn clock_step_back_does_not_make_a_stale_route_win() {
+        let cache = RouteCache::new(100, 60_000);
+        cache.confirm("u", route("before-step", 50_000), 7);
+        cache.confirm("u", route("after-step", 10_000), 8); // the clock went back 40 s
+        assert_eq!(cache.lookup("u", 10_001).unwrap().key, "after-step");
+        cache.confirm("u", route("before-step", 50_000), 7); // a store's copy, read late
+        assert_eq!(cache.lookup("u", 10_001).unwrap().key, "after-step");
+    }
+
+    /// A provisional record routes while it lasts, the newest first; withdrawn, it leaves the
+    /// route the applied requests made, and nothing behind for a user with none.
+    #[test]
+    fn provisional_records_route_until_withdrawn() {
+        let cache = RouteCache::new(100, 60_000);
+        cache.confirm("u", route("applied", 10), 1);
+        let first = cache.provisional("u", route("first", 20));
+        let second = cache.provisional("u", route("second", 21));
+        assert_eq!(cache.lookup("u", 30).unwrap().key, "second");
+        drop(second);
+        assert_eq!(cache.lookup("u", 30).unwrap().key, "first");
+        drop(first);
+        assert_eq!(cache.lookup("u", 30).unwrap().key, "applied");
+        let pending = cache.provisional("new-user", route("pending", 20));
+        assert_eq!(cache.lookup("new-user", 30).unwrap().key, "pending");
+        drop(pending);
+        assert!(cache.lookup("new-user", 30).is_none());
+        assert_eq!(cache.len(), 1, "the withdrawn user has no entry left");
     }
 
     #[test]
     fn route_cache_is_bounded() {
         let cache = RouteCache::new(1000, u64::MAX);
         for i in 0..50_000u64 {
-            cache.record(
-                &format!("user-{i}"),
-                Route {
-                    key: format!("k{i}"),
-                    recorded_at_ms: i,
-                },
-            );
+            cache.confirm(&format!("user-{i}"), route(&format!("k{i}"), i), i + 1);
         }
         assert!(cache.len() <= 1000 + 64, "len {}", cache.len());
         assert_eq!(cache.lookup("user-49999", 0).unwrap().key, "k49999");

@@ -19,7 +19,11 @@ use crate::partition::{ApplyError, Command, Partition, PartitionSetup, QueueErro
 use crate::reload::{InstallError, InstallReport, RuleRegistry};
 use crate::router::{Partitioner, Route, RouteCache};
 use crate::sandbox::{REFERENCE_RULE, RuleFailure, RuleLimits, Sandbox};
-use crate::store::{self, DeadLetter, Location, StoreError};
+use crate::store::{self, DeadLetter, Location, StoreError, StoreReader};
+
+/// Most store lookups (routes missing from the cache, ids of user-only requests) running at
+/// once; more wait for a turn.
+const CONCURRENT_LOOKUPS: usize = 8;
 
 /// Longest accepted kind, user, key or id, in bytes.
 pub const MAX_FIELD_BYTES: usize = 1024;
@@ -193,8 +197,13 @@ pub struct PartitionInfo {
 /// The running system: router, route cache, partition threads.
 pub struct Runtime {
     partitioner: Partitioner,
-    routes: RouteCache,
+    /// Shared with the partition threads, which confirm the routes of the requests they apply.
+    routes: Arc<RouteCache>,
     partitions: Vec<Partition>,
+    /// Bounds the store reads that serve lookups (a route missing from the cache, a user-only
+    /// request's id): a flood of them, e.g. of unknown users, waits here and never reaches the
+    /// partitions' write queues.
+    lookups: Arc<tokio::sync::Semaphore>,
     /// Rule versions and who runs which; locked only for short bookkeeping.
     rules: RuleControl,
     /// Makes ids for requests that come without one.
@@ -270,7 +279,10 @@ impl Runtime {
             n,
         )?;
 
-        let routes = RouteCache::new(config.routes.capacity, config.routes.ttl_seconds * 1000);
+        let routes = Arc::new(RouteCache::new(
+            config.routes.capacity,
+            config.routes.ttl_seconds * 1000,
+        ));
         let mut partitions = Vec::with_capacity(n as usize);
         let now = now_ms();
         for id in 0..n {
@@ -288,10 +300,11 @@ impl Runtime {
                 max_batch: config.partitions.max_batch,
                 sync_interval: std::time::Duration::from_millis(config.store.flush_interval_ms),
                 native,
+                route_cache: Some(routes.clone()),
             })?;
-            for (user, route) in stored_routes {
-                if routes.is_live(route.recorded_at_ms, now) {
-                    routes.record(&user, route);
+            for (user, stored) in stored_routes {
+                if routes.is_live(stored.route.recorded_at_ms, now) {
+                    routes.confirm(&user, stored.route, stored.order);
                 }
             }
             partitions.push(partition);
@@ -308,6 +321,7 @@ impl Runtime {
             partitioner,
             routes,
             partitions,
+            lookups: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOOKUPS)),
             rules: RuleControl::new(registry, n),
             ids: RequestIds::new(format!("{:08x}", rand::random::<u32>())),
             metrics: crate::metrics::RequestMetrics::default(),
@@ -419,22 +433,34 @@ impl Runtime {
         received_at_ms: u64,
     ) -> Result<Decision, SubmitError> {
         validate(&request)?;
-        let key = match request.key.clone() {
+        // Claim 5: a keyed request is recorded before it is routed, provisionally (user-only
+        // requests sent meanwhile follow it into its partition's queue); the partition that
+        // applies it confirms the route, and one it does not apply (refused, failed, a dedup
+        // answer, or never queued) leaves the route as it was once this record is dropped.
+        let (key, provisional) = match request.key.clone() {
             Some(key) => {
-                // Claim 5: record the route before routing.
-                self.routes.record(
-                    &request.user,
-                    Route {
-                        key: key.clone(),
-                        recorded_at_ms: received_at_ms,
-                    },
-                );
-                key
+                let route = Route {
+                    key: key.clone(),
+                    recorded_at_ms: received_at_ms,
+                };
+                let provisional = self.routes.provisional(&request.user, route);
+                (key, Some(provisional))
             }
-            None => match self.resolve_route(&request.user, received_at_ms).await? {
-                Some(route) => route.key,
-                None => return Err(SubmitError::UnknownRoute(request.user)),
-            },
+            None => {
+                // A retry goes where its id was applied, wherever the user's route went since,
+                // so it gets the original answer instead of being applied again elsewhere.
+                let applied_to = match &request.id {
+                    Some(id) => self.applied_key(id).await?,
+                    None => None,
+                };
+                match applied_to {
+                    Some(key) => (key, None),
+                    None => match self.resolve_route(&request.user, received_at_ms).await? {
+                        Some(route) => (route.key, None),
+                        None => return Err(SubmitError::UnknownRoute(request.user)),
+                    },
+                }
+            }
         };
         let partition = self.partitioner.partition(&key);
         let (routed, fingerprint) = self.ids.route(request, key, received_at_ms);
@@ -443,57 +469,75 @@ impl Runtime {
             .try_send(Command::Apply {
                 request: routed,
                 fingerprint,
+                moves_route: provisional.is_some(),
                 reply,
             })
             .map_err(|e| match e {
                 QueueError::Full => SubmitError::Backpressure(partition),
                 QueueError::Stopped => SubmitError::ShuttingDown,
             })?;
-        match answer.await {
+        let result = match answer.await {
             Ok(result) => result.map_err(SubmitError::from),
             Err(_) => Err(SubmitError::ShuttingDown),
-        }
+        };
+        drop(provisional);
+        result
     }
 
-    /// The user's live route: from the cache, else from the partitions' stores (the newest one
-    /// any partition holds), which then refills the cache.
+    /// Reads every partition's store with `read` on a blocking thread, beside the partitions'
+    /// writers (never through their queues), at most [`CONCURRENT_LOOKUPS`] at a time.
+    async fn read_partitions<T: Send + 'static>(
+        &self,
+        read: impl Fn(&StoreReader) -> Result<Option<T>, StoreError> + Send + 'static,
+    ) -> Result<Vec<T>, SubmitError> {
+        let permit = self
+            .lookups
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        let readers: Vec<StoreReader> = self.partitions.iter().map(|p| p.reader.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            // Held until the reads end, even if the caller gave up waiting for them.
+            let _permit = permit;
+            readers
+                .iter()
+                .filter_map(|reader| read(reader).transpose())
+                .collect::<Result<Vec<T>, StoreError>>()
+        })
+        .await
+        .map_err(|_| SubmitError::ShuttingDown)?
+        .map_err(SubmitError::from)
+    }
+
+    /// The key the request with client id `id` was applied to, if a partition remembers it.
+    async fn applied_key(&self, id: &str) -> Result<Option<String>, SubmitError> {
+        let id = id.to_string();
+        let found = self
+            .read_partitions(move |reader| Ok(reader.dedup(&id)?.map(|entry| entry.decision.key)))
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    /// The user's live route: from the cache, else the newest (by record order) the partitions'
+    /// stores hold, read beside their writers, which then refills the cache.
     async fn resolve_route(&self, user: &str, now: u64) -> Result<Option<Route>, SubmitError> {
         if let Some(route) = self.routes.lookup(user, now) {
             return Ok(Some(route));
         }
-        let mut answers = Vec::with_capacity(self.partitions.len());
-        for partition in &self.partitions {
-            let (reply, answer) = oneshot::channel();
-            partition
-                .try_send(Command::ReadRoute {
-                    user: user.to_string(),
-                    reply,
-                })
-                .map_err(|e| match e {
-                    QueueError::Full => SubmitError::Backpressure(partition.id),
-                    QueueError::Stopped => SubmitError::ShuttingDown,
-                })?;
-            answers.push(answer);
-        }
-        let mut newest: Option<Route> = None;
-        for answer in answers {
-            let route = answer
-                .await
-                .map_err(|_| SubmitError::ShuttingDown)?
-                .map_err(SubmitError::from)?;
-            if let Some(route) = route
-                && self.routes.is_live(route.recorded_at_ms, now)
-                && newest
-                    .as_ref()
-                    .is_none_or(|n| n.recorded_at_ms < route.recorded_at_ms)
-            {
-                newest = Some(route);
-            }
-        }
-        if let Some(route) = &newest {
-            self.routes.record(user, route.clone());
-        }
-        Ok(newest)
+        let wanted = user.to_string();
+        let stored = self
+            .read_partitions(move |reader| reader.route(&wanted))
+            .await?;
+        let newest = stored
+            .into_iter()
+            .filter(|s| self.routes.is_live(s.route.recorded_at_ms, now))
+            .max_by_key(|s| (s.order, s.route.recorded_at_ms));
+        Ok(newest.map(|s| {
+            self.routes.confirm(user, s.route.clone(), s.order);
+            // What the cache holds now: a request applied meanwhile may have moved it on.
+            self.routes.lookup(user, now).unwrap_or(s.route)
+        }))
     }
 
     async fn ask<T>(

@@ -132,6 +132,59 @@ pub struct StoredDedup {
     pub order: u64,
 }
 
+/// Reads a partition's committed routes and dedup entries from any thread, beside the partition's
+/// writer (a redb read transaction does not wait for writes), so a lookup never queues behind
+/// the partition's requests. It follows the store's reopens.
+#[derive(Clone, Default)]
+pub struct StoreReader {
+    /// The partition's open database; `None` while the store reopens it after a failed write.
+    db: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Database>>>>,
+}
+
+impl StoreReader {
+    fn set(&self, db: Option<std::sync::Arc<Database>>) {
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = db;
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Database) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let db = self
+            .db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::unavailable("the partition's store is being reopened"))?;
+        guard(|| f(&db)).and_then(|r| r)
+    }
+
+    /// The route of `user` this partition holds, with its record order.
+    pub fn route(&self, user: &str) -> Result<Option<StoredRoute>, StoreError> {
+        self.get(ROUTES, "routes", user)
+    }
+
+    /// The dedup entry of a client request id, if this partition applied it.
+    pub fn dedup(&self, id: &str) -> Result<Option<DedupEntry>, StoreError> {
+        self.get(DEDUP, "dedup", id)
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.with(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            // A file no batch has written to yet has no tables: nothing recorded.
+            let table = match txn.open_table(table) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(db_error(e)),
+            };
+            get_json(&table, name, key)
+        })
+    }
+}
+
 /// File in the data dir that records the layout (invariant 6).
 pub const LAYOUT_FILE: &str = "turnstile.json";
 
@@ -543,8 +596,11 @@ struct Counters {
 
 /// One partition's database, owned by its thread.
 pub struct PartitionStore {
-    /// The open database; `None` after a failed commit, until it is reopened.
-    db: Option<Database>,
+    /// The open database; `None` after a failed commit, until it is reopened. Shared with
+    /// [`StoreReader`]s, which read beside the writer.
+    db: Option<std::sync::Arc<Database>>,
+    /// Where this store publishes its open database for readers on other threads.
+    reader: StoreReader,
     location: Location,
     partition: u32,
     durability: RedbDurability,
@@ -647,8 +703,12 @@ impl PartitionStore {
                 quarantine.note(&place, &e);
             }
         }
+        let db = std::sync::Arc::new(db);
+        let reader = StoreReader::default();
+        reader.set(Some(db.clone()));
         let mut store = PartitionStore {
             db: Some(db),
+            reader,
             location: location.clone(),
             partition,
             durability: match durability {
@@ -667,6 +727,18 @@ impl PartitionStore {
         };
         store.counters = store.read_counters()?;
         Ok(store)
+    }
+
+    /// A handle for reading this store's committed routes and dedup entries from other threads.
+    pub fn reader(&self) -> StoreReader {
+        self.reader.clone()
+    }
+
+    /// Drops the database handle so the next call reopens it; readers let go of it first, since
+    /// redb refuses to open a file a live handle still holds.
+    fn forget_handle(&mut self) {
+        self.reader.set(None);
+        self.db = None;
     }
 
     /// Keeps only the newest `count` dead letters (at least one).
@@ -783,10 +855,13 @@ impl PartitionStore {
         if self.db.is_none() {
             // A previous commit failed; redb may have given up on the handle. Reopening replays
             // its recovery, and the counters come from what is really on disk.
-            let db = open_db(&self.location, self.partition)?;
-            self.db = Some(db);
+            let db = std::sync::Arc::new(open_db(&self.location, self.partition)?);
+            self.db = Some(db.clone());
             match self.read_counters() {
-                Ok(c) => self.counters = c,
+                Ok(c) => {
+                    self.counters = c;
+                    self.reader.set(Some(db));
+                }
                 Err(e) => {
                     self.db = None;
                     return Err(e);
@@ -898,7 +973,7 @@ impl PartitionStore {
                 // A write that failed inside the transaction (a full disk fails the insert that
                 // needs a new page, not only the commit) can leave redb's handle refusing every
                 // later call: reopen it before the next batch, as after a failed commit.
-                self.db = None;
+                self.forget_handle();
                 return Err(e);
             }
         };
@@ -912,7 +987,7 @@ impl PartitionStore {
                 Ok(r)
             }
             Err(e) => {
-                self.db = None;
+                self.forget_handle();
                 if e.is_damage() {
                     return Err(self.mark_damaged(e));
                 }
@@ -973,18 +1048,10 @@ impl PartitionStore {
         })
     }
 
-    /// The route of `user` recorded in this partition, if any.
-    pub fn route(&mut self, user: &str) -> Result<Option<Route>, StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_read().map_err(db_error)?;
-            let table = txn.open_table(ROUTES).map_err(db_error)?;
-            get_json(&table, "routes", user)
-        })
-    }
-
-    /// Every route recorded in this partition, for warming the route cache at start. A damaged
-    /// route is left out (it is quarantined; the user's next request with a key replaces it).
-    pub fn routes(&mut self) -> Result<Vec<(String, Route)>, StoreError> {
+    /// Every route recorded in this partition, with its record order, for warming the route
+    /// cache at start. A damaged route is left out (it is quarantined; the user's next request
+    /// with a key replaces it).
+    pub fn routes(&mut self) -> Result<Vec<(String, StoredRoute)>, StoreError> {
         let quarantine = self.quarantine.clone();
         let place = self.describe();
         self.with_db(|db| {
@@ -1355,8 +1422,8 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Records `user → route` durably, with a new record order.
-    pub fn record_route(&mut self, user: &str, route: &Route) -> Result<(), StoreError> {
+    /// Records `user → route` durably, with a new record order, which it returns.
+    pub fn record_route(&mut self, user: &str, route: &Route) -> Result<u64, StoreError> {
         let stored = StoredRoute {
             route: route.clone(),
             order: self.take_order(),
@@ -1364,7 +1431,7 @@ impl Batch<'_> {
         self.routes
             .insert(user, encode(user, &stored).as_slice())
             .map_err(db_error)?;
-        Ok(())
+        Ok(stored.order)
     }
 
     fn take_order(&mut self) -> u64 {
@@ -1956,7 +2023,7 @@ mod tests {
             .write_batch(|batch| batch.put_state("kept", &state("a")))
             .unwrap();
         // What a failed commit leaves: no handle, reopened on next use.
-        store.db = None;
+        store.forget_handle();
         let path = partition_path(&generation, 1);
         std::fs::File::create(&path).unwrap();
 

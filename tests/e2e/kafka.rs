@@ -1302,7 +1302,7 @@ async fn a_join_moves_only_the_partitions_that_change_owner() {
                         .send()
                         .await
                         .map(|r| r.status().as_u16());
-                    if answered == Ok(200) {
+                    if matches!(answered, Ok(200)) {
                         let took = started.elapsed();
                         let slot = slowest.entry(*p).or_default();
                         *slot = (*slot).max(took);

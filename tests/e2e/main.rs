@@ -8,6 +8,7 @@ mod support;
 mod api;
 mod cli;
 mod consistency;
+mod crash;
 mod damage;
 mod durability;
 mod kafka;

@@ -269,7 +269,9 @@ impl Replayer {
                     user,
                     route,
                     ..
-                } if source_offset < resume => tx.record_route(&user, &route)?,
+                } if source_offset < resume => {
+                    tx.record_route(&user, &route)?;
+                }
                 other => kept.push(other),
             }
         }

@@ -835,7 +835,7 @@ impl KafkaNode {
                                 (Some(Ok(user)), _) if user.starts_with(SYNC_PREFIX) => {}
                                 (Some(Ok(user)), Some(value)) => {
                                     match serde_json::from_slice::<Route>(value) {
-                                        Ok(route) => routes.replace(user, route),
+                                        Ok(route) => routes.record(user, route),
                                         Err(e) => tracing::warn!(
                                             offset = message.offset(),
                                             "skipping an unreadable record of the routes topic: {e}"
@@ -1424,6 +1424,7 @@ fn restore_and_serve(
         stats: stats.partition.clone(),
         max_batch: shared.config.partitions.max_batch,
         sync_interval: Duration::from_millis(shared.config.store.flush_interval_ms),
+        route_cache: None,
     };
     let mut transport = KafkaLog {
         shared,
@@ -1706,6 +1707,7 @@ impl KafkaLog<'_> {
                     unreadable: None,
                     fingerprint,
                     source,
+                    moves_route: true,
                 }
             }
             Err(e) => {
@@ -1734,6 +1736,7 @@ impl KafkaLog<'_> {
                     )),
                     fingerprint: String::new(),
                     source,
+                    moves_route: true,
                     reply: LogReply { id, offset },
                 }
             }
