@@ -194,12 +194,48 @@ pub(crate) enum QueueError {
     Stopped,
 }
 
+/// What a starting partition's thread sends once its store is open: the routes the store holds
+/// and a reader of it, or why it could not start.
+type Opened = anyhow::Result<(Vec<(String, StoredRoute)>, StoreReader)>;
+
+/// A partition whose thread is opening its store (see [`Partition::spawn`]).
+pub(crate) struct StartingPartition {
+    id: u32,
+    thread_name: String,
+    sender: Sender<Command>,
+    stats: Arc<PartitionStats>,
+    /// Answers once the store is open.
+    ready: std::sync::mpsc::Receiver<Opened>,
+    thread: JoinHandle<()>,
+}
+
+impl StartingPartition {
+    /// Waits until the partition is ready (with the routes its store holds) or failed to start.
+    pub(crate) fn ready(self) -> anyhow::Result<(Partition, Vec<(String, StoredRoute)>)> {
+        let id = self.id;
+        let (routes, reader) = self
+            .ready
+            .recv()
+            .map_err(|_| anyhow::anyhow!("partition {id} thread died while starting"))??;
+        Ok((
+            Partition {
+                id,
+                thread_name: self.thread_name,
+                sender: self.sender,
+                stats: self.stats,
+                reader,
+                thread: std::sync::Mutex::new(Some(self.thread)),
+            },
+            routes,
+        ))
+    }
+}
+
 impl Partition {
-    /// Starts the thread, opens its store and instance, and returns once it is ready (with the
-    /// routes its store holds) or failed to start.
-    pub(crate) fn start(
-        setup: PartitionSetup,
-    ) -> anyhow::Result<(Partition, Vec<(String, StoredRoute)>)> {
+    /// Starts the thread, which opens its store and instance on its own: start every partition
+    /// this way, then wait for each with [`StartingPartition::ready`], and the partitions' files
+    /// are opened (and verified) in parallel.
+    pub(crate) fn spawn(setup: PartitionSetup) -> anyhow::Result<StartingPartition> {
         let (sender, receiver) = crossbeam_channel::bounded(setup.queue_capacity);
         let stats = Arc::new(PartitionStats::default());
         let thread_name = format!("partition-{}", setup.id);
@@ -254,20 +290,14 @@ impl Partition {
                     }
                 }
             })?;
-        let (routes, reader) = ready_rx
-            .recv()
-            .map_err(|_| anyhow::anyhow!("partition {id} thread died while starting"))??;
-        Ok((
-            Partition {
-                id,
-                thread_name,
-                sender,
-                stats,
-                reader,
-                thread: std::sync::Mutex::new(Some(thread)),
-            },
-            routes,
-        ))
+        Ok(StartingPartition {
+            id,
+            thread_name,
+            sender,
+            stats,
+            ready: ready_rx,
+            thread,
+        })
     }
 
     /// Queues a command without waiting.

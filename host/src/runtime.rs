@@ -285,8 +285,9 @@ impl Runtime {
         ));
         let mut partitions = Vec::with_capacity(n as usize);
         let now = now_ms();
+        let mut starting = Vec::with_capacity(n as usize);
         for id in 0..n {
-            let (partition, stored_routes) = Partition::start(PartitionSetup {
+            starting.push(Partition::spawn(PartitionSetup {
                 id,
                 partitioner,
                 sandbox: sandbox.clone(),
@@ -301,7 +302,11 @@ impl Runtime {
                 sync_interval: std::time::Duration::from_millis(config.store.flush_interval_ms),
                 native,
                 route_cache: Some(routes.clone()),
-            })?;
+            })?);
+        }
+        // Every partition opens its file at once; then each is waited for in order.
+        for starting in starting {
+            let (partition, stored_routes) = starting.ready()?;
             for (user, stored) in stored_routes {
                 if routes.is_live(stored.route.recorded_at_ms, now) {
                     routes.confirm(&user, stored.route, stored.order);

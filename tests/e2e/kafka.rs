@@ -1340,3 +1340,38 @@ async fn a_join_moves_only_the_partitions_that_change_owner() {
         assert_eq!(doc["state"]["status"], "reserved", "{doc}");
     }
 }
+
+/// A reserve produced straight to the requests topic (not through Turnstile's HTTP front end)
+/// leaves the user's route like one sent over HTTP: a user-only associate over HTTP, on either
+/// process, finds the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reserve_fed_through_the_topic_routes_a_later_associate() {
+    let config = cluster_config();
+    let (first, second) = (start(&config), start(&config));
+    wait_for_split(&[&first, &second]).await;
+    let requests = topic(&config, "requests");
+    let (key, user) = ("K-topic-fed", "topic-fed-user");
+    let record = request_record("topic-fed-1", "reserve", key, user, "null");
+    produce(&requests, partitioner().partition(key) as i32, key, &record).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = owners_of(&[&first, &second], key).await;
+        if found
+            .first()
+            .is_some_and(|doc| doc["state"]["status"] == "reserved")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the topic-fed reserve was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, answer) = second
+        .request(request("associate", None, user, "topic-fed-2"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["key"], key);
+    assert_eq!(answer["state"]["status"], "associated");
+}

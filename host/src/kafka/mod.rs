@@ -226,6 +226,9 @@ struct Shared {
     producer: Producers,
     /// Outcomes' acknowledgements, awaited off the partition threads (see [`OutcomeAcks`]).
     outcome_acks: OutcomeAcks,
+    /// Picks a user's partition of the routes topic (see [`KafkaNode::routes_partitioner`]); the
+    /// partition threads publish the routes of the requests they applied there.
+    routes_partitioner: Partitioner,
     node_id: String,
     owned: Mutex<BTreeMap<u32, Owned>>,
     /// Times a partition thread of this process found itself fenced by a newer owner.
@@ -427,6 +430,9 @@ impl KafkaNode {
             .set("message.timeout.ms", "30000");
         let producer = Producers::new(producer_config)?;
 
+        let (routes_consumer, routes_partitions) =
+            reader(&kafka, &kafka.routes_topic, Offset::Beginning)?;
+        let routes_partitioner = Partitioner::new(config.partitions.hash, routes_partitions);
         let shared = Arc::new(Shared {
             config: config.clone(),
             kafka: kafka.clone(),
@@ -435,14 +441,13 @@ impl KafkaNode {
             partitioner,
             producer,
             outcome_acks: OutcomeAcks::start()?,
+            routes_partitioner,
             node_id: node_id.clone(),
             owned: Mutex::new(BTreeMap::new()),
             fenced: AtomicU64::new(0),
         });
-        let (routes_consumer, routes_partitions) =
-            reader(&kafka, &kafka.routes_topic, Offset::Beginning)?;
         let node = Arc::new(KafkaNode {
-            routes_partitioner: Partitioner::new(config.partitions.hash, routes_partitions),
+            routes_partitioner,
             routes_read: Arc::default(),
             shared: shared.clone(),
             partitioner,
@@ -1565,8 +1570,33 @@ impl Transport for KafkaLog<'_> {
             .map_or(self.next_offset, |i| i.reply.offset + 1);
         // A zombie's writes seen on the way are answered by writing the owner's own values
         // again (bounded: a zombie that keeps writing is fenced by its own read-back).
-        for _ in 0..3 {
-            let last = self.produce_changelog(&records)?;
+        // The route of every request that moved one, published once it is decided, whichever
+        // front end the request came through (a reserve fed straight into the requests topic
+        // too): the routes topic then ends in the order requests were applied. The last record
+        // of a user in the batch is the one applied last.
+        let mut routes: Vec<(String, Vec<u8>)> = Vec::new();
+        for (incoming, done) in batch.iter().zip(results) {
+            if done.route_order.is_some() {
+                let request = &incoming.request;
+                routes.retain(|(user, _)| *user != request.user);
+                // Timed by this process, not by the record: a producer's `received_at_ms` must
+                // not decide how long a route lives.
+                let route = Route {
+                    key: request.key.clone(),
+                    recorded_at_ms: now_ms(),
+                };
+                routes.push((
+                    request.user.clone(),
+                    serde_json::to_vec(&route).expect("routes serialize"),
+                ));
+            }
+        }
+        for attempt in 0..3 {
+            let last = if attempt == 0 {
+                self.produce_changelog_and_routes(&records, &routes)?
+            } else {
+                self.produce_changelog(&records)?
+            };
             match self.tail.read_to(self.p, last)? {
                 Err(fenced) => {
                     tracing::error!(partition = self.p, "{fenced}");
@@ -1661,10 +1691,44 @@ impl KafkaLog<'_> {
     /// Produces changelog records to this partition and waits for the broker; returns the
     /// offset of the last one (or of the last record read back, when there is nothing).
     fn produce_changelog(&self, records: &[(String, Vec<u8>)]) -> Result<i64, StoreError> {
-        let producer = &self.shared.producer;
-        let topic = &self.shared.kafka.changelog_topic;
-        self.runtime
-            .block_on(produce_all(producer, topic, Some(self.p as i32), records))
+        self.produce_changelog_and_routes(records, &[])
+    }
+
+    /// [`KafkaLog::produce_changelog`], and publishes `routes` (user, route JSON) to the routes
+    /// topic at the same time; returns once the broker has acknowledged both.
+    fn produce_changelog_and_routes(
+        &self,
+        records: &[(String, Vec<u8>)],
+        routes: &[(String, Vec<u8>)],
+    ) -> Result<i64, StoreError> {
+        let shared = &self.shared;
+        let p = self.p as i32;
+        let routes_partitioner = shared.routes_partitioner;
+        let this_partition = |_: &str| Some(p);
+        let user_partition = |user: &str| Some(routes_partitioner.partition(user) as i32);
+        let (changelog, published) = self.runtime.block_on(async {
+            tokio::join!(
+                produce_all(
+                    &shared.producer,
+                    &shared.kafka.changelog_topic,
+                    &this_partition,
+                    records
+                ),
+                produce_all(
+                    &shared.producer,
+                    &shared.kafka.routes_topic,
+                    &user_partition,
+                    routes
+                )
+            )
+        });
+        published.map_err(|e| {
+            StoreError::unavailable(format!(
+                "publishing the routes of partition {}: {e:#}",
+                self.p
+            ))
+        })?;
+        changelog
             .map(|last| last.unwrap_or(self.tail.next() - 1))
             .map_err(|e| {
                 StoreError::unavailable(format!(
@@ -1801,7 +1865,7 @@ impl OutcomeAcks {
 async fn produce_all(
     producers: &Producers,
     topic: &str,
-    partition: Option<i32>,
+    partition: &(dyn Fn(&str) -> Option<i32> + Sync),
     records: &[(String, Vec<u8>)],
 ) -> anyhow::Result<Option<i64>> {
     let result = produce_all_with(&producers.get(), topic, partition, records).await;
@@ -1816,14 +1880,14 @@ async fn produce_all(
 async fn produce_all_with(
     producer: &FutureProducer,
     topic: &str,
-    partition: Option<i32>,
+    partition: &(dyn Fn(&str) -> Option<i32> + Sync),
     records: &[(String, Vec<u8>)],
 ) -> anyhow::Result<Option<i64>> {
     let mut deliveries = Vec::with_capacity(records.len());
     for (key, value) in records {
         loop {
             let mut record = FutureRecord::to(topic).key(key).payload(value);
-            if let Some(p) = partition {
+            if let Some(p) = partition(key) {
                 record = record.partition(p);
             }
             match producer.send_result(record) {
