@@ -209,7 +209,7 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
         &'static str,
         fn(&PartitionSample<'_>) -> u64,
     );
-    let series: [Series; 7] = [
+    let series: [Series; 10] = [
         (
             "turnstile_partition_queue_depth",
             "gauge",
@@ -251,6 +251,24 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
             "counter",
             "Requests refused before the rule saw them (malformed, or a record on the wrong partition) and dead-lettered.",
             |p| p.stats.refused.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_breaker_open_keys",
+            "gauge",
+            "Keys quarantined now: their rule failures went over the budget (rule.breaker_*).",
+            |p| p.stats.breaker.open_keys.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_breaker_opened_total",
+            "counter",
+            "Times a key was quarantined (over the failure budget, or a failed half-open probe).",
+            |p| p.stats.breaker.opened.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_breaker_refused_total",
+            "counter",
+            "Requests refused with rule_quarantined, before the rule ran.",
+            |p| p.stats.breaker.refused.load(Ordering::Relaxed),
         ),
     ];
     for (name, kind, help, value) in series {

@@ -101,6 +101,8 @@ pub struct RuleLimits {
     pub max_log_lines_per_second: u32,
     /// Whether each call gets a fresh instance.
     pub isolation: Isolation,
+    /// The failure budget per key, applied by the partition engine.
+    pub breaker: crate::breaker::BreakerSettings,
 }
 
 impl From<&RuleConfig> for RuleLimits {
@@ -115,6 +117,11 @@ impl From<&RuleConfig> for RuleLimits {
             max_failure_detail_bytes: c.max_failure_detail_bytes,
             max_log_lines_per_second: c.max_log_lines_per_second,
             isolation: c.isolation,
+            breaker: crate::breaker::BreakerSettings {
+                failures: c.breaker_failures,
+                window_ms: c.breaker_window_ms,
+                cooldown_ms: c.breaker_cooldown_ms,
+            },
         }
     }
 }

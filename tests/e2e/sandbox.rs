@@ -188,7 +188,10 @@ async fn a_full_queue_is_backpressure() {
     let server = Server::start_with(
         ServerArgs::default()
             .rule(guests::MISBEHAVE)
-            .config("[partitions]\nqueue_capacity = 1\nmax_batch = 1\n"),
+            // The breaker off: this test is about the queue, not the failure budget.
+            .config(
+                "[partitions]\nqueue_capacity = 1\nmax_batch = 1\n[rule]\nbreaker_failures = 0\n",
+            ),
     );
     let key = keys_on(3, 1).remove(0);
     let client = reqwest::Client::new();
@@ -562,7 +565,7 @@ async fn dead_letters_are_pruned_beyond_the_retention() {
             .rule(guests::MISBEHAVE)
             .data_dir(dir.path())
             .config(&format!(
-                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\ndead_letter_retention = 5\n"
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\ndead_letter_retention = 5\n[rule]\nbreaker_failures = 0\n"
             )),
     );
     let key = keys_on(2, 1).remove(0);
@@ -631,4 +634,202 @@ async fn a_call_that_runs_out_of_fuel_counts_its_fuel() {
         .parse()
         .unwrap();
     assert!(used >= 2_000_000, "counted {used}");
+}
+
+/// Sends `body` and returns the status, the `Retry-After` header and the JSON answer.
+async fn send_with_retry_after(server: &Server, body: &Value) -> (u16, Option<u64>, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/requests", server.url))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (status, retry_after, response.json().await.unwrap())
+}
+
+/// The failure budget: a client flooding one key with requests the rule fails on (each costs
+/// the partition its whole deadline) gets that key quarantined after `rule.breaker_failures`
+/// failures: the rest are refused at once with 503 `rule_quarantined` and Retry-After, without a
+/// dead letter, while another key on the same partition keeps being answered. /v1/partitions
+/// and /metrics show it, and installing a rule lifts the quarantine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_over_the_failure_budget_is_quarantined() {
+    const BUDGET: u64 = 5;
+    const FLOOD: u64 = 40;
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE).config(
+        &format!(
+            "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nfuel = 1000000000000000\ndeadline_ms = 100\n\
+             breaker_failures = {BUDGET}\nbreaker_window_ms = 600000\nbreaker_cooldown_ms = 600000\n"
+        ),
+    ));
+    let keys = keys_on(1, 2);
+    let (flooded, bystander) = (keys[0].clone(), keys[1].clone());
+
+    // The flood runs concurrently with a well-behaved client on the same partition.
+    let flood = {
+        let url = server.url.clone();
+        let key = flooded.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut calls = Vec::new();
+            for i in 0..FLOOD {
+                let request = client.post(format!("{url}/v1/requests")).json(&request(
+                    "loop",
+                    &key,
+                    &format!("flood-{i}"),
+                ));
+                calls.push(tokio::spawn(async move { request.send().await.unwrap() }));
+            }
+            let mut answers = Vec::new();
+            for call in calls {
+                let response = call.await.unwrap();
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+                let body: Value = response.json().await.unwrap();
+                answers.push((status, retry_after, body));
+            }
+            answers
+        })
+    };
+    for i in 0..20 {
+        let (status, answer) = server
+            .request(request("set", &bystander, &format!("calm-{i}")))
+            .await;
+        assert_eq!(status, 200, "the bystander was not answered: {answer}");
+    }
+    let answers = flood.await.unwrap();
+
+    let mut failed = 0;
+    let mut quarantined = 0;
+    for (status, retry_after, body) in &answers {
+        match (status, body["error"]["code"].as_str().unwrap()) {
+            (500, "rule_deadline") => failed += 1,
+            (503, "rule_quarantined") => {
+                let retry_after = retry_after.expect("Retry-After on rule_quarantined");
+                assert!(
+                    (1..=600).contains(&retry_after),
+                    "Retry-After {retry_after}"
+                );
+                quarantined += 1;
+            }
+            _ => panic!("{status} {body}"),
+        }
+    }
+    assert_eq!(failed, BUDGET, "failures past the budget reached the rule");
+    assert_eq!(quarantined, FLOOD - BUDGET);
+    // Still quarantined, whatever the request.
+    let (status, retry_after, answer) =
+        send_with_retry_after(&server, &request("set", &flooded, "after-flood")).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (503, Some("rule_quarantined"))
+    );
+    assert!(retry_after.is_some());
+
+    let (_, partitions) = server.get("/v1/partitions").await;
+    let partition = &partitions["partitions"][1];
+    assert_eq!(partition["rule_failures"]["rule_deadline"], BUDGET);
+    assert_eq!(partition["breaker"]["open_keys"], 1, "{partition}");
+    assert_eq!(partition["breaker"]["opened"], 1, "{partition}");
+    assert_eq!(
+        partition["breaker"]["refused"],
+        FLOOD - BUDGET + 1,
+        "{partition}"
+    );
+    assert_eq!(partition["processed"], 20, "{partition}");
+    let (_, metrics) = server.get_text("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "turnstile_breaker_refused_total{{partition=\"1\"}} {}",
+            FLOOD - BUDGET + 1
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("turnstile_breaker_open_keys{partition=\"1\"} 1"));
+    // Refusals leave no dead letter: only the failures that reached the rule do.
+    let (_, letters) = admin_get(&server, "/v1/dead-letters?partition=1").await;
+    assert_eq!(
+        letters["dead_letters"].as_array().unwrap().len() as u64,
+        BUDGET
+    );
+
+    // A rule install lifts every quarantine.
+    let bytes = std::fs::read(guests::ECHO).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(bytes), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server.request(request("loop", &flooded, "fixed")).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, partitions) = server.get("/v1/partitions").await;
+    assert_eq!(partitions["partitions"][1]["breaker"]["open_keys"], 0);
+}
+
+/// After the cool-down a quarantined key gets one request through (half-open): a failure
+/// quarantines it again at once, a success lifts the quarantine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quarantine_half_opens_after_the_cooldown() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE).config(
+        "[rule]\nbreaker_failures = 2\nbreaker_window_ms = 600000\nbreaker_cooldown_ms = 1500\n",
+    ));
+    let key = keys_on(2, 1).remove(0);
+    let code = |answer: &Value| answer["error"]["code"].as_str().unwrap_or("").to_string();
+    for i in 0..2 {
+        let (status, answer) = server
+            .request(request("panic", &key, &format!("p-{i}")))
+            .await;
+        assert_eq!((status, code(&answer).as_str()), (500, "rule_trap"));
+    }
+    let (status, answer) = server.request(request("panic", &key, "p-2")).await;
+    assert_eq!((status, code(&answer).as_str()), (503, "rule_quarantined"));
+
+    // Wait out the cool-down: the first request let through is the probe; it fails.
+    let mut probe = None;
+    for i in 0..100 {
+        let (status, answer) = server
+            .request(request("panic", &key, &format!("w-{i}")))
+            .await;
+        if status != 503 {
+            probe = Some((status, code(&answer)));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        probe,
+        Some((500, "rule_trap".to_string())),
+        "no probe let through"
+    );
+    let (status, answer) = server.request(request("set", &key, "after-probe")).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (503, "rule_quarantined"),
+        "{answer}"
+    );
+
+    // The next probe succeeds: the key is healthy again, and one failure does not quarantine it.
+    let mut healed = false;
+    for i in 0..100 {
+        let (status, _) = server
+            .request(request("set", &key, &format!("s-{i}")))
+            .await;
+        if status == 200 {
+            healed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(healed, "the quarantine was never lifted");
+    let (status, _) = server.request(request("panic", &key, "p-again")).await;
+    assert_eq!(status, 500);
+    let (status, answer) = server.request(request("set", &key, "s-again")).await;
+    assert_eq!(status, 200, "{answer}");
 }
