@@ -713,6 +713,7 @@ impl Sandbox {
             },
         );
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(hostcall_budget(&self.limits));
         // A start function runs during instantiation: it gets the same fuel and deadline as a
         // call, so one that loops is stopped here too.
         store.set_fuel(self.limits.fuel)?;
@@ -859,6 +860,17 @@ impl RuleInstance {
     }
 }
 
+/// Most bytes of strings a rule may hand the host in one crossing (the outcome of a call, or one
+/// `log` call): room for a status and data of `max_output_bytes` each. wasmtime counts the
+/// bytes before copying them and refuses more (as hostcall fuel), so an oversize output is
+/// refused without being copied; what is within it is copied, then checked string by string.
+fn hostcall_budget(limits: &RuleLimits) -> usize {
+    limits
+        .max_output_bytes
+        .saturating_mul(2)
+        .saturating_add(1024)
+}
+
 fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error) -> RuleFailure {
     let limits = &sandbox.limits;
     let trap = error.downcast_ref::<Trap>().copied();
@@ -868,6 +880,9 @@ fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error
         match trap {
             Some(Trap::OutOfFuel) => FailureKind::FuelExhausted,
             Some(Trap::Interrupt) => FailureKind::Deadline,
+            // No trap: the call ran, but what the rule handed the host could not be read (over
+            // the hostcall budget, not UTF-8, out of bounds): the rule's output is at fault.
+            None if store.data().panic_message.is_none() => FailureKind::Output,
             _ => FailureKind::Trap,
         }
     };
@@ -892,6 +907,15 @@ fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error
                 "the rule tried to use more than {} bytes of memory (rule.max_memory_bytes)",
                 limits.max_memory_bytes
             ),
+        ),
+        FailureKind::Output => failure_with_detail(
+            kind,
+            format!(
+                "the rule handed the host more than {} bytes at once (rule.max_output_bytes, twice over) or a value it cannot read",
+                hostcall_budget(limits)
+            ),
+            &format!("{error:#}"),
+            limits.max_failure_detail_bytes,
         ),
         _ => {
             // The trap code is wasmtime's own text; anything else (a host error's chain) may

@@ -833,3 +833,53 @@ async fn a_quarantine_half_opens_after_the_cooldown() {
     let (status, answer) = server.request(request("set", &key, "s-again")).await;
     assert_eq!(status, 200, "{answer}");
 }
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// An output over `rule.max_output_bytes` (14 MiB of status and data, made in no time by the
+/// guest) is refused before it is copied out of the guest: `rule_output` every time, with a
+/// short answer, whether or not it is valid UTF-8 (it was `rule_trap` when the copy failed on
+/// UTF-8), and repeating it does not grow the server's memory (it grew by over 100 MiB when
+/// every output was copied first).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversize_output_is_always_rule_output() {
+    const ATTACKS: usize = 20;
+    for guest in [guests::HUGE_OUTPUT, guests::HUGE_GARBLED_OUTPUT] {
+        // memory.fill is charged fuel by the byte: enough for the fill, which is not the subject.
+        let server = Server::start_with(
+            ServerArgs::default()
+                .rule(guest)
+                .config("[rule]\nfuel = 1000000000000\n"),
+        );
+        // Warm up the instance pool's slot, so RSS counts what the attacks leave behind.
+        let (status, _) = server.request(request("any", "warm-up", "warm-up")).await;
+        assert_eq!(status, 500);
+        let before = rss_kib(server.pid());
+        for i in 0..ATTACKS {
+            // A key each: the failure budget is not the subject here.
+            let body = request("any", &format!("k-{i}"), &format!("huge-{i}"));
+            let response = reqwest::Client::new()
+                .post(format!("{}/v1/requests", server.url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 500);
+            let text = response.text().await.unwrap();
+            assert!(text.len() < 1024, "a {}-byte answer", text.len());
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(answer["error"]["code"], "rule_output", "{guest}: {answer}");
+        }
+        let grown_kib = rss_kib(server.pid()).saturating_sub(before);
+        // 20 attacks of 28 MiB each would be 560 MiB if anything were kept.
+        assert!(grown_kib < 64 * 1024, "RSS grew by {grown_kib} KiB");
+    }
+}
