@@ -317,6 +317,11 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
         crate::sandbox::RULE_LOG_LINES_DROPPED.load(Ordering::Relaxed),
         crate::logging::LOG_LINES_DROPPED.load(Ordering::Relaxed),
     );
+    let _ = writeln!(
+        out,
+        "# HELP turnstile_rule_compiled_versions Rule versions kept compiled in memory (running, and up to rule.max_idle_compiled_versions others).\n# TYPE turnstile_rule_compiled_versions gauge\nturnstile_rule_compiled_versions {}",
+        crate::reload::COMPILED_VERSIONS.load(Ordering::Relaxed),
+    );
 }
 
 /// The route cache's size.

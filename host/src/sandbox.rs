@@ -103,6 +103,10 @@ pub struct RuleLimits {
     pub isolation: Isolation,
     /// The failure budget per key, applied by the partition engine.
     pub breaker: crate::breaker::BreakerSettings,
+    /// Longest a component may take to compile.
+    pub compile_budget: Duration,
+    /// Compiled versions a rule registry keeps besides the running ones.
+    pub max_idle_compiled_versions: usize,
 }
 
 impl From<&RuleConfig> for RuleLimits {
@@ -117,6 +121,8 @@ impl From<&RuleConfig> for RuleLimits {
             max_failure_detail_bytes: c.max_failure_detail_bytes,
             max_log_lines_per_second: c.max_log_lines_per_second,
             isolation: c.isolation,
+            compile_budget: Duration::from_millis(c.max_compile_ms),
+            max_idle_compiled_versions: c.max_idle_compiled_versions,
             breaker: crate::breaker::BreakerSettings {
                 failures: c.breaker_failures,
                 window_ms: c.breaker_window_ms,
@@ -184,6 +190,14 @@ pub enum LoadError {
     /// wasmtime could not compile it.
     #[error("invalid component: {0}")]
     Invalid(String),
+    /// Compiling took longer than `rule.max_compile_ms`.
+    #[error(
+        "compiling the component took more than {budget_ms} ms (rule.max_compile_ms); it has too much code"
+    )]
+    CompileTimeout {
+        /// The budget.
+        budget_ms: u64,
+    },
     /// It compiles, but an instance of it cannot start within the limits (initial memory over
     /// the cap, too many memories or tables, a start function that traps or runs out of fuel).
     #[error("the component cannot be instantiated within the limits: {0}")]
@@ -280,6 +294,10 @@ pub struct Sandbox {
     /// Where rule log lines are also collected, for `turnstile test` to show them per step;
     /// `None` in the server.
     log_capture: Option<RuleLogs>,
+    /// Held by the thread compiling a component: one compilation at a time, so components
+    /// refused for their compile time (whose compilation cannot be stopped and runs on) never
+    /// pile up.
+    compile_gate: Arc<std::sync::Mutex<()>>,
 }
 
 /// Rule log lines collected by a capturing sandbox ([`Sandbox::new_capturing_logs`]), as
@@ -569,6 +587,7 @@ impl Sandbox {
             ticker_stop,
             shared: Default::default(),
             log_capture,
+            compile_gate: Default::default(),
         }))
     }
 
@@ -600,8 +619,7 @@ impl Sandbox {
                 max: self.limits.max_functions,
             });
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let component = self.compile_within_budget(bytes)?;
 
         let component_type = component.component_type();
         let imports: Vec<String> = component_type
@@ -646,6 +664,32 @@ impl Sandbox {
             return Err(LoadError::Instantiation(text));
         }
         Ok(rule)
+    }
+
+    /// Compiles on a thread of its own and waits at most `rule.max_compile_ms` for it. A
+    /// component over the budget is refused at once; its compilation cannot be interrupted, so
+    /// it finishes in the background (holding the compile gate) and is thrown away.
+    fn compile_within_budget(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let engine = self.engine.clone();
+        let gate = self.compile_gate.clone();
+        let bytes = bytes.to_vec();
+        std::thread::Builder::new()
+            .name("rule-compile".into())
+            .spawn(move || {
+                let _one_at_a_time = gate.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = done.send(Component::new(&engine, &bytes));
+            })
+            .map_err(|e| LoadError::Invalid(format!("starting a compiler thread: {e}")))?;
+        match result.recv_timeout(self.limits.compile_budget) {
+            Ok(compiled) => compiled.map_err(|e| LoadError::Invalid(format!("{e:#}"))),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(LoadError::CompileTimeout {
+                budget_ms: self.limits.compile_budget.as_millis() as u64,
+            }),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(LoadError::Invalid(
+                "the compiler thread stopped without an answer".into(),
+            )),
+        }
     }
 
     /// [`Sandbox::compile`], remembered by version: the same bytes compile once per sandbox.

@@ -883,3 +883,91 @@ async fn an_oversize_output_is_always_rule_output() {
         assert!(grown_kib < 64 * 1024, "RSS grew by {grown_kib} KiB");
     }
 }
+
+/// A component whose compilation takes longer than `rule.max_compile_ms` (100 000 tiny
+/// functions, allowed by a raised `max_functions`) is refused by `PUT /v1/admin/rule` when the
+/// budget runs out, not after compiling for tens of seconds; nothing is installed and the
+/// server keeps answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compilation_over_its_budget_is_refused() {
+    let server = Server::start_with(ServerArgs::default().config(&format!(
+        "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nmax_functions = 200000\nmax_compile_ms = 5000\n"
+    )));
+    let bytes = std::fs::read(guests::MANY_FUNCTIONS).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(bytes), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "rule_refused");
+    let (_, rule) = admin_get(&server, "/v1/admin/rule").await;
+    assert_eq!(rule["history"].as_array().unwrap().len(), 0, "{rule}");
+    let (status, _) = server
+        .request(json!({"kind": "reserve", "key": "K-1", "user": "u"}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// `bytes` (a component) with a custom section appended: the same rule under another version id.
+fn another_version(bytes: &[u8], tag: usize) -> Vec<u8> {
+    let name = b"turnstile-test";
+    let payload = format!("version {tag}");
+    let mut content = vec![name.len() as u8];
+    content.extend_from_slice(name);
+    content.extend_from_slice(payload.as_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out.push(content.len() as u8);
+    out.extend_from_slice(&content);
+    out
+}
+
+fn compiled_versions(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_rule_compiled_versions "))
+        .expect("turnstile_rule_compiled_versions in /metrics")
+        .parse()
+        .unwrap()
+}
+
+/// Installing one version after another keeps at most the running version and
+/// `rule.max_idle_compiled_versions` others compiled; rolling back to a dropped version compiles
+/// it again from the data dir, and it decides again.
+#[tokio::test(flavor = "multi_thread")]
+async fn compiled_versions_no_partition_runs_are_dropped() {
+    const INSTALLS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()).config(&format!(
+        "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nmax_idle_compiled_versions = 1\n"
+    )));
+    let echo = std::fs::read(guests::ECHO).unwrap();
+    let mut versions = Vec::new();
+    for i in 0..INSTALLS {
+        let (status, answer) = server
+            .admin(
+                "PUT",
+                "/v1/admin/rule",
+                Some(another_version(&echo, i)),
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        versions.push(answer["version"].as_str().unwrap().to_string());
+        let (_, metrics) = server.get_text("/metrics").await;
+        assert!(compiled_versions(&metrics) <= 2, "install {i}: {metrics}");
+    }
+    // Back through the dropped versions, each compiled again and deciding.
+    for expected in versions[..INSTALLS - 1].iter().rev().take(3) {
+        let (status, answer) = server
+            .admin("POST", "/v1/admin/rule/rollback", None, Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let (status, answer) = server
+            .request(json!({"kind": "k", "key": "K-1", "user": "u"}))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["rule_version"], *expected, "{answer}");
+        let (_, metrics) = server.get_text("/metrics").await;
+        assert!(compiled_versions(&metrics) <= 2, "{metrics}");
+    }
+}
