@@ -971,3 +971,29 @@ async fn compiled_versions_no_partition_runs_are_dropped() {
         assert!(compiled_versions(&metrics) <= 2, "{metrics}");
     }
 }
+
+/// `turnstile test` logs the rule's lines the way `run` does (a subscriber, the same rate
+/// limit), so a rule that logs costs the same in both: of 3000 lines at 20 a second, a bounded
+/// handful reach stderr, and the step passes.
+#[test]
+fn turnstile_test_logs_rule_lines_like_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("scenarios.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"flood\"\n[[scenario.step]]\nkind = \"log-flood\"\nkey = \"k\"\nuser = \"u\"\npayload = 3000\nexpect = \"transition\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("turnstile.toml");
+    std::fs::write(&config, "[rule]\nmax_log_lines_per_second = 20\n").unwrap();
+    let (ok, stdout, stderr) = crate::support::run_cli(&[
+        "test",
+        guests::HOSTILE,
+        scenarios.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let written = stderr.lines().filter(|l| l.contains("flood line")).count();
+    assert!((1..=30).contains(&written), "{written} lines: {stderr}");
+}
