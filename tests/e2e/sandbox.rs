@@ -519,6 +519,9 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
         ),
     ));
     const ATTACKS: usize = 30;
+    let (status, _) = server.request(request("any", "warm-up", "warm-up")).await;
+    assert_eq!(status, 500);
+    let rss_before = rss_kib(server.pid());
     for i in 0..ATTACKS {
         let body = serde_json::to_vec(&request("any", &format!("k-{i}"), &format!("t-{i}")));
         let response = reqwest::Client::new()
@@ -533,6 +536,9 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
         let answer: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(answer["error"]["code"], "rule_trap");
     }
+    // Each trap's 100 KB backtrace is formatted, cut and dropped: nothing of it accumulates.
+    let grown_kib = rss_kib(server.pid()).saturating_sub(rss_before);
+    assert!(grown_kib < 32 * 1024, "RSS grew by {grown_kib} KiB");
     let response = reqwest::Client::new()
         .get(format!("{}/v1/dead-letters?limit=1000", server.url))
         .bearer_auth(ADMIN_TOKEN)
@@ -543,13 +549,13 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
     let text = response.text().await.unwrap();
     let letters: Value = serde_json::from_str(&text).unwrap();
     let letters = letters["dead_letters"].as_array().unwrap();
-    assert_eq!(letters.len(), ATTACKS);
+    assert_eq!(letters.len(), ATTACKS + 1);
     for letter in letters {
         let detail = letter["failure"]["detail"].as_str().unwrap();
         assert!(detail.len() <= DETAIL, "a {}-byte detail", detail.len());
     }
     assert!(
-        text.len() < ATTACKS * (DETAIL + 1024),
+        text.len() < (ATTACKS + 1) * (DETAIL + 1024),
         "{} bytes for {ATTACKS} letters",
         text.len()
     );
@@ -996,4 +1002,58 @@ fn turnstile_test_logs_rule_lines_like_run() {
     assert!(ok, "{stdout}\n{stderr}");
     let written = stderr.lines().filter(|l| l.contains("flood line")).count();
     assert!((1..=30).contains(&written), "{written} lines: {stderr}");
+}
+
+/// A fixed number of attacks of every kind (unbounded allocation, stack overflow, a 1 MiB
+/// output, a panic, a spin until the fuel runs out, 2000 log lines, a global buffer kept between
+/// calls) leaves the server's memory where it was: every instance's memory goes back to the
+/// pool, nothing a failure produced is kept but its bounded dead letter.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_attacks_do_not_grow_the_servers_memory() {
+    const ROUNDS: usize = 15;
+    let attacks = [
+        (guests::MISBEHAVE, "alloc"),
+        (guests::MISBEHAVE, "recurse"),
+        (guests::MISBEHAVE, "huge"),
+        (guests::MISBEHAVE, "panic"),
+        (guests::MISBEHAVE, "loop"),
+        (guests::HOSTILE, "log-flood"),
+        (guests::HOSTILE, "remember"),
+    ];
+    for guest in [guests::MISBEHAVE, guests::HOSTILE] {
+        // The breaker off: every attack reaches the rule.
+        let server = Server::start_with(
+            ServerArgs::default()
+                .rule(guest)
+                .config("[rule]\nbreaker_failures = 0\n"),
+        );
+        let kinds: Vec<&str> = attacks
+            .iter()
+            .filter(|(g, _)| *g == guest)
+            .map(|(_, kind)| *kind)
+            .collect();
+        let send = |kind: &str, round: usize| {
+            let mut body = request(kind, &format!("{kind}-{round}"), &format!("{kind}-{round}"));
+            body["payload"] = json!(2000);
+            body["user"] = json!(format!("user-{round}"));
+            server.request(body)
+        };
+        // One of each first, so the pool's slots and the allocator are warm.
+        for kind in &kinds {
+            send(kind, usize::MAX).await;
+        }
+        let before = rss_kib(server.pid());
+        for round in 0..ROUNDS {
+            for kind in &kinds {
+                let (status, answer) = send(kind, round).await;
+                assert!(status == 200 || status == 500, "{kind}: {status} {answer}");
+            }
+        }
+        let grown_kib = rss_kib(server.pid()).saturating_sub(before);
+        // Each `alloc` alone reaches the 16 MiB cap; 15 rounds kept would be hundreds of MiB.
+        assert!(
+            grown_kib < 48 * 1024,
+            "{guest}: RSS grew by {grown_kib} KiB after {ROUNDS} rounds of {kinds:?}"
+        );
+    }
 }
