@@ -1134,3 +1134,89 @@ fn version_id_is_the_same_as_a_member_of_another_workspace() {
         "the version id depends on the workspace the rule is built in"
     );
 }
+
+/// A toolchain without the wasm32 target: the guest build (the code `host/build.rs` runs too,
+/// through `GuestBuild::build`) adds it through rustup before compiling, instead of failing
+/// deep inside with "can't find crate for core". A `rustc` shim reports a sysroot without the
+/// target (and forwards everything else to the real compiler); a fake `rustup` first in PATH
+/// records its arguments. When rustup fails, the build stops at once; when it succeeds, the
+/// build goes on and the rule is built.
+#[test]
+fn a_missing_wasm_target_is_added_through_rustup() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sysroot = std::process::Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .unwrap();
+    let real_rustc = Path::new(String::from_utf8_lossy(&sysroot.stdout).trim()).join("bin/rustc");
+    let empty_sysroot = dir.path().join("sysroot-without-wasm");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&empty_sysroot).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = |name: &str, text: String| {
+        let path = bin.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    let shim = script(
+        "rustc",
+        format!(
+            "#!/bin/sh\nif [ \"$#\" = 2 ] && [ \"$1\" = --print ] && [ \"$2\" = sysroot ]; then echo '{}'; exit 0; fi\nexec '{}' \"$@\"\n",
+            empty_sysroot.display(),
+            real_rustc.display()
+        ),
+    );
+    let calls = dir.path().join("rustup-calls");
+    let project = dir.path().join("needs-target");
+    let (ok, _, stderr) = run_cli(&["new", project.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let build = || {
+        std::process::Command::new(crate::support::turnstile_bin())
+            .args(["build", project.to_str().unwrap(), "--target-dir"])
+            .arg(dir.path().join("target"))
+            .env("RUSTC", &shim)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let recorded = || std::fs::read_to_string(&calls).unwrap_or_default();
+
+    script(
+        "rustup",
+        format!("#!/bin/sh\necho \"$@\" >> '{}'\nexit 1\n", calls.display()),
+    );
+    let output = build();
+    assert!(!output.status.success(), "built without the target");
+    assert_eq!(recorded(), "target add wasm32-unknown-unknown\n");
+    assert!(
+        !dir.path().join("target/components").exists(),
+        "cargo ran after rustup failed"
+    );
+
+    script(
+        "rustup",
+        format!("#!/bin/sh\necho \"$@\" >> '{}'\nexit 0\n", calls.display()),
+    );
+    let output = build();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        recorded(),
+        "target add wasm32-unknown-unknown\ntarget add wasm32-unknown-unknown\n"
+    );
+    assert!(
+        dir.path()
+            .join("target/components/needs-target.wasm")
+            .exists()
+    );
+}
