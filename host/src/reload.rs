@@ -148,6 +148,7 @@ impl RuleRegistry {
                             .compile(&bytes)
                             .with_context(|| format!("loading saved rule {}", path.display()))?;
                         registry.compiled.insert(version.clone(), Arc::new(rule));
+                        registry.touch(version);
                     }
                 }
                 if saved.running.iter().any(|v| *v != initial.version) {
@@ -161,6 +162,7 @@ impl RuleRegistry {
             _ => {
                 registry.save_version(&initial.version, initial_bytes)?;
                 registry.installed.running = vec![initial.version.clone(); partitions as usize];
+                registry.touch(&initial.version);
                 registry.compiled.insert(initial.version.clone(), initial);
                 registry.save_installed()?;
             }

@@ -1057,3 +1057,26 @@ async fn repeated_attacks_do_not_grow_the_servers_memory() {
         );
     }
 }
+
+/// Without a data dir the version a rollback returns to is still compiled: the rule the server
+/// started with counts as used, like installed ones (it was dropped once no partition ran it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_to_the_starting_rule_works_without_a_data_dir() {
+    let server = Server::start_with(
+        ServerArgs::default().config(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")),
+    );
+    let echo = std::fs::read(guests::ECHO).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(echo), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server
+        .admin("POST", "/v1/admin/rule/rollback", None, Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server
+        .request(json!({"kind": "reserve", "key": "K-1", "user": "u"}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"]["status"], "reserved", "{answer}");
+}
