@@ -239,7 +239,7 @@ pub struct RuleConfig {
     pub breaker_window_ms: u64,
     /// How long a quarantined key is refused before one request is let through, in milliseconds.
     pub breaker_cooldown_ms: u64,
-    /// Longest a component may take to compile, in milliseconds; slower ones are refused.
+    /// Most CPU time compiling a component may take, in milliseconds; slower ones are refused.
     pub max_compile_ms: u64,
     /// Compiled versions kept in memory besides the ones partitions run (older ones are
     /// dropped, and compiled again from the data dir if a rollback needs them).

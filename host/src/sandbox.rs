@@ -669,8 +669,15 @@ impl Sandbox {
     /// Compiles on a thread of its own and waits at most `rule.max_compile_ms` for it. A
     /// component over the budget is refused at once; its compilation cannot be interrupted, so
     /// it finishes in the background (holding the compile gate) and is thrown away.
+    ///
+    /// The budget is CPU time of the compiling thread (compilation is single-threaded), read
+    /// from `/proc`, so a busy machine does not refuse a component a quiet one accepts; where
+    /// `/proc` cannot say, wall-clock time counts. Waiting for an earlier compilation to finish
+    /// is bounded too, by [`COMPILE_WAIT_FACTOR`] times the budget of wall-clock time.
     fn compile_within_budget(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        use std::sync::mpsc::RecvTimeoutError;
         let (done, result) = std::sync::mpsc::sync_channel(1);
+        let (started, compiler) = std::sync::mpsc::sync_channel(1);
         let engine = self.engine.clone();
         let gate = self.compile_gate.clone();
         let bytes = bytes.to_vec();
@@ -678,17 +685,41 @@ impl Sandbox {
             .name("rule-compile".into())
             .spawn(move || {
                 let _one_at_a_time = gate.lock().unwrap_or_else(|e| e.into_inner());
+                // `PID/task/TID`: where /proc keeps this thread's CPU time.
+                let _ = started.send(std::fs::read_link("/proc/thread-self").ok());
                 let _ = done.send(Component::new(&engine, &bytes));
             })
             .map_err(|e| LoadError::Invalid(format!("starting a compiler thread: {e}")))?;
-        match result.recv_timeout(self.limits.compile_budget) {
-            Ok(compiled) => compiled.map_err(|e| LoadError::Invalid(format!("{e:#}"))),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(LoadError::CompileTimeout {
-                budget_ms: self.limits.compile_budget.as_millis() as u64,
-            }),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(LoadError::Invalid(
-                "the compiler thread stopped without an answer".into(),
-            )),
+        let budget = self.limits.compile_budget;
+        let refused = || LoadError::CompileTimeout {
+            budget_ms: budget.as_millis() as u64,
+        };
+        let waited = std::time::Instant::now();
+        let mut thread = None;
+        loop {
+            match result.recv_timeout(COMPILE_POLL) {
+                Ok(compiled) => {
+                    return compiled.map_err(|e| LoadError::Invalid(format!("{e:#}")));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(LoadError::Invalid(
+                        "the compiler thread stopped without an answer".into(),
+                    ));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if thread.is_none() {
+                thread = compiler.try_recv().ok();
+            }
+            let spent = match &thread {
+                Some(Some(task)) => thread_cpu_time(task).unwrap_or_else(|| waited.elapsed()),
+                Some(None) => waited.elapsed(),
+                // Still waiting for an earlier compilation to finish.
+                None => Duration::ZERO,
+            };
+            if spent > budget || waited.elapsed() > budget * COMPILE_WAIT_FACTOR {
+                return Err(refused());
+            }
         }
     }
 
@@ -770,6 +801,26 @@ impl Sandbox {
     fn deadline_ticks(&self) -> u64 {
         (self.limits.deadline.as_micros() as u64).div_ceil(EPOCH_TICK.as_micros() as u64) + 1
     }
+}
+
+/// How often a compilation's CPU time is looked at.
+const COMPILE_POLL: Duration = Duration::from_millis(50);
+
+/// Wall-clock time a compilation may take, waiting for an earlier one included, in multiples of
+/// `rule.max_compile_ms` (its CPU time is held to the budget itself).
+const COMPILE_WAIT_FACTOR: u32 = 10;
+
+/// CPU time a thread has used, from `/proc/<task>/stat` (`task` is `PID/task/TID`), or none where
+/// it cannot be read.
+fn thread_cpu_time(task: &std::path::Path) -> Option<Duration> {
+    let stat =
+        std::fs::read_to_string(std::path::Path::new("/proc").join(task).join("stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces): state is the
+    // first, utime and stime (in clock ticks) the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux ABI.
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Slots of the instance pool: instances alive at once in one process's sandbox (a per-call
