@@ -77,6 +77,10 @@ const RULE_EXPORTS: &str = r#"
   (func (export "handle") (param i32) (result i32) unreachable)
 "#;
 
+/// Where the `huge-output` guests put their output, and its length (14 MiB).
+const HUGE_AT: u32 = 1 << 20;
+const HUGE_LEN: u32 = 14 << 20;
+
 /// Hand-written hostile guests: file stem, constant name, core module in WAT.
 fn wat_guests() -> Vec<(&'static str, &'static str, String)> {
     let module = |body: String| format!("(module\n{body}\n{RULE_EXPORTS})");
@@ -124,6 +128,41 @@ fn wat_guests() -> Vec<(&'static str, &'static str, String)> {
             format!(
                 "(module\n  (memory (export \"memory\") 1)\n  (func ${long_name} unreachable)\n  (func (export \"cabi_realloc\") (param i32 i32 i32 i32) (result i32) i32.const 1024)\n  (func (export \"handle\") (param i32) (result i32) call ${long_name} i32.const 0))",
                 long_name = "n".repeat(100_000)
+            ),
+        ),
+        // A transition whose status and data are both the same 14 MiB of `a` (one memory.fill:
+        // next to no guest time), returned by pointer.
+        (
+            "huge-output",
+            "HUGE_OUTPUT",
+            format!(
+                "(module\n  (memory (export \"memory\") 240)\n  (func (export \"cabi_realloc\") (param i32 i32 i32 i32) (result i32) i32.const 1024)\n  \
+                 (func (export \"handle\") (param i32) (result i32)\n    \
+                 (memory.fill (i32.const {HUGE_AT}) (i32.const 0x61) (i32.const {HUGE_LEN}))\n    \
+                 (i32.store8 (i32.const 0) (i32.const 0))\n    \
+                 (i32.store (i32.const 4) (i32.const {HUGE_AT}))\n    \
+                 (i32.store (i32.const 8) (i32.const {HUGE_LEN}))\n    \
+                 (i32.store (i32.const 12) (i32.const {HUGE_AT}))\n    \
+                 (i32.store (i32.const 16) (i32.const {HUGE_LEN}))\n    \
+                 i32.const 0))"
+            ),
+        ),
+        // The same with the last byte 0xFF: not UTF-8, found only after reading all of it.
+        (
+            "huge-garbled-output",
+            "HUGE_GARBLED_OUTPUT",
+            format!(
+                "(module\n  (memory (export \"memory\") 240)\n  (func (export \"cabi_realloc\") (param i32 i32 i32 i32) (result i32) i32.const 1024)\n  \
+                 (func (export \"handle\") (param i32) (result i32)\n    \
+                 (memory.fill (i32.const {HUGE_AT}) (i32.const 0x61) (i32.const {HUGE_LEN}))\n    \
+                 (i32.store8 (i32.const {last}) (i32.const 0xff))\n    \
+                 (i32.store8 (i32.const 0) (i32.const 0))\n    \
+                 (i32.store (i32.const 4) (i32.const {HUGE_AT}))\n    \
+                 (i32.store (i32.const 8) (i32.const {HUGE_LEN}))\n    \
+                 (i32.store (i32.const 12) (i32.const {HUGE_AT}))\n    \
+                 (i32.store (i32.const 16) (i32.const {HUGE_LEN}))\n    \
+                 i32.const 0))",
+                last = HUGE_AT + HUGE_LEN - 1
             ),
         ),
         // 100 000 tiny functions in well under a megabyte.

@@ -311,9 +311,10 @@ impl From<SubmitError> for ApiError {
         let status = match &e {
             SubmitError::Invalid(_) => StatusCode::BAD_REQUEST,
             SubmitError::UnknownRoute(_) => StatusCode::NOT_FOUND,
-            SubmitError::Backpressure(_) | SubmitError::ShuttingDown | SubmitError::Store(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            SubmitError::Backpressure(_)
+            | SubmitError::ShuttingDown
+            | SubmitError::Store(_)
+            | SubmitError::Quarantined { .. } => StatusCode::SERVICE_UNAVAILABLE,
             SubmitError::Rule(_) | SubmitError::Damaged(_) | SubmitError::RecordDamaged(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -462,7 +463,19 @@ async fn submit(
         user: body.user,
         payload: body.payload.map(|p| p.to_string()),
     };
-    let decision = api.service.submit(request).await?;
+    let decision = match api.service.submit(request).await {
+        Ok(decision) => decision,
+        // A quarantined key says when it is let through again (whole seconds, rounded up).
+        Err(e @ SubmitError::Quarantined { retry_after_ms, .. }) => {
+            let mut response = ApiError::from(e).into_response();
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                retry_after_ms.div_ceil(1000).max(1).into(),
+            );
+            return Ok(response);
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(decision_response(&decision))
 }
 

@@ -236,6 +236,18 @@ pub struct RuleConfig {
     pub max_failure_detail_bytes: usize,
     /// Rule log lines each partition may write per second; the rest are dropped and counted.
     pub max_log_lines_per_second: u32,
+    /// Rule failures of one key within `breaker_window_ms` that quarantine the key (its
+    /// requests refused at once with `rule_quarantined`); 0 turns the breaker off.
+    pub breaker_failures: u32,
+    /// The window `breaker_failures` are counted in, in milliseconds.
+    pub breaker_window_ms: u64,
+    /// How long a quarantined key is refused before one request is let through, in milliseconds.
+    pub breaker_cooldown_ms: u64,
+    /// Most CPU time compiling a component may take, in milliseconds; slower ones are refused.
+    pub max_compile_ms: u64,
+    /// Compiled versions kept in memory besides the ones partitions run (older ones are
+    /// dropped, and compiled again from the data dir if a rollback needs them).
+    pub max_idle_compiled_versions: usize,
     /// Reload the rule when the file at `path` changes.
     pub watch: bool,
     /// How often the watched file is checked, in milliseconds.
@@ -256,6 +268,11 @@ impl Default for RuleConfig {
             spectre_hardening: false,
             max_failure_detail_bytes: 4096,
             max_log_lines_per_second: 100,
+            breaker_failures: 10,
+            breaker_window_ms: 10_000,
+            breaker_cooldown_ms: 30_000,
+            max_compile_ms: 10_000,
+            max_idle_compiled_versions: 2,
             watch: false,
             watch_interval_ms: 500,
         }
@@ -437,6 +454,20 @@ impl Config {
         }
         if r.max_failure_detail_bytes < 64 {
             return Err(invalid("rule.max_failure_detail_bytes must be at least 64"));
+        }
+        if r.max_compile_ms == 0 {
+            return Err(invalid("rule.max_compile_ms must be at least 1"));
+        }
+        if r.max_idle_compiled_versions == 0 {
+            // An install compiles the new version before any partition runs it: it must stay.
+            return Err(invalid(
+                "rule.max_idle_compiled_versions must be at least 1",
+            ));
+        }
+        if r.breaker_failures > 0 && (r.breaker_window_ms == 0 || r.breaker_cooldown_ms == 0) {
+            return Err(invalid(
+                "rule.breaker_window_ms and rule.breaker_cooldown_ms must be at least 1 when rule.breaker_failures is set",
+            ));
         }
         if r.watch && r.path.is_none() {
             return Err(invalid(

@@ -140,6 +140,32 @@ impl RuleControl {
             .await
     }
 
+    /// A version compiled: from memory, or (after it was evicted) compiled again off the
+    /// partition threads from the bytes saved in the data dir.
+    async fn compiled(&self, version: &str) -> Result<Arc<CompiledRule>, InstallError> {
+        let (sandbox, bytes) = {
+            let registry = self.registry();
+            if let Some(rule) = registry.compiled(version) {
+                return Ok(rule);
+            }
+            let bytes = registry
+                .saved_bytes(version)
+                .ok_or_else(|| {
+                    InstallError::SwapFailed(format!(
+                        "version {version} was dropped from memory (rule.max_idle_compiled_versions) and there is no data dir to compile it again from"
+                    ))
+                })?
+                .map_err(|e| InstallError::SwapFailed(format!("{e:#}")))?;
+            (registry.sandbox().clone(), bytes)
+        };
+        let rule = tokio::task::spawn_blocking(move || sandbox.compile(&bytes))
+            .await
+            .map_err(|e| InstallError::SwapFailed(format!("compiling: {e}")))??;
+        let rule = Arc::new(rule);
+        self.registry().insert_compiled(rule.clone());
+        Ok(rule)
+    }
+
     /// Sends a swap to each target partition's thread and waits for all of them.
     async fn switch(
         &self,
@@ -149,11 +175,13 @@ impl RuleControl {
         change: Change,
         started: std::time::Instant,
     ) -> Result<InstallReport, InstallError> {
+        // Every rule first, so that compiling an evicted one cannot evict another of them.
+        let mut rules = Vec::with_capacity(versions.len());
+        for version in versions {
+            rules.push(self.compiled(version).await?);
+        }
         let mut answers = Vec::with_capacity(targets.len());
-        for (p, version) in targets.iter().zip(versions) {
-            let rule = self.registry().compiled(version).ok_or_else(|| {
-                InstallError::SwapFailed(format!("version {version} is not loaded"))
-            })?;
+        for (p, rule) in targets.iter().zip(rules) {
             let Some(sender) = threads.control(*p) else {
                 // No thread here runs it: the recorded version is what one starts with.
                 answers.push(None);

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`breaker`]: the failure budget: a per-key circuit breaker in the partition engine.
 //! - [`bench`]: `turnstile bench`: the runtime under load, and the baselines it is compared with.
 //! - [`config`]: the TOML configuration, defaults and validation.
 //! - [`metrics`]: Prometheus metrics in atomics, rendered on `GET /metrics`.
@@ -34,6 +35,7 @@
 pub mod api;
 pub mod backup;
 pub mod bench;
+pub mod breaker;
 pub mod config;
 pub mod install;
 pub mod kafka;

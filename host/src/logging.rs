@@ -27,9 +27,23 @@ static QUEUE: std::sync::OnceLock<Receiver<Vec<u8>>> = std::sync::OnceLock::new(
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
 pub fn init(level: &str) -> anyhow::Result<()> {
+    install(level, level)
+}
+
+/// The subscriber of `turnstile test`: the rule's log lines at `level`, exactly as `run` writes
+/// them (same rate limit, escaping and non-blocking writer, so a rule that logs costs the same
+/// and fails the same way in both), and of the host's own lines only errors: the report on
+/// stdout is what the user reads. `RUST_LOG`, when set, wins.
+pub fn init_for_rule_tests(level: &str) -> anyhow::Result<()> {
+    install(&format!("error,turnstile::rule={level}"), level)
+}
+
+/// Installs the global subscriber with `filter`, unless `RUST_LOG` is set; `level` names the
+/// configured value in the error.
+fn install(filter: &str, level: &str) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => EnvFilter::try_new(env)?,
-        _ => EnvFilter::try_new(level)
+        _ => EnvFilter::try_new(filter)
             .map_err(|e| anyhow::anyhow!("log.level `{level}` is not a valid filter: {e}"))?,
     };
     let (sender, receiver) = crossbeam_channel::bounded::<Vec<u8>>(QUEUE_LINES);

@@ -387,6 +387,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             watch,
         } => {
             let config = load_config(config.as_ref())?;
+            turnstile::logging::init_for_rule_tests(&config.log.level)
+                .context("setting up logging")?;
             let options = turnstile::scenario::RunOptions { filter, nocapture };
             let Some(crate_dir) = watch else {
                 return test_once(&rule, &scenarios, &config, &options, junit.as_deref());

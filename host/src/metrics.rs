@@ -209,7 +209,7 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
         &'static str,
         fn(&PartitionSample<'_>) -> u64,
     );
-    let series: [Series; 10] = [
+    let series: [Series; 13] = [
         (
             "turnstile_partition_queue_depth",
             "gauge",
@@ -270,6 +270,24 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
             "Stored routes removed in the background because they outlived routes.ttl_seconds.",
             |p| p.stats.routes_expired.load(Ordering::Relaxed),
         ),
+        (
+            "turnstile_breaker_open_keys",
+            "gauge",
+            "Keys quarantined now: their rule failures went over the budget (rule.breaker_*).",
+            |p| p.stats.breaker.open_keys.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_breaker_opened_total",
+            "counter",
+            "Times a key was quarantined (over the failure budget, or a failed half-open probe).",
+            |p| p.stats.breaker.opened.load(Ordering::Relaxed),
+        ),
+        (
+            "turnstile_breaker_refused_total",
+            "counter",
+            "Requests refused with rule_quarantined, before the rule ran.",
+            |p| p.stats.breaker.refused.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -316,6 +334,11 @@ pub fn render_partitions(out: &mut String, partitions: &[PartitionSample<'_>]) {
         "# HELP turnstile_rule_log_lines_dropped_total Rule log lines dropped by the per-partition rate limit.\n# TYPE turnstile_rule_log_lines_dropped_total counter\nturnstile_rule_log_lines_dropped_total {}\n# HELP turnstile_log_lines_dropped_total Log lines dropped because stderr did not keep up.\n# TYPE turnstile_log_lines_dropped_total counter\nturnstile_log_lines_dropped_total {}",
         crate::sandbox::RULE_LOG_LINES_DROPPED.load(Ordering::Relaxed),
         crate::logging::LOG_LINES_DROPPED.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP turnstile_rule_compiled_versions Rule versions kept compiled in memory (running, and up to rule.max_idle_compiled_versions others).\n# TYPE turnstile_rule_compiled_versions gauge\nturnstile_rule_compiled_versions {}",
+        crate::reload::COMPILED_VERSIONS.load(Ordering::Relaxed),
     );
 }
 

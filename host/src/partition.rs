@@ -44,6 +44,17 @@ pub enum ApplyError {
     /// Turnstile); it was dead-lettered, not applied.
     #[error("{0}")]
     Invalid(String),
+    /// The key's rule failures went over the budget: refused before the rule ran, nothing
+    /// stored (see [`crate::breaker`]).
+    #[error(
+        "key `{key}` is quarantined: the rule failed on it too often; retry after {retry_after_ms} ms"
+    )]
+    Quarantined {
+        /// The refused key.
+        key: String,
+        /// How long until a request of the key is let through again.
+        retry_after_ms: u64,
+    },
 }
 
 impl ApplyError {
@@ -56,6 +67,7 @@ impl ApplyError {
             ApplyError::Store(e) if e.is_record_damage() => "record_damaged",
             ApplyError::Store(_) => "store_unavailable",
             ApplyError::Invalid(_) => "invalid_request",
+            ApplyError::Quarantined { .. } => "rule_quarantined",
         }
     }
 }
@@ -130,6 +142,8 @@ pub struct PartitionStats {
     pub data_bytes: AtomicU64,
     /// Stored routes removed because they outlived `routes.ttl_seconds`.
     pub routes_expired: AtomicU64,
+    /// The failure budget's counters.
+    pub breaker: crate::breaker::BreakerStats,
 }
 
 impl Default for PartitionStats {
@@ -146,6 +160,7 @@ impl Default for PartitionStats {
             quarantined: AtomicU64::default(),
             data_bytes: AtomicU64::default(),
             routes_expired: AtomicU64::default(),
+            breaker: Default::default(),
         }
     }
 }
@@ -275,6 +290,7 @@ impl Partition {
                             partitioner: setup.partitioner,
                             store,
                             decider: instance,
+                            breaker: crate::breaker::Breaker::new(setup.sandbox.limits().breaker),
                             stats: thread_stats,
                             max_batch: setup.max_batch,
                             sync_interval: setup.sync_interval,
@@ -481,6 +497,8 @@ pub(crate) struct Engine {
     pub store: PartitionStore,
     /// What decides requests.
     pub decider: Decider,
+    /// The failure budget of the partition's keys.
+    pub breaker: crate::breaker::Breaker,
     /// Counters this thread publishes.
     pub stats: Arc<PartitionStats>,
     /// Most requests per batch (one transaction, one commit).
@@ -504,6 +522,7 @@ impl Engine {
             if stop {
                 break;
             }
+            self.breaker.tick(now_ms(), &self.stats.breaker);
             if self.store.sync_due(self.sync_interval) {
                 self.sync();
             }
@@ -550,7 +569,7 @@ impl Engine {
         if !inbox.requests.is_empty() {
             let now = now_ms();
             let (id, partitioner) = (self.id, self.partitioner);
-            let (decider, stats) = (&mut self.decider, &self.stats);
+            let (decider, breaker, stats) = (&mut self.decider, &mut self.breaker, &self.stats);
             let requests = &inbox.requests;
             results.clear();
             let committed = self.store.write_batch(|tx| {
@@ -558,6 +577,7 @@ impl Engine {
                     results.push(apply_incoming(
                         tx,
                         decider,
+                        breaker,
                         stats,
                         id,
                         partitioner,
@@ -639,6 +659,10 @@ impl Engine {
                     let started = std::time::Instant::now();
                     let version = rule.version.clone();
                     let result = self.decider.replace_rule(rule).map(|()| started.elapsed());
+                    if result.is_ok() {
+                        // The new rule may not fail where the old one did.
+                        self.breaker.reset(&self.stats.breaker);
+                    }
                     match &result {
                         Ok(pause) => tracing::info!(
                             partition = self.id,
@@ -775,6 +799,7 @@ pub(crate) fn check_routed(
 fn apply_incoming<R>(
     tx: &mut crate::store::Batch<'_>,
     decider: &mut Decider,
+    breaker: &mut crate::breaker::Breaker,
     stats: &PartitionStats,
     partition: u32,
     partitioner: Partitioner,
@@ -823,6 +848,7 @@ fn apply_incoming<R>(
     apply_one(
         tx,
         decider,
+        breaker,
         stats,
         partition,
         now,
@@ -839,6 +865,7 @@ fn apply_incoming<R>(
 pub(crate) fn apply_one(
     tx: &mut crate::store::Batch<'_>,
     instance: &mut Decider,
+    breaker: &mut crate::breaker::Breaker,
     stats: &PartitionStats,
     partition: u32,
     now: u64,
@@ -862,9 +889,23 @@ pub(crate) fn apply_one(
         });
     }
 
+    // A quarantined key is refused before anything is stored: its failures must not cost the
+    // partition a rule call, a dead letter or a write each.
+    if let Err(quarantined) = breaker.admit(&request.key, now, &stats.breaker) {
+        return Ok(Applied {
+            result: Err(ApplyError::Quarantined {
+                key: request.key.clone(),
+                retry_after_ms: quarantined.retry_after_ms,
+            }),
+            applied: false,
+            route_order: None,
+        });
+    }
+
     let current = tx.state(&request.key)?;
     let rule_version = instance.version().to_string();
     let decided = instance.handle(current.as_ref(), request);
+    breaker.record(&request.key, decided.is_err(), now, &stats.breaker);
     stats
         .fuel_used
         .fetch_add(instance.fuel_used(), Ordering::Relaxed);

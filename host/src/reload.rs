@@ -99,8 +99,15 @@ pub struct RuleRegistry {
     /// `DATA_DIR/rules`, or none for a memory store.
     dir: Option<PathBuf>,
     compiled: HashMap<String, Arc<CompiledRule>>,
+    /// Versions by last use (added, or switched to), oldest first: the idle ones kept compiled
+    /// are the newest `rule.max_idle_compiled_versions` of them.
+    recent: Vec<String>,
     installed: Installed,
 }
+
+/// Compiled rule versions the newest registry keeps in memory (running and idle), for
+/// `/metrics`: compiled code is what a version costs (hundreds of MB for a large one).
+pub static COMPILED_VERSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl RuleRegistry {
     /// Opens the registry: with saved installs, loads the versions they name; otherwise every
@@ -122,6 +129,7 @@ impl RuleRegistry {
             sandbox,
             dir,
             compiled: HashMap::new(),
+            recent: Vec::new(),
             installed: Installed::default(),
         };
         let saved = match &registry.dir {
@@ -140,6 +148,7 @@ impl RuleRegistry {
                             .compile(&bytes)
                             .with_context(|| format!("loading saved rule {}", path.display()))?;
                         registry.compiled.insert(version.clone(), Arc::new(rule));
+                        registry.touch(version);
                     }
                 }
                 if saved.running.iter().any(|v| *v != initial.version) {
@@ -153,6 +162,7 @@ impl RuleRegistry {
             _ => {
                 registry.save_version(&initial.version, initial_bytes)?;
                 registry.installed.running = vec![initial.version.clone(); partitions as usize];
+                registry.touch(&initial.version);
                 registry.compiled.insert(initial.version.clone(), initial);
                 registry.save_installed()?;
             }
@@ -163,6 +173,7 @@ impl RuleRegistry {
             .iter()
             .map(|v| registry.compiled[v].clone())
             .collect();
+        registry.evict();
         Ok((registry, rules))
     }
 
@@ -191,8 +202,51 @@ impl RuleRegistry {
     pub fn add(&mut self, rule: Arc<CompiledRule>, bytes: &[u8]) -> Result<(), InstallError> {
         self.save_version(&rule.version, bytes)
             .map_err(|e| InstallError::Persist(format!("{e:#}")))?;
-        self.compiled.insert(rule.version.clone(), rule);
+        self.insert_compiled(rule);
         Ok(())
+    }
+
+    /// Remembers a compiled version whose bytes are already saved (one compiled again after
+    /// it was evicted).
+    pub fn insert_compiled(&mut self, rule: Arc<CompiledRule>) {
+        self.touch(&rule.version);
+        self.compiled.insert(rule.version.clone(), rule);
+        self.evict();
+    }
+
+    /// The saved bytes of a version, to compile it again after it was evicted; none without a
+    /// data dir.
+    pub fn saved_bytes(&self, version: &str) -> Option<anyhow::Result<Vec<u8>>> {
+        let path = self.version_path(version)?;
+        Some(std::fs::read(&path).with_context(|| format!("reading {}", path.display())))
+    }
+
+    /// Marks `version` as the most recently used.
+    fn touch(&mut self, version: &str) {
+        self.recent.retain(|v| v != version);
+        self.recent.push(version.to_string());
+    }
+
+    /// Drops compiled versions no partition runs, beyond the newest
+    /// `rule.max_idle_compiled_versions`; a rollback to one compiles it again from the data dir.
+    fn evict(&mut self) {
+        let running = &self.installed.running;
+        let keep_idle = self.sandbox.limits().max_idle_compiled_versions;
+        let idle_kept: Vec<String> = self
+            .recent
+            .iter()
+            .rev()
+            .filter(|v| !running.contains(v))
+            .take(keep_idle)
+            .cloned()
+            .collect();
+        self.compiled
+            .retain(|v, _| running.contains(v) || idle_kept.contains(v));
+        self.recent.retain(|v| self.compiled.contains_key(v));
+        COMPILED_VERSIONS.store(
+            self.compiled.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The entry a rollback undoes: the newest install not yet rolled back.
@@ -229,6 +283,9 @@ impl RuleRegistry {
         if let Some(i) = undone {
             self.installed.history[i].rolled_back = true;
         }
+        for v in versions {
+            self.touch(v);
+        }
         self.installed.history.push(HistoryEntry {
             action,
             partitions: partitions.to_vec(),
@@ -238,8 +295,11 @@ impl RuleRegistry {
             rolled_back: false,
             label,
         });
-        self.save_installed()
-            .map_err(|e| InstallError::Persist(format!("{e:#}")))
+        let saved = self
+            .save_installed()
+            .map_err(|e| InstallError::Persist(format!("{e:#}")));
+        self.evict();
+        saved
     }
 
     fn version_path(&self, version: &str) -> Option<PathBuf> {

@@ -68,6 +68,14 @@ pub enum SubmitError {
     /// with the same id to learn its answer.
     #[error("{0}")]
     Timeout(String),
+    /// The key's rule failures went over the budget; retry after `retry_after_ms`.
+    #[error("{message}")]
+    Quarantined {
+        /// What happened, for the client.
+        message: String,
+        /// How long until a request of the key is let through again.
+        retry_after_ms: u64,
+    },
 }
 
 impl SubmitError {
@@ -84,6 +92,7 @@ impl SubmitError {
             SubmitError::Damaged(_) => "store_damaged",
             SubmitError::RecordDamaged(_) => "record_damaged",
             SubmitError::Timeout(_) => "outcome_timeout",
+            SubmitError::Quarantined { .. } => "rule_quarantined",
         }
     }
 }
@@ -103,6 +112,10 @@ impl From<ApplyError> for SubmitError {
             ApplyError::Store(e) if e.is_record_damage() => SubmitError::RecordDamaged(e.message),
             e @ ApplyError::Store(_) => SubmitError::Store(e.to_string()),
             ApplyError::Invalid(message) => SubmitError::Invalid(message),
+            e @ ApplyError::Quarantined { retry_after_ms, .. } => SubmitError::Quarantined {
+                message: e.to_string(),
+                retry_after_ms,
+            },
         }
     }
 }
@@ -190,6 +203,8 @@ pub struct PartitionInfo {
     pub data_bytes: Option<u64>,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
+    /// The failure budget: keys quarantined now, breakers opened, requests refused.
+    pub breaker: crate::breaker::BreakerView,
     /// Version id of the rule it runs.
     pub rule_version: String,
 }
@@ -664,6 +679,7 @@ impl Runtime {
                     .zip(&p.stats.rule_failures)
                     .map(|(k, n)| (k.code(), n.load(Ordering::Relaxed)))
                     .collect(),
+                breaker: p.stats.breaker.view(),
                 rule_version: running[p.id as usize].clone(),
             })
             .collect()

@@ -103,6 +103,12 @@ pub struct RuleLimits {
     pub isolation: Isolation,
     /// Guard pages and Spectre-hardened bounds checks instead of plain explicit bounds checks.
     pub spectre_hardening: bool,
+    /// The failure budget per key, applied by the partition engine.
+    pub breaker: crate::breaker::BreakerSettings,
+    /// Longest a component may take to compile.
+    pub compile_budget: Duration,
+    /// Compiled versions a rule registry keeps besides the running ones.
+    pub max_idle_compiled_versions: usize,
 }
 
 impl From<&RuleConfig> for RuleLimits {
@@ -118,6 +124,13 @@ impl From<&RuleConfig> for RuleLimits {
             max_log_lines_per_second: c.max_log_lines_per_second,
             isolation: c.isolation,
             spectre_hardening: c.spectre_hardening,
+            compile_budget: Duration::from_millis(c.max_compile_ms),
+            max_idle_compiled_versions: c.max_idle_compiled_versions,
+            breaker: crate::breaker::BreakerSettings {
+                failures: c.breaker_failures,
+                window_ms: c.breaker_window_ms,
+                cooldown_ms: c.breaker_cooldown_ms,
+            },
         }
     }
 }
@@ -180,6 +193,14 @@ pub enum LoadError {
     /// wasmtime could not compile it.
     #[error("invalid component: {0}")]
     Invalid(String),
+    /// Compiling took longer than `rule.max_compile_ms`.
+    #[error(
+        "compiling the component took more than {budget_ms} ms (rule.max_compile_ms); it has too much code"
+    )]
+    CompileTimeout {
+        /// The budget.
+        budget_ms: u64,
+    },
     /// It compiles, but an instance of it cannot start within the limits (initial memory over
     /// the cap, too many memories or tables, a start function that traps or runs out of fuel).
     #[error("the component cannot be instantiated within the limits: {0}")]
@@ -276,6 +297,10 @@ pub struct Sandbox {
     /// Where rule log lines are also collected, for `turnstile test` to show them per step;
     /// `None` in the server.
     log_capture: Option<RuleLogs>,
+    /// Held by the thread compiling a component: one compilation at a time, so components
+    /// refused for their compile time (whose compilation cannot be stopped and runs on) never
+    /// pile up.
+    compile_gate: Arc<std::sync::Mutex<()>>,
 }
 
 /// Rule log lines collected by a capturing sandbox ([`Sandbox::new_capturing_logs`]), as
@@ -578,6 +603,7 @@ impl Sandbox {
             ticker_stop,
             shared: Default::default(),
             log_capture,
+            compile_gate: Default::default(),
         }))
     }
 
@@ -609,8 +635,7 @@ impl Sandbox {
                 max: self.limits.max_functions,
             });
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let component = self.compile_within_budget(bytes)?;
 
         let component_type = component.component_type();
         let imports: Vec<String> = component_type
@@ -655,6 +680,63 @@ impl Sandbox {
             return Err(LoadError::Instantiation(text));
         }
         Ok(rule)
+    }
+
+    /// Compiles on a thread of its own and waits at most `rule.max_compile_ms` for it. A
+    /// component over the budget is refused at once; its compilation cannot be interrupted, so
+    /// it finishes in the background (holding the compile gate) and is thrown away.
+    ///
+    /// The budget is CPU time of the compiling thread (compilation is single-threaded), read
+    /// from `/proc`, so a busy machine does not refuse a component a quiet one accepts; where
+    /// `/proc` cannot say, wall-clock time counts. Waiting for an earlier compilation to finish
+    /// is bounded too, by [`COMPILE_WAIT_FACTOR`] times the budget of wall-clock time.
+    fn compile_within_budget(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let (started, compiler) = std::sync::mpsc::sync_channel(1);
+        let engine = self.engine.clone();
+        let gate = self.compile_gate.clone();
+        let bytes = bytes.to_vec();
+        std::thread::Builder::new()
+            .name("rule-compile".into())
+            .spawn(move || {
+                let _one_at_a_time = gate.lock().unwrap_or_else(|e| e.into_inner());
+                // `PID/task/TID`: where /proc keeps this thread's CPU time.
+                let _ = started.send(std::fs::read_link("/proc/thread-self").ok());
+                let _ = done.send(Component::new(&engine, &bytes));
+            })
+            .map_err(|e| LoadError::Invalid(format!("starting a compiler thread: {e}")))?;
+        let budget = self.limits.compile_budget;
+        let refused = || LoadError::CompileTimeout {
+            budget_ms: budget.as_millis() as u64,
+        };
+        let waited = std::time::Instant::now();
+        let mut thread = None;
+        loop {
+            match result.recv_timeout(COMPILE_POLL) {
+                Ok(compiled) => {
+                    return compiled.map_err(|e| LoadError::Invalid(format!("{e:#}")));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(LoadError::Invalid(
+                        "the compiler thread stopped without an answer".into(),
+                    ));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if thread.is_none() {
+                thread = compiler.try_recv().ok();
+            }
+            let spent = match &thread {
+                Some(Some(task)) => thread_cpu_time(task).unwrap_or_else(|| waited.elapsed()),
+                Some(None) => waited.elapsed(),
+                // Still waiting for an earlier compilation to finish.
+                None => Duration::ZERO,
+            };
+            if spent > budget || waited.elapsed() > budget * COMPILE_WAIT_FACTOR {
+                return Err(refused());
+            }
+        }
     }
 
     /// [`Sandbox::compile`], remembered by version: the same bytes compile once per sandbox.
@@ -722,6 +804,7 @@ impl Sandbox {
             },
         );
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(hostcall_budget(&self.limits));
         // A start function runs during instantiation: it gets the same fuel and deadline as a
         // call, so one that loops is stopped here too.
         store.set_fuel(self.limits.fuel)?;
@@ -734,6 +817,26 @@ impl Sandbox {
     fn deadline_ticks(&self) -> u64 {
         (self.limits.deadline.as_micros() as u64).div_ceil(EPOCH_TICK.as_micros() as u64) + 1
     }
+}
+
+/// How often a compilation's CPU time is looked at.
+const COMPILE_POLL: Duration = Duration::from_millis(50);
+
+/// Wall-clock time a compilation may take, waiting for an earlier one included, in multiples of
+/// `rule.max_compile_ms` (its CPU time is held to the budget itself).
+const COMPILE_WAIT_FACTOR: u32 = 10;
+
+/// CPU time a thread has used, from `/proc/<task>/stat` (`task` is `PID/task/TID`), or none where
+/// it cannot be read.
+fn thread_cpu_time(task: &std::path::Path) -> Option<Duration> {
+    let stat =
+        std::fs::read_to_string(std::path::Path::new("/proc").join(task).join("stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces): state is the
+    // first, utime and stime (in clock ticks) the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux ABI.
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Slots of the instance pool: instances alive at once in one process's sandbox (a per-call
@@ -868,6 +971,17 @@ impl RuleInstance {
     }
 }
 
+/// Most bytes of strings a rule may hand the host in one crossing (the outcome of a call, or one
+/// `log` call): room for a status and data of `max_output_bytes` each. wasmtime counts the
+/// bytes before copying them and refuses more (as hostcall fuel), so an oversize output is
+/// refused without being copied; what is within it is copied, then checked string by string.
+fn hostcall_budget(limits: &RuleLimits) -> usize {
+    limits
+        .max_output_bytes
+        .saturating_mul(2)
+        .saturating_add(1024)
+}
+
 fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error) -> RuleFailure {
     let limits = &sandbox.limits;
     let trap = error.downcast_ref::<Trap>().copied();
@@ -877,6 +991,9 @@ fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error
         match trap {
             Some(Trap::OutOfFuel) => FailureKind::FuelExhausted,
             Some(Trap::Interrupt) => FailureKind::Deadline,
+            // No trap: the call ran, but what the rule handed the host could not be read (over
+            // the hostcall budget, not UTF-8, out of bounds): the rule's output is at fault.
+            None if store.data().panic_message.is_none() => FailureKind::Output,
             _ => FailureKind::Trap,
         }
     };
@@ -901,6 +1018,15 @@ fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error
                 "the rule tried to use more than {} bytes of memory (rule.max_memory_bytes)",
                 limits.max_memory_bytes
             ),
+        ),
+        FailureKind::Output => failure_with_detail(
+            kind,
+            format!(
+                "the rule handed the host more than {} bytes at once (rule.max_output_bytes, twice over) or a value it cannot read",
+                hostcall_budget(limits)
+            ),
+            &format!("{error:#}"),
+            limits.max_failure_detail_bytes,
         ),
         _ => {
             // The trap code is wasmtime's own text; anything else (a host error's chain) may

@@ -39,7 +39,9 @@ pub fn build(crate_dir: &Path, config: &Config, options: &BuildOptions) -> anyho
         );
     }
     refuse_workspace_root(&manifest_path)?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let cargo: PathBuf = std::env::var_os("CARGO")
+        .unwrap_or_else(|| "cargo".into())
+        .into();
     let target_dir = match &options.target_dir {
         Some(dir) => dir.clone(),
         None => match std::env::var_os("CARGO_TARGET_DIR") {
@@ -47,20 +49,31 @@ pub fn build(crate_dir: &Path, config: &Config, options: &BuildOptions) -> anyho
             _ => crate_dir.join("target"),
         },
     };
-    let build = turnstile_guest_build::GuestBuild {
-        manifest_path,
-        target_dir,
-        cargo: cargo.into(),
-        quiet: false,
-    };
     let crate_dir = std::path::absolute(crate_dir)
         .with_context(|| format!("resolving {}", crate_dir.display()))?;
+    let target_dir = std::path::absolute(&target_dir)
+        .with_context(|| format!("resolving {}", target_dir.display()))?;
+    // A member of another workspace is built as a workspace of its own (a staged copy): cargo's
+    // hashes include a crate's path in its workspace, and they decide the order of the code.
+    let (source_dir, path_in_workspace) = match workspace_membership(&cargo, &crate_dir)? {
+        Some(member) => match stage_as_own_workspace(&crate_dir, &member, &target_dir)? {
+            Some(staged) => (staged, None),
+            None => (crate_dir.clone(), Some(member.relative)),
+        },
+        None => (crate_dir.clone(), None),
+    };
+    let build = turnstile_guest_build::GuestBuild {
+        manifest_path: source_dir.join("Cargo.toml"),
+        target_dir,
+        cargo: cargo.clone(),
+        quiet: false,
+    };
     let built = build
         .build_with(
             &[],
             &turnstile_guest_build::BuildOptions {
                 debug: options.debug,
-                remap_path_prefixes: reproducible_path_prefixes(&crate_dir),
+                remap_path_prefixes: reproducible_path_prefixes(&source_dir, path_in_workspace),
             },
         )?
         .remove(0);
@@ -81,8 +94,18 @@ pub fn build(crate_dir: &Path, config: &Config, options: &BuildOptions) -> anyho
 /// Path prefixes that differ from one machine or checkout to another and end up in the wasm (in
 /// panic locations and, with `--debug`, names): each is rewritten to a fixed name, so the same
 /// source and lock file give the same bytes, hence the same version id, wherever they are built.
-fn reproducible_path_prefixes(crate_dir: &Path) -> Vec<(PathBuf, String)> {
+///
+/// A crate that is a member of another workspace is compiled from the workspace root, with its
+/// sources named relative to it (`rules/mine/src/lib.rs`, where a crate of its own has
+/// `src/lib.rs`): that relative prefix is removed too, so both give the same version id.
+fn reproducible_path_prefixes(
+    crate_dir: &Path,
+    path_in_workspace: Option<PathBuf>,
+) -> Vec<(PathBuf, String)> {
     let mut prefixes = vec![(crate_dir.to_path_buf(), "/rule".to_string())];
+    if let Some(relative) = path_in_workspace {
+        prefixes.push((relative, String::new()));
+    }
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
@@ -90,6 +113,109 @@ fn reproducible_path_prefixes(crate_dir: &Path) -> Vec<(PathBuf, String)> {
         prefixes.push((home, "/cargo".to_string()));
     }
     prefixes
+}
+
+/// A rule crate that is a member of another workspace.
+struct Membership {
+    /// The workspace's root directory.
+    root: PathBuf,
+    /// Where the crate lies in it (`rules/mine`).
+    relative: PathBuf,
+}
+
+/// Copies a member crate (without `target/` and hidden directories) under
+/// `<target-dir>/staged/`, makes the copy a workspace of its own with the workspace's lock file,
+/// and returns its directory. Returns none, after saying why, when the crate cannot be built
+/// alone: it inherits from the workspace (`.workspace = true`) or has path dependencies outside
+/// its directory; it is then built in place, and its version id may differ from a crate of its
+/// own.
+fn stage_as_own_workspace(
+    crate_dir: &Path,
+    member: &Membership,
+    target_dir: &Path,
+) -> anyhow::Result<Option<PathBuf>> {
+    let manifest_path = crate_dir.join("Cargo.toml");
+    let manifest = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
+    let compact: String = manifest.chars().filter(|c| !c.is_whitespace()).collect();
+    if compact.contains("workspace=true") || compact.contains("path=\"..") {
+        eprintln!(
+            "note: {} inherits from its workspace or uses paths outside its directory: built in place, its version id may differ from the same rule built as a crate of its own",
+            crate_dir.display()
+        );
+        return Ok(None);
+    }
+    let name = crate_dir
+        .file_name()
+        .context("the crate needs a directory name")?;
+    let staged = target_dir.join("staged").join(name);
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged)
+            .with_context(|| format!("clearing {}", staged.display()))?;
+    }
+    copy_sources(crate_dir, &staged)?;
+    std::fs::write(
+        staged.join("Cargo.toml"),
+        format!("{manifest}\n# Staged by `turnstile build`: built as a workspace of its own.\n[workspace]\n"),
+    )
+    .with_context(|| format!("writing {}", staged.display()))?;
+    let lock = member.root.join("Cargo.lock");
+    if lock.exists() {
+        std::fs::copy(&lock, staged.join("Cargo.lock"))
+            .with_context(|| format!("copying {}", lock.display()))?;
+    }
+    Ok(Some(staged))
+}
+
+/// Copies `from` into `to`, without `target/` and hidden entries (`.git`).
+fn copy_sources(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "target" || name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let (source, dest) = (entry.path(), to.join(&name));
+        if entry.file_type()?.is_dir() {
+            copy_sources(&source, &dest)?;
+        } else {
+            std::fs::copy(&source, &dest)
+                .with_context(|| format!("copying {}", source.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The workspace `crate_dir` belongs to, when its root is another directory (the crate is a
+/// member of another workspace).
+fn workspace_membership(cargo: &Path, crate_dir: &Path) -> anyhow::Result<Option<Membership>> {
+    let output = std::process::Command::new(cargo)
+        .args(["locate-project", "--workspace", "--message-format", "plain"])
+        .arg("--manifest-path")
+        .arg(crate_dir.join("Cargo.toml"))
+        .output()
+        .with_context(|| format!("running {} locate-project", cargo.display()))?;
+    if !output.status.success() {
+        bail!(
+            "cargo could not find the workspace of {}: {}",
+            crate_dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let manifest = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    let canonical = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.into());
+    let (Some(root), crate_dir) = (manifest.parent().map(canonical), canonical(crate_dir)) else {
+        return Ok(None);
+    };
+    Ok(crate_dir
+        .strip_prefix(&root)
+        .ok()
+        .filter(|relative| !relative.as_os_str().is_empty())
+        .map(|relative| Membership {
+            relative: relative.to_path_buf(),
+            root: root.clone(),
+        }))
 }
 
 /// A virtual workspace manifest builds every member before anything can be checked; say so at

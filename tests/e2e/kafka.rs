@@ -1374,4 +1374,76 @@ async fn a_reserve_fed_through_the_topic_routes_a_later_associate() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["key"], key);
     assert_eq!(answer["state"]["status"], "associated");
+/// The failure budget in Kafka mode: the same engine quarantines a key whose requests keep
+/// failing, and the refusal travels over the outcomes topic as 503 `rule_quarantined` with
+/// `Retry-After`; another key on the same partition is still decided.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_over_the_failure_budget_is_quarantined_in_kafka_mode() {
+    let config = format!(
+        "{}\n[rule]\nbreaker_failures = 3\nbreaker_window_ms = 600000\nbreaker_cooldown_ms = 600000\n",
+        cluster_config()
+    );
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(crate::support::guests::MISBEHAVE)
+            .config(&config),
+    );
+    wait_for_all(&server).await;
+    let partitioner = partitioner();
+    let flooded = "K-flooded";
+    let neighbour = (0..)
+        .map(|i| format!("K-neighbour-{i}"))
+        .find(|k| partitioner.partition(k) == partitioner.partition(flooded))
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut codes = Vec::new();
+    for i in 0..6 {
+        let response = client
+            .post(format!("{}/v1/requests", server.url))
+            .json(&request(
+                "panic",
+                Some(flooded),
+                "attacker",
+                &format!("flood-{i}"),
+            ))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").is_some();
+        let answer: Value = response.json().await.unwrap();
+        codes.push((
+            status,
+            answer["error"]["code"].as_str().unwrap().to_string(),
+            retry_after,
+        ));
+    }
+    let trap = (500, "rule_trap".to_string(), false);
+    let quarantined = (503, "rule_quarantined".to_string(), true);
+    assert_eq!(
+        codes,
+        [
+            trap.clone(),
+            trap.clone(),
+            trap,
+            quarantined.clone(),
+            quarantined.clone(),
+            quarantined
+        ]
+    );
+    let (status, answer) = server
+        .request(request("set", Some(&neighbour), "calm", "calm-1"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, partitions) = server.get("/v1/partitions").await;
+    let p = partitioner.partition(flooded) as usize;
+    let owned = partitions["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == p)
+        .unwrap()
+        .clone();
+    assert_eq!(owned["breaker"]["open_keys"], 1, "{owned}");
+    assert_eq!(owned["breaker"]["refused"], 3, "{owned}");
 }

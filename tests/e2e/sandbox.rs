@@ -198,7 +198,10 @@ async fn a_full_queue_is_backpressure() {
     let server = Server::start_with(
         ServerArgs::default()
             .rule(guests::MISBEHAVE)
-            .config("[partitions]\nqueue_capacity = 1\nmax_batch = 1\n"),
+            // The breaker off: this test is about the queue, not the failure budget.
+            .config(
+                "[partitions]\nqueue_capacity = 1\nmax_batch = 1\n[rule]\nbreaker_failures = 0\n",
+            ),
     );
     let key = keys_on(3, 1).remove(0);
     let client = reqwest::Client::new();
@@ -526,6 +529,9 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
         ),
     ));
     const ATTACKS: usize = 30;
+    let (status, _) = server.request(request("any", "warm-up", "warm-up")).await;
+    assert_eq!(status, 500);
+    let rss_before = rss_kib(server.pid());
     for i in 0..ATTACKS {
         let body = serde_json::to_vec(&request("any", &format!("k-{i}"), &format!("t-{i}")));
         let response = reqwest::Client::new()
@@ -540,6 +546,9 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
         let answer: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(answer["error"]["code"], "rule_trap");
     }
+    // Each trap's 100 KB backtrace is formatted, cut and dropped: nothing of it accumulates.
+    let grown_kib = rss_kib(server.pid()).saturating_sub(rss_before);
+    assert!(grown_kib < 32 * 1024, "RSS grew by {grown_kib} KiB");
     let response = reqwest::Client::new()
         .get(format!("{}/v1/dead-letters?limit=1000", server.url))
         .bearer_auth(ADMIN_TOKEN)
@@ -550,13 +559,13 @@ async fn a_trap_with_huge_names_gives_bounded_messages() {
     let text = response.text().await.unwrap();
     let letters: Value = serde_json::from_str(&text).unwrap();
     let letters = letters["dead_letters"].as_array().unwrap();
-    assert_eq!(letters.len(), ATTACKS);
+    assert_eq!(letters.len(), ATTACKS + 1);
     for letter in letters {
         let detail = letter["failure"]["detail"].as_str().unwrap();
         assert!(detail.len() <= DETAIL, "a {}-byte detail", detail.len());
     }
     assert!(
-        text.len() < ATTACKS * (DETAIL + 1024),
+        text.len() < (ATTACKS + 1) * (DETAIL + 1024),
         "{} bytes for {ATTACKS} letters",
         text.len()
     );
@@ -572,7 +581,7 @@ async fn dead_letters_are_pruned_beyond_the_retention() {
             .rule(guests::MISBEHAVE)
             .data_dir(dir.path())
             .config(&format!(
-                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\ndead_letter_retention = 5\n"
+                "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\ndead_letter_retention = 5\n[rule]\nbreaker_failures = 0\n"
             )),
     );
     let key = keys_on(2, 1).remove(0);
@@ -641,4 +650,443 @@ async fn a_call_that_runs_out_of_fuel_counts_its_fuel() {
         .parse()
         .unwrap();
     assert!(used >= 2_000_000, "counted {used}");
+}
+
+/// Sends `body` and returns the status, the `Retry-After` header and the JSON answer.
+async fn send_with_retry_after(server: &Server, body: &Value) -> (u16, Option<u64>, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/requests", server.url))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (status, retry_after, response.json().await.unwrap())
+}
+
+/// The failure budget: a client flooding one key with requests the rule fails on (each costs
+/// the partition its whole deadline) gets that key quarantined after `rule.breaker_failures`
+/// failures: the rest are refused at once with 503 `rule_quarantined` and Retry-After, without a
+/// dead letter, while another key on the same partition keeps being answered. /v1/partitions
+/// and /metrics show it, and installing a rule lifts the quarantine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_over_the_failure_budget_is_quarantined() {
+    const BUDGET: u64 = 5;
+    const FLOOD: u64 = 40;
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE).config(
+        &format!(
+            "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nfuel = 1000000000000000\ndeadline_ms = 100\n\
+             breaker_failures = {BUDGET}\nbreaker_window_ms = 600000\nbreaker_cooldown_ms = 600000\n"
+        ),
+    ));
+    let keys = keys_on(1, 2);
+    let (flooded, bystander) = (keys[0].clone(), keys[1].clone());
+
+    // The flood runs concurrently with a well-behaved client on the same partition.
+    let flood = {
+        let url = server.url.clone();
+        let key = flooded.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut calls = Vec::new();
+            for i in 0..FLOOD {
+                let request = client.post(format!("{url}/v1/requests")).json(&request(
+                    "loop",
+                    &key,
+                    &format!("flood-{i}"),
+                ));
+                calls.push(tokio::spawn(async move { request.send().await.unwrap() }));
+            }
+            let mut answers = Vec::new();
+            for call in calls {
+                let response = call.await.unwrap();
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+                let body: Value = response.json().await.unwrap();
+                answers.push((status, retry_after, body));
+            }
+            answers
+        })
+    };
+    for i in 0..20 {
+        let (status, answer) = server
+            .request(request("set", &bystander, &format!("calm-{i}")))
+            .await;
+        assert_eq!(status, 200, "the bystander was not answered: {answer}");
+    }
+    let answers = flood.await.unwrap();
+
+    let mut failed = 0;
+    let mut quarantined = 0;
+    for (status, retry_after, body) in &answers {
+        match (status, body["error"]["code"].as_str().unwrap()) {
+            (500, "rule_deadline") => failed += 1,
+            (503, "rule_quarantined") => {
+                let retry_after = retry_after.expect("Retry-After on rule_quarantined");
+                assert!(
+                    (1..=600).contains(&retry_after),
+                    "Retry-After {retry_after}"
+                );
+                quarantined += 1;
+            }
+            _ => panic!("{status} {body}"),
+        }
+    }
+    assert_eq!(failed, BUDGET, "failures past the budget reached the rule");
+    assert_eq!(quarantined, FLOOD - BUDGET);
+    // Still quarantined, whatever the request.
+    let (status, retry_after, answer) =
+        send_with_retry_after(&server, &request("set", &flooded, "after-flood")).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (503, Some("rule_quarantined"))
+    );
+    assert!(retry_after.is_some());
+
+    let (_, partitions) = server.get("/v1/partitions").await;
+    let partition = &partitions["partitions"][1];
+    assert_eq!(partition["rule_failures"]["rule_deadline"], BUDGET);
+    assert_eq!(partition["breaker"]["open_keys"], 1, "{partition}");
+    assert_eq!(partition["breaker"]["opened"], 1, "{partition}");
+    assert_eq!(
+        partition["breaker"]["refused"],
+        FLOOD - BUDGET + 1,
+        "{partition}"
+    );
+    assert_eq!(partition["processed"], 20, "{partition}");
+    let (_, metrics) = server.get_text("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "turnstile_breaker_refused_total{{partition=\"1\"}} {}",
+            FLOOD - BUDGET + 1
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("turnstile_breaker_open_keys{partition=\"1\"} 1"));
+    // Refusals leave no dead letter: only the failures that reached the rule do.
+    let (_, letters) = admin_get(&server, "/v1/dead-letters?partition=1").await;
+    assert_eq!(
+        letters["dead_letters"].as_array().unwrap().len() as u64,
+        BUDGET
+    );
+
+    // A rule install lifts every quarantine.
+    let bytes = std::fs::read(guests::ECHO).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(bytes), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server.request(request("loop", &flooded, "fixed")).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, partitions) = server.get("/v1/partitions").await;
+    assert_eq!(partitions["partitions"][1]["breaker"]["open_keys"], 0);
+}
+
+/// After the cool-down a quarantined key gets one request through (half-open): a failure
+/// quarantines it again at once, a success lifts the quarantine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quarantine_half_opens_after_the_cooldown() {
+    let server = Server::start_with(ServerArgs::default().rule(guests::MISBEHAVE).config(
+        "[rule]\nbreaker_failures = 2\nbreaker_window_ms = 600000\nbreaker_cooldown_ms = 1500\n",
+    ));
+    let key = keys_on(2, 1).remove(0);
+    let code = |answer: &Value| answer["error"]["code"].as_str().unwrap_or("").to_string();
+    for i in 0..2 {
+        let (status, answer) = server
+            .request(request("panic", &key, &format!("p-{i}")))
+            .await;
+        assert_eq!((status, code(&answer).as_str()), (500, "rule_trap"));
+    }
+    let (status, answer) = server.request(request("panic", &key, "p-2")).await;
+    assert_eq!((status, code(&answer).as_str()), (503, "rule_quarantined"));
+
+    // Wait out the cool-down: the first request let through is the probe; it fails.
+    let mut probe = None;
+    for i in 0..100 {
+        let (status, answer) = server
+            .request(request("panic", &key, &format!("w-{i}")))
+            .await;
+        if status != 503 {
+            probe = Some((status, code(&answer)));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        probe,
+        Some((500, "rule_trap".to_string())),
+        "no probe let through"
+    );
+    let (status, answer) = server.request(request("set", &key, "after-probe")).await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (503, "rule_quarantined"),
+        "{answer}"
+    );
+
+    // The next probe succeeds: the key is healthy again, and one failure does not quarantine it.
+    let mut healed = false;
+    for i in 0..100 {
+        let (status, _) = server
+            .request(request("set", &key, &format!("s-{i}")))
+            .await;
+        if status == 200 {
+            healed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(healed, "the quarantine was never lifted");
+    let (status, _) = server.request(request("panic", &key, "p-again")).await;
+    assert_eq!(status, 500);
+    let (status, answer) = server.request(request("set", &key, "s-again")).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// An output over `rule.max_output_bytes` (14 MiB of status and data, made in no time by the
+/// guest) is refused before it is copied out of the guest: `rule_output` every time, with a
+/// short answer, whether or not it is valid UTF-8 (it was `rule_trap` when the copy failed on
+/// UTF-8), and repeating it does not grow the server's memory (it grew by over 100 MiB when
+/// every output was copied first).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversize_output_is_always_rule_output() {
+    const ATTACKS: usize = 20;
+    for guest in [guests::HUGE_OUTPUT, guests::HUGE_GARBLED_OUTPUT] {
+        // memory.fill is charged fuel by the byte: enough for the fill, which is not the subject.
+        let server = Server::start_with(
+            ServerArgs::default()
+                .rule(guest)
+                .config("[rule]\nfuel = 1000000000000\n"),
+        );
+        // Warm up the instance pool's slot, so RSS counts what the attacks leave behind.
+        let (status, _) = server.request(request("any", "warm-up", "warm-up")).await;
+        assert_eq!(status, 500);
+        let before = rss_kib(server.pid());
+        for i in 0..ATTACKS {
+            // A key each: the failure budget is not the subject here.
+            let body = request("any", &format!("k-{i}"), &format!("huge-{i}"));
+            let response = reqwest::Client::new()
+                .post(format!("{}/v1/requests", server.url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 500);
+            let text = response.text().await.unwrap();
+            assert!(text.len() < 1024, "a {}-byte answer", text.len());
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(answer["error"]["code"], "rule_output", "{guest}: {answer}");
+        }
+        let grown_kib = rss_kib(server.pid()).saturating_sub(before);
+        // 20 attacks of 28 MiB each would be 560 MiB if anything were kept.
+        assert!(grown_kib < 64 * 1024, "RSS grew by {grown_kib} KiB");
+    }
+}
+
+/// A component whose compilation takes longer than `rule.max_compile_ms` (100 000 tiny
+/// functions, allowed by a raised `max_functions`) is refused by `PUT /v1/admin/rule` when the
+/// budget runs out, not after compiling for tens of seconds; nothing is installed and the
+/// server keeps answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compilation_over_its_budget_is_refused() {
+    let server = Server::start_with(ServerArgs::default().config(&format!(
+        "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nmax_functions = 200000\nmax_compile_ms = 5000\n"
+    )));
+    let bytes = std::fs::read(guests::MANY_FUNCTIONS).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(bytes), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "rule_refused");
+    let (_, rule) = admin_get(&server, "/v1/admin/rule").await;
+    assert_eq!(rule["history"].as_array().unwrap().len(), 0, "{rule}");
+    let (status, _) = server
+        .request(json!({"kind": "reserve", "key": "K-1", "user": "u"}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// `bytes` (a component) with a custom section appended: the same rule under another version id.
+fn another_version(bytes: &[u8], tag: usize) -> Vec<u8> {
+    let name = b"turnstile-test";
+    let payload = format!("version {tag}");
+    let mut content = vec![name.len() as u8];
+    content.extend_from_slice(name);
+    content.extend_from_slice(payload.as_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out.push(content.len() as u8);
+    out.extend_from_slice(&content);
+    out
+}
+
+fn compiled_versions(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_rule_compiled_versions "))
+        .expect("turnstile_rule_compiled_versions in /metrics")
+        .parse()
+        .unwrap()
+}
+
+/// Installing one version after another keeps at most the running version and
+/// `rule.max_idle_compiled_versions` others compiled; rolling back to a dropped version compiles
+/// it again from the data dir, and it decides again.
+#[tokio::test(flavor = "multi_thread")]
+async fn compiled_versions_no_partition_runs_are_dropped() {
+    const INSTALLS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()).config(&format!(
+        "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nmax_idle_compiled_versions = 1\n"
+    )));
+    let echo = std::fs::read(guests::ECHO).unwrap();
+    let mut versions = Vec::new();
+    for i in 0..INSTALLS {
+        let (status, answer) = server
+            .admin(
+                "PUT",
+                "/v1/admin/rule",
+                Some(another_version(&echo, i)),
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        versions.push(answer["version"].as_str().unwrap().to_string());
+        let (_, metrics) = server.get_text("/metrics").await;
+        assert!(compiled_versions(&metrics) <= 2, "install {i}: {metrics}");
+    }
+    // Back through the dropped versions, each compiled again and deciding.
+    for expected in versions[..INSTALLS - 1].iter().rev().take(3) {
+        let (status, answer) = server
+            .admin("POST", "/v1/admin/rule/rollback", None, Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let (status, answer) = server
+            .request(json!({"kind": "k", "key": "K-1", "user": "u"}))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["rule_version"], *expected, "{answer}");
+        let (_, metrics) = server.get_text("/metrics").await;
+        assert!(compiled_versions(&metrics) <= 2, "{metrics}");
+    }
+}
+
+/// `turnstile test` logs the rule's lines the way `run` does (a subscriber, the same rate
+/// limit), so a rule that logs costs the same in both: of 3000 lines at 20 a second, a bounded
+/// handful reach stderr, and the step passes.
+#[test]
+fn turnstile_test_logs_rule_lines_like_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("scenarios.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"flood\"\n[[scenario.step]]\nkind = \"log-flood\"\nkey = \"k\"\nuser = \"u\"\npayload = 3000\nexpect = \"transition\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("turnstile.toml");
+    std::fs::write(&config, "[rule]\nmax_log_lines_per_second = 20\n").unwrap();
+    let (ok, stdout, stderr) = crate::support::run_cli(&[
+        "test",
+        guests::HOSTILE,
+        scenarios.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let written = stderr.lines().filter(|l| l.contains("flood line")).count();
+    assert!((1..=30).contains(&written), "{written} lines: {stderr}");
+}
+
+/// A fixed number of attacks of every kind (unbounded allocation, stack overflow, a 1 MiB
+/// output, a panic, a spin until the fuel runs out, 2000 log lines, a global buffer kept between
+/// calls) leaves the server's memory where it was: every instance's memory goes back to the
+/// pool, nothing a failure produced is kept but its bounded dead letter.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_attacks_do_not_grow_the_servers_memory() {
+    const ROUNDS: usize = 15;
+    let attacks = [
+        (guests::MISBEHAVE, "alloc"),
+        (guests::MISBEHAVE, "recurse"),
+        (guests::MISBEHAVE, "huge"),
+        (guests::MISBEHAVE, "panic"),
+        (guests::MISBEHAVE, "loop"),
+        (guests::HOSTILE, "log-flood"),
+        (guests::HOSTILE, "remember"),
+    ];
+    for guest in [guests::MISBEHAVE, guests::HOSTILE] {
+        // The breaker off: every attack reaches the rule.
+        let server = Server::start_with(
+            ServerArgs::default()
+                .rule(guest)
+                .config("[rule]\nbreaker_failures = 0\n"),
+        );
+        let kinds: Vec<&str> = attacks
+            .iter()
+            .filter(|(g, _)| *g == guest)
+            .map(|(_, kind)| *kind)
+            .collect();
+        let send = |kind: &str, round: usize| {
+            let mut body = request(kind, &format!("{kind}-{round}"), &format!("{kind}-{round}"));
+            body["payload"] = json!(2000);
+            body["user"] = json!(format!("user-{round}"));
+            server.request(body)
+        };
+        // One of each first, so the pool's slots and the allocator are warm.
+        for kind in &kinds {
+            send(kind, usize::MAX).await;
+        }
+        let before = rss_kib(server.pid());
+        for round in 0..ROUNDS {
+            for kind in &kinds {
+                let (status, answer) = send(kind, round).await;
+                assert!(status == 200 || status == 500, "{kind}: {status} {answer}");
+            }
+        }
+        let grown_kib = rss_kib(server.pid()).saturating_sub(before);
+        // Each `alloc` alone reaches the 16 MiB cap; 15 rounds kept would be hundreds of MiB.
+        assert!(
+            grown_kib < 48 * 1024,
+            "{guest}: RSS grew by {grown_kib} KiB after {ROUNDS} rounds of {kinds:?}"
+        );
+    }
+}
+
+/// Without a data dir the version a rollback returns to is still compiled: the rule the server
+/// started with counts as used, like installed ones (it was dropped once no partition ran it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_to_the_starting_rule_works_without_a_data_dir() {
+    let server = Server::start_with(
+        ServerArgs::default().config(&format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")),
+    );
+    let echo = std::fs::read(guests::ECHO).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(echo), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server
+        .admin("POST", "/v1/admin/rule/rollback", None, Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server
+        .request(json!({"kind": "reserve", "key": "K-1", "user": "u"}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"]["status"], "reserved", "{answer}");
 }

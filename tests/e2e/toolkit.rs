@@ -1068,3 +1068,155 @@ async fn resubmitted_dead_letters_are_marked() {
     assert!(letters[0]["resubmitted"]["at_ms"].as_u64().unwrap() > 0);
     assert!(letters[1].get("resubmitted").is_none(), "{letters:?}");
 }
+
+/// The same rule source and lock file give the same version id built as a crate of its own and
+/// as a member of another workspace (whose root compiles it under a longer relative path).
+#[test]
+fn version_id_is_the_same_as_a_member_of_another_workspace() {
+    let dir = tempfile::tempdir().unwrap();
+    let standalone = dir.path().join("repro");
+    let (ok, _, stderr) = run_cli(&["new", standalone.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    // A panic location: the rule's own source path ends up in the wasm.
+    let lib = standalone.join("src/lib.rs");
+    let text = std::fs::read_to_string(&lib).unwrap().replace(
+        "Outcome::transition(\"inside\", \"{}\")",
+        "Outcome::transition(\"inside\", request.payload.parse::<u64>().map(|n| n.to_string()).expect(\"a number\"))",
+    );
+    std::fs::write(&lib, text).unwrap();
+    let target = dir.path().join("target");
+    let build = |crate_dir: &Path| {
+        let output = std::process::Command::new(crate::support::turnstile_bin())
+            .args(["build", crate_dir.to_str().unwrap(), "--target-dir"])
+            .arg(&target)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("version "))
+            .unwrap()
+            .to_string()
+    };
+    let alone = build(&standalone);
+
+    // The same files as `rules/repro` of a workspace, with the lock file the first build wrote.
+    let workspace = dir.path().join("ws");
+    let member = workspace.join("rules/repro");
+    std::fs::create_dir_all(member.join("src")).unwrap();
+    std::fs::create_dir_all(member.join("sdk/src")).unwrap();
+    std::fs::create_dir_all(member.join("sdk/wit")).unwrap();
+    for file in [
+        "src/lib.rs",
+        "sdk/Cargo.toml",
+        "sdk/src/lib.rs",
+        "sdk/wit/rule.wit",
+    ] {
+        std::fs::copy(standalone.join(file), member.join(file)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(standalone.join("Cargo.toml")).unwrap();
+    let (package, _) = manifest.split_once("[workspace]").unwrap();
+    std::fs::write(member.join("Cargo.toml"), package).unwrap();
+    std::fs::write(
+        workspace.join("Cargo.toml"),
+        "[workspace]\nresolver = \"3\"\nmembers = [\"rules/repro\"]\n",
+    )
+    .unwrap();
+    std::fs::copy(standalone.join("Cargo.lock"), workspace.join("Cargo.lock")).unwrap();
+    let in_workspace = build(&member);
+    assert_eq!(
+        alone, in_workspace,
+        "the version id depends on the workspace the rule is built in"
+    );
+}
+
+/// A toolchain without the wasm32 target: the guest build (the code `host/build.rs` runs too,
+/// through `GuestBuild::build`) adds it through rustup before compiling, instead of failing
+/// deep inside with "can't find crate for core". A `rustc` shim reports a sysroot without the
+/// target (and forwards everything else to the real compiler); a fake `rustup` first in PATH
+/// records its arguments. When rustup fails, the build stops at once; when it succeeds, the
+/// build goes on and the rule is built.
+#[test]
+fn a_missing_wasm_target_is_added_through_rustup() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sysroot = std::process::Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .unwrap();
+    let real_rustc = Path::new(String::from_utf8_lossy(&sysroot.stdout).trim()).join("bin/rustc");
+    let empty_sysroot = dir.path().join("sysroot-without-wasm");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&empty_sysroot).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = |name: &str, text: String| {
+        let path = bin.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    let shim = script(
+        "rustc",
+        format!(
+            "#!/bin/sh\nif [ \"$#\" = 2 ] && [ \"$1\" = --print ] && [ \"$2\" = sysroot ]; then echo '{}'; exit 0; fi\nexec '{}' \"$@\"\n",
+            empty_sysroot.display(),
+            real_rustc.display()
+        ),
+    );
+    let calls = dir.path().join("rustup-calls");
+    let project = dir.path().join("needs-target");
+    let (ok, _, stderr) = run_cli(&["new", project.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let build = || {
+        std::process::Command::new(crate::support::turnstile_bin())
+            .args(["build", project.to_str().unwrap(), "--target-dir"])
+            .arg(dir.path().join("target"))
+            .env("RUSTC", &shim)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let recorded = || std::fs::read_to_string(&calls).unwrap_or_default();
+
+    script(
+        "rustup",
+        format!("#!/bin/sh\necho \"$@\" >> '{}'\nexit 1\n", calls.display()),
+    );
+    let output = build();
+    assert!(!output.status.success(), "built without the target");
+    assert_eq!(recorded(), "target add wasm32-unknown-unknown\n");
+    assert!(
+        !dir.path().join("target/components").exists(),
+        "cargo ran after rustup failed"
+    );
+
+    script(
+        "rustup",
+        format!("#!/bin/sh\necho \"$@\" >> '{}'\nexit 0\n", calls.display()),
+    );
+    let output = build();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        recorded(),
+        "target add wasm32-unknown-unknown\ntarget add wasm32-unknown-unknown\n"
+    );
+    assert!(
+        dir.path()
+            .join("target/components/needs-target.wasm")
+            .exists()
+    );
+}

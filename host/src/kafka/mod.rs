@@ -105,6 +105,9 @@ pub struct RemoteError {
     pub code: String,
     /// The message.
     pub message: String,
+    /// For `rule_quarantined`: how long until the key is let through again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl From<&ApplyError> for RemoteError {
@@ -112,6 +115,10 @@ impl From<&ApplyError> for RemoteError {
         RemoteError {
             code: e.code().to_string(),
             message: e.to_string(),
+            retry_after_ms: match e {
+                ApplyError::Quarantined { retry_after_ms, .. } => Some(*retry_after_ms),
+                _ => None,
+            },
         }
     }
 }
@@ -126,6 +133,10 @@ impl RemoteError {
             "invalid_request" => SubmitError::Invalid(self.message),
             "record_damaged" => SubmitError::RecordDamaged(self.message),
             "store_damaged" => SubmitError::Damaged(self.message),
+            "rule_quarantined" => SubmitError::Quarantined {
+                message: self.message,
+                retry_after_ms: self.retry_after_ms.unwrap_or(1000),
+            },
             _ => SubmitError::Store(self.message),
         }
     }
@@ -162,6 +173,8 @@ pub struct OwnedPartitionInfo {
     pub restored_from: i64,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
+    /// The failure budget: keys quarantined now, breakers opened, requests refused.
+    pub breaker: crate::breaker::BreakerView,
     /// Version id of the rule it runs.
     pub rule_version: String,
 }
@@ -738,6 +751,7 @@ impl KafkaNode {
                         .zip(&o.stats.partition.rule_failures)
                         .map(|(k, n)| (k.code(), n.load(Ordering::Relaxed)))
                         .collect(),
+                    breaker: o.stats.partition.breaker.view(),
                     rule_version: running[*id as usize].clone(),
                 }
             })
@@ -1426,6 +1440,7 @@ fn restore_and_serve(
         partitioner: shared.partitioner,
         store,
         decider: Decider::Wasm(shared.sandbox.instantiate(rule, p)?),
+        breaker: crate::breaker::Breaker::new(shared.sandbox.limits().breaker),
         stats: stats.partition.clone(),
         max_batch: shared.config.partitions.max_batch,
         sync_interval: Duration::from_millis(shared.config.store.flush_interval_ms),
