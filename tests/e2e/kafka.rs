@@ -1374,6 +1374,8 @@ async fn a_reserve_fed_through_the_topic_routes_a_later_associate() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["key"], key);
     assert_eq!(answer["state"]["status"], "associated");
+}
+
 /// The failure budget in Kafka mode: the same engine quarantines a key whose requests keep
 /// failing, and the refusal travels over the outcomes topic as 503 `rule_quarantined` with
 /// `Retry-After`; another key on the same partition is still decided.
