@@ -74,13 +74,13 @@ pub enum StartError {
 pub trait Source: Send + Sync + 'static {
     /// The layout the backup records.
     fn layout(&self) -> Layout;
-    /// The data dir, if the server has one (its `rules/` is copied).
+    /// The data dir, if the server has one (a backup must not go inside it).
     fn data_dir(&self) -> Option<PathBuf>;
-    /// Runs `copy_rules`, then takes one snapshot per partition (in partition order), while no
-    /// rule install or rollback can run.
+    /// Runs `copy_rules` with the rule registry, then takes one snapshot per partition (in
+    /// partition order), while no rule install or rollback can run.
     fn snapshots(
         &self,
-        copy_rules: &mut dyn FnMut() -> anyhow::Result<()>,
+        copy_rules: &mut dyn FnMut(&crate::reload::RuleRegistry) -> anyhow::Result<()>,
     ) -> anyhow::Result<Vec<ReadTransaction>>;
 }
 
@@ -114,6 +114,9 @@ impl Backups {
                 return Err(StartError::Running(status.out.clone().unwrap_or_default()));
             }
             check_out_dir(&out).map_err(StartError::Invalid)?;
+            if let Some(data_dir) = source.data_dir() {
+                check_outside(&out, &data_dir).map_err(StartError::Invalid)?;
+            }
             let layout = source.layout();
             *status = BackupStatus {
                 state: "running",
@@ -159,11 +162,11 @@ impl Backups {
         let generation = store::generation_dir(out, layout.generation);
         std::fs::create_dir_all(&generation)
             .with_context(|| format!("creating {}", generation.display()))?;
-        let rules = source.data_dir().map(|d| d.join("rules"));
-        let mut copy_rules = || match &rules {
-            Some(rules) if rules.exists() => copy_dir(rules, &out.join("rules")),
-            _ => Ok(()),
-        };
+        // From the registry, not from a directory: a server without a data dir has its rule
+        // versions in memory only, and its backup must run them too.
+        let rules = out.join("rules");
+        let mut copy_rules =
+            |registry: &crate::reload::RuleRegistry| registry.write_rules_dir(&rules);
         let snapshots = source.snapshots(&mut copy_rules)?;
         tracing::info!(out = %out.display(), partitions = snapshots.len(), "backup: snapshots taken");
         for (partition, snapshot) in snapshots.into_iter().enumerate() {
@@ -185,6 +188,37 @@ impl Backups {
         // The commit point: a directory without its layout is an unfinished backup.
         store::write_layout(out, &layout).map_err(anyhow::Error::msg)
     }
+}
+
+/// A backup inside the data dir would copy itself (`rules/` into `rules/…`) or sit where the
+/// server or `turnstile repartition` writes (a generation directory).
+fn check_outside(out: &Path, data_dir: &Path) -> Result<(), String> {
+    let resolve = |path: &Path| -> PathBuf {
+        // The output may not exist yet: resolve its nearest existing ancestor, keep the rest.
+        let mut existing = path.to_path_buf();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            match (existing.file_name(), existing.parent()) {
+                (Some(name), Some(parent)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent.to_path_buf();
+                }
+                _ => break,
+            }
+        }
+        let mut resolved = std::fs::canonicalize(&existing).unwrap_or(existing);
+        resolved.extend(rest.iter().rev());
+        resolved
+    };
+    let (out_resolved, data_resolved) = (resolve(out), resolve(data_dir));
+    if out_resolved.starts_with(&data_resolved) || data_resolved.starts_with(&out_resolved) {
+        return Err(format!(
+            "{} is inside the data dir {} (or holds it); a backup goes outside the data dir",
+            out.display(),
+            data_dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// An output directory must not exist yet, or be empty: a backup never mixes with other files.
@@ -254,24 +288,6 @@ fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
             return Ok(());
         }
     }
-}
-
-/// Copies the files of `from` (recursively) into `to`, each synced.
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    use anyhow::Context;
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)
-                .with_context(|| format!("copying {}", entry.path().display()))?;
-            std::fs::File::open(&target)?.sync_all()?;
-        }
-    }
-    sync_dir(to)
 }
 
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
@@ -387,7 +403,7 @@ impl Source for crate::runtime::Runtime {
 
     fn snapshots(
         &self,
-        copy_rules: &mut dyn FnMut() -> anyhow::Result<()>,
+        copy_rules: &mut dyn FnMut(&crate::reload::RuleRegistry) -> anyhow::Result<()>,
     ) -> anyhow::Result<Vec<ReadTransaction>> {
         crate::runtime::Runtime::snapshots(self, copy_rules)
     }

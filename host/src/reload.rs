@@ -98,6 +98,10 @@ pub struct RuleRegistry {
     sandbox: Arc<Sandbox>,
     /// `DATA_DIR/rules`, or none for a memory store.
     dir: Option<PathBuf>,
+    /// Without a data dir: the bytes of every version added, where `dir` would keep them, so
+    /// that an evicted version can be compiled again and a backup can write `rules/`. Costs the
+    /// components' sizes (a few hundred KB each for Rust rules).
+    kept_bytes: HashMap<String, Arc<[u8]>>,
     compiled: HashMap<String, Arc<CompiledRule>>,
     /// Versions by last use (added, or switched to), oldest first: the idle ones kept compiled
     /// are the newest `rule.max_idle_compiled_versions` of them.
@@ -128,6 +132,7 @@ impl RuleRegistry {
         let mut registry = RuleRegistry {
             sandbox,
             dir,
+            kept_bytes: HashMap::new(),
             compiled: HashMap::new(),
             recent: Vec::new(),
             installed: Installed::default(),
@@ -214,11 +219,42 @@ impl RuleRegistry {
         self.evict();
     }
 
-    /// The saved bytes of a version, to compile it again after it was evicted; none without a
-    /// data dir.
+    /// The saved bytes of a version, to compile it again after it was evicted.
     pub fn saved_bytes(&self, version: &str) -> Option<anyhow::Result<Vec<u8>>> {
-        let path = self.version_path(version)?;
+        let Some(path) = self.version_path(version) else {
+            return self.kept_bytes.get(version).map(|b| Ok(b.to_vec()));
+        };
         Some(std::fs::read(&path).with_context(|| format!("reading {}", path.display())))
+    }
+
+    /// Writes what `rules/` of a data dir holds for this registry (every version's bytes and
+    /// `installed.json`) into `to`, each file synced: a backup's copy, from memory too.
+    pub fn write_rules_dir(&self, to: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+        match &self.dir {
+            Some(dir) => {
+                for entry in
+                    std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?
+                {
+                    let entry = entry?;
+                    if entry.file_type()?.is_file() {
+                        let bytes = std::fs::read(entry.path())
+                            .with_context(|| format!("reading {}", entry.path().display()))?;
+                        write_atomically(&to.join(entry.file_name()), &bytes)?;
+                    }
+                }
+            }
+            None => {
+                for (version, bytes) in &self.kept_bytes {
+                    write_atomically(&to.join(format!("{version}.wasm")), bytes)?;
+                }
+                let text = serde_json::to_vec_pretty(&self.installed)?;
+                write_atomically(&to.join("installed.json"), &text)?;
+            }
+        }
+        std::fs::File::open(to)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", to.display()))
     }
 
     /// Marks `version` as the most recently used.
@@ -306,8 +342,11 @@ impl RuleRegistry {
         self.dir.as_ref().map(|d| d.join(format!("{version}.wasm")))
     }
 
-    fn save_version(&self, version: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    fn save_version(&mut self, version: &str, bytes: &[u8]) -> anyhow::Result<()> {
         let Some(path) = self.version_path(version) else {
+            self.kept_bytes
+                .entry(version.to_string())
+                .or_insert_with(|| bytes.into());
             return Ok(());
         };
         if path.exists() {

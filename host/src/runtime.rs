@@ -364,10 +364,10 @@ impl Runtime {
     /// registry is locked (no install or rollback in between), so rules and states match.
     pub fn snapshots(
         &self,
-        copy_rules: &mut dyn FnMut() -> anyhow::Result<()>,
+        copy_rules: &mut dyn FnMut(&RuleRegistry) -> anyhow::Result<()>,
     ) -> anyhow::Result<Vec<redb::ReadTransaction>> {
-        let _registry = self.registry();
-        copy_rules()?;
+        let registry = self.registry();
+        copy_rules(&registry)?;
         let mut waiting = Vec::with_capacity(self.partitions.len());
         for partition in &self.partitions {
             let (reply, answer) = tokio::sync::oneshot::channel();

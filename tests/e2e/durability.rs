@@ -668,6 +668,20 @@ async fn online_backup_under_load_serves_every_acknowledged_key() {
         )
         .await;
     assert_eq!(status, 400, "{answer}");
+    // Nor into the data dir itself (it would copy `rules/` into itself, or sit in a generation
+    // directory that a repartition replaces).
+    for inside in ["rules/backup", "generation-2", "generation-1/backup"] {
+        let (status, answer) = server
+            .admin(
+                "POST",
+                &format!("/v1/admin/backup?out={}", dir.path().join(inside).display()),
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 400, "{inside}: {answer}");
+    }
+    assert!(!dir.path().join("rules/backup").exists());
 
     let (ok, stdout, stderr) = run_cli(&[
         "replay",
@@ -693,6 +707,60 @@ async fn online_backup_under_load_serves_every_acknowledged_key() {
         .await;
     for partition in rules["partitions"].as_array().unwrap() {
         assert_eq!(partition["version"], version.as_str(), "{rules}");
+    }
+}
+
+/// A server without a data dir keeps its rule versions in memory only; its backup still runs
+/// the version its states were decided by (an installed one, not the one it started with).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_of_a_server_without_a_data_dir_runs_its_installed_rule() {
+    let backup_parent = tempfile::tempdir().unwrap();
+    let out = backup_parent.path().join("backup");
+    let admin = format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n");
+    let server = Server::start_with(ServerArgs::default().config(&admin));
+    let v2 = std::fs::read(crate::support::guests::RESERVATION_V2).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(v2), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let version = answer["version"].as_str().unwrap().to_string();
+    for i in 0..20 {
+        let (status, answer) = server
+            .request(body("reserve", Some(&format!("M-{i}")), &format!("m-{i}")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (url, out_arg) = (server.url.clone(), out.to_str().unwrap().to_string());
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        run_cli(&[
+            "backup",
+            "--url",
+            &url,
+            "--out",
+            &out_arg,
+            "--token",
+            ADMIN_TOKEN,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stdout}{stderr}");
+
+    let restored = Server::start_with(ServerArgs::default().data_dir(&out).config(&admin));
+    let (_, rules) = restored
+        .admin("GET", "/v1/admin/rule", None, Some(ADMIN_TOKEN))
+        .await;
+    for partition in rules["partitions"].as_array().unwrap() {
+        assert_eq!(partition["version"], version.as_str(), "{rules}");
+    }
+    for i in 0..20 {
+        let (status, answer) = restored.get(&format!("/v1/keys/M-{i}")).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["state"]["rule_version"],
+            version.as_str(),
+            "{answer}"
+        );
     }
 }
 
