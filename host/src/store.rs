@@ -498,12 +498,13 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// The request to submit again: same kind, key, user and payload, and the same id if the
-    /// client gave one (so a resubmit of an applied request is answered from dedup).
+    /// The request to submit again: same kind, key, user and payload, and the same id, the
+    /// client's or the one the host made for it, so that a letter resubmitted twice (or
+    /// concurrently) is applied at most once and later resubmits get the first answer.
     pub fn resubmission(&self) -> crate::model::Request {
         let request = &self.request;
         crate::model::Request {
-            id: request.idempotent.then(|| request.id.clone()),
+            id: Some(request.id.clone()),
             kind: request.kind.clone(),
             key: Some(request.key.clone()),
             user: request.user.clone(),
@@ -1312,6 +1313,19 @@ pub fn open_existing(path: &Path) -> Result<Database, StoreError> {
             "{} is in use: a turnstile server is still running on this data dir (stop it first)",
             path.display()
         ))),
+        // A file redb does not recognise (a damaged header: "not a redb database") is damage
+        // like any other.
+        Ok(Err(e @ redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)))) => Err(
+            StoreError::damaged(format!("{}: {e}; {DAMAGE_RECOVERY}", path.display())),
+        ),
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if e.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            Err(StoreError::damaged(format!(
+                "{}: {e}; {DAMAGE_RECOVERY}",
+                path.display()
+            )))
+        }
         Ok(Err(e)) => {
             let e = db_error(e);
             Err(StoreError {
@@ -1805,10 +1819,34 @@ pub fn drop_records(db: &Database, damage: &[Damage]) -> Result<usize, StoreErro
     Ok(removed)
 }
 
+std::thread_local! {
+    /// Whether this thread is inside [`guard`]: its panics are reported as damage, by file.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs, once, a panic hook that stays quiet for panics [`guard`] catches (their message
+/// goes into the damage report with the file's name; a redb backtrace on stderr only frightens
+/// the operator) and leaves every other panic to the previous hook.
+fn quiet_guarded_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, turning a panic (redb panics on some malformed pages in debug builds and on a few
 /// in release builds) into damage, so bad bytes never kill a partition thread.
 pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, StoreError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+    quiet_guarded_panics();
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    result.map_err(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())

@@ -1069,6 +1069,44 @@ async fn resubmitted_dead_letters_are_marked() {
     assert!(letters[1].get("resubmitted").is_none(), "{letters:?}");
 }
 
+/// A dead letter whose request had no client id is resubmitted under the id the host made for
+/// it: resubmitting it three times at once, once a working rule is installed, applies it once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_resubmitted_three_times_is_applied_once() {
+    let server = Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[admin]\ntoken = \"t\"\n"),
+    );
+    let (status, _) = server
+        .request(serde_json::json!({"kind": "panic", "key": "DL2", "user": "u"}))
+        .await;
+    assert_eq!(status, 500);
+    let (_, letters) = server
+        .admin("GET", "/v1/dead-letters", None, Some("t"))
+        .await;
+    let letter = &letters["dead_letters"][0];
+    let (partition, seq) = (letter["partition"].clone(), letter["seq"].clone());
+    let echo = std::fs::read(guests::ECHO).unwrap();
+    let (status, answer) = server
+        .admin("PUT", "/v1/admin/rule", Some(echo), Some("t"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let path = format!("/v1/dead-letters/{partition}/{seq}/resubmit");
+    let (a, b, c) = tokio::join!(
+        server.admin("POST", &path, None, Some("t")),
+        server.admin("POST", &path, None, Some("t")),
+        server.admin("POST", &path, None, Some("t")),
+    );
+    let answers = [a, b, c];
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+        assert_eq!(answer["state"]["version"], 1, "{answer}");
+    }
+    let (_, state) = server.get("/v1/keys/DL2").await;
+    assert_eq!(state["state"]["version"], 1, "{state}");
+}
+
 /// The same rule source and lock file give the same version id built as a crate of its own and
 /// as a member of another workspace (whose root compiles it under a longer relative path).
 #[test]
