@@ -527,6 +527,7 @@ async fn key(
     key: Result<Path<String>, PathRejection>,
 ) -> Result<Json, ApiError> {
     let Path(key) = key.map_err(bad_path)?;
+    check_path_field("key", &key)?;
     let (partition, state) = api.service.key_state(&key).await?;
     match state {
         Some(state) => Ok(Json(json!({
@@ -542,11 +543,29 @@ async fn key(
     }
 }
 
+/// A key or user in a path is held to the limit a request's fields have: nothing longer can
+/// exist, and an error must not echo an unbounded string back.
+fn check_path_field(name: &str, value: &str) -> Result<(), ApiError> {
+    if value.len() > crate::runtime::MAX_FIELD_BYTES {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message: format!(
+                "`{name}` is {} bytes; at most {} are allowed",
+                value.len(),
+                crate::runtime::MAX_FIELD_BYTES
+            ),
+        });
+    }
+    Ok(())
+}
+
 async fn user(
     AxumState(api): AxumState<Api>,
     user: Result<Path<String>, PathRejection>,
 ) -> Result<Json, ApiError> {
     let Path(user) = user.map_err(bad_path)?;
+    check_path_field("user", &user)?;
     let view = api.service.user(&user).await?;
     match view {
         Some(view) => Ok(Json(json!({

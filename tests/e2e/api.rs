@@ -348,6 +348,15 @@ async fn every_error_is_the_documented_json() {
             "invalid_request",
         ),
         (
+            format!(
+                "GET /v1/keys/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                "k".repeat(5000)
+            )
+            .into_bytes(),
+            400,
+            "invalid_request",
+        ),
+        (
             b"POST /v1/dead-letters/two/1/resubmit HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
             400,
             "invalid_request",
