@@ -73,8 +73,21 @@ pub struct ApiSettings {
 pub struct Readiness {
     /// How long queued work may wait for a batch.
     stall: Duration,
-    /// Per partition: (batches committed when last sampled, when it last made progress).
-    progress: std::sync::Mutex<Vec<(u64, Instant)>>,
+    /// Per partition, what the last sample saw.
+    progress: std::sync::Mutex<Vec<Watched>>,
+}
+
+/// One partition as [`Readiness`] last sampled it.
+#[derive(Clone, Copy)]
+struct Watched {
+    /// Batches committed.
+    batches: u64,
+    /// Batches failed (counted in requests).
+    failures: u64,
+    /// When it last committed a batch, or was idle with no recent failure.
+    progress_at: Instant,
+    /// When a batch of it last failed.
+    failed_at: Option<Instant>,
 }
 
 /// How often [`Readiness`] samples the partitions.
@@ -89,18 +102,35 @@ impl Readiness {
         let now = Instant::now();
         let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         let mut stalled = None;
-        for (id, batches, queued) in progress_now {
-            let i = id as usize;
+        for p in progress_now {
+            let i = p.partition as usize;
             if progress.len() <= i {
-                progress.resize(i + 1, (batches, now));
+                progress.resize(
+                    i + 1,
+                    Watched {
+                        batches: p.batches,
+                        failures: p.failed_batches,
+                        progress_at: now,
+                        failed_at: None,
+                    },
+                );
             }
-            let (seen, since) = &mut progress[i];
-            // A partition with nothing queued is idle, not stalled.
-            if *seen != batches || queued == 0 {
-                *seen = batches;
-                *since = now;
-            } else if stalled.is_none() && now.duration_since(*since) > self.stall {
-                stalled = Some((id, now.duration_since(*since), queued));
+            let w = &mut progress[i];
+            if w.failures != p.failed_batches {
+                w.failures = p.failed_batches;
+                w.failed_at = Some(now);
+            }
+            // Progress is a committed batch. A partition with nothing queued is idle, not
+            // stalled, unless its batches failed lately: a full disk answers at once, so the
+            // queue stays short while every write is refused.
+            let failed_lately = w
+                .failed_at
+                .is_some_and(|t| now.duration_since(t) < self.stall);
+            if w.batches != p.batches || (p.queued == 0 && !failed_lately) {
+                w.batches = p.batches;
+                w.progress_at = now;
+            } else if stalled.is_none() && now.duration_since(w.progress_at) > self.stall {
+                stalled = Some((p.partition, now.duration_since(w.progress_at), p.queued));
             }
         }
         stalled
@@ -387,7 +417,7 @@ async fn readyz(AxumState(api): AxumState<Api>) -> Result<Json, ApiError> {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
             message: format!(
-                "partition {partition} has had {queued} requests queued for {} ms without completing a batch (server.readiness_stall_ms = {}); its disk or rule may be stalled",
+                "partition {partition} has not completed a batch for {} ms with {queued} requests queued or its writes failing (server.readiness_stall_ms = {}); its disk or rule may be stalled, or its disk full",
                 stalled.as_millis(),
                 api.readiness.stall.as_millis()
             ),

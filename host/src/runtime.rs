@@ -209,6 +209,19 @@ pub struct PartitionInfo {
     pub rule_version: String,
 }
 
+/// A partition's progress counters, as `/readyz` samples them.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// The partition.
+    pub partition: u32,
+    /// Batches committed.
+    pub batches: u64,
+    /// Batches whose commit failed (a full or failing disk).
+    pub failed_batches: u64,
+    /// Requests queued.
+    pub queued: usize,
+}
+
 /// The running system: router, route cache, partition threads.
 pub struct Runtime {
     partitioner: Partitioner,
@@ -642,17 +655,16 @@ impl Runtime {
         .await
     }
 
-    /// Per partition: (id, batches committed, requests queued), for readiness. Lock-free, unlike
-    /// [`Runtime::partitions`], so a frequent probe never waits on a rule install.
-    pub fn partition_progress(&self) -> Vec<(u32, u64, usize)> {
+    /// Per partition, what readiness judges it by. Lock-free, unlike [`Runtime::partitions`], so
+    /// a frequent probe never waits on a rule install.
+    pub fn partition_progress(&self) -> Vec<Progress> {
         self.partitions
             .iter()
-            .map(|p| {
-                (
-                    p.id,
-                    p.stats.batches.load(Ordering::Relaxed),
-                    p.queue_depth(),
-                )
+            .map(|p| Progress {
+                partition: p.id,
+                batches: p.stats.batches.load(Ordering::Relaxed),
+                failed_batches: p.stats.store_failures.load(Ordering::Relaxed),
+                queued: p.queue_depth(),
             })
             .collect()
     }

@@ -216,7 +216,7 @@ impl Service {
 
     /// Per partition: (id, batches committed, requests queued), for readiness; `None` in Kafka
     /// mode, where partition liveness is the cluster membership's business.
-    pub fn partition_progress(&self) -> Option<Vec<(u32, u64, usize)>> {
+    pub fn partition_progress(&self) -> Option<Vec<crate::runtime::Progress>> {
         match self {
             Service::Local(runtime) => Some(runtime.partition_progress()),
             Service::Kafka(_) => None,

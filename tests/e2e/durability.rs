@@ -345,7 +345,11 @@ impl Drop for SmallDisk {
 async fn full_disk_fails_the_batch_and_recovers() {
     let disk = SmallDisk::mount("8m");
     let data = disk.dir.path().join("data");
-    let server = Server::start_with(ServerArgs::default().data_dir(&data));
+    let server = Server::start_with(
+        ServerArgs::default()
+            .data_dir(&data)
+            .config("[server]\nreadiness_stall_ms = 300\n"),
+    );
     assert_eq!(
         server
             .request(body("reserve", Some("before"), "u0"))
@@ -390,6 +394,25 @@ async fn full_disk_fails_the_batch_and_recovers() {
         assert_eq!(status, 404, "{key} was stored: {doc}");
     }
 
+    // A partition whose every batch fails is not ready, although its queue stays short (a
+    // full disk answers at once).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut not_ready = false;
+    let mut i = 0;
+    while !not_ready && std::time::Instant::now() < deadline {
+        let mut request = body("reserve", Some(&format!("more-{i}")), &format!("mo-{i}"));
+        request["payload"] = payload.clone().into();
+        let (status, _) = server.request(request).await;
+        assert_eq!(status, 503);
+        not_ready = server.get("/readyz").await.0 == 503;
+        i += 1;
+    }
+    assert!(
+        not_ready,
+        "/readyz said ready while every write failed: {}",
+        server.get("/v1/partitions").await.1
+    );
+
     std::fs::remove_file(&filler).unwrap();
     for request in &failed {
         let (status, answer) = server.request(request.clone()).await;
@@ -397,6 +420,11 @@ async fn full_disk_fails_the_batch_and_recovers() {
         assert_eq!(answer["state"]["version"], 1);
     }
     assert_eq!(server.get("/v1/keys/before").await.1["state"]["version"], 1);
+    assert_eq!(
+        server.get("/readyz").await.0,
+        200,
+        "ready again once writes commit"
+    );
     assert!(server.terminate());
 }
 
