@@ -31,7 +31,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .thread_name("turnstile-http")
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(serve_async(config))
+    let served = runtime.block_on(serve_async(config));
+    // Not a plain drop, which would wait for every blocking task: after a shutdown deadline,
+    // one may be a partition drain stuck on a frozen disk.
+    runtime.shutdown_background();
+    served
 }
 
 async fn serve_async(config: Config) -> anyhow::Result<()> {
@@ -96,9 +100,17 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     serve_connections(listener, app, limits, shutdown, shutting_down).await;
 
     tracing::info!("draining partition queues");
-    tokio::task::spawn_blocking(move || service.shutdown())
-        .await
-        .context("stopping partitions")?;
+    // Bounded too: a partition thread stuck in the kernel (an fsync on a frozen disk) must not
+    // keep the process from stopping. Exiting then is a crash for that partition, which its
+    // store recovers from at the next start, and nothing it had acknowledged is lost.
+    let drain = tokio::task::spawn_blocking(move || service.shutdown());
+    match tokio::time::timeout(limits.shutdown_timeout, drain).await {
+        Ok(joined) => joined.context("stopping partitions")?,
+        Err(_) => anyhow::bail!(
+            "the partitions did not stop within server.shutdown_timeout_ms ({} ms) after the connections closed (a stalled disk?); exiting without them: nothing they acknowledged is lost, unacknowledged work is dropped as in a crash",
+            limits.shutdown_timeout.as_millis()
+        ),
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -305,3 +305,50 @@ async fn stalled_disk_makes_readyz_not_ready_and_requests_time_out() {
     let (status, answer) = server.get(&format!("/v1/keys/{}", keys[0])).await;
     assert_eq!(status, 200, "{answer}");
 }
+
+/// SIGTERM while a partition is stuck on a frozen disk: the process still exits (after the
+/// connections' and the partitions' shutdown deadlines) instead of waiting for the disk, and
+/// what it acknowledged is there at the next start.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_completes_while_the_disk_is_frozen() {
+    let disk = FreezableDisk::new();
+    let args = ServerArgs::default()
+        .data_dir(&disk.path())
+        .config("[server]\nshutdown_timeout_ms = 1000\nrequest_timeout_ms = 1000\n");
+    let server = Server::start_with(args.clone());
+    let keys = keys_of(0, 2);
+    let (status, _) = server.request(body("reserve", Some(&keys[0]), "u-0")).await;
+    assert_eq!(status, 200);
+
+    disk.freeze(true);
+    // A batch blocks on the frozen disk.
+    let (status, _) = server.request(body("reserve", Some(&keys[1]), "u-1")).await;
+    assert_eq!(status, 503);
+    let pid = server.pid();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let exited = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !exited(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped = exited(pid);
+    disk.freeze(false);
+    assert!(
+        stopped,
+        "SIGTERM did not end the process while the disk was frozen"
+    );
+    drop(server);
+
+    let server = Server::start_with(args);
+    let (status, answer) = server.get(&format!("/v1/keys/{}", keys[0])).await;
+    assert_eq!(status, 200, "{answer}");
+}
