@@ -625,6 +625,16 @@ pub struct PartitionStore {
     unsynced_since: Option<std::time::Instant>,
 }
 
+impl Drop for PartitionStore {
+    fn drop(&mut self) {
+        // Readers on other threads (the runtime's lookups) hold the database too: withdraw it
+        // from them, so that the file is closed cleanly when the partition's thread ends, not
+        // whenever the last reader happens to be dropped (possibly never, at process exit,
+        // which would leave the file needing recovery).
+        self.reader.set(None);
+    }
+}
+
 /// What a partition trims (item 8 of issue 12). Zero means "keep everything" for each limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
