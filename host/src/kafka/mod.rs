@@ -1589,23 +1589,31 @@ impl Transport for KafkaLog<'_> {
         // front end the request came through (a reserve fed straight into the requests topic
         // too): the routes topic then ends in the order requests were applied. The last record
         // of a user in the batch is the one applied last.
-        let mut routes: Vec<(String, Vec<u8>)> = Vec::new();
-        for (incoming, done) in batch.iter().zip(results) {
-            if done.route_order.is_some() {
-                let request = &incoming.request;
-                routes.retain(|(user, _)| *user != request.user);
+        // Newest first, one per user, then back in applied order: linear in the batch, which
+        // runs on the partition's thread.
+        let recorded_at_ms = now_ms();
+        let mut published = std::collections::HashSet::new();
+        let mut routes: Vec<(String, Vec<u8>)> = batch
+            .iter()
+            .zip(results)
+            .rev()
+            .filter(|(incoming, done)| {
+                done.route_order.is_some() && published.insert(incoming.request.user.as_str())
+            })
+            .map(|(incoming, _)| {
                 // Timed by this process, not by the record: a producer's `received_at_ms` must
                 // not decide how long a route lives.
                 let route = Route {
-                    key: request.key.clone(),
-                    recorded_at_ms: now_ms(),
+                    key: incoming.request.key.clone(),
+                    recorded_at_ms,
                 };
-                routes.push((
-                    request.user.clone(),
+                (
+                    incoming.request.user.clone(),
                     serde_json::to_vec(&route).expect("routes serialize"),
-                ));
-            }
-        }
+                )
+            })
+            .collect();
+        routes.reverse();
         for attempt in 0..3 {
             let last = if attempt == 0 {
                 self.produce_changelog_and_routes(&records, &routes)?
