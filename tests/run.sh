@@ -38,6 +38,8 @@ done
 echo "== Tansu broker on 127.0.0.1:$port (log: $dir/broker.log)"
 
 export TURNSTILE_TEST_KAFKA="127.0.0.1:$port"
+# Tests that restart a broker start their own from this binary.
+export TURNSTILE_TEST_TANSU="$PWD/$dir/tansu"
 log="$dir/cargo-test.log"
 set +e
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"

@@ -344,7 +344,9 @@ impl From<SubmitError> for ApiError {
             SubmitError::Backpressure(_)
             | SubmitError::ShuttingDown
             | SubmitError::Store(_)
-            | SubmitError::Quarantined { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | SubmitError::Quarantined { .. }
+            | SubmitError::ClusterUnavailable(_)
+            | SubmitError::ClusterDataLost(_) => StatusCode::SERVICE_UNAVAILABLE,
             SubmitError::Rule(_) | SubmitError::Damaged(_) | SubmitError::RecordDamaged(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -411,6 +413,14 @@ async fn healthz() -> Json {
 /// 200 when every partition makes progress on its work; 503 `not_ready` when one has had work
 /// queued for longer than `server.readiness_stall_ms` without completing a batch.
 async fn readyz(AxumState(api): AxumState<Api>) -> Result<Json, ApiError> {
+    // Kafka mode: a process whose broker is away, or lost the cluster's data, serves nothing.
+    if let Some(e) = api.service.cluster_unavailable() {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "not_ready",
+            message: e.to_string(),
+        });
+    }
     match api.readiness.sample(&api.service) {
         None => Ok(Json(json!({"status": "ready"}))),
         Some((partition, stalled, queued)) => Err(ApiError {

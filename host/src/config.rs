@@ -65,6 +65,15 @@ pub struct KafkaConfig {
     /// of the topics Turnstile creates). The changelog and routes topics are compacted instead:
     /// the newest record of each key is kept forever.
     pub retention_ms: u64,
+    /// `[kafka.client]`: librdkafka properties given to every Kafka client of the process
+    /// (security, TLS, SASL, timeouts), e.g. `"security.protocol" = "SASL_SSL"`. The properties
+    /// Turnstile's guarantees rest on (group, offsets, idempotence, isolation) are set after
+    /// these and win.
+    pub client: std::collections::BTreeMap<String, String>,
+    /// How often the broker watch asks the broker for the cluster's topics, in milliseconds;
+    /// two failed checks in a row suspend this process's partitions until the broker answers
+    /// (and a broker that answers without the cluster's data stops them for good).
+    pub broker_check_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -81,6 +90,8 @@ impl Default for KafkaConfig {
             route_wait_ms: 3000,
             replication_factor: None,
             retention_ms: 7 * 24 * 3600 * 1000,
+            client: Default::default(),
+            broker_check_ms: 500,
         }
     }
 }

@@ -76,6 +76,14 @@ pub enum SubmitError {
         /// How long until a request of the key is let through again.
         retry_after_ms: u64,
     },
+    /// Kafka mode: the broker does not answer; this process suspended its partitions until it
+    /// does. Nothing was produced; retry.
+    #[error("{0}")]
+    ClusterUnavailable(String),
+    /// Kafka mode: the broker came back without this cluster's data; this process stopped
+    /// serving until an operator restarts it. Nothing was produced.
+    #[error("{0}")]
+    ClusterDataLost(String),
 }
 
 impl SubmitError {
@@ -93,6 +101,8 @@ impl SubmitError {
             SubmitError::RecordDamaged(_) => "record_damaged",
             SubmitError::Timeout(_) => "outcome_timeout",
             SubmitError::Quarantined { .. } => "rule_quarantined",
+            SubmitError::ClusterUnavailable(_) => "cluster_unavailable",
+            SubmitError::ClusterDataLost(_) => "cluster_data_lost",
         }
     }
 }

@@ -43,6 +43,7 @@ impl From<KeyReadError> for ServiceError {
             KeyReadError::NotOwned(p) => ServiceError::NotOwned(p),
             KeyReadError::Busy(p) => ServiceError::Read(ReadError::Backpressure(p)),
             KeyReadError::Store(e) => ServiceError::Read(ReadError::from(e)),
+            KeyReadError::Cluster(e) => ServiceError::Submit(e),
         }
     }
 }
@@ -199,6 +200,10 @@ impl Service {
             Service::Kafka(node) => serde_json::json!({
                 "mode": "kafka",
                 "node": node.node_id(),
+                "cluster": {
+                    "state": node.cluster_state().0,
+                    "reason": node.cluster_state().1,
+                },
                 "count": partitioner.partitions(),
                 "hash": partitioner.hash().name(),
                 "partitions": node.owned_partitions(),
@@ -220,6 +225,15 @@ impl Service {
         match self {
             Service::Local(runtime) => Some(runtime.partition_progress()),
             Service::Kafka(_) => None,
+        }
+    }
+
+    /// Kafka mode: why this process serves nothing now (the broker is away or lost the
+    /// cluster's data); `None` when it serves.
+    pub fn cluster_unavailable(&self) -> Option<SubmitError> {
+        match self {
+            Service::Local(_) => None,
+            Service::Kafka(node) => node.check_cluster().err(),
         }
     }
 

@@ -1449,3 +1449,208 @@ async fn a_key_over_the_failure_budget_is_quarantined_in_kafka_mode() {
     assert_eq!(owned["breaker"]["open_keys"], 1, "{owned}");
     assert_eq!(owned["breaker"]["refused"], 3, "{owned}");
 }
+
+/// A broker of one test's own (the tests that restart or pause it must not disturb the shared
+/// one), from the Tansu binary `tests/run.sh` fetched. It keeps everything in memory, so a
+/// restart brings it back empty: a broker that lost its data.
+struct PrivateBroker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateBroker {
+    fn start() -> PrivateBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        PrivateBroker {
+            child: Self::spawn(port),
+            port,
+        }
+    }
+
+    fn spawn(port: u16) -> std::process::Child {
+        let tansu = std::env::var("TURNSTILE_TEST_TANSU").expect(
+            "the broker restart tests need the Tansu binary: run the tests with `bash tests/run.sh`, which sets TURNSTILE_TEST_TANSU",
+        );
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting a Tansu broker");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the broker did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kill -9, then a new, empty broker on the same port after `down`.
+    fn restart_empty(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Self::spawn(self.port);
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A two-process cluster's configuration on a private broker, with a fast broker watch and a
+/// short reply timeout (requests sent while the broker is away end quickly).
+fn private_cluster_config(broker: &PrivateBroker) -> String {
+    format!(
+        "[partitions]\nservers = 3\ncontainers = 4\n\n[kafka]\nbrokers = \"{}\"\ngroup = \"g\"\n\
+         session_timeout_ms = 6000\nreply_timeout_ms = 3000\nroute_wait_ms = 2000\n\
+         broker_check_ms = 200\n",
+        broker.address()
+    )
+}
+
+/// Sends a few reserves to each server and counts the answers by status.
+async fn some_traffic(servers: &[&Server], prefix: &str, counts: &mut BTreeMap<u16, u64>) {
+    for u in 0..6 {
+        let server = servers[u % servers.len()];
+        let (status, _) = server
+            .request(request(
+                "reserve",
+                Some(&format!("{prefix}-{u}")),
+                &format!("{prefix}-user-{u}"),
+                &format!("{prefix}-{u}"),
+            ))
+            .await;
+        *counts.entry(status).or_default() += 1;
+    }
+}
+
+/// The broker is killed and comes back empty, three times, under traffic: no process crashes
+/// (librdkafka 2.12.1 segfaults when a consumer meets the re-created topics), and every process
+/// notices the loss and stops serving with a clear error instead of running on without state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_comes_back_empty_crashes_nothing_and_is_reported() {
+    let mut broker = PrivateBroker::start();
+    let config = private_cluster_config(&broker);
+    let (mut p1, mut p2) = (start(&config), start(&config));
+    wait_for_split(&[&p1, &p2]).await;
+    for u in 0..20 {
+        pair(&[&p1, &p2], "before", u).await;
+    }
+    let mut counts = BTreeMap::new();
+    for round in 0..3 {
+        broker.restart_empty(Duration::from_secs(2));
+        // Traffic while the processes find the broker back without their cluster.
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            some_traffic(&[&p1, &p2], &format!("r{round}"), &mut counts).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (name, p) in [("first", &mut p1), ("second", &mut p2)] {
+            assert_eq!(
+                p.exit_status(),
+                None,
+                "the {name} process died after broker restart {round}"
+            );
+        }
+    }
+    for server in [&p1, &p2] {
+        let (status, doc) = server.get("/v1/partitions").await;
+        assert_eq!(status, 200);
+        assert_eq!(doc["cluster"]["state"], "data_lost", "{doc}");
+        let (status, doc) = server.get("/readyz").await;
+        assert_eq!(status, 503, "{doc}");
+        let (status, doc) = server
+            .request(request("reserve", Some("after"), "after-user", "after-1"))
+            .await;
+        assert_eq!(status, 503, "{doc}");
+        assert_eq!(doc["error"]["code"], "cluster_data_lost", "{doc}");
+        let (status, doc) = server.get("/v1/keys/before-3").await;
+        assert_eq!(status, 503, "{doc}");
+        let (_, metrics) = server.get_text("/metrics").await;
+        assert!(
+            metrics.contains("turnstile_kafka_cluster_state 2"),
+            "{metrics}"
+        );
+    }
+    // Nothing was applied against the empty broker: every answer after the first loss is a
+    // refusal or a timeout, never a transition without its state.
+    assert_eq!(counts.get(&200), None, "{counts:?}");
+}
+
+/// The broker stops answering for a while (SIGSTOP) and comes back with its data: the processes
+/// suspend their partitions meanwhile (503 `cluster_unavailable`, not requests hanging until
+/// they time out), then rejoin and serve the state applied before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_pauses_is_waited_for_and_rejoined() {
+    let broker = PrivateBroker::start();
+    let config = private_cluster_config(&broker);
+    let (p1, p2) = (start(&config), start(&config));
+    wait_for_split(&[&p1, &p2]).await;
+    for u in 0..20 {
+        pair(&[&p1, &p2], "before", u).await;
+    }
+    broker.signal("-STOP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut unavailable = false;
+    while !unavailable {
+        assert!(
+            Instant::now() < deadline,
+            "requests were never refused as cluster_unavailable"
+        );
+        let (status, doc) = p1
+            .request(request(
+                "reserve",
+                Some("during"),
+                "during-user",
+                "during-1",
+            ))
+            .await;
+        unavailable = status == 503 && doc["error"]["code"] == "cluster_unavailable";
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = p2.get("/readyz").await;
+    assert_eq!(status, 503);
+    broker.signal("-CONT");
+    // Back: both processes rejoin and split the partitions again, with the state from before.
+    wait_for_split(&[&p1, &p2]).await;
+    for u in 0..20 {
+        let doc = state_anywhere(&[&p1, &p2], &format!("before-{u}")).await;
+        assert_eq!(doc["state"]["status"], "associated", "{doc}");
+        assert_eq!(doc["state"]["version"], 2, "{doc}");
+    }
+    for u in 0..20 {
+        pair(&[&p1, &p2], "after", u).await;
+    }
+    for server in [&p1, &p2] {
+        let (_, doc) = server.get("/v1/partitions").await;
+        assert_eq!(doc["cluster"]["state"], "connected", "{doc}");
+    }
+}

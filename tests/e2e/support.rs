@@ -245,6 +245,11 @@ impl Server {
         (status, response.text().await.expect("body"))
     }
 
+    /// How the process ended, if it has (a crash shows as a signal).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("checking the server process")
+    }
+
     /// Sends SIGKILL: no chance to flush or finish anything.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -298,17 +298,19 @@ pub(super) async fn restore(
         id: fence_id.clone(),
     }
     .encode();
-    shared
-        .producer
-        .send(
-            FutureRecord::to(&kafka.changelog_topic)
-                .partition(p as i32)
-                .key(&key)
-                .payload(&value),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("writing the restore fence of partition {p}: {e}"))?;
+    let fence = shared.producer.send(
+        FutureRecord::to(&kafka.changelog_topic)
+            .partition(p as i32)
+            .key(&key)
+            .payload(&value),
+        Duration::from_secs(30),
+    );
+    tokio::select! {
+        sent = fence => {
+            sent.map_err(|(e, _)| anyhow::anyhow!("writing the restore fence of partition {p}: {e}"))?;
+        }
+        () = super::stopped(stop) => return Ok(None),
+    }
 
     let consumer: BaseConsumer = client_config(kafka)
         .set("group.id", format!("{}-restore", kafka.group))
@@ -489,10 +491,16 @@ impl Tail {
         &mut self,
         p: u32,
         last: i64,
+        stop: &AtomicBool,
     ) -> Result<Result<ZombieWrites, Fenced>, StoreError> {
         let mut zombie = ZombieWrites::default();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.next <= last {
+            if stop.load(Ordering::Relaxed) {
+                return Err(StoreError::unavailable(format!(
+                    "partition {p} stopped while reading its changelog back"
+                )));
+            }
             if std::time::Instant::now() > deadline {
                 return Err(StoreError::unavailable(format!(
                     "reading back changelog partition {p} to offset {last}: nothing after offset {} within 30 s",

@@ -51,6 +51,11 @@ pub struct Layout {
     pub changelog_topic: String,
     /// `kafka.routes_topic`.
     pub routes_topic: String,
+    /// A random id the first process gave the cluster when it recorded the layout. Not a
+    /// setting (never compared): a process remembers the id it joined, and a broker that later
+    /// holds another id, or none, has lost the cluster's data (see [`super::watch`]).
+    #[serde(default)]
+    pub cluster: String,
 }
 
 impl Layout {
@@ -65,6 +70,7 @@ impl Layout {
             outcomes_topic: kafka.outcomes_topic.clone(),
             changelog_topic: kafka.changelog_topic.clone(),
             routes_topic: kafka.routes_topic.clone(),
+            cluster: format!("{:016x}", rand::random::<u64>()),
         }
     }
 
@@ -121,12 +127,12 @@ pub fn topic(kafka: &KafkaConfig) -> String {
 }
 
 /// Records this process's layout if the cluster has none yet, then refuses to go on when the
-/// cluster's (first) layout differs from it.
+/// cluster's (first) layout differs from it; returns the cluster's layout.
 pub fn agree(
     kafka: &KafkaConfig,
     base: &rdkafka::config::ClientConfig,
     mine: &Layout,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Layout> {
     let topic = topic(kafka);
     create_topic(base, &topic)?;
     let agreed = match first_record(kafka, base, &topic)? {
@@ -144,7 +150,28 @@ pub fn agree(
             differences.join("; ")
         );
     }
-    Ok(())
+    Ok(agreed)
+}
+
+/// The cluster id in the layout topic now: `None` when the topic is gone or empty (a broker
+/// that lost its data). Never creates the topic.
+pub fn cluster_id(
+    kafka: &KafkaConfig,
+    base: &rdkafka::config::ClientConfig,
+) -> anyhow::Result<Option<String>> {
+    let topic = topic(kafka);
+    let probe: BaseConsumer = base.clone().create().context("creating the layout probe")?;
+    let metadata = probe
+        .fetch_metadata(Some(&topic), Duration::from_secs(5))
+        .with_context(|| format!("reading the metadata of {topic}"))?;
+    let exists = metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        return Ok(None);
+    }
+    Ok(first_record(kafka, base, &topic)?.map(|layout| layout.cluster))
 }
 
 fn create_topic(base: &rdkafka::config::ClientConfig, topic: &str) -> anyhow::Result<()> {

@@ -68,6 +68,7 @@ use crate::store::{DeadLetter, Location, PartitionStore, StoreError};
 
 mod changelog;
 pub mod layout;
+pub mod watch;
 
 use changelog::{CHECKPOINT, Tail};
 pub use changelog::{ChangelogRecord, Checkpoint};
@@ -224,6 +225,9 @@ pub enum KeyReadError {
     /// The partition's control queue is full.
     #[error("partition {0} is at capacity; retry shortly")]
     Busy(u32),
+    /// The broker is away or lost the cluster's data (see [`watch`]).
+    #[error("{0}")]
+    Cluster(SubmitError),
 }
 
 /// What the group's rebalance callbacks and the partition threads share.
@@ -377,8 +381,20 @@ pub struct KafkaNode {
     routes_partitioner: Partitioner,
     /// How far the routes reader has read each partition of the routes topic.
     routes_read: Arc<ReadPositions>,
+    /// Set once, at shutdown: ends the broker watch and every client thread.
     stop: Arc<AtomicBool>,
+    /// Ends the current session's client threads (readers, group member): set at shutdown and
+    /// when the broker is lost (see [`watch`]); a rejoin starts a new session with a new flag.
+    session: Mutex<Arc<AtomicBool>>,
+    /// The client threads of the current session.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The broker watch's thread.
+    watch_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Whether the broker answers and still holds this cluster (see [`watch`]).
+    health: Arc<watch::ClusterHealth>,
+    /// The cluster id of the layout this process joined: a broker that comes back with another
+    /// one (or none) lost the cluster's data.
+    cluster_id: String,
     /// Makes ids for requests that come without one.
     ids: RequestIds,
     /// Request counts and latency, for `/metrics`.
@@ -387,6 +403,9 @@ pub struct KafkaNode {
 
 fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
+    for (name, value) in &kafka.client {
+        c.set(name, value);
+    }
     c.set("bootstrap.servers", &kafka.brokers)
         .set("socket.keepalive.enable", "true");
     c
@@ -412,7 +431,7 @@ impl KafkaNode {
         };
         let rule = sandbox.compile_shared(&bytes).context("loading the rule")?;
         ensure_topics(&kafka, n)?;
-        layout::agree(
+        let agreed = layout::agree(
             &kafka,
             &client_config(&kafka),
             &layout::Layout::of(config, &kafka),
@@ -470,16 +489,22 @@ impl KafkaNode {
             )),
             pending: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            session: Mutex::new(Arc::new(AtomicBool::new(false))),
             threads: Mutex::new(Vec::new()),
+            watch_thread: Mutex::new(None),
+            health: Arc::default(),
+            cluster_id: agreed.cluster,
             ids: RequestIds::new(node_id.clone()),
             metrics: crate::metrics::RequestMetrics::default(),
         });
+        let session = node.session();
         let threads = vec![
-            node.spawn_routes_reader(routes_consumer)?,
-            node.spawn_outcomes_reader()?,
-            spawn_group_member(shared, node.stop.clone())?,
+            node.spawn_routes_reader(routes_consumer, session.clone())?,
+            node.spawn_outcomes_reader(session.clone())?,
+            spawn_group_member(shared, session)?,
         ];
         *node.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
+        *node.watch_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.spawn_watch()?);
         tracing::info!(node = %node_id, partitions = n, brokers = %kafka.brokers, group = %kafka.group, "joined the Kafka cluster");
         Ok(node)
     }
@@ -498,7 +523,20 @@ impl KafkaNode {
     pub async fn submit(&self, request: Request) -> Result<Decision, SubmitError> {
         let started = Instant::now();
         let kind = request.kind.clone();
-        let result = self.route_and_wait(request).await;
+        let id = request.id.clone();
+        let result = tokio::select! {
+            biased;
+            result = self.route_and_wait(request) => result,
+            // The broker went away while the request was in flight: answer now rather than
+            // when the producer gives up. What was queued may still reach the broker if it
+            // comes back, so the request may still be applied.
+            () = self.cluster_left() => Err(SubmitError::Timeout(match id {
+                Some(id) => format!(
+                    "the Kafka broker became unreachable while request `{id}` was in flight; it may still be applied: retry with \"id\": \"{id}\" to learn its outcome"
+                ),
+                None => "the Kafka broker became unreachable while the request was in flight; it may still be applied (it had no id: send one to make retries safe)".to_string(),
+            })),
+        };
         self.metrics.record(
             &kind,
             crate::metrics::OutcomeClass::of(&result),
@@ -509,6 +547,7 @@ impl KafkaNode {
 
     async fn route_and_wait(&self, request: Request) -> Result<Decision, SubmitError> {
         validate(&request)?;
+        self.check_cluster()?;
         let kafka = &self.shared.kafka;
         let received_at_ms = now_ms();
         let key = match request.key.clone() {
@@ -670,6 +709,7 @@ impl KafkaNode {
         p: u32,
         command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
     ) -> Result<T, KeyReadError> {
+        self.check_cluster().map_err(KeyReadError::Cluster)?;
         let control = {
             let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
             match owned.get(&p) {
@@ -816,6 +856,15 @@ impl KafkaNode {
             "# HELP turnstile_kafka_fenced_total Times a partition of this process was taken over by a newer owner while it still wrote (its batch was not acknowledged).\n# TYPE turnstile_kafka_fenced_total counter\nturnstile_kafka_fenced_total {}",
             self.shared.fenced.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_kafka_cluster_state Where this process stands with the broker: 0 connected, 1 unreachable (partitions suspended), 2 data lost (stopped until restarted).\n# TYPE turnstile_kafka_cluster_state gauge\nturnstile_kafka_cluster_state {}",
+            match self.health.state() {
+                watch::ClusterState::Connected => 0,
+                watch::ClusterState::Unreachable => 1,
+                watch::ClusterState::DataLost => 2,
+            }
+        );
         crate::metrics::render_route_cache(&mut out, self.routes.len());
         out
     }
@@ -823,11 +872,172 @@ impl KafkaNode {
     /// Leaves the group (each owned partition finishes its batch and stops) and stops the readers.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(watch) = self
+            .watch_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = watch.join();
+        }
+        self.end_session();
+    }
+
+    /// The current session's stop flag.
+    fn session(&self) -> Arc<AtomicBool> {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops the readers and the group member and every partition thread: afterwards this
+    /// process holds no Kafka consumer (the producer stays; nothing is produced meanwhile).
+    fn end_session(&self) {
+        self.session().store(true, Ordering::Relaxed);
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for thread in threads {
             let _ = thread.join();
         }
         stop_partitions(&self.shared, None);
+    }
+
+    /// Starts a new session after the broker came back with the cluster's data: the readers
+    /// and the group member (which restores the partitions the group gives this process).
+    fn begin_session(self: &Arc<Self>) -> anyhow::Result<()> {
+        let session = Arc::new(AtomicBool::new(false));
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = session.clone();
+        let kafka = &self.shared.kafka;
+        // From the beginning: routes recorded while this process was away are read again, in
+        // the topic's order, so the cache ends as current as another process's.
+        let (routes_consumer, _) = reader(kafka, &kafka.routes_topic, Offset::Beginning)?;
+        let threads = vec![
+            self.spawn_routes_reader(routes_consumer, session.clone())?,
+            self.spawn_outcomes_reader(session.clone())?,
+            spawn_group_member(self.shared.clone(), session)?,
+        ];
+        *self.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
+        Ok(())
+    }
+
+    /// Returns once the broker watch finds the broker gone (or the cluster's data lost).
+    async fn cluster_left(&self) {
+        while self.health.state() == watch::ClusterState::Connected {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Refuses work while the broker is away or lost the cluster's data.
+    pub fn check_cluster(&self) -> Result<(), SubmitError> {
+        match self.health.state() {
+            watch::ClusterState::Connected => Ok(()),
+            watch::ClusterState::Unreachable => Err(SubmitError::ClusterUnavailable(format!(
+                "the Kafka broker is unreachable ({}); this process has suspended its partitions until it answers",
+                self.health.reason()
+            ))),
+            watch::ClusterState::DataLost => Err(SubmitError::ClusterDataLost(format!(
+                "the Kafka broker lost this cluster's data ({}); this process stopped serving: acknowledged state may be gone, see the README's \"When the broker loses its data\"",
+                self.health.reason()
+            ))),
+        }
+    }
+
+    /// The cluster's state as the broker watch sees it.
+    pub fn cluster_state(&self) -> (watch::ClusterState, String) {
+        (self.health.state(), self.health.reason())
+    }
+
+    /// The broker watch (see [`watch`]): checks the broker every `kafka.broker_check_ms`,
+    /// suspends this process's share of the cluster when the broker is lost, and rejoins when it
+    /// comes back with the cluster's data, or stays stopped when it came back without.
+    fn spawn_watch(self: &Arc<Self>) -> anyhow::Result<JoinHandle<()>> {
+        let node = self.clone();
+        let client: BaseConsumer = client_config(&self.shared.kafka)
+            .set("group.id", format!("{}-watch", self.shared.kafka.group))
+            .create()
+            .context("creating the broker watch's client")?;
+        Ok(std::thread::Builder::new()
+            .name("kafka-watch".into())
+            .spawn(move || node.watch(client))?)
+    }
+
+    fn watch(self: &Arc<Self>, client: BaseConsumer) {
+        let kafka = &self.shared.kafka;
+        let interval = Duration::from_millis(kafka.broker_check_ms);
+        let timeout = interval.max(Duration::from_millis(500));
+        let n = self.partitioner.partitions();
+        let mut failures = watch::Failures::default();
+        let mut next = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if Instant::now() < next {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            next = Instant::now() + interval;
+            let check = watch::check_topics(&client, kafka, n, timeout);
+            match self.health.state() {
+                watch::ClusterState::DataLost => return,
+                watch::ClusterState::Connected => match check {
+                    watch::Check::Intact => {
+                        failures.lost_after(false);
+                    }
+                    watch::Check::Unreachable(why) => {
+                        if failures.lost_after(true) {
+                            tracing::error!(
+                                "the Kafka broker is unreachable ({why}); suspending this process's partitions until it answers"
+                            );
+                            self.health.set(watch::ClusterState::Unreachable, why);
+                            self.end_session();
+                        }
+                    }
+                    watch::Check::Lost(why) => self.data_lost(why),
+                },
+                watch::ClusterState::Unreachable => match check {
+                    watch::Check::Unreachable(why) => {
+                        self.health.set(watch::ClusterState::Unreachable, why);
+                    }
+                    watch::Check::Lost(why) => self.data_lost(why),
+                    watch::Check::Intact => match layout::cluster_id(kafka, &client_config(kafka))
+                    {
+                        Ok(Some(id)) if id == self.cluster_id => {
+                            tracing::info!("the Kafka broker is back with this cluster's data; rejoining");
+                            match self.begin_session() {
+                                Ok(()) => {
+                                    failures.lost_after(false);
+                                    self.health.set(watch::ClusterState::Connected, String::new());
+                                }
+                                Err(e) => {
+                                    tracing::warn!("rejoining the cluster: {e:#}; trying again");
+                                    self.end_session();
+                                }
+                            }
+                        }
+                        Ok(Some(id)) => self.data_lost(format!(
+                            "the layout topic {} names cluster {id}, not {} which this process joined",
+                            layout::topic(kafka),
+                            self.cluster_id
+                        )),
+                        Ok(None) => self.data_lost(format!(
+                            "the layout topic {} is empty or gone",
+                            layout::topic(kafka)
+                        )),
+                        Err(e) => {
+                            self.health
+                                .set(watch::ClusterState::Unreachable, format!("{e:#}"));
+                        }
+                    },
+                },
+            }
+        }
+    }
+
+    /// Stops serving for good: the broker answered without this cluster's data.
+    fn data_lost(&self, why: String) {
+        tracing::error!(
+            "the Kafka broker lost this cluster's data: {why}; this process stops serving (every partition stays stopped and requests are refused with cluster_data_lost) until an operator restarts it"
+        );
+        self.health.set(watch::ClusterState::DataLost, why);
+        self.end_session();
     }
 
     /// Reads the routes topic into the route cache, in offset order (the topic's order is the
@@ -836,12 +1046,9 @@ impl KafkaNode {
     fn spawn_routes_reader(
         self: &Arc<Self>,
         consumer: BaseConsumer,
+        stop: Arc<AtomicBool>,
     ) -> anyhow::Result<JoinHandle<()>> {
-        let (routes, stop, read) = (
-            self.routes.clone(),
-            self.stop.clone(),
-            self.routes_read.clone(),
-        );
+        let (routes, read) = (self.routes.clone(), self.routes_read.clone());
         Ok(std::thread::Builder::new()
             .name("kafka-routes".into())
             .spawn(move || {
@@ -875,7 +1082,10 @@ impl KafkaNode {
             })?)
     }
 
-    fn spawn_outcomes_reader(self: &Arc<Self>) -> anyhow::Result<JoinHandle<()>> {
+    fn spawn_outcomes_reader(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<JoinHandle<()>> {
         // From the end: only outcomes of requests this process sends from now on matter, and a
         // restart must not read the topic's whole history.
         let (consumer, _) = reader(
@@ -883,7 +1093,7 @@ impl KafkaNode {
             &self.shared.kafka.outcomes_topic,
             Offset::End,
         )?;
-        let (pending, stop) = (self.pending.clone(), self.stop.clone());
+        let pending = self.pending.clone();
         Ok(std::thread::Builder::new()
             .name("kafka-outcomes".into())
             .spawn(move || {
@@ -1620,7 +1830,7 @@ impl Transport for KafkaLog<'_> {
             } else {
                 self.produce_changelog(&records)?
             };
-            match self.tail.read_to(self.p, last)? {
+            match self.tail.read_to(self.p, last, self.stop)? {
                 Err(fenced) => {
                     tracing::error!(partition = self.p, "{fenced}");
                     self.fenced = true;
@@ -1729,22 +1939,36 @@ impl KafkaLog<'_> {
         let routes_partitioner = shared.routes_partitioner;
         let this_partition = |_: &str| Some(p);
         let user_partition = |user: &str| Some(routes_partitioner.partition(user) as i32);
-        let (changelog, published) = self.runtime.block_on(async {
-            tokio::join!(
-                produce_all(
-                    &shared.producer,
-                    &shared.kafka.changelog_topic,
-                    &this_partition,
-                    records
-                ),
-                produce_all(
-                    &shared.producer,
-                    &shared.kafka.routes_topic,
-                    &user_partition,
-                    routes
-                )
-            )
+        let produced = self.runtime.block_on(async {
+            tokio::select! {
+                both = async {
+                    tokio::join!(
+                        produce_all(
+                            &shared.producer,
+                            &shared.kafka.changelog_topic,
+                            &this_partition,
+                            records
+                        ),
+                        produce_all(
+                            &shared.producer,
+                            &shared.kafka.routes_topic,
+                            &user_partition,
+                            routes
+                        )
+                    )
+                } => Some(both),
+                // A partition told to stop (revoked, or the broker is lost) does not wait out
+                // the producer's timeout: its batch is left unanswered, like one whose
+                // produce failed, and the next owner's restore decides what was written.
+                () = stopped(self.stop) => None,
+            }
         });
+        let Some((changelog, published)) = produced else {
+            return Err(StoreError::unavailable(format!(
+                "partition {} stopped while its changelog was being written",
+                self.p
+            )));
+        };
         published.map_err(|e| {
             StoreError::unavailable(format!(
                 "publishing the routes of partition {}: {e:#}",
@@ -1880,6 +2104,13 @@ impl OutcomeAcks {
         if !deliveries.is_empty() {
             let _ = self.batches.send((partition, deliveries));
         }
+    }
+}
+
+/// Returns once `stop` is set (checked every 20 ms).
+pub(crate) async fn stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
