@@ -1654,3 +1654,50 @@ async fn a_broker_that_pauses_is_waited_for_and_rejoined() {
         assert_eq!(doc["cluster"]["state"], "connected", "{doc}");
     }
 }
+
+/// With a data dir, a process restarted on a broker that lost its changelog does not serve the
+/// state its local store still has (no other process could have it): the partitions whose
+/// changelog went backwards refuse to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_store_ahead_of_the_changelog_is_not_served() {
+    let mut broker = PrivateBroker::start();
+    let config = private_cluster_config(&broker);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ServerArgs::default().config(&config).data_dir(dir.path());
+    let p1 = Server::start_with(args.clone());
+    wait_for_all(&p1).await;
+    for u in 0..20 {
+        pair(&[&p1], "before", u).await;
+    }
+    assert!(p1.terminate(), "clean stop");
+    broker.restart_empty(Duration::from_millis(200));
+    let p1 = Server::start_with(args);
+    // Give the group time to assign and the partitions time to try their restore.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (_, doc) = p1.get("/v1/partitions").await;
+    let restored: Vec<&Value> = doc["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["restored"] == true)
+        .collect();
+    // Partitions that held state are ahead of the empty changelog: none of them restores, and
+    // each says why (before, they waited silently for a fence they could never read).
+    for u in 0..20 {
+        let key = format!("before-{u}");
+        let p = partitioner().partition(&key) as u64;
+        assert!(
+            restored.iter().all(|r| r["id"].as_u64() != Some(p)),
+            "partition {p} (key {key}) serves its local state over an empty changelog: {doc}"
+        );
+        let info = doc["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"].as_u64() == Some(p))
+            .unwrap_or_else(|| panic!("partition {p} is not owned: {doc}"));
+        assert!(info["failure"].is_string(), "{info}");
+        let (status, answer) = p1.get(&format!("/v1/keys/{key}")).await;
+        assert_ne!(status, 200, "{answer}");
+    }
+}

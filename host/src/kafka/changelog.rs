@@ -305,11 +305,22 @@ pub(super) async fn restore(
             .payload(&value),
         Duration::from_secs(30),
     );
-    tokio::select! {
+    let fence_offset = tokio::select! {
         sent = fence => {
-            sent.map_err(|(e, _)| anyhow::anyhow!("writing the restore fence of partition {p}: {e}"))?;
+            sent.map_err(|(e, _)| anyhow::anyhow!("writing the restore fence of partition {p}: {e}"))?.offset
         }
         () = super::stopped(stop) => return Ok(None),
+    };
+    // The local store has read the changelog up to `changelog_next`; a fence written before
+    // that position means the changelog went backwards: the broker lost the records this
+    // store reflects. Serving from the local copy would diverge from every other process, so
+    // the partition refuses to start (the error is logged on each retry).
+    if fence_offset < start.changelog_next {
+        anyhow::bail!(
+            "changelog partition {p} ends at offset {fence_offset}, but this process's local store already read it up to offset {}: the broker lost the changelog's records; the partition stays stopped (move the data dir's kafka/{} aside to start over from what the broker has)",
+            start.changelog_next,
+            kafka.changelog_topic
+        );
     }
 
     let consumer: BaseConsumer = client_config(kafka)

@@ -178,6 +178,9 @@ pub struct OwnedPartitionInfo {
     pub breaker: crate::breaker::BreakerView,
     /// Version id of the rule it runs.
     pub rule_version: String,
+    /// Why the partition last failed to restore or serve (it retries with backoff); `None`
+    /// once it serves again.
+    pub failure: Option<String>,
 }
 
 /// Counters a Kafka partition thread publishes.
@@ -201,6 +204,8 @@ struct OwnedStats {
     high_watermark: AtomicI64,
     /// The engine's counters, the same as local mode's.
     partition: Arc<PartitionStats>,
+    /// Why the partition last failed (see [`OwnedPartitionInfo::failure`]).
+    failure: Mutex<Option<String>>,
 }
 
 /// A partition this process owns: its thread and how to stop it.
@@ -793,6 +798,12 @@ impl KafkaNode {
                         .collect(),
                     breaker: o.stats.partition.breaker.view(),
                     rule_version: running[*id as usize].clone(),
+                    failure: o
+                        .stats
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
                 }
             })
             .collect()
@@ -1402,6 +1413,7 @@ fn run_partition(
             Ok(()) => break,
             Err(e) => {
                 stats.restored.store(false, Ordering::Relaxed);
+                *stats.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{e:#}"));
                 refuse_queued(control);
                 tracing::error!(
                     partition = p,
@@ -1671,6 +1683,7 @@ fn restore_and_serve(
         failure: None,
         fenced: false,
     };
+    *stats.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
     stats.restored.store(true, Ordering::Relaxed);
     engine.run(&mut transport);
     if transport.fenced {
