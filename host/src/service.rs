@@ -207,6 +207,7 @@ impl Service {
                 "count": partitioner.partitions(),
                 "hash": partitioner.hash().name(),
                 "partitions": node.owned_partitions(),
+                "waiting_on": node.waiting_on(),
             }),
         }
     }

@@ -1701,3 +1701,73 @@ async fn a_local_store_ahead_of_the_changelog_is_not_served() {
         assert_ne!(status, 200, "{answer}");
     }
 }
+
+/// Requests waiting on a frozen owner show in `/v1/partitions` of the process that accepted
+/// them (`waiting_on`: partition, count, oldest wait), and leave it once they are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_waited_on_are_shown() {
+    let config = cluster_config();
+    let (front, owner) = (start(&config), start(&config));
+    let owned = wait_for_split(&[&front, &owner]).await;
+    let partitioner = partitioner();
+    // Keys of the partitions the owner has, one per partition.
+    let mut keys = BTreeMap::new();
+    for i in 0.. {
+        let key = format!("waited-{i}");
+        let p = partitioner.partition(&key) as u64;
+        if owned[1].contains(&p) {
+            keys.entry(p).or_insert(key);
+        }
+        if keys.len() == owned[1].len() {
+            break;
+        }
+    }
+    std::process::Command::new("kill")
+        .args(["-STOP", &owner.pid().to_string()])
+        .status()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut calls = Vec::new();
+    for key in keys.values() {
+        let (url, body) = (
+            format!("{}/v1/requests", front.url),
+            request("reserve", Some(key), &format!("{key}-user"), key),
+        );
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status())
+        }));
+    }
+    // Soon (well before the session timeout moves the partitions) the front shows the wait.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let waited: BTreeSet<u64> = loop {
+        let (_, doc) = front.get("/v1/partitions").await;
+        let waited: BTreeSet<u64> = doc["waiting_on"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["requests"].as_u64() >= Some(1))
+            .map(|w| w["partition"].as_u64().unwrap())
+            .collect();
+        if waited == owned[1] || Instant::now() > deadline {
+            break waited;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    std::process::Command::new("kill")
+        .args(["-CONT", &owner.pid().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(waited, owned[1], "the partitions waited on");
+    for call in calls {
+        let status = call.await.unwrap().expect("the request was answered");
+        assert_eq!(status, 200);
+    }
+    let (_, doc) = front.get("/v1/partitions").await;
+    assert_eq!(doc["waiting_on"], serde_json::json!([]), "{doc}");
+}

@@ -318,8 +318,31 @@ struct Waiters {
     next: AtomicU64,
 }
 
-/// The waiters of one request id: each one's token and where its outcome goes.
-type WaiterList = Vec<(u64, oneshot::Sender<OutcomeRecord>)>;
+/// One HTTP request waiting for its outcome.
+struct Waiter {
+    /// Tells this waiter from others of the same id (each removes only itself).
+    token: u64,
+    /// The requests partition the request went to: which partition's owner it waits on.
+    partition: u32,
+    /// When it started waiting.
+    since: Instant,
+    /// Where its outcome goes.
+    reply: oneshot::Sender<OutcomeRecord>,
+}
+
+/// The waiters of one request id.
+type WaiterList = Vec<Waiter>;
+
+/// What `/v1/partitions` shows of the requests this process waits on, per partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct WaitingOn {
+    /// The partition whose owner (any process of the cluster) has not answered yet.
+    pub partition: u32,
+    /// Requests waiting.
+    pub requests: usize,
+    /// How long the oldest has waited, in milliseconds.
+    pub oldest_ms: u64,
+}
 
 /// Removes its waiter when dropped.
 struct Waiting<'a> {
@@ -329,13 +352,15 @@ struct Waiting<'a> {
 }
 
 impl Waiters {
-    fn wait(&self, id: &str) -> (Waiting<'_>, oneshot::Receiver<OutcomeRecord>) {
+    fn wait(&self, id: &str, partition: u32) -> (Waiting<'_>, oneshot::Receiver<OutcomeRecord>) {
         let (reply, answer) = oneshot::channel();
         let token = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .entry(id.to_string())
-            .or_default()
-            .push((token, reply));
+        self.lock().entry(id.to_string()).or_default().push(Waiter {
+            token,
+            partition,
+            since: Instant::now(),
+            reply,
+        });
         let waiting = Waiting {
             waiters: self,
             id: id.to_string(),
@@ -347,9 +372,25 @@ impl Waiters {
     /// Hands an outcome to every waiter of its id.
     fn deliver(&self, outcome: &OutcomeRecord) {
         let waiting = self.lock().remove(&outcome.id);
-        for (_, reply) in waiting.into_iter().flatten() {
-            let _ = reply.send(outcome.clone());
+        for waiter in waiting.into_iter().flatten() {
+            let _ = waiter.reply.send(outcome.clone());
         }
+    }
+
+    /// The partitions requests wait on, with how many and the oldest wait.
+    fn by_partition(&self) -> Vec<WaitingOn> {
+        let mut out: BTreeMap<u32, WaitingOn> = BTreeMap::new();
+        for waiter in self.lock().values().flatten() {
+            let waited = waiter.since.elapsed().as_millis() as u64;
+            let entry = out.entry(waiter.partition).or_insert(WaitingOn {
+                partition: waiter.partition,
+                requests: 0,
+                oldest_ms: 0,
+            });
+            entry.requests += 1;
+            entry.oldest_ms = entry.oldest_ms.max(waited);
+        }
+        out.into_values().collect()
     }
 
     /// Waiters in total (for tests of leaks, through `/metrics`).
@@ -366,7 +407,7 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut by_id = self.waiters.lock();
         if let Some(list) = by_id.get_mut(&self.id) {
-            list.retain(|(token, _)| *token != self.token);
+            list.retain(|waiter| waiter.token != self.token);
             if list.is_empty() {
                 by_id.remove(&self.id);
             }
@@ -589,7 +630,7 @@ impl KafkaNode {
             request,
             fingerprint,
         };
-        let (waiter, answer) = self.pending.wait(&id);
+        let (waiter, answer) = self.pending.wait(&id, partition);
         let value = serde_json::to_vec(&record).expect("requests serialize");
         let sent = self
             .shared
@@ -767,6 +808,12 @@ impl KafkaNode {
     /// The user's route as this process knows it.
     pub fn route(&self, user: &str) -> Option<Route> {
         self.routes.lookup(user, now_ms())
+    }
+
+    /// The partitions whose outcomes this process's HTTP requests wait for: a partition whose
+    /// owner is stopped or slow shows here with its oldest wait.
+    pub fn waiting_on(&self) -> Vec<WaitingOn> {
+        self.pending.by_partition()
     }
 
     /// The partitions this process owns.
