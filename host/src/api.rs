@@ -207,6 +207,7 @@ async fn admission(
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "shutting_down",
             message: "the server is shutting down; retry (with the same id) once it is back or on another instance".into(),
+            details: None,
         }
         .into_response();
         response
@@ -226,6 +227,7 @@ async fn admission(
                 "no answer within {} ms (server.request_timeout_ms); a request may still be applied: retry with the same id to learn its answer",
                 api.request_timeout.as_millis()
             ),
+            details: None,
         }
         .into_response(),
     }
@@ -236,6 +238,7 @@ async fn method_not_allowed() -> ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         code: "method_not_allowed",
         message: "this endpoint does not take this method (see the README, HTTP API)".into(),
+        details: None,
     }
 }
 
@@ -259,6 +262,7 @@ async fn read_body(
         status: StatusCode::PAYLOAD_TOO_LARGE,
         code: "body_too_large",
         message: format!("request body is larger than {limit} bytes ({limit_key})"),
+        details: None,
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -276,6 +280,7 @@ async fn read_body(
                 "the request body did not arrive within {} ms (server.body_read_timeout_ms)",
                 api.body_read_timeout.as_millis()
             ),
+            details: None,
         }),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(e)) => Err(ApiError::bad_request(format!(
@@ -290,6 +295,8 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// More fields of the error object, e.g. the `owner` of a partition another process has.
+    details: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Api {
@@ -304,10 +311,17 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::Read(e) => e.into(),
             ServiceError::Submit(e) => e.into(),
-            e @ ServiceError::NotOwned(_) => ApiError {
+            ServiceError::NotOwned { ref owner, .. } => ApiError {
                 status: StatusCode::NOT_FOUND,
                 code: "not_owned",
                 message: e.to_string(),
+                details: owner_details(owner),
+            },
+            ServiceError::Moving { ref owner, .. } => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "partition_moving",
+                message: e.to_string(),
+                details: owner_details(owner),
             },
         }
     }
@@ -319,13 +333,33 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_request",
             message: message.into(),
+            details: None,
         }
     }
 }
 
+/// `{"owner": {...}}` for an error about a partition another process has.
+fn owner_details(
+    owner: &Option<crate::kafka::OwnerRecord>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let owner = owner.as_ref()?;
+    let mut details = serde_json::Map::new();
+    details.insert(
+        "owner".into(),
+        serde_json::to_value(owner).expect("owner records serialize"),
+    );
+    Some(details)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut error = serde_json::Map::new();
+        error.insert("code".into(), self.code.into());
+        error.insert("message".into(), self.message.into());
+        for (name, value) in self.details.into_iter().flatten() {
+            error.insert(name, value);
+        }
+        let body = Json(json!({ "error": error }));
         let mut response = (self.status, body).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
@@ -357,6 +391,7 @@ impl From<SubmitError> for ApiError {
             status,
             code: e.code(),
             message: e.to_string(),
+            details: None,
         }
     }
 }
@@ -374,6 +409,7 @@ impl From<ReadError> for ApiError {
             status,
             code,
             message: e.to_string(),
+            details: None,
         }
     }
 }
@@ -419,6 +455,7 @@ async fn readyz(AxumState(api): AxumState<Api>) -> Result<Json, ApiError> {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
             message: e.to_string(),
+            details: None,
         });
     }
     match api.readiness.sample(&api.service) {
@@ -431,6 +468,7 @@ async fn readyz(AxumState(api): AxumState<Api>) -> Result<Json, ApiError> {
                 stalled.as_millis(),
                 api.readiness.stall.as_millis()
             ),
+            details: None,
         }),
     }
 }
@@ -451,6 +489,7 @@ async fn not_found() -> ApiError {
         status: StatusCode::NOT_FOUND,
         code: "not_found",
         message: "no such endpoint".into(),
+        details: None,
     }
 }
 
@@ -474,6 +513,7 @@ async fn submit(
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "shutting_down",
             message: "the server is shutting down; the request was not applied: retry it (with the same id) once the server is back".into(),
+            details: None,
         });
     }
     let text = std::str::from_utf8(&bytes).map_err(|e| {
@@ -579,6 +619,7 @@ async fn key(
             status: StatusCode::NOT_FOUND,
             code: "unknown_key",
             message: format!("key `{key}` has no state (partition {partition})"),
+            details: None,
         }),
     }
 }
@@ -595,6 +636,7 @@ fn check_path_field(name: &str, value: &str) -> Result<(), ApiError> {
                 value.len(),
                 crate::runtime::MAX_FIELD_BYTES
             ),
+            details: None,
         });
     }
     Ok(())
@@ -619,6 +661,7 @@ async fn user(
             status: StatusCode::NOT_FOUND,
             code: "unknown_route",
             message: format!("no route for user `{user}`"),
+            details: None,
         }),
     }
 }
@@ -676,6 +719,7 @@ impl From<InstallError> for ApiError {
             status,
             code,
             message: e.to_string(),
+            details: None,
         }
     }
 }
@@ -701,6 +745,7 @@ async fn resubmit_dead_letter(
             status: StatusCode::NOT_FOUND,
             code: "unknown_dead_letter",
             message: format!("partition {partition} has no dead letter {seq}"),
+            details: None,
         }),
     }
 }
@@ -713,12 +758,14 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<(), ApiError> {
             status: StatusCode::FORBIDDEN,
             code: "admin_disabled",
             message: "the admin API is off: set admin.token in the configuration or TURNSTILE_ADMIN_TOKEN".into(),
+            details: None,
         });
     };
     let unauthorized = || ApiError {
         status: StatusCode::UNAUTHORIZED,
         code: "unauthorized",
         message: "missing or wrong bearer token (Authorization: Bearer <admin token>)".into(),
+        details: None,
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -834,6 +881,7 @@ async fn admin_backup(
                 status: StatusCode::NOT_IMPLEMENTED,
                 code: "backup_unsupported",
                 message: "Kafka mode keeps its state in the changelog topic: back up the topics, not a process".into(),
+                details: None,
             });
         }
     };
@@ -844,6 +892,7 @@ async fn admin_backup(
             status: StatusCode::CONFLICT,
             code: "backup_running",
             message: e.to_string(),
+            details: None,
         }),
         Err(e @ crate::backup::StartError::Invalid(_)) => Err(ApiError::bad_request(e.to_string())),
     }

@@ -74,6 +74,11 @@ pub struct KafkaConfig {
     /// two failed checks in a row suspend this process's partitions until the broker answers
     /// (and a broker that answers without the cluster's data stops them for good).
     pub broker_check_ms: u64,
+    /// The URL other processes and clients reach this process's HTTP API at (e.g.
+    /// `http://10.0.0.7:7001`), announced with the partitions it owns so that a process asked
+    /// about a partition it does not own can name the owner. Unset: `http://` + the bound
+    /// address (useless to others when bound to 0.0.0.0: set it then).
+    pub advertised_url: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -92,6 +97,7 @@ impl Default for KafkaConfig {
             retention_ms: 7 * 24 * 3600 * 1000,
             client: Default::default(),
             broker_check_ms: 500,
+            advertised_url: None,
         }
     }
 }

@@ -65,6 +65,9 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     tracing::info!(%bound, "serving");
+    if let Service::Kafka(node) = &service {
+        node.advertise(bound);
+    }
 
     let admin_token = config.admin.effective_token();
     if admin_token.is_none() {

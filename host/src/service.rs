@@ -32,15 +32,46 @@ pub enum ServiceError {
     /// A resubmitted request failed.
     #[error(transparent)]
     Submit(#[from] SubmitError),
-    /// Kafka mode: another process of the cluster owns the partition (or it is moving).
-    #[error("partition {0} is owned by another process of the cluster; ask that process")]
-    NotOwned(u32),
+    /// Kafka mode: another process of the cluster owns the partition.
+    #[error(
+        "partition {partition} is owned by another process of the cluster; ask that process{}",
+        owner_hint(owner)
+    )]
+    NotOwned {
+        /// The partition.
+        partition: u32,
+        /// Its owner, as announced on the routes topic.
+        owner: Option<crate::kafka::OwnerRecord>,
+    },
+    /// Kafka mode: the partition is between owners (revoked, and not yet restored by the next).
+    #[error(
+        "partition {partition} is moving between processes of the cluster; retry shortly{}",
+        owner_hint(owner)
+    )]
+    Moving {
+        /// The partition.
+        partition: u32,
+        /// The process restoring it, when known.
+        owner: Option<crate::kafka::OwnerRecord>,
+    },
+}
+
+/// " (at ADDRESS, node N)" for an error message, when the owner is known.
+fn owner_hint(owner: &Option<crate::kafka::OwnerRecord>) -> String {
+    match owner {
+        Some(o) if !o.address.is_empty() => format!(" (at {}, node {})", o.address, o.node),
+        Some(o) => format!(" (node {})", o.node),
+        None => String::new(),
+    }
 }
 
 impl From<KeyReadError> for ServiceError {
     fn from(e: KeyReadError) -> Self {
         match e {
-            KeyReadError::NotOwned(p) => ServiceError::NotOwned(p),
+            KeyReadError::NotOwned { partition, owner } => {
+                ServiceError::NotOwned { partition, owner }
+            }
+            KeyReadError::Moving { partition, owner } => ServiceError::Moving { partition, owner },
             KeyReadError::Busy(p) => ServiceError::Read(ReadError::Backpressure(p)),
             KeyReadError::Store(e) => ServiceError::Read(ReadError::from(e)),
             KeyReadError::Cluster(e) => ServiceError::Submit(e),
@@ -112,7 +143,11 @@ impl Service {
                 Service::Kafka(node) => match node.dead_letters(p, after, limit).await {
                     Ok(page) => page,
                     // Listing all: the letters of the partitions this process owns.
-                    Err(KeyReadError::NotOwned(_)) if partition.is_none() => Vec::new(),
+                    Err(KeyReadError::NotOwned { .. } | KeyReadError::Moving { .. })
+                        if partition.is_none() =>
+                    {
+                        Vec::new()
+                    }
                     Err(e) => return Err(e.into()),
                 },
             };

@@ -142,6 +142,8 @@ async fn owners_of(servers: &[&Server], key: &str) -> Vec<Value> {
                 doc["error"]["code"] == "not_owned" || doc["error"]["code"] == "unknown_key",
                 "{doc}"
             ),
+            // Between owners: nobody serves it for a moment.
+            503 => assert_eq!(doc["error"]["code"], "partition_moving", "{doc}"),
             _ => panic!("{status} {doc}"),
         }
     }
@@ -1770,4 +1772,93 @@ async fn partitions_waited_on_are_shown() {
     }
     let (_, doc) = front.get("/v1/partitions").await;
     assert_eq!(doc["waiting_on"], serde_json::json!([]), "{doc}");
+}
+
+/// A read of a partition another process serves names that process (its address, as it
+/// announced it); a read of a partition between owners is 503 `partition_moving` with
+/// `Retry-After`, not a 404 that looks like "no such key".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_name_the_owner_and_a_move_is_503_with_retry_after() {
+    let config = cluster_config();
+    let (p1, p2, p3) = (start(&config), start(&config), start(&config));
+    let owned = wait_for_split(&[&p1, &p2, &p3]).await;
+    let partitioner = partitioner();
+    let key = (0..)
+        .map(|i| format!("moved-{i}"))
+        .find(|k| owned[1].contains(&(partitioner.partition(k) as u64)))
+        .unwrap();
+    let (status, answer) = p2
+        .request(request("reserve", Some(&key), "moved-user", "moved-r"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Owned by the second process: the third names it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let doc = loop {
+        let (status, doc) = p3.get(&format!("/v1/keys/{key}")).await;
+        if status == 404 && doc["error"]["owner"]["address"] == p2.url.as_str() {
+            break doc;
+        }
+        assert!(Instant::now() < deadline, "{status} {doc}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(doc["error"]["code"], "not_owned", "{doc}");
+    assert_eq!(doc["error"]["owner"]["state"], "serving", "{doc}");
+
+    // The second process leaves while the first is frozen: the group cannot finish the
+    // rebalance until the frozen one times out, so the partition stays between owners.
+    let signal = |sig: &str, pid: u32| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP", p1.pid());
+    let p1_pid = p1.pid();
+    assert!(p2.terminate(), "clean stop");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let moving = loop {
+        let response = client
+            .get(format!("{}/v1/keys/{key}", p3.url))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").cloned();
+        let doc: Value = response.json().await.unwrap();
+        if status == 503 {
+            break (doc, retry_after);
+        }
+        if Instant::now() > deadline {
+            signal("-CONT", p1_pid);
+            panic!("never between owners: {status} {doc}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    signal("-CONT", p1_pid);
+    assert_eq!(
+        moving.0["error"]["code"], "partition_moving",
+        "{}",
+        moving.0
+    );
+    assert!(moving.1.is_some(), "503 without Retry-After");
+    // And it arrives: one of the remaining processes serves the key with its state. (A fresh
+    // client: the servers' own keep pooled connections the thawed process may have closed.)
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'found: loop {
+        for server in [&p1, &p3] {
+            let url = format!("{}/v1/keys/{key}", server.url);
+            if let Ok(response) = client.get(url).send().await
+                && response.status() == 200
+            {
+                let doc: Value = response.json().await.unwrap();
+                assert_eq!(doc["state"]["status"], "reserved", "{doc}");
+                break 'found;
+            }
+        }
+        assert!(Instant::now() < deadline, "the key never arrived");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

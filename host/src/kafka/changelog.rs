@@ -310,6 +310,7 @@ pub(super) async fn restore(
             sent.map_err(|(e, _)| anyhow::anyhow!("writing the restore fence of partition {p}: {e}"))?.offset
         }
         () = super::stopped(stop) => return Ok(None),
+        () = super::stopped(&shared.broker_lost) => return Ok(None),
     };
     // The local store has read the changelog up to `changelog_next`; a fence written before
     // that position means the changelog went backwards: the broker lost the records this
@@ -509,7 +510,7 @@ impl Tail {
         while self.next <= last {
             if stop.load(Ordering::Relaxed) {
                 return Err(StoreError::unavailable(format!(
-                    "partition {p} stopped while reading its changelog back"
+                    "partition {p} stopped reading its changelog back: the broker is lost"
                 )));
             }
             if std::time::Instant::now() > deadline {

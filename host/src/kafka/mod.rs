@@ -221,9 +221,23 @@ struct Owned {
 /// Why a key's state could not be read in Kafka mode.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyReadError {
-    /// Another process owns the key's partition (or it is still being restored here).
-    #[error("partition {0} is owned by another process")]
-    NotOwned(u32),
+    /// Another process owns the key's partition and serves it.
+    #[error("partition {partition} is owned by another process")]
+    NotOwned {
+        /// The partition.
+        partition: u32,
+        /// Its owner, as announced.
+        owner: Option<OwnerRecord>,
+    },
+    /// The partition is between owners: revoked and not yet restored by the next (or restoring
+    /// here). Retry shortly.
+    #[error("partition {partition} is moving between processes")]
+    Moving {
+        /// The partition.
+        partition: u32,
+        /// The process restoring it, when known.
+        owner: Option<OwnerRecord>,
+    },
     /// The partition's store failed.
     #[error("{0}")]
     Store(crate::store::StoreError),
@@ -252,9 +266,16 @@ struct Shared {
     /// partition threads publish the routes of the requests they applied there.
     routes_partitioner: Partitioner,
     node_id: String,
+    /// Where this process serves HTTP, announced with the partitions it owns.
+    advertised_url: std::sync::OnceLock<String>,
     owned: Mutex<BTreeMap<u32, Owned>>,
     /// Times a partition thread of this process found itself fenced by a newer owner.
     fenced: AtomicU64,
+    /// Set while the broker counts as lost (see [`watch`]): partition threads abandon their
+    /// waits on the broker at once, so no consumer is left when it returns. A revocation does
+    /// not set it: a revoked partition finishes its batch (and reads it back, which is how a
+    /// thawed zombie learns it was fenced).
+    broker_lost: AtomicBool,
 }
 
 impl PartitionThreads for Shared {
@@ -266,6 +287,63 @@ impl PartitionThreads for Shared {
 
 /// Kafka key prefix of the routes topic's position markers (never a user's route).
 const SYNC_PREFIX: &str = "\u{0}sync/";
+
+/// Kafka key prefix of the routes topic's owner records: `<prefix><partition>` holds the newest
+/// [`OwnerRecord`] of that partition (the topic is compacted, so it is kept). Every process reads
+/// them with the routes, so it can tell a client which process owns a partition, or that the
+/// partition is between owners.
+const OWNER_PREFIX: &str = "\u{0}owner/";
+
+/// Who owns a partition, as its owner announced it on the routes topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// The owner's node id.
+    pub node: String,
+    /// Where the owner serves HTTP (`kafka.advertised_url`, or its bound address); empty until
+    /// the process has bound its listener.
+    pub address: String,
+    /// What the owner is doing with the partition.
+    pub state: OwnerState,
+    /// When it said so, in milliseconds since the Unix epoch (the owner's clock).
+    pub at_ms: u64,
+}
+
+/// A partition's phase with its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerState {
+    /// The group gave it to the owner, which is restoring it: not serving yet.
+    Restoring,
+    /// The owner serves it.
+    Serving,
+    /// The owner gave it up; nobody has announced it since.
+    Released,
+}
+
+impl Shared {
+    /// Announces this process's phase with partition `p` on the routes topic. Not awaited: an
+    /// announcement is a hint for clients (where to ask), never needed for correctness.
+    fn announce(&self, p: u32, state: OwnerState) {
+        let record = OwnerRecord {
+            node: self.node_id.clone(),
+            address: self.advertised_url.get().cloned().unwrap_or_default(),
+            state,
+            at_ms: now_ms(),
+        };
+        let key = format!("{OWNER_PREFIX}{p}");
+        let value = serde_json::to_vec(&record).expect("owner records serialize");
+        let routes_partition = self.routes_partitioner.partition(&key) as i32;
+        let sent = self.producer.get().send_result(
+            FutureRecord::to(&self.kafka.routes_topic)
+                .partition(routes_partition)
+                .key(&key)
+                .payload(&value),
+        );
+        if let Err((e, _)) = sent {
+            tracing::debug!(partition = p, "announcing the partition's owner: {e}");
+        }
+    }
+}
 
 /// How far a reader has read each partition of a topic, and a way to wait for a position.
 #[derive(Default)]
@@ -434,6 +512,8 @@ pub struct KafkaNode {
     session: Mutex<Arc<AtomicBool>>,
     /// The client threads of the current session.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The newest owner record of each partition, read from the routes topic.
+    owners: Arc<Mutex<HashMap<u32, OwnerRecord>>>,
     /// The broker watch's thread.
     watch_thread: Mutex<Option<JoinHandle<()>>>,
     /// Whether the broker answers and still holds this cluster (see [`watch`]).
@@ -521,8 +601,10 @@ impl KafkaNode {
             outcome_acks: OutcomeAcks::start()?,
             routes_partitioner,
             node_id: node_id.clone(),
+            advertised_url: std::sync::OnceLock::new(),
             owned: Mutex::new(BTreeMap::new()),
             fenced: AtomicU64::new(0),
+            broker_lost: AtomicBool::new(false),
         });
         let node = Arc::new(KafkaNode {
             routes_partitioner,
@@ -537,6 +619,7 @@ impl KafkaNode {
             stop: Arc::new(AtomicBool::new(false)),
             session: Mutex::new(Arc::new(AtomicBool::new(false))),
             threads: Mutex::new(Vec::new()),
+            owners: Arc::default(),
             watch_thread: Mutex::new(None),
             health: Arc::default(),
             cluster_id: agreed.cluster,
@@ -563,6 +646,80 @@ impl KafkaNode {
     /// This process's id in the cluster.
     pub fn node_id(&self) -> &str {
         &self.shared.node_id
+    }
+
+    /// Sets where this process serves HTTP (`kafka.advertised_url` wins over `bound`), and
+    /// announces the partitions it already owns with it.
+    pub fn advertise(&self, bound: std::net::SocketAddr) {
+        let url = match &self.shared.kafka.advertised_url {
+            Some(url) => url.clone(),
+            None => format!("http://{bound}"),
+        };
+        if self.shared.advertised_url.set(url).is_err() {
+            return;
+        }
+        let phases: Vec<(u32, bool)> = {
+            let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
+            owned
+                .iter()
+                .map(|(p, o)| (*p, o.stats.restored.load(Ordering::Relaxed)))
+                .collect()
+        };
+        for (p, restored) in phases {
+            let state = if restored {
+                OwnerState::Serving
+            } else {
+                OwnerState::Restoring
+            };
+            self.shared.announce(p, state);
+        }
+    }
+
+    /// Why partition `p`, which this process does not serve, cannot be read here: owned by
+    /// another process (with its address, when announced), or between owners.
+    fn elsewhere(&self, p: u32) -> KeyReadError {
+        let restoring_here = self
+            .shared
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&p);
+        if restoring_here {
+            return KeyReadError::Moving {
+                partition: p,
+                owner: Some(OwnerRecord {
+                    node: self.shared.node_id.clone(),
+                    address: self
+                        .shared
+                        .advertised_url
+                        .get()
+                        .cloned()
+                        .unwrap_or_default(),
+                    state: OwnerState::Restoring,
+                    at_ms: now_ms(),
+                }),
+            };
+        }
+        let owner = self
+            .owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&p)
+            .cloned();
+        match owner {
+            Some(owner)
+                if owner.state == OwnerState::Serving && owner.node != self.shared.node_id =>
+            {
+                KeyReadError::NotOwned {
+                    partition: p,
+                    owner: Some(owner),
+                }
+            }
+            owner => KeyReadError::Moving {
+                partition: p,
+                owner: owner.filter(|o| o.state == OwnerState::Restoring),
+            },
+        }
     }
 
     /// Routes and produces a request, and waits for its outcome.
@@ -759,23 +916,27 @@ impl KafkaNode {
         let control = {
             let owned = self.shared.owned.lock().unwrap_or_else(|e| e.into_inner());
             match owned.get(&p) {
-                Some(o) if o.stats.restored.load(Ordering::Relaxed) => o.control.clone(),
-                _ => return Err(KeyReadError::NotOwned(p)),
+                Some(o) if o.stats.restored.load(Ordering::Relaxed) => Some(o.control.clone()),
+                _ => None,
             }
+        };
+        // Outside the lock: `elsewhere` takes it again.
+        let Some(control) = control else {
+            return Err(self.elsewhere(p));
         };
         let (reply, answer) = oneshot::channel();
         match control.try_send(command(reply)) {
             Ok(()) => {}
             Err(crossbeam_channel::TrySendError::Full(_)) => return Err(KeyReadError::Busy(p)),
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                return Err(KeyReadError::NotOwned(p));
+                return Err(self.elsewhere(p));
             }
         }
         match answer.await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(KeyReadError::Store(e)),
             // The partition was revoked between the lookup and the read.
-            Err(_) => Err(KeyReadError::NotOwned(p)),
+            Err(_) => Err(self.elsewhere(p)),
         }
     }
 
@@ -939,6 +1100,13 @@ impl KafkaNode {
             let _ = watch.join();
         }
         self.end_session();
+        // The partitions' last announcements (released) are queued, not awaited: send them
+        // before the producer goes, so other processes learn the partitions are free.
+        let _ = self
+            .shared
+            .producer
+            .get()
+            .flush(rdkafka::util::Timeout::After(Duration::from_secs(2)));
     }
 
     /// The current session's stop flag.
@@ -1045,6 +1213,7 @@ impl KafkaNode {
                                 "the Kafka broker is unreachable ({why}); suspending this process's partitions until it answers"
                             );
                             self.health.set(watch::ClusterState::Unreachable, why);
+                            self.shared.broker_lost.store(true, Ordering::Relaxed);
                             self.end_session();
                         }
                     }
@@ -1059,6 +1228,7 @@ impl KafkaNode {
                     {
                         Ok(Some(id)) if id == self.cluster_id => {
                             tracing::info!("the Kafka broker is back with this cluster's data; rejoining");
+                            self.shared.broker_lost.store(false, Ordering::Relaxed);
                             match self.begin_session() {
                                 Ok(()) => {
                                     failures.lost_after(false);
@@ -1066,6 +1236,7 @@ impl KafkaNode {
                                 }
                                 Err(e) => {
                                     tracing::warn!("rejoining the cluster: {e:#}; trying again");
+                                    self.shared.broker_lost.store(true, Ordering::Relaxed);
                                     self.end_session();
                                 }
                             }
@@ -1095,6 +1266,7 @@ impl KafkaNode {
             "the Kafka broker lost this cluster's data: {why}; this process stops serving (every partition stays stopped and requests are refused with cluster_data_lost) until an operator restarts it"
         );
         self.health.set(watch::ClusterState::DataLost, why);
+        self.shared.broker_lost.store(true, Ordering::Relaxed);
         self.end_session();
     }
 
@@ -1106,7 +1278,11 @@ impl KafkaNode {
         consumer: BaseConsumer,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<JoinHandle<()>> {
-        let (routes, read) = (self.routes.clone(), self.routes_read.clone());
+        let (routes, read, owners) = (
+            self.routes.clone(),
+            self.routes_read.clone(),
+            self.owners.clone(),
+        );
         Ok(std::thread::Builder::new()
             .name("kafka-routes".into())
             .spawn(move || {
@@ -1117,6 +1293,16 @@ impl KafkaNode {
                             match (user, message.payload()) {
                                 // A position marker (see `wait_for_route`): nothing to cache.
                                 (Some(Ok(user)), _) if user.starts_with(SYNC_PREFIX) => {}
+                                (Some(Ok(key)), Some(value)) if key.starts_with(OWNER_PREFIX) => {
+                                    let partition = key[OWNER_PREFIX.len()..].parse::<u32>();
+                                    let record = serde_json::from_slice::<OwnerRecord>(value);
+                                    if let (Ok(partition), Ok(record)) = (partition, record) {
+                                        owners
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .insert(partition, record);
+                                    }
+                                }
                                 (Some(Ok(user)), Some(value)) => {
                                     match serde_json::from_slice::<Route>(value) {
                                         Ok(route) => routes.record(user, route),
@@ -1455,6 +1641,7 @@ fn run_partition(
     control: &crossbeam_channel::Receiver<Command>,
 ) {
     let mut backoff = Backoff::default();
+    shared.announce(p, OwnerState::Restoring);
     while !stop.load(Ordering::Relaxed) {
         match restore_and_serve(shared, p, stop, stats, control) {
             Ok(()) => break,
@@ -1471,6 +1658,7 @@ fn run_partition(
             }
         }
     }
+    shared.announce(p, OwnerState::Released);
     tracing::info!(partition = p, "partition stopped");
 }
 
@@ -1732,6 +1920,7 @@ fn restore_and_serve(
     };
     *stats.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
     stats.restored.store(true, Ordering::Relaxed);
+    shared.announce(p, OwnerState::Serving);
     engine.run(&mut transport);
     if transport.fenced {
         // A newer owner wrote a fence: if the group really moved the partition, its revocation
@@ -1890,7 +2079,7 @@ impl Transport for KafkaLog<'_> {
             } else {
                 self.produce_changelog(&records)?
             };
-            match self.tail.read_to(self.p, last, self.stop)? {
+            match self.tail.read_to(self.p, last, &self.shared.broker_lost)? {
                 Err(fenced) => {
                     tracing::error!(partition = self.p, "{fenced}");
                     self.fenced = true;
@@ -2017,15 +2206,15 @@ impl KafkaLog<'_> {
                         )
                     )
                 } => Some(both),
-                // A partition told to stop (revoked, or the broker is lost) does not wait out
-                // the producer's timeout: its batch is left unanswered, like one whose
-                // produce failed, and the next owner's restore decides what was written.
-                () = stopped(self.stop) => None,
+                // With the broker lost, a partition does not wait out the producer's timeout:
+                // its batch is left unanswered, like one whose produce failed, and the next
+                // owner's restore decides what was written.
+                () = stopped(&shared.broker_lost) => None,
             }
         });
         let Some((changelog, published)) = produced else {
             return Err(StoreError::unavailable(format!(
-                "partition {} stopped while its changelog was being written",
+                "partition {} stopped while its changelog was being written: the broker is lost",
                 self.p
             )));
         };
