@@ -1178,23 +1178,43 @@ impl KafkaNode {
     /// comes back with the cluster's data, or stays stopped when it came back without.
     fn spawn_watch(self: &Arc<Self>) -> anyhow::Result<JoinHandle<()>> {
         let node = self.clone();
-        let client: BaseConsumer = client_config(&self.shared.kafka)
+        let client: BaseConsumer<watch::WatchContext> = client_config(&self.shared.kafka)
             .set("group.id", format!("{}-watch", self.shared.kafka.group))
-            .create()
+            .create_with_context(watch::WatchContext::default())
             .context("creating the broker watch's client")?;
         Ok(std::thread::Builder::new()
             .name("kafka-watch".into())
             .spawn(move || node.watch(client))?)
     }
 
-    fn watch(self: &Arc<Self>, client: BaseConsumer) {
+    fn watch(self: &Arc<Self>, client: BaseConsumer<watch::WatchContext>) {
+        let all_down = client.context().all_down.clone();
         let kafka = &self.shared.kafka;
         let interval = Duration::from_millis(kafka.broker_check_ms);
-        let timeout = interval.max(Duration::from_millis(500));
+        // A broker that is down refuses connections at once; only a silent one (frozen, or
+        // unreachable on the network) makes a check wait this long. Generous, so that a loaded
+        // machine is not mistaken for a lost broker (a suspension moves every partition).
+        let timeout = (interval * 4).max(Duration::from_secs(2));
         let n = self.partitioner.partitions();
         let mut failures = watch::Failures::default();
         let mut next = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
+            // Serves the client's callbacks (the "all brokers down" event).
+            let _ = client.poll(Duration::ZERO);
+            let down = all_down.swap(false, Ordering::AcqRel);
+            if down && self.health.state() == watch::ClusterState::Connected {
+                tracing::error!(
+                    "every connection to the Kafka brokers is down; suspending this process's partitions until they answer"
+                );
+                self.health.set(
+                    watch::ClusterState::Unreachable,
+                    "every connection to the brokers is down".into(),
+                );
+                self.shared.broker_lost.store(true, Ordering::Relaxed);
+                self.end_session();
+                next = Instant::now() + interval;
+                continue;
+            }
             if Instant::now() < next {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;

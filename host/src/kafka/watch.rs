@@ -12,8 +12,10 @@
 //!   the process dies of a segfault.
 //!
 //! So a watch thread asks the broker for the requests topic's metadata every
-//! `kafka.broker_check_ms`. When that fails `BROKER_LOST_AFTER` times in a row, the process
-//! suspends its share of the cluster: every consumer (group member, partition threads, routes
+//! `kafka.broker_check_ms`, and listens for librdkafka's "all brokers down" event. On that event
+//! (a broker that died closes every connection at once), or when the check fails
+//! `BROKER_LOST_AFTER` times in a row (a silent broker), the process suspends its share of the
+//! cluster: every consumer (group member, partition threads, routes
 //! and outcomes readers) is stopped and dropped, so none is left fetching when the broker
 //! returns, and requests are answered 503 `cluster_unavailable`. When the broker answers again,
 //! the watch checks that it still holds this cluster: the topics with their partition counts,
@@ -28,7 +30,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 
@@ -110,11 +118,30 @@ pub(crate) enum Check {
     Lost(String),
 }
 
+/// The watch client's callbacks: librdkafka reports at once when every connection to the
+/// brokers is down (a broker killed closes its sockets), much sooner than a check times out.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WatchContext {
+    /// Set by librdkafka's "all brokers down"; taken by the watch.
+    pub(crate) all_down: Arc<AtomicBool>,
+}
+
+impl ClientContext for WatchContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
+            self.all_down.store(true, Ordering::Release);
+        }
+        tracing::debug!("broker watch: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for WatchContext {}
+
 /// Asks the broker for the metadata of the requests and changelog topics and compares their
 /// partition counts with `partitions`. Metadata only: this client never fetches, so the
 /// librdkafka crash above cannot happen in it.
-pub(crate) fn check_topics(
-    client: &BaseConsumer,
+pub(crate) fn check_topics<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
     kafka: &KafkaConfig,
     partitions: u32,
     timeout: Duration,
