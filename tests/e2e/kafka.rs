@@ -1246,6 +1246,20 @@ async fn processed(server: &Server) -> BTreeMap<u64, u64> {
         .collect()
 }
 
+/// One key of every partition: `(partition, "<prefix>-<i>")`.
+fn one_key_per_partition(prefix: &str) -> Vec<(u64, String)> {
+    let partitioner = partitioner();
+    (0..PARTITIONS)
+        .map(|p| {
+            let key = (0..)
+                .map(|i| format!("{prefix}-{i}"))
+                .find(|k| u64::from(partitioner.partition(k)) == p)
+                .unwrap();
+            (p, key)
+        })
+        .collect()
+}
+
 /// Cooperative rebalancing: when a second process joins, the partitions the first one keeps
 /// are never revoked (their threads, counters and state stay), only the moving ones pause. The
 /// longest answer on a kept partition during the join is printed, not asserted.
@@ -1278,15 +1292,7 @@ async fn a_join_moves_only_the_partitions_that_change_owner() {
     assert_eq!(before.len(), PARTITIONS as usize);
 
     // While the second process joins, keep asking one key of every partition through the first.
-    let probes: Vec<(u64, String)> = (0..PARTITIONS)
-        .map(|p| {
-            let key = (0..)
-                .map(|i| format!("probe-{i}"))
-                .find(|k| u64::from(partitioner.partition(k)) == p)
-                .unwrap();
-            (p, key)
-        })
-        .collect();
+    let probes = one_key_per_partition("probe");
     let url = first.url.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
@@ -1872,16 +1878,7 @@ async fn a_failover_pauses_only_the_partitions_that_move() {
     let config = cluster_config();
     let (survivor, victim) = (start(&config), start(&config));
     let owned = wait_for_split(&[&survivor, &victim]).await;
-    let partitioner = partitioner();
-    let probes: Vec<(u64, String)> = (0..PARTITIONS)
-        .map(|p| {
-            let key = (0..)
-                .map(|i| format!("failover-{i}"))
-                .find(|k| u64::from(partitioner.partition(k)) == p)
-                .unwrap();
-            (p, key)
-        })
-        .collect();
+    let probes = one_key_per_partition("failover");
     for (_, key) in &probes {
         let (status, answer) = victim
             .request(request("reserve", Some(key), &format!("{key}-user"), key))
