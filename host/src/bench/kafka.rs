@@ -208,8 +208,8 @@ fn drive(
 ) -> anyhow::Result<KafkaRow> {
     let run = format!("{:08x}", rand::random::<u32>());
     let total = options.users * 2;
-    let mut base = ClientConfig::new();
-    base.set("bootstrap.servers", &kafka.brokers);
+    // The cluster's own client properties (`[kafka.client]`: security, TLS), as its processes use.
+    let base = crate::kafka::client_config(kafka);
 
     // Outcomes are read from each partition's end as it is now, so only this run's count.
     let reader: BaseConsumer = base

@@ -527,7 +527,8 @@ pub struct KafkaNode {
     metrics: crate::metrics::RequestMetrics,
 }
 
-fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+/// The base configuration of every Kafka client: the brokers and `[kafka.client]`'s properties.
+pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (name, value) in &kafka.client {
         c.set(name, value);
