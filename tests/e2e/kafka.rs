@@ -1574,7 +1574,7 @@ async fn a_broker_that_comes_back_empty_crashes_nothing_and_is_reported() {
     }
     let mut counts = BTreeMap::new();
     for round in 0..3 {
-        broker.restart_empty(Duration::from_secs(2));
+        broker.restart_empty(Duration::from_secs(3));
         // Traffic while the processes find the broker back without their cluster.
         let until = Instant::now() + Duration::from_secs(4);
         while Instant::now() < until {

@@ -1122,11 +1122,33 @@ impl KafkaNode {
     /// process holds no Kafka consumer (the producer stays; nothing is produced meanwhile).
     fn end_session(&self) {
         self.session().store(true, Ordering::Relaxed);
+        // Every partition thread is told first, so that all consumers wind down together
+        // rather than one after another.
+        for o in self
+            .shared
+            .owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            o.stop.store(true, Ordering::Relaxed);
+        }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for thread in threads {
             let _ = thread.join();
         }
         stop_partitions(&self.shared, None);
+    }
+
+    /// Ends the session because the broker is lost, and says how long closing every consumer
+    /// took (the window in which a broker that returns empty could still crash the process).
+    fn suspend(&self) {
+        let started = Instant::now();
+        self.end_session();
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "suspended: this process holds no Kafka consumer until the broker answers"
+        );
     }
 
     /// Starts a new session after the broker came back with the cluster's data: the readers
@@ -1212,7 +1234,7 @@ impl KafkaNode {
                     "every connection to the brokers is down".into(),
                 );
                 self.shared.broker_lost.store(true, Ordering::Relaxed);
-                self.end_session();
+                self.suspend();
                 next = Instant::now() + interval;
                 continue;
             }
@@ -1235,7 +1257,7 @@ impl KafkaNode {
                             );
                             self.health.set(watch::ClusterState::Unreachable, why);
                             self.shared.broker_lost.store(true, Ordering::Relaxed);
-                            self.end_session();
+                            self.suspend();
                         }
                     }
                     watch::Check::Lost(why) => self.data_lost(why),
@@ -1288,7 +1310,7 @@ impl KafkaNode {
         );
         self.health.set(watch::ClusterState::DataLost, why);
         self.shared.broker_lost.store(true, Ordering::Relaxed);
-        self.end_session();
+        self.suspend();
     }
 
     /// Reads the routes topic into the route cache, in offset order (the topic's order is the
@@ -1596,6 +1618,13 @@ fn spawn_group_member(
                 // Serves heartbeats and rebalance callbacks; its paused partitions yield nothing
                 // worth reading, and anything fetched before the pause is ignored here.
                 let _ = consumer.poll(Duration::from_millis(100));
+            }
+            let shared = consumer.context().shared.clone();
+            if shared.broker_lost.load(Ordering::Relaxed) {
+                // No broker to say goodbye to, and every moment this consumer lives it may meet
+                // the broker coming back (see `watch`): drop it now; the partition threads are
+                // stopped by the session's end.
+                return;
             }
             consumer.unsubscribe();
             // Serve the revocation callback.
