@@ -17,3 +17,4 @@ mod reload;
 mod rules;
 mod sandbox;
 mod toolkit;
+mod wasi;
