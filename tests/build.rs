@@ -211,8 +211,9 @@ fn wat_component(workspace: &std::path::Path, wat: &str) -> Vec<u8> {
 
 /// The WASI test guest's core module: `handle` reads the request's kind (through the pointer to
 /// its arguments: `option<state>` takes 40 bytes, then the request's `id` and `kind` strings)
-/// and, for `exit`, calls WASI `exit`; for `net`, asks for the socket network; otherwise (and
-/// after `net` if it returned) reads both clocks, draws a random u64, counts the preopened
+/// and, for `exit`, calls WASI `exit`; for `net`, asks for the socket network; for `long`, first
+/// prints 4096 `x` with no line break; otherwise (and after `net` if it returned) reads both
+/// clocks, draws a random u64, counts the preopened
 /// directories, prints two lines to stdout and an unfinished one to stderr, and returns a
 /// transition to `ok` whose data is `{"s":..,"ns":..,"mono":..,"r":..,"dirs":..}`.
 const WASI_PROBE: &str = r#"(module
@@ -265,6 +266,10 @@ const WASI_PROBE: &str = r#"(module
       (then (call $exit (i32.const 1)) unreachable))
     (if (i32.eq (local.get $kind) (i32.const 110))
       (then (drop (call $network))))
+    (if (i32.eq (local.get $kind) (i32.const 108))
+      (then
+        (memory.fill (i32.const 20000) (i32.const 120) (i32.const 4096))
+        (call $write (call $get_stdout) (i32.const 20000) (i32.const 4096) (i32.const 2032))))
     (call $wall_now (i32.const 2000))
     (global.set $pos (i32.const 4096))
     (call $append (i32.const 110) (i32.const 5))

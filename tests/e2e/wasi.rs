@@ -81,6 +81,32 @@ fn clocks_exit_and_sockets_in_the_scenario_runner_which_shows_printed_lines() {
     }
 }
 
+#[test]
+fn a_printed_line_is_cut_like_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = dir.path().join("scenarios.toml");
+    std::fs::write(
+        &scenarios,
+        "[[scenario]]\nname = \"long\"\n[[scenario.step]]\nkind = \"long\"\nkey = \"K-1\"\nuser = \"alice\"\nexpect = \"transition\"\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run_cli(&[
+        "test",
+        guests::WASI_PROBE,
+        scenarios.to_str().unwrap(),
+        "--nocapture",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    // 4096 bytes of one unfinished line, then the stdout lines: the long line is one line of
+    // at most 1024 bytes (with the probe's first line joined to it), never the whole 4096.
+    let longest = stdout
+        .lines()
+        .map(|line| line.matches('x').count())
+        .max()
+        .unwrap_or(0);
+    assert!((1000..=1024).contains(&longest), "{longest}: {stdout}");
+}
+
 #[tokio::test]
 async fn random_bytes_follow_the_request_id_and_replay_finds_no_difference() {
     let dir = tempfile::tempdir().unwrap();

@@ -179,7 +179,7 @@ const STDOUT: u32 = 1;
 const STDERR: u32 = 2;
 
 /// What WASI sees of the current call; one per `Store`. The default (what instantiation sees)
-/// is time zero and random bytes seeded from an empty request id.
+/// is time zero and random bytes from an all-zero seed: deterministic too.
 #[derive(Default)]
 pub(super) struct WasiCall {
     /// The request's `received_at_ms`: the only time the rule sees.
