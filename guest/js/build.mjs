@@ -9,8 +9,10 @@
 
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
 
 const DISABLED_FEATURES = ["http", "fetch-event"];
+const COMPONENTIZE_JS = "@bytecodealliance/componentize-js";
 
 function usage(message) {
   console.error(`error: ${message}\nusage: node build.mjs RULE_DIR --out FILE [--wit DIR]`);
@@ -49,12 +51,22 @@ if (!existsSync(sourcePath)) usage(`${sourcePath} does not exist (package.json "
 const witPath = args.wit ? resolve(args.wit) : findWit(ruleDir);
 if (witPath === undefined) usage(`no wit/rule.wit in ${ruleDir} or above it; pass --wit DIR`);
 
+/** The package that pins componentize-js for this script: the nearest package.json above it. */
+function pinningPackageDir() {
+  const here = dirname(fileURLToPath(import.meta.url));
+  for (let dir = here; ; dir = dirname(dir)) {
+    const manifest = join(dir, "package.json");
+    if (existsSync(manifest) && readFileSync(manifest, "utf8").includes(COMPONENTIZE_JS)) return dir;
+    if (dirname(dir) === dir) return here;
+  }
+}
+
 let componentize;
 try {
-  ({ componentize } = await import("@bytecodealliance/componentize-js"));
+  ({ componentize } = await import(COMPONENTIZE_JS));
 } catch (e) {
   console.error(
-    `error: @bytecodealliance/componentize-js is not installed (${e.code ?? e.message}); run \`npm ci\` in ${ruleDir}`,
+    `error: ${COMPONENTIZE_JS} is not installed (${e.code ?? e.message}); run \`npm install\` in ${pinningPackageDir()}`,
   );
   process.exit(3);
 }

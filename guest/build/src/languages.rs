@@ -88,7 +88,7 @@ pub fn build_javascript(dir: &Path, out: &Path, quiet: bool) -> Result<()> {
         .arg(out)
         .current_dir(dir);
     run_toolchain(command, quiet, "npm", || {
-        "npm (Node.js 18 or newer) is not installed; install Node.js, then `npm ci` in the rule's directory".into()
+        "npm (Node.js 18 or newer) is not installed; install Node.js, then `npm install` in the rule's directory".into()
     })
     .with_context(|| format!("building the JavaScript rule in {}", dir.display()))
 }
