@@ -44,6 +44,7 @@ fn main() {
     let workspace = manifest_dir.parent().unwrap().to_path_buf();
     for watched in [
         "wit",
+        "host/wit",
         "guest/src",
         "guest/rules",
         "tests/guests",
@@ -87,6 +88,14 @@ fn main() {
         std::fs::write(&dest, wat_component(&workspace, &wat)).unwrap();
         consts.push_str(&format!(
             "/// Component file of the hand-written `{stem}` test guest.\npub const {constant}: &str = {:?};\n",
+            dest.display().to_string()
+        ));
+    }
+    for (stem, constant, wat, world) in wasi_guests() {
+        let dest = out_dir.join(format!("{stem}.wasm"));
+        std::fs::write(&dest, wasi_component(&workspace, &wat, world)).unwrap();
+        consts.push_str(&format!(
+            "/// Component file of the hand-written `{stem}` test guest (imports WASI).\npub const {constant}: &str = {:?};\n",
             dest.display().to_string()
         ));
     }
@@ -260,6 +269,174 @@ fn wat_component(workspace: &std::path::Path, wat: &str) -> Vec<u8> {
     let world = resolve
         .select_world(&[package], Some("rule"))
         .expect("the rule world");
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+        false,
+    )
+    .expect("embedding the world");
+    turnstile_guest_build::componentize(&module).expect("making a component")
+}
+
+/// The WASI test guest's core module: `handle` reads the request's kind (through the pointer to
+/// its arguments: `option<state>` takes 40 bytes, then the request's `id` and `kind` strings)
+/// and, for `exit`, calls WASI `exit`; for `net`, asks for the socket network; otherwise (and
+/// after `net` if it returned) reads both clocks, draws a random u64, counts the preopened
+/// directories, prints two lines to stdout and an unfinished one to stderr, and returns a
+/// transition to `ok` whose data is `{"s":..,"ns":..,"mono":..,"r":..,"dirs":..}`.
+const WASI_PROBE: &str = r#"(module
+  (import "wasi:clocks/wall-clock@0.2.0" "now" (func $wall_now (param i32)))
+  (import "wasi:clocks/monotonic-clock@0.2.0" "now" (func $mono_now (result i64)))
+  (import "wasi:random/random@0.2.0" "get-random-u64" (func $random_u64 (result i64)))
+  (import "wasi:cli/stdout@0.2.0" "get-stdout" (func $get_stdout (result i32)))
+  (import "wasi:cli/stderr@0.2.0" "get-stderr" (func $get_stderr (result i32)))
+  (import "wasi:io/streams@0.2.0" "[method]output-stream.blocking-write-and-flush"
+    (func $write (param i32 i32 i32 i32)))
+  (import "wasi:filesystem/preopens@0.2.0" "get-directories" (func $get_dirs (param i32)))
+  (import "wasi:cli/exit@0.2.0" "exit" (func $exit (param i32)))
+  (import "wasi:sockets/instance-network@0.2.0" "instance-network" (func $network (result i32)))
+  (memory (export "memory") 2)
+  (global $heap (mut i32) (i32.const 16384))
+  (global $pos (mut i32) (i32.const 4096))
+  (data (i32.const 100) "ok")
+  (data (i32.const 110) "{\"s\":")
+  (data (i32.const 120) ",\"ns\":")
+  (data (i32.const 130) ",\"mono\":")
+  (data (i32.const 140) ",\"r\":")
+  (data (i32.const 150) ",\"dirs\":")
+  (data (i32.const 160) "}")
+  (data (i32.const 170) "probe says hello\nsecond line\n")
+  (data (i32.const 210) "no newline at the end")
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+    (local $p i32)
+    (local.set $p (i32.and
+      (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
+      (i32.sub (i32.const 0) (local.get 2))))
+    (global.set $heap (i32.add (local.get $p) (local.get 3)))
+    (local.get $p))
+  (func $append (param $src i32) (param $len i32)
+    (memory.copy (global.get $pos) (local.get $src) (local.get $len))
+    (global.set $pos (i32.add (global.get $pos) (local.get $len))))
+  (func $number (param $v i64)
+    (local $start i32)
+    (local.set $start (i32.const 3040))
+    (loop $digit
+      (local.set $start (i32.sub (local.get $start) (i32.const 1)))
+      (i64.store8 (local.get $start)
+        (i64.add (i64.const 48) (i64.rem_u (local.get $v) (i64.const 10))))
+      (local.set $v (i64.div_u (local.get $v) (i64.const 10)))
+      (br_if $digit (i64.ne (local.get $v) (i64.const 0))))
+    (call $append (local.get $start) (i32.sub (i32.const 3040) (local.get $start))))
+  (func (export "handle") (param $args i32) (result i32)
+    (local $kind i32)
+    (local.set $kind (i32.load8_u (i32.load (i32.add (local.get $args) (i32.const 48)))))
+    (if (i32.eq (local.get $kind) (i32.const 101))
+      (then (call $exit (i32.const 1)) unreachable))
+    (if (i32.eq (local.get $kind) (i32.const 110))
+      (then (drop (call $network))))
+    (call $wall_now (i32.const 2000))
+    (global.set $pos (i32.const 4096))
+    (call $append (i32.const 110) (i32.const 5))
+    (call $number (i64.load (i32.const 2000)))
+    (call $append (i32.const 120) (i32.const 6))
+    (call $number (i64.extend_i32_u (i32.load (i32.const 2008))))
+    (call $append (i32.const 130) (i32.const 8))
+    (call $number (call $mono_now))
+    (call $append (i32.const 140) (i32.const 5))
+    (call $number (call $random_u64))
+    (call $append (i32.const 150) (i32.const 8))
+    (call $get_dirs (i32.const 2016))
+    (call $number (i64.extend_i32_u (i32.load (i32.const 2020))))
+    (call $append (i32.const 160) (i32.const 1))
+    (call $write (call $get_stdout) (i32.const 170) (i32.const 29) (i32.const 2032))
+    (call $write (call $get_stderr) (i32.const 210) (i32.const 21) (i32.const 2032))
+    (i32.store8 (i32.const 2048) (i32.const 0))
+    (i32.store (i32.const 2052) (i32.const 100))
+    (i32.store (i32.const 2056) (i32.const 2))
+    (i32.store (i32.const 2060) (i32.const 4096))
+    (i32.store (i32.const 2064) (i32.sub (global.get $pos) (i32.const 4096)))
+    (i32.const 2048))
+)"#;
+
+/// The WIT world of the WASI test guests: the rule world plus WASI 0.2.0 imports (older than
+/// the host's 0.2.12, so the guests also show that any 0.2 version links), and an HTTP
+/// interface the host does not offer.
+const WASI_WORLDS: &str = r#"
+package test:wasi;
+
+world probe {
+    include turnstile:rule/rule@0.1.0;
+    import wasi:clocks/wall-clock@0.2.0;
+    import wasi:clocks/monotonic-clock@0.2.0;
+    import wasi:random/random@0.2.0;
+    import wasi:cli/stdout@0.2.0;
+    import wasi:cli/stderr@0.2.0;
+    import wasi:io/streams@0.2.0;
+    import wasi:filesystem/preopens@0.2.0;
+    import wasi:cli/exit@0.2.0;
+    import wasi:sockets/instance-network@0.2.0;
+}
+
+world http-client {
+    include turnstile:rule/rule@0.1.0;
+    import wasi:http/outgoing-handler@0.2.0;
+}
+"#;
+
+/// Enough of `wasi:http` for a guest to import it (the host refuses it by name).
+const WASI_HTTP: &str = r#"
+package wasi:http@0.2.0;
+
+interface outgoing-handler {
+    handle: func(request: string) -> string;
+}
+"#;
+
+/// Hand-written guests that import WASI: file stem, constant name, core module, world.
+fn wasi_guests() -> Vec<(&'static str, &'static str, String, &'static str)> {
+    let http = format!(
+        "(module\n  (import \"wasi:http/outgoing-handler@0.2.0\" \"handle\" (func (param i32 i32 i32)))\n  (memory (export \"memory\") 1)\n{RULE_EXPORTS})"
+    );
+    vec![
+        ("wasi-probe", "WASI_PROBE", WASI_PROBE.to_string(), "probe"),
+        ("wasi-http", "WASI_HTTP", http, "http-client"),
+    ]
+}
+
+/// A core module given a world of [`WASI_WORLDS`] and made a component. The WASI WIT files are
+/// the host's (`host/wit/deps`), taken back to version 0.2.0.
+fn wasi_component(workspace: &std::path::Path, wat: &str, world: &str) -> Vec<u8> {
+    let mut module = wat::parse_str(wat).unwrap_or_else(|e| panic!("test guest WAT: {e}"));
+    let mut resolve = wit_parser::Resolve::default();
+    resolve
+        .push_path(workspace.join("wit"))
+        .expect("reading wit/");
+    // In the order they use each other.
+    for name in ["io", "clocks", "random", "filesystem", "sockets", "cli"] {
+        let path = workspace.join("host/wit/deps").join(format!("{name}.wit"));
+        let mut text = std::fs::read_to_string(&path).expect("reading the WASI WIT");
+        text = text.replace("@0.2.12", "@0.2.0");
+        for minor in 1..=12 {
+            text = text.replace(
+                &format!("@since(version = 0.2.{minor})"),
+                "@since(version = 0.2.0)",
+            );
+        }
+        resolve
+            .push_str(&path, &text)
+            .unwrap_or_else(|e| panic!("parsing {}: {e:#}", path.display()));
+    }
+    resolve
+        .push_str("wasi-http.wit", WASI_HTTP)
+        .expect("the HTTP interface");
+    let package = resolve
+        .push_str("wasi-worlds.wit", WASI_WORLDS)
+        .expect("the WASI test worlds");
+    let world = resolve
+        .select_world(&[package], Some(world))
+        .expect("a WASI test world");
     wit_component::embed_component_metadata(
         &mut module,
         &resolve,

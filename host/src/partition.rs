@@ -128,7 +128,7 @@ pub struct PartitionStats {
     /// Requests whose batch failed to commit.
     pub store_failures: AtomicU64,
     /// Rule failures, by [`FailureKind::ALL`] order.
-    pub rule_failures: [AtomicU64; 5],
+    pub rule_failures: [AtomicU64; FailureKind::ALL.len()],
     /// Requests per committed batch.
     pub batch_sizes: crate::metrics::Histogram,
     /// Fuel the rule used, summed over calls.

@@ -19,10 +19,12 @@
 //! instances, a cap on returned strings, and a rate limit on log lines. After any failure the
 //! `Store` is dropped (wasmtime poisons a `Store` after a trap).
 //!
-//! Rules get no WASI: a component that imports anything but `log` (and the contract's types) is
-//! refused at load with a message naming the imports. That keeps rules deterministic, which replay
-//! depends on. Build rules for `wasm32-unknown-unknown` (`turnstile build` does); `wasm32-wasip2`
-//! output imports `wasi:cli` and is refused.
+//! Rules get `log` and a deterministic WASI 0.2 ([`wasi`]): clocks that read the request's
+//! `received_at_ms`, random bytes seeded from the request id, stdout and stderr into `log`, no
+//! environment, no files, no sockets, no HTTP. That is what JavaScript and Python components
+//! import, and it keeps every rule a pure function of its inputs, which replay depends on. A
+//! component that imports anything else is refused at load, with the imports and the offered
+//! list named.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +45,8 @@ mod bindings {
 }
 
 use bindings::turnstile::rule::types as wit;
+
+mod wasi;
 
 /// The reference rule (`guest/rules/reservation`), built into the binary by `build.rs`.
 pub const REFERENCE_RULE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reservation.wasm"));
@@ -76,8 +80,8 @@ pub const MAX_INSTANCES: usize = 16;
 pub static RULE_LOG_LINES_DROPPED: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
 
-/// Imports a rule component may have: the world's `log` function, and the instance of types the
-/// world `use`s (it carries no functions).
+/// Imports a rule component may have besides WASI ([`wasi::INTERFACES`]): the world's `log`
+/// function, and the instance of types the world `use`s (it carries no functions).
 const ALLOWED_IMPORTS: &[&str] = &["log", "turnstile:rule/types@0.1.0"];
 
 /// The limits one rule call runs under.
@@ -205,11 +209,16 @@ pub enum LoadError {
     /// the cap, too many memories or tables, a start function that traps or runs out of fuel).
     #[error("the component cannot be instantiated within the limits: {0}")]
     Instantiation(String),
-    /// It imports something the world does not offer.
+    /// It imports something the host does not offer (sockets, HTTP, any other interface).
     #[error(
-        "the component imports {0}, which rules may not use (only `log` is offered; rules get no WASI: build for wasm32-unknown-unknown)"
+        "the component imports {imports}, which rules may not use; rules may import only `log` and these WASI 0.2 interfaces: {offered}"
     )]
-    ForbiddenImport(String),
+    ForbiddenImport {
+        /// The refused imports, each in backquotes.
+        imports: String,
+        /// What the host offers, for the author to compare.
+        offered: String,
+    },
     /// It does not implement the `turnstile:rule/rule` world.
     #[error("the component does not implement the turnstile:rule world: {0}")]
     WrongWorld(String),
@@ -229,16 +238,20 @@ pub enum FailureKind {
     Memory,
     /// The rule returned something the host refuses (empty status, invalid JSON, too long).
     Output,
+    /// The rule called WASI `exit` (a Python `sys.exit`, a JavaScript `process.exit`) instead of
+    /// returning an outcome.
+    Exit,
 }
 
 impl FailureKind {
     /// Every kind, in a fixed order (for counters).
-    pub const ALL: [FailureKind; 5] = [
+    pub const ALL: [FailureKind; 6] = [
         FailureKind::Trap,
         FailureKind::FuelExhausted,
         FailureKind::Deadline,
         FailureKind::Memory,
         FailureKind::Output,
+        FailureKind::Exit,
     ];
 
     /// The kind an API error code names, if it names one.
@@ -254,6 +267,7 @@ impl FailureKind {
             FailureKind::Deadline => "rule_deadline",
             FailureKind::Memory => "rule_memory",
             FailureKind::Output => "rule_output",
+            FailureKind::Exit => "rule_exit",
         }
     }
 }
@@ -346,6 +360,9 @@ pub struct CompiledRule {
     pub imports: Vec<String>,
     /// Names of the component's exports.
     pub exports: Vec<String>,
+    /// Whether it imports any WASI: only then does a call set up the WASI clock and random
+    /// bytes, so a rule importing only `log` pays nothing for them.
+    uses_wasi: bool,
     pre: bindings::RulePre<HostState>,
 }
 
@@ -372,6 +389,8 @@ pub struct HostState {
     panic_message: Option<String>,
     /// The sandbox's log capture, if it has one.
     log_capture: Option<RuleLogs>,
+    /// What WASI sees of the current call (its clock, random bytes, unfinished output lines).
+    wasi: wasi::WasiCall,
 }
 
 /// Caps the instance's linear memory (all its memories together) and remembers whether it
@@ -583,6 +602,7 @@ impl Sandbox {
         };
         let mut linker = Linker::new(&engine);
         bindings::Rule::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        wasi::add_to_linker(&mut linker)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let stop = ticker_stop.clone();
@@ -648,15 +668,30 @@ impl Sandbox {
             .collect();
         let forbidden: Vec<String> = imports
             .iter()
-            .filter(|name| !ALLOWED_IMPORTS.contains(&name.as_str()))
+            .filter(|name| !ALLOWED_IMPORTS.contains(&name.as_str()) && !wasi::is_provided(name))
             .map(|name| format!("`{name}`"))
             .collect();
         if !forbidden.is_empty() {
-            return Err(LoadError::ForbiddenImport(forbidden.join(", ")));
+            return Err(LoadError::ForbiddenImport {
+                imports: forbidden.join(", "),
+                offered: wasi::INTERFACES.join(", "),
+            });
         }
+        let uses_wasi = imports.iter().any(|name| wasi::is_provided(name));
 
-        let instance_pre = self
-            .linker
+        // A component importing `wasi:sockets` gets its own copy of the linker, with the
+        // sockets it imports linked to functions that trap.
+        let no_network_linker;
+        let linker = if imports.iter().any(|name| name.starts_with("wasi:sockets/")) {
+            let mut linker = self.linker.clone();
+            wasi::link_no_network(&mut linker, &self.engine, &component)
+                .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+            no_network_linker = linker;
+            &no_network_linker
+        } else {
+            &self.linker
+        };
+        let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         let pre = bindings::RulePre::new(instance_pre)
@@ -667,6 +702,7 @@ impl Sandbox {
             functions,
             imports,
             exports,
+            uses_wasi,
             pre,
         };
         // Instantiate once, under the same limits as every call, so that whatever checks a
@@ -801,6 +837,7 @@ impl Sandbox {
                 log_budget: log_budget.clone(),
                 panic_message: None,
                 log_capture: self.log_capture.clone(),
+                wasi: Default::default(),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -936,7 +973,16 @@ impl RuleInstance {
         let _ = store.set_fuel(limits.fuel);
         store.data_mut().panic_message = None;
         store.set_epoch_deadline(sandbox.deadline_ticks());
+        if self.rule.uses_wasi {
+            store
+                .data_mut()
+                .wasi
+                .begin(request.received_at_ms, &request.id);
+        }
         let result = bindings.call_handle(&mut store, current.as_ref(), &wit_request);
+        if self.rule.uses_wasi {
+            store.data_mut().end_wasi_call();
+        }
         self.last_fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         let decided = match result {
             Ok(outcome) => validate(outcome, limits.max_output_bytes),
@@ -984,6 +1030,20 @@ fn hostcall_budget(limits: &RuleLimits) -> usize {
 
 fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error) -> RuleFailure {
     let limits = &sandbox.limits;
+    if let Some(status) = store.data().wasi.exit_status {
+        return RuleFailure::new(
+            FailureKind::Exit,
+            format!("the rule called exit with status {status} instead of returning an outcome"),
+        );
+    }
+    if let Some(refusal) = &store.data().wasi.refusal {
+        return failure_with_detail(
+            FailureKind::Trap,
+            refusal.clone(),
+            &format!("{error:#}"),
+            limits.max_failure_detail_bytes,
+        );
+    }
     let trap = error.downcast_ref::<Trap>().copied();
     let kind = if store.data().limiter.refused_growth {
         FailureKind::Memory

@@ -18,3 +18,4 @@ mod reload;
 mod rules;
 mod sandbox;
 mod toolkit;
+mod wasi;
