@@ -25,8 +25,9 @@ export interface Request {
    */
   payload: string,
   /**
-   * When the host received the request, in milliseconds since the Unix epoch. Rules have no
-   * clock of their own: this is the only time they see, so replay sees the same time.
+   * When the host received the request, in milliseconds since the Unix epoch. The WASI
+   * clocks a rule may import read this value too: it is the only time a rule sees, so replay
+   * sees the same time.
    */
   receivedAtMs: bigint,
 }
