@@ -287,3 +287,38 @@ fn new_js_and_python_projects_build_and_pass_their_scenarios() {
         );
     }
 }
+
+/// The TypeScript types committed in guest/js/types are what `jco types` (the SDK's
+/// `npm run types`) generates from the current wit/rule.wit.
+#[test]
+fn js_types_are_generated_from_the_current_wit() {
+    let out = tempfile::tempdir().unwrap();
+    let sdk = workspace().join("guest/js");
+    let generated = Command::new("node")
+        .arg(sdk.join("node_modules/.bin/jco"))
+        .args([
+            "types",
+            "../../wit",
+            "--world-name",
+            "rule",
+            "--quiet",
+            "--out-dir",
+        ])
+        .arg(out.path())
+        .current_dir(&sdk)
+        .output()
+        .expect("running jco types");
+    assert!(
+        generated.status.success(),
+        "jco types: {}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    for file in ["rule.d.ts", "interfaces/turnstile-rule-types.d.ts"] {
+        let fresh = std::fs::read_to_string(out.path().join(file)).unwrap();
+        let committed = std::fs::read_to_string(sdk.join("types").join(file)).unwrap();
+        assert_eq!(
+            committed, fresh,
+            "guest/js/types/{file} is stale: run `npm run types` in guest/js"
+        );
+    }
+}
