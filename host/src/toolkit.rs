@@ -1,9 +1,12 @@
-//! The rule author's toolkit: `turnstile new` (a self-contained rule project), `turnstile build`
-//! (crate → component) and `turnstile check` (would this component be accepted, and what is it).
+//! The rule author's toolkit: `turnstile new` (a self-contained rule project in Rust, JavaScript
+//! or Python), `turnstile build` (project → component, in the project's language) and
+//! `turnstile check` (would this component be accepted, and what is it).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use turnstile_guest_build::languages;
+pub use turnstile_guest_build::languages::Language;
 
 use crate::config::Config;
 use crate::sandbox::{CompiledRule, RuleLimits, Sandbox};
@@ -28,9 +31,21 @@ pub struct BuildOptions {
     pub out: Option<PathBuf>,
 }
 
-/// Builds the rule crate in `crate_dir` into a component under `<target-dir>/components` and
-/// checks it against the world and `config`'s limits, exactly as `run` would.
+/// Builds the rule project in `crate_dir` (a Rust crate, or a JavaScript or Python project: see
+/// [`Language::detect`]) into a component under `<target-dir>/components` and checks it against
+/// the world and `config`'s limits, exactly as `run` would.
 pub fn build(crate_dir: &Path, config: &Config, options: &BuildOptions) -> anyhow::Result<Built> {
+    match Language::detect(crate_dir) {
+        Some(language @ (Language::JavaScript | Language::Python)) => {
+            return build_interpreted(crate_dir, language, config, options);
+        }
+        Some(Language::Rust) => {}
+        None if crate_dir.is_dir() => bail!(
+            "{} is no rule project: it has no Cargo.toml (Rust), package.json (JavaScript) or pyproject.toml / app.py (Python)",
+            crate_dir.display()
+        ),
+        None => {}
+    }
     let manifest_path = crate_dir.join("Cargo.toml");
     if !manifest_path.exists() {
         bail!(
@@ -42,13 +57,7 @@ pub fn build(crate_dir: &Path, config: &Config, options: &BuildOptions) -> anyho
     let cargo: PathBuf = std::env::var_os("CARGO")
         .unwrap_or_else(|| "cargo".into())
         .into();
-    let target_dir = match &options.target_dir {
-        Some(dir) => dir.clone(),
-        None => match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-            _ => crate_dir.join("target"),
-        },
-    };
+    let target_dir = target_dir(crate_dir, options);
     let crate_dir = std::path::absolute(crate_dir)
         .with_context(|| format!("resolving {}", crate_dir.display()))?;
     let target_dir = std::path::absolute(&target_dir)
@@ -77,14 +86,69 @@ pub fn build(crate_dir: &Path, config: &Config, options: &BuildOptions) -> anyho
             },
         )?
         .remove(0);
+    finish(built.path, config, options)
+}
+
+/// `--target-dir`, else `$CARGO_TARGET_DIR`, else `<project>/target`.
+fn target_dir(project_dir: &Path, options: &BuildOptions) -> PathBuf {
+    match &options.target_dir {
+        Some(dir) => dir.clone(),
+        None => match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => project_dir.join("target"),
+        },
+    }
+}
+
+/// Builds a JavaScript or Python rule with its language's pinned toolchain into
+/// `<target-dir>/components/<directory name>.wasm`.
+fn build_interpreted(
+    project_dir: &Path,
+    language: Language,
+    config: &Config,
+    options: &BuildOptions,
+) -> anyhow::Result<Built> {
+    let project_dir = std::path::absolute(project_dir)
+        .with_context(|| format!("resolving {}", project_dir.display()))?;
+    let name = project_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the rule project needs a directory name")?
+        .to_string();
+    if options.debug {
+        eprintln!(
+            "note: --debug applies to Rust rules; a {} rule's component keeps its source names anyway",
+            language.name()
+        );
+    }
+    let target_dir = std::path::absolute(target_dir(&project_dir, options))
+        .context("resolving the target dir")?;
+    let path = target_dir.join("components").join(format!("{name}.wasm"));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match language {
+        Language::JavaScript => languages::build_javascript(&project_dir, &path, false)?,
+        Language::Python => {
+            let componentize_py = languages::find_componentize_py(&project_dir)?;
+            languages::build_python(&project_dir, &path, &componentize_py, false)?;
+        }
+        Language::Rust => unreachable!("Rust rules are built by cargo"),
+    }
+    finish(path, config, options)
+}
+
+/// Copies the component built at `built_path` to `--out` (when given) and checks it.
+fn finish(built_path: PathBuf, config: &Config, options: &BuildOptions) -> anyhow::Result<Built> {
     let bytes =
-        std::fs::read(&built.path).with_context(|| format!("reading {}", built.path.display()))?;
+        std::fs::read(&built_path).with_context(|| format!("reading {}", built_path.display()))?;
     let path = match &options.out {
         Some(out) => {
             std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             out.clone()
         }
-        None => built.path,
+        None => built_path,
     };
     let rule = check_bytes(&bytes, config)
         .with_context(|| format!("{} would be refused", path.display()))?;
@@ -263,12 +327,36 @@ mod template {
     pub const WIT: &str = include_str!("../../wit/rule.wit");
     /// The wit-bindgen the SDK is built with in this repository (kept equal by a test).
     pub const WIT_BINDGEN_VERSION: &str = "0.61";
+
+    /// A JavaScript project: the npm package, its rule module, and the JS SDK (build script and
+    /// types generated from the WIT) vendored under `sdk/`.
+    pub mod js {
+        pub const PACKAGE_JSON: &str = include_str!("../templates/new-js/package.json.in");
+        pub const RULE_JS: &str = include_str!("../templates/new-js/rule.js");
+        pub const README: &str = include_str!("../templates/new-js/README.md.in");
+        pub const GITIGNORE: &str = include_str!("../templates/new-js/gitignore");
+        pub const BUILD_MJS: &str = include_str!("../../guest/js/build.mjs");
+        pub const RULE_D_TS: &str = include_str!("../../guest/js/types/rule.d.ts");
+        pub const LOG_D_TS: &str = include_str!("../../guest/js/types/log.d.ts");
+        pub const TYPES_D_TS: &str =
+            include_str!("../../guest/js/types/interfaces/turnstile-rule-types.d.ts");
+    }
+
+    /// A Python project: `app.py`, and the pinned toolchain in `requirements.txt`.
+    pub mod python {
+        pub const APP_PY: &str = include_str!("../templates/new-python/app.py.in");
+        pub const PYPROJECT: &str = include_str!("../templates/new-python/pyproject.toml.in");
+        pub const REQUIREMENTS: &str = include_str!("../templates/new-python/requirements.txt.in");
+        pub const README: &str = include_str!("../templates/new-python/README.md.in");
+        pub const GITIGNORE: &str = include_str!("../templates/new-python/gitignore");
+    }
 }
 
-/// Creates a self-contained rule project in `dir` (which must not exist): a rule crate whose
-/// package name is the directory's name, a scenario file, a README, and the SDK vendored under
-/// `sdk/`. Returns the package name.
-pub fn new_project(dir: &Path) -> anyhow::Result<String> {
+/// Creates a self-contained rule project in `dir` (which must not exist), in `language`: the
+/// rule (package name: the directory's name), a scenario file, a README, and what the project
+/// needs to build with no checkout (the Rust SDK under `sdk/`; the JS build script and types
+/// under `sdk/`; the WIT). Returns the name.
+pub fn new_project(dir: &Path, language: Language) -> anyhow::Result<String> {
     let name = dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -303,20 +391,56 @@ pub fn new_project(dir: &Path) -> anyhow::Result<String> {
             .replace("{type_name}", &type_name)
             .replace("{turnstile_version}", env!("CARGO_PKG_VERSION"))
             .replace("{wit_bindgen_version}", template::WIT_BINDGEN_VERSION)
+            .replace("{componentize_js}", languages::COMPONENTIZE_JS)
+            .replace(
+                "{componentize_js_version}",
+                languages::COMPONENTIZE_JS_VERSION,
+            )
+            .replace("{componentize_py}", languages::COMPONENTIZE_PY)
+            .replace(
+                "{componentize_py_version}",
+                languages::COMPONENTIZE_PY_VERSION,
+            )
     };
-    // In this repository the SDK finds the WIT one level up; in the project it sits beside it.
-    let sdk_lib = template::SDK_LIB_RS.replace("path: \"../wit\"", "path: \"wit\"");
-    let files: [(&str, String); 8] = [
-        ("Cargo.toml", fill(template::CARGO_TOML)),
-        ("src/lib.rs", fill(template::LIB_RS)),
-        ("scenarios.toml", template::SCENARIOS.to_string()),
-        ("README.md", fill(template::README)),
-        (".gitignore", template::GITIGNORE.to_string()),
-        ("sdk/Cargo.toml", fill(template::SDK_CARGO_TOML)),
-        ("sdk/src/lib.rs", sdk_lib),
-        ("sdk/wit/rule.wit", template::WIT.to_string()),
-    ];
-    for (relative, text) in files {
+    let files: Vec<(&str, String)> = match language {
+        Language::Rust => {
+            // In this repository the SDK finds the WIT one level up; in the project it sits beside it.
+            let sdk_lib = template::SDK_LIB_RS.replace("path: \"../wit\"", "path: \"wit\"");
+            vec![
+                ("Cargo.toml", fill(template::CARGO_TOML)),
+                ("src/lib.rs", fill(template::LIB_RS)),
+                ("README.md", fill(template::README)),
+                (".gitignore", template::GITIGNORE.to_string()),
+                ("sdk/Cargo.toml", fill(template::SDK_CARGO_TOML)),
+                ("sdk/src/lib.rs", sdk_lib),
+                ("sdk/wit/rule.wit", template::WIT.to_string()),
+            ]
+        }
+        Language::JavaScript => vec![
+            ("package.json", fill(template::js::PACKAGE_JSON)),
+            ("rule.js", template::js::RULE_JS.to_string()),
+            ("README.md", fill(template::js::README)),
+            (".gitignore", template::js::GITIGNORE.to_string()),
+            ("sdk/build.mjs", template::js::BUILD_MJS.to_string()),
+            ("sdk/types/rule.d.ts", template::js::RULE_D_TS.to_string()),
+            ("sdk/types/log.d.ts", template::js::LOG_D_TS.to_string()),
+            (
+                "sdk/types/interfaces/turnstile-rule-types.d.ts",
+                template::js::TYPES_D_TS.to_string(),
+            ),
+            ("wit/rule.wit", template::WIT.to_string()),
+        ],
+        Language::Python => vec![
+            ("app.py", fill(template::python::APP_PY)),
+            ("pyproject.toml", fill(template::python::PYPROJECT)),
+            ("requirements.txt", fill(template::python::REQUIREMENTS)),
+            ("README.md", fill(template::python::README)),
+            (".gitignore", template::python::GITIGNORE.to_string()),
+            ("wit/rule.wit", template::WIT.to_string()),
+        ],
+    };
+    let scenarios = ("scenarios.toml", template::SCENARIOS.to_string());
+    for (relative, text) in files.into_iter().chain([scenarios]) {
         let path = dir.join(relative);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)

@@ -12,6 +12,7 @@ mod crash;
 mod damage;
 mod durability;
 mod kafka;
+mod languages;
 mod limits;
 mod reload;
 mod rules;

@@ -12,6 +12,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+pub mod languages;
+
 /// The target rules compile to before they are wrapped into components.
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
