@@ -51,6 +51,10 @@ mod wasi;
 /// The reference rule (`guest/rules/reservation`), built into the binary by `build.rs`.
 pub const REFERENCE_RULE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reservation.wasm"));
 
+/// Wall-clock bound of a component's first instantiation at load, which also builds its memory
+/// images (fuel still bounds its work as a call's).
+const LOAD_INSTANTIATION_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How often the epoch ticker advances the engine's clock; the deadline's resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 
@@ -711,9 +715,17 @@ impl Sandbox {
         let budget = Arc::new(std::sync::Mutex::new(LogBudget::new(
             self.limits.max_log_lines_per_second,
         )));
-        if let Err(e) = self.new_store(&rule, u32::MAX, &budget) {
-            let text = escape_untrusted(&format!("{e:#}"), MAX_FAILURE_MESSAGE);
-            return Err(LoadError::Instantiation(text));
+        // The first instantiation of a component also builds its copy-on-write memory images
+        // (tens of MB for an interpreter such as CPython): it gets a generous deadline (its fuel
+        // is the call's). The second is a call's instantiation and must fit a call's limits.
+        let first = (LOAD_INSTANTIATION_DEADLINE.as_micros() as u64)
+            .div_ceil(EPOCH_TICK.as_micros() as u64)
+            .max(self.deadline_ticks());
+        for deadline_ticks in [first, self.deadline_ticks()] {
+            if let Err(e) = self.new_store(&rule, u32::MAX, &budget, deadline_ticks) {
+                let text = escape_untrusted(&format!("{e:#}"), MAX_FAILURE_MESSAGE);
+                return Err(LoadError::Instantiation(text));
+            }
         }
         Ok(rule)
     }
@@ -812,8 +824,12 @@ impl Sandbox {
             last_fuel_used: 0,
         };
         if self.limits.isolation == Isolation::WarmInstanceLeaksState {
-            instance.warm =
-                Some(self.new_store(&instance.rule, partition, &instance.log_budget)?);
+            instance.warm = Some(self.new_store(
+                &instance.rule,
+                partition,
+                &instance.log_budget,
+                self.deadline_ticks(),
+            )?);
         }
         Ok(instance)
     }
@@ -823,6 +839,7 @@ impl Sandbox {
         rule: &CompiledRule,
         partition: u32,
         log_budget: &Arc<std::sync::Mutex<LogBudget>>,
+        deadline_ticks: u64,
     ) -> anyhow::Result<(Store<HostState>, bindings::Rule)> {
         let mut store = Store::new(
             &self.engine,
@@ -845,7 +862,7 @@ impl Sandbox {
         // A start function runs during instantiation: it gets the same fuel and deadline as a
         // call, so one that loops is stopped here too.
         store.set_fuel(self.limits.fuel)?;
-        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_epoch_deadline(deadline_ticks);
         store.epoch_deadline_trap();
         let bindings = rule.pre.instantiate(&mut store)?;
         Ok((store, bindings))
@@ -941,7 +958,12 @@ impl RuleInstance {
         let (mut store, bindings) = match self.warm.take() {
             Some(warm) => warm,
             None => sandbox
-                .new_store(&self.rule, self.partition, &self.log_budget)
+                .new_store(
+                    &self.rule,
+                    self.partition,
+                    &self.log_budget,
+                    sandbox.deadline_ticks(),
+                )
                 .map_err(|e| {
                     self.last_fuel_used = 0;
                     failure_with_detail(
@@ -1000,10 +1022,12 @@ impl RuleInstance {
     /// now; on error the old rule stays.
     pub fn replace_rule(&mut self, rule: Arc<CompiledRule>) -> anyhow::Result<()> {
         if self.sandbox.limits.isolation == Isolation::WarmInstanceLeaksState {
-            self.warm = Some(
-                self.sandbox
-                    .new_store(&rule, self.partition, &self.log_budget)?,
-            );
+            self.warm = Some(self.sandbox.new_store(
+                &rule,
+                self.partition,
+                &self.log_budget,
+                self.sandbox.deadline_ticks(),
+            )?);
         } else {
             self.warm = None;
         }
