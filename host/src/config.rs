@@ -422,6 +422,14 @@ impl Config {
         if p.containers == 0 {
             return Err(invalid("partitions.containers must be at least 1"));
         }
+        if let Some(kafka) = &self.kafka
+            && !(10..=60_000).contains(&kafka.broker_check_ms)
+        {
+            return Err(invalid(format!(
+                "kafka.broker_check_ms must be between 10 and 60000 (is {})",
+                kafka.broker_check_ms
+            )));
+        }
         if p.count() < 2 {
             return Err(invalid(format!(
                 "partitions.servers × partitions.containers must be at least 2 (is {})",

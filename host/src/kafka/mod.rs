@@ -534,7 +534,12 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
         c.set(name, value);
     }
     c.set("bootstrap.servers", &kafka.brokers)
-        .set("socket.keepalive.enable", "true");
+        .set("socket.keepalive.enable", "true")
+        // Topics are created by Turnstile (with N partitions, compacted where it must be),
+        // never by a broker that sees a client ask for a topic it lost: a broker that came
+        // back empty would re-create them with its defaults, and the next start would find
+        // a 4-partition, uncompacted changelog.
+        .set("allow.auto.create.topics", "false");
     c
 }
 
@@ -707,7 +712,17 @@ impl KafkaNode {
             .unwrap_or_else(|e| e.into_inner())
             .get(&p)
             .cloned();
+        // An announcement with this process's own address but another node id is a
+        // predecessor's (a process restarted on the same address): naming it would send the
+        // client back here.
+        let own_url = self.shared.advertised_url.get();
+        let stale_self =
+            |o: &OwnerRecord| o.node != self.shared.node_id && Some(&o.address) == own_url;
         match owner {
+            Some(owner) if stale_self(&owner) => KeyReadError::Moving {
+                partition: p,
+                owner: None,
+            },
             Some(owner)
                 if owner.state == OwnerState::Serving && owner.node != self.shared.node_id =>
             {
