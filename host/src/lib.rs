@@ -29,7 +29,8 @@
 //! - [`scenario`]: `turnstile test`: scenario files run against a rule in fresh runtimes.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
 //! - [`kafka`]: Kafka mode: partitions shared by a group of processes over a Kafka-protocol log;
-//!   the same partition engine behind a Kafka transport, and the changelog with fencing.
+//!   the same partition engine behind a Kafka transport, the changelog with fencing, the
+//!   cluster's agreed layout, and the broker watch (suspend on broker loss, stop on data loss).
 //! - [`logging`]: `tracing` setup.
 
 pub mod api;
