@@ -1613,11 +1613,12 @@ async fn a_broker_that_comes_back_empty_crashes_nothing_and_is_reported() {
     assert_eq!(counts.get(&200), None, "{counts:?}");
 }
 
-/// The broker stops answering for a while (SIGSTOP) and comes back with its data: the processes
-/// suspend their partitions meanwhile (503 `cluster_unavailable`, not requests hanging until
-/// they time out), then rejoin and serve the state applied before.
+/// The broker stops answering for a while (SIGSTOP) and comes back with its data: that is not
+/// a lost broker (its connections stay open), so the processes do not suspend;
+/// requests sent meanwhile end with a timeout (504, or the server's 503 `request_timeout`), and afterwards
+/// both processes serve the state applied before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_broker_that_pauses_is_waited_for_and_rejoined() {
+async fn a_broker_that_pauses_is_waited_for_not_taken_for_lost() {
     let broker = PrivateBroker::start();
     let config = private_cluster_config(&broker);
     let (p1, p2) = (start(&config), start(&config));
@@ -1626,28 +1627,29 @@ async fn a_broker_that_pauses_is_waited_for_and_rejoined() {
         pair(&[&p1, &p2], "before", u).await;
     }
     broker.signal("-STOP");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut unavailable = false;
-    while !unavailable {
-        assert!(
-            Instant::now() < deadline,
-            "requests were never refused as cluster_unavailable"
-        );
-        let (status, doc) = p1
-            .request(request(
-                "reserve",
-                Some("during"),
-                "during-user",
-                "during-1",
-            ))
-            .await;
-        unavailable = status == 503 && doc["error"]["code"] == "cluster_unavailable";
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let paused = Instant::now();
+    let (status, doc) = p1
+        .request(request(
+            "reserve",
+            Some("during"),
+            "during-user",
+            "during-1",
+        ))
+        .await;
+    // Bounded: the outcome wait (504) or the server's request timeout (503), whichever ends it.
+    assert!(
+        (status == 504 && doc["error"]["code"] == "outcome_timeout")
+            || (status == 503 && doc["error"]["code"] == "request_timeout"),
+        "{status} {doc}"
+    );
+    // Well past the watch's checks (200 ms each, 2 s timeout): still connected.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(paused.elapsed())).await;
+    for server in [&p1, &p2] {
+        let (_, doc) = server.get("/v1/partitions").await;
+        assert_eq!(doc["cluster"]["state"], "connected", "{doc}");
     }
-    let (status, _) = p2.get("/readyz").await;
-    assert_eq!(status, 503);
     broker.signal("-CONT");
-    // Back: both processes rejoin and split the partitions again, with the state from before.
+    // (The group itself may move a partition or two: the pause outlasted the session timeout.)
     wait_for_split(&[&p1, &p2]).await;
     for u in 0..20 {
         let doc = state_anywhere(&[&p1, &p2], &format!("before-{u}")).await;
@@ -1656,10 +1658,6 @@ async fn a_broker_that_pauses_is_waited_for_and_rejoined() {
     }
     for u in 0..20 {
         pair(&[&p1, &p2], "after", u).await;
-    }
-    for server in [&p1, &p2] {
-        let (_, doc) = server.get("/v1/partitions").await;
-        assert_eq!(doc["cluster"]["state"], "connected", "{doc}");
     }
 }
 

@@ -1265,14 +1265,15 @@ impl KafkaNode {
                     watch::Check::Intact => {
                         failures.lost_after(false);
                     }
+                    // A broker that does not answer (frozen, or cut off by the network) but
+                    // keeps its connections is waited for, not suspended from: it comes back
+                    // with its data, and a rejoin would move every partition for nothing. Only
+                    // a broker that died (every connection closed, above) suspends.
                     watch::Check::Unreachable(why) => {
                         if failures.lost_after(true) {
-                            tracing::error!(
-                                "the Kafka broker is unreachable ({why}); suspending this process's partitions until it answers"
+                            tracing::warn!(
+                                "the Kafka broker does not answer ({why}); requests wait for it (up to kafka.reply_timeout_ms)"
                             );
-                            self.health.set(watch::ClusterState::Unreachable, why);
-                            self.shared.broker_lost.store(true, Ordering::Relaxed);
-                            self.suspend();
                         }
                     }
                     watch::Check::Lost(why) => self.data_lost(why),

@@ -11,11 +11,11 @@
 //!   in `rd_kafka_metadata_update_op` when a fetch answer names a topic it no longer knows, and
 //!   the process dies of a segfault.
 //!
-//! So a watch thread asks the broker for the requests topic's metadata every
-//! `kafka.broker_check_ms`, and listens for librdkafka's "all brokers down" event. On that event
-//! (a broker that died closes every connection at once), or when the check fails
-//! `BROKER_LOST_AFTER` times in a row (a silent broker), the process suspends its share of the
-//! cluster: every consumer (group member, partition threads, routes
+//! So a watch thread listens for librdkafka's "all brokers down" event and asks the broker for
+//! the requests and changelog topics every `kafka.broker_check_ms`. On that event (a broker that
+//! died closes every connection at once) the process suspends its share of the cluster (a
+//! broker that is only silent, frozen or cut off, keeps its data and is waited for; failed
+//! checks are logged after `BROKER_LOST_AFTER` in a row): every consumer (group member, partition threads, routes
 //! and outcomes readers) is stopped and dropped, so none is left fetching when the broker
 //! returns, and requests are answered 503 `cluster_unavailable`. When the broker answers again,
 //! the watch checks that it still holds this cluster: the topics with their partition counts,
