@@ -76,8 +76,8 @@ pub enum SubmitError {
         /// How long until a request of the key is let through again.
         retry_after_ms: u64,
     },
-    /// Kafka mode: the broker does not answer; this process suspended its partitions until it
-    /// does. Nothing was produced; retry.
+    /// Kafka mode: the broker died (every connection closed); this process suspended its
+    /// partitions until it answers. Nothing was produced; retry.
     #[error("{0}")]
     ClusterUnavailable(String),
     /// Kafka mode: the broker came back without this cluster's data; this process stopped
