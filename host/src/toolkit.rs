@@ -217,7 +217,7 @@ fn stage_as_own_workspace(
         std::fs::remove_dir_all(&staged)
             .with_context(|| format!("clearing {}", staged.display()))?;
     }
-    copy_sources(crate_dir, &staged)?;
+    turnstile_guest_build::languages::copy_sources(crate_dir, &staged)?;
     std::fs::write(
         staged.join("Cargo.toml"),
         format!("{manifest}\n# Staged by `turnstile build`: built as a workspace of its own.\n[workspace]\n"),
@@ -229,26 +229,6 @@ fn stage_as_own_workspace(
             .with_context(|| format!("copying {}", lock.display()))?;
     }
     Ok(Some(staged))
-}
-
-/// Copies `from` into `to`, without `target/` and hidden entries (`.git`).
-fn copy_sources(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name == "target" || name.to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let (source, dest) = (entry.path(), to.join(&name));
-        if entry.file_type()?.is_dir() {
-            copy_sources(&source, &dest)?;
-        } else {
-            std::fs::copy(&source, &dest)
-                .with_context(|| format!("copying {}", source.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// The workspace `crate_dir` belongs to, when its root is another directory (the crate is a

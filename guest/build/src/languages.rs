@@ -175,8 +175,9 @@ pub fn build_python(dir: &Path, out: &Path, componentize_py: &Path, quiet: bool)
 }
 
 /// Copies a rule project's sources from `from` into `to`, without what is not source: hidden
-/// entries (`.venv`, `.git`), `target/`, `node_modules/` and `__pycache__/`.
-fn copy_sources(from: &Path, to: &Path) -> Result<()> {
+/// entries (`.venv`, `.git`), `target/`, `node_modules/` and `__pycache__/`. Also stages Rust
+/// crates for `turnstile build`.
+pub fn copy_sources(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry?;
