@@ -44,6 +44,10 @@ echo "== Tansu broker on 127.0.0.1:$port (log: $dir/broker.log)"
 export TURNSTILE_TEST_KAFKA="127.0.0.1:$port"
 # Tests that restart a broker start their own from this binary.
 export TURNSTILE_TEST_TANSU="$PWD/$dir/tansu"
+# Compiled rule components are cached in the target dir, not in the user's ~/.cache: a test run
+# leaves nothing outside the checkout, and a JavaScript or Python rule compiles once per run
+# (tests of the cache itself use directories of their own).
+export TURNSTILE_COMPILE_CACHE="$PWD/target/compile-cache"
 log="$dir/cargo-test.log"
 set +e
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"

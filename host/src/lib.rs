@@ -12,7 +12,8 @@
 //! - [`metrics`]: Prometheus metrics in atomics, rendered on `GET /metrics`.
 //! - [`model`]: requests, states, outcomes and decisions, the host's own types.
 //! - [`router`]: the partitioner (`abs(hash(key)) % N`) and the user → key route cache.
-//! - [`sandbox`]: the wasmtime engine, load-time checks, per-call limits; the only `bindgen!`.
+//! - [`sandbox`]: the wasmtime engine, load-time checks, per-call limits, the deterministic WASI
+//!   and the compiled-component cache; the only `bindgen!`.
 //! - [`store`]: one redb database per partition: states, routes, dedup, log, dead letters.
 //! - [`native`]: the reference rule compiled natively, the benchmark's sandbox-cost baseline.
 //! - [`partition`]: one thread per partition: its queue, its rule instance, its store, group commit.

@@ -46,6 +46,7 @@ mod bindings {
 
 use bindings::turnstile::rule::types as wit;
 
+mod compile_cache;
 mod wasi;
 
 /// The reference rule (`guest/rules/reservation`), built into the binary by `build.rs`.
@@ -319,6 +320,9 @@ pub struct Sandbox {
     /// refused for their compile time (whose compilation cannot be stopped and runs on) never
     /// pile up.
     compile_gate: Arc<std::sync::Mutex<()>>,
+    /// Compiled components kept on disk between processes ([`compile_cache`]); `None` when
+    /// turned off.
+    compile_cache: Option<compile_cache::CompileCache>,
 }
 
 /// Rule log lines collected by a capturing sandbox ([`Sandbox::new_capturing_logs`]), as
@@ -628,6 +632,7 @@ impl Sandbox {
             shared: Default::default(),
             log_capture,
             compile_gate: Default::default(),
+            compile_cache: compile_cache::CompileCache::from_env(),
         }))
     }
 
@@ -738,7 +743,34 @@ impl Sandbox {
     /// from `/proc`, so a busy machine does not refuse a component a quiet one accepts; where
     /// `/proc` cannot say, wall-clock time counts. Waiting for an earlier compilation to finish
     /// is bounded too, by [`COMPILE_WAIT_FACTOR`] times the budget of wall-clock time.
+    ///
+    /// A component found in the compile cache is not compiled again, but the CPU time its
+    /// compilation took is held to the budget all the same, so the cache never lets through a
+    /// component a cold start would refuse.
     fn compile_within_budget(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        let budget = self.limits.compile_budget;
+        if let Some(cached) = self
+            .compile_cache
+            .as_ref()
+            .and_then(|cache| cache.load(&self.engine, bytes))
+        {
+            if cached.compile_cpu > budget {
+                return Err(LoadError::CompileTimeout {
+                    budget_ms: budget.as_millis() as u64,
+                });
+            }
+            return Ok(cached.component);
+        }
+        let (component, compile_cpu) = self.compile_on_thread(bytes)?;
+        if let Some(cache) = &self.compile_cache {
+            cache.store(&self.engine, bytes, &component, compile_cpu);
+        }
+        Ok(component)
+    }
+
+    /// Compiles `bytes` on a thread of its own under the budget (see
+    /// [`Sandbox::compile_within_budget`]); the component and the CPU time it took.
+    fn compile_on_thread(&self, bytes: &[u8]) -> Result<(Component, Duration), LoadError> {
         use std::sync::mpsc::RecvTimeoutError;
         let (done, result) = std::sync::mpsc::sync_channel(1);
         let (started, compiler) = std::sync::mpsc::sync_channel(1);
@@ -750,8 +782,14 @@ impl Sandbox {
             .spawn(move || {
                 let _one_at_a_time = gate.lock().unwrap_or_else(|e| e.into_inner());
                 // `PID/task/TID`: where /proc keeps this thread's CPU time.
-                let _ = started.send(std::fs::read_link("/proc/thread-self").ok());
-                let _ = done.send(Component::new(&engine, &bytes));
+                let task = std::fs::read_link("/proc/thread-self").ok();
+                let _ = started.send(task.clone());
+                let began = std::time::Instant::now();
+                let compiled = Component::new(&engine, &bytes).map(|component| {
+                    let cpu = task.as_deref().and_then(thread_cpu_time);
+                    (component, cpu.unwrap_or_else(|| began.elapsed()))
+                });
+                let _ = done.send(compiled);
             })
             .map_err(|e| LoadError::Invalid(format!("starting a compiler thread: {e}")))?;
         let budget = self.limits.compile_budget;
@@ -762,6 +800,11 @@ impl Sandbox {
         let mut thread = None;
         loop {
             match result.recv_timeout(COMPILE_POLL) {
+                Ok(Ok((_, cpu))) if cpu > budget => {
+                    // Finished between two looks, but over the budget all the same: refused as
+                    // a compile cache entry of the same cost would be.
+                    return Err(refused());
+                }
                 Ok(compiled) => {
                     return compiled.map_err(|e| LoadError::Invalid(format!("{e:#}")));
                 }

@@ -322,3 +322,86 @@ fn js_types_are_generated_from_the_current_wit() {
         );
     }
 }
+
+/// The compile cache (`TURNSTILE_COMPILE_CACHE`): a checked component leaves one entry, which the
+/// next load uses instead of compiling; an entry with a flipped byte is compiled again and
+/// rewritten; the compile budget holds for a cached component as for a cold one; a cache
+/// directory others can write to is not used.
+#[test]
+fn compiled_components_are_cached_and_a_damaged_entry_is_compiled_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let env = [("TURNSTILE_COMPILE_CACHE", cache.as_path())];
+    let entries = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&cache)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    let (ok, _, stderr) = run_cli_env(&["check", guests::RESERVATION], &env);
+    assert!(ok, "check failed: {stderr}");
+    let [entry] = entries().try_into().expect("one cache entry after a check");
+    let original = std::fs::read(&entry).unwrap();
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o700,
+        "the cache directory is private"
+    );
+
+    // A flipped byte in the compiled code: refused by the digest, compiled again, rewritten.
+    let mut damaged = original.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x01;
+    std::fs::write(&entry, &damaged).unwrap();
+    let (ok, _, stderr) = run_cli_env(&["check", guests::RESERVATION], &env);
+    assert!(ok, "check with a damaged cache entry failed: {stderr}");
+    let rewritten = std::fs::read(&entry).unwrap();
+    assert_ne!(rewritten, damaged, "the damaged entry was kept");
+    assert_eq!(
+        rewritten.len(),
+        original.len(),
+        "the entry was not rewritten with the compiled component"
+    );
+
+    // The entry remembers its compilation's CPU time (ms, little-endian, after 16 magic bytes);
+    // a budget below it refuses the cached component as it would refuse a cold compilation.
+    let cpu_ms = u64::from_le_bytes(rewritten[16..24].try_into().unwrap());
+    assert!(
+        cpu_ms >= 2,
+        "compiling the reference rule took {cpu_ms} ms of CPU: too little for this check"
+    );
+    let config = dir.path().join("tight.toml");
+    std::fs::write(&config, "[rule]\nmax_compile_ms = 1\n").unwrap();
+    let (ok, _, stderr) = run_cli_env(
+        &[
+            "check",
+            guests::RESERVATION,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(
+        !ok,
+        "a cached component over the compile budget was accepted"
+    );
+    assert!(
+        stderr.contains("rule.max_compile_ms"),
+        "the refusal does not name the budget: {stderr}"
+    );
+
+    // A directory others can write to is not trusted: nothing is read from or written to it.
+    std::fs::remove_file(&entry).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, _, stderr) = run_cli_env(&["check", guests::RESERVATION], &env);
+    assert!(ok, "check with an open cache directory failed: {stderr}");
+    assert!(
+        entries().is_empty(),
+        "an entry was written to a directory others can write to"
+    );
+}
