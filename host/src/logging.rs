@@ -32,10 +32,14 @@ pub fn init(level: &str) -> anyhow::Result<()> {
 
 /// The subscriber of `turnstile test`: the rule's log lines at `level`, exactly as `run` writes
 /// them (same rate limit, escaping and non-blocking writer, so a rule that logs costs the same
-/// and fails the same way in both), and of the host's own lines only errors: the report on
-/// stdout is what the user reads. `RUST_LOG`, when set, wins.
+/// and fails the same way in both), and of the host's own lines only errors and the sandbox's
+/// warnings (a compile cache that is not used): the report on stdout is what the user reads.
+/// `RUST_LOG`, when set, wins.
 pub fn init_for_rule_tests(level: &str) -> anyhow::Result<()> {
-    install(&format!("error,turnstile::rule={level}"), level)
+    install(
+        &format!("error,turnstile::sandbox=warn,turnstile::rule={level}"),
+        level,
+    )
 }
 
 /// Installs the global subscriber with `filter`, unless `RUST_LOG` is set; `level` names the

@@ -9,6 +9,23 @@ use clap::{Parser, Subcommand};
 use turnstile::config::Config;
 use turnstile::router::HashKind;
 
+/// `println!` that hands a closed stdout (`turnstile check X | head -1`) back as an error, on
+/// which `main` ends quietly, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// `print!` with [`outln!`]'s handling of a closed stdout.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 /// Keyed state machines whose transition rules are WebAssembly components.
 #[derive(Parser)]
 #[command(name = "turnstile", version, about)]
@@ -269,6 +286,16 @@ fn main() -> ExitCode {
             eprintln!("error: {}", gate.message);
             ExitCode::from(gate.code)
         }
+        // The reader of stdout went away (`| head`): what it wanted, it got.
+        Err(e)
+            if e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -294,7 +321,8 @@ fn test_once(
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(rule).with_context(|| format!("reading {}", rule.display()))?;
     let report = turnstile::scenario::run(&bytes, scenarios, config, options, &mut |line| {
-        println!("{line}");
+        // A closed stdout is noticed by the summary's `outln!` once the run ends.
+        let _ = std::io::Write::write_fmt(&mut std::io::stdout().lock(), format_args!("{line}\n"));
     })?;
     if report.results.is_empty() {
         anyhow::bail!(
@@ -309,28 +337,28 @@ fn test_once(
         .filter(|r| r.failure.is_some())
         .collect();
     if !failures.is_empty() {
-        println!("\nfailures:\n");
+        outln!("\nfailures:\n");
         for r in &failures {
-            println!("---- {} ({}) ----", r.name, r.at);
-            println!("{}", r.failure.as_deref().unwrap_or_default());
+            outln!("---- {} ({}) ----", r.name, r.at);
+            outln!("{}", r.failure.as_deref().unwrap_or_default());
         }
     }
-    println!("\ncoverage (status before, kind) → outcomes seen:");
+    outln!("\ncoverage (status before, kind) → outcomes seen:");
     for line in turnstile::scenario::coverage_lines(&report.coverage) {
-        println!("{line}");
+        outln!("{line}");
     }
     if !report.never_ran.is_empty() {
-        println!("\nnever ran (declared in [coverage]):");
+        outln!("\nnever ran (declared in [coverage]):");
         for (from, kind) in &report.never_ran {
-            println!("  ({from}, {kind})");
+            outln!("  ({from}, {kind})");
         }
     }
     if let Some(path) = junit {
         std::fs::write(path, turnstile::scenario::junit(&report))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "scenarios: {} passed, {} failed, {} filtered out",
         report.passed(),
         report.failed(),
@@ -364,6 +392,11 @@ fn newest_change(paths: &[PathBuf]) -> std::time::SystemTime {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // `run` and `test` set up logging from their configuration; every other command shows the
+    // host's warnings (a compile cache that is not used, say) and errors on stderr.
+    if !matches!(cli.command, Command::Run { .. } | Command::Test { .. }) {
+        turnstile::logging::init("warn").context("setting up logging")?;
+    }
     match cli.command {
         Command::New { dir, lang } => {
             let language = match lang {
@@ -372,7 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Lang::Python => turnstile::toolkit::Language::Python,
             };
             let name = turnstile::toolkit::new_project(&dir, language)?;
-            println!("created rule `{name}` in {}", dir.display());
+            outln!("created rule `{name}` in {}", dir.display());
             let install = match lang {
                 Lang::Rust => "",
                 Lang::Js => "npm install && ",
@@ -380,7 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && "
                 }
             };
-            println!(
+            outln!(
                 "next: cd {} && {install}turnstile build . && turnstile test target/components/{name}.wasm scenarios.toml",
                 dir.display()
             );
@@ -400,9 +433,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let built =
                 turnstile::toolkit::build(&crate_dir, &load_config(config.as_ref())?, &options)?;
-            println!("built {}", built.path.display());
-            println!("version {}", built.rule.version);
-            println!("size {} bytes", built.rule.size);
+            outln!("built {}", built.path.display());
+            outln!("version {}", built.rule.version);
+            outln!("size {} bytes", built.rule.size);
             Ok(())
         }
         Command::Test {
@@ -442,9 +475,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         test_once(&rule, &scenarios, &config, &options, junit.as_deref())
                     });
                     if let Err(e) = outcome {
-                        println!("error: {e:#}");
+                        outln!("error: {e:#}");
                     }
-                    println!(
+                    outln!(
                         "\nwatching {} for changes (Ctrl-C to stop)",
                         crate_dir.display()
                     );
@@ -475,9 +508,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             bar.finish();
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", turnstile::replay::render(&report, &data_dir));
+                out!("{}", turnstile::replay::render(&report, &data_dir));
             }
             if let Some(path) = junit {
                 std::fs::write(&path, turnstile::replay::junit(&report))
@@ -546,9 +579,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
                 bar.finish();
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    outln!("{}", serde_json::to_string_pretty(&rows)?);
                 } else {
-                    print!("{}", turnstile::bench::kafka::render(&rows, &options));
+                    out!("{}", turnstile::bench::kafka::render(&rows, &options));
                 }
                 return Ok(());
             }
@@ -594,9 +627,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rows = turnstile::bench::run(&options, &mut |done, total| bar.update(done, total))?;
             bar.finish();
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", turnstile::bench::render(&rows, &options));
+                out!("{}", turnstile::bench::render(&rows, &options));
             }
             Ok(())
         }
@@ -636,7 +669,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 turnstile::repartition::repartition(&data_dir, partitions, hash, &mut |line| {
                     eprintln!("{line}");
                 })?;
-            println!(
+            outln!(
                 "repartitioned {}: {} → {} partitions ({} → {}), {} states, {} routes, {} dedup entries, {} log entries, {} dead letters written ({} older routes and dedup entries superseded) in {:.2?}",
                 data_dir.display(),
                 report.old.partitions,
@@ -652,7 +685,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.elapsed
             );
             if let Some(version) = &report.rule_version {
-                println!("every partition runs rule version {version}");
+                outln!("every partition runs rule version {version}");
             }
             Ok(())
         }
@@ -661,7 +694,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .or_else(|| std::env::var("TURNSTILE_ADMIN_TOKEN").ok())
                 .context("the admin token is needed: --token or TURNSTILE_ADMIN_TOKEN")?;
             let status = turnstile::backup::run_client(&url, &out, &token)?;
-            println!(
+            outln!(
                 "backup {}: {} partitions, {} records",
                 out.display(),
                 status.partitions_done,
@@ -674,8 +707,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             drop_damaged: true,
         } => {
             let (reports, removed) = turnstile::verify::drop_damaged(&data_dir)?;
-            print!("{}", turnstile::verify::render(&reports));
-            println!("removed {removed} damaged records");
+            out!("{}", turnstile::verify::render(&reports));
+            outln!("removed {removed} damaged records");
             if reports
                 .iter()
                 .any(|r| r.damage.iter().any(|d| d.key.is_none()))
@@ -689,7 +722,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify { data_dir, .. } => {
             let reports = turnstile::verify::verify(&data_dir)?;
-            print!("{}", turnstile::verify::render(&reports));
+            out!("{}", turnstile::verify::render(&reports));
             let damaged = reports.iter().filter(|r| !r.damage.is_empty()).count();
             if damaged > 0 {
                 anyhow::bail!(
@@ -702,12 +735,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { rule, config } => {
             let checked = turnstile::toolkit::check(&rule, &load_config(config.as_ref())?)?;
-            println!("ok {}", rule.display());
-            println!("version {}", checked.version);
-            println!("size {} bytes", checked.size);
-            println!("functions {}", checked.functions);
-            println!("imports {}", checked.imports.join(", "));
-            println!("exports {}", checked.exports.join(", "));
+            outln!("ok {}", rule.display());
+            outln!("version {}", checked.version);
+            outln!("size {} bytes", checked.size);
+            outln!("functions {}", checked.functions);
+            outln!("imports {}", checked.imports.join(", "));
+            outln!("exports {}", checked.exports.join(", "));
             Ok(())
         }
         Command::Run {

@@ -395,13 +395,77 @@ fn compiled_components_are_cached_and_a_damaged_entry_is_compiled_again() {
         "the refusal does not name the budget: {stderr}"
     );
 
+    // An entry belongs to its component: another component's entry put at its name (renamed or
+    // copied) is not run; the component is compiled again and its own entry written.
+    let (ok, _, stderr) = run_cli_env(&["check", guests::ECHO], &env);
+    assert!(ok, "check of the echo rule failed: {stderr}");
+    let echo_entry = entries()
+        .into_iter()
+        .find(|p| *p != entry)
+        .expect("an entry for the echo rule");
+    let echo_bytes = std::fs::read(&echo_entry).unwrap();
+    std::fs::write(&entry, &echo_bytes).unwrap();
+    let (ok, _, stderr) = run_cli_env(&["check", guests::RESERVATION], &env);
+    assert!(ok, "check with another component's entry failed: {stderr}");
+    assert_ne!(
+        std::fs::read(&entry).unwrap(),
+        echo_bytes,
+        "another component's entry was kept under the reference rule's name"
+    );
+
+    // What sits at an entry's name is opened without following a link and without waiting: a
+    // symbolic link (here to the echo rule's entry) and a FIFO are not read, the component is
+    // compiled and a regular entry takes their place.
+    std::fs::remove_file(&entry).unwrap();
+    std::os::unix::fs::symlink(&echo_entry, &entry).unwrap();
+    let (ok, _, stderr) = run_cli_env(&["check", guests::RESERVATION], &env);
+    assert!(ok, "check with a symlinked entry failed: {stderr}");
+    assert!(
+        std::fs::symlink_metadata(&entry).unwrap().is_file(),
+        "the symbolic link is still at the entry's name"
+    );
+    std::fs::remove_file(&entry).unwrap();
+    let fifo = Command::new("mkfifo").arg(&entry).status().unwrap();
+    assert!(fifo.success(), "mkfifo failed");
+    let mut child = Command::new(turnstile_bin())
+        .args(["check", guests::RESERVATION])
+        .env("TURNSTILE_COMPILE_CACHE", &cache)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "check with a FIFO at the entry's name hung or failed: {status:?}"
+    );
+
     // A directory others can write to is not trusted: nothing is read from or written to it.
     std::fs::remove_file(&entry).unwrap();
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for entry in entries() {
+        std::fs::remove_file(entry).unwrap();
+    }
     let (ok, _, stderr) = run_cli_env(&["check", guests::RESERVATION], &env);
     assert!(ok, "check with an open cache directory failed: {stderr}");
     assert!(
         entries().is_empty(),
         "an entry was written to a directory others can write to"
+    );
+    assert!(
+        stderr.contains("not private"),
+        "check did not warn that the cache directory is not used: {stderr}"
     );
 }
