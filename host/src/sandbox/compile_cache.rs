@@ -412,11 +412,21 @@ mod tests {
             let mut damaged = entry.clone();
             damaged[at] ^= 0x40;
             assert!(
-                parse_entry(&damaged).is_none(),
+                parse_entry(&key, &damaged).is_none(),
                 "flip at byte {at} not seen"
             );
         }
-        assert!(parse_entry(&entry[..entry.len() - 1]).is_none());
-        assert!(parse_entry(&entry[..HEADER_BYTES - 1]).is_none());
+        assert!(parse_entry(&key, &entry[..entry.len() - 1]).is_none());
+        assert!(parse_entry(&key, &entry[..HEADER_BYTES - 1]).is_none());
+        let other_component = EntryKey {
+            version: "cd".repeat(32),
+            engine: 7,
+        };
+        let other_engine = EntryKey {
+            version: "ab".repeat(32),
+            engine: 8,
+        };
+        assert!(parse_entry(&other_component, &entry).is_none());
+        assert!(parse_entry(&other_engine, &entry).is_none());
     }
 }
