@@ -1442,9 +1442,13 @@ impl Batch<'_> {
         &self,
         request: &RoutedRequest,
     ) -> Result<Option<StoreError>, StoreError> {
-        let state = self.state(&request.key).map(|_| ());
+        // Checksums only: the request reads (and decodes) what it needs right after.
+        let state = match self.pending.states.contains_key(&request.key) {
+            true => Ok(()),
+            false => check_stored(&self.states, "states", &request.key),
+        };
         let dedup = match request.idempotent {
-            true => self.dedup(&request.id).map(|_| ()),
+            true => check_stored(&self.dedup, "dedup", &request.id),
             false => Ok(()),
         };
         for read in [state, dedup] {
@@ -1837,6 +1841,18 @@ fn check<K: RecordKey + ?Sized>(key: &K, bytes: &[u8]) -> Result<(), StoreError>
     match bytes.first() {
         Some(&(RECORD_MARKER | BINARY_MARKER)) => verified(key.key_ref(), bytes).map(|_| ()),
         _ => decode_json::<_, serde::de::IgnoredAny>(key, bytes).map(|_| ()),
+    }
+}
+
+/// Checks the record stored under `key`, if any, without decoding it (see [`check`]).
+fn check_stored(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+    key: &str,
+) -> Result<(), StoreError> {
+    match table.get(key).map_err(db_error)? {
+        Some(value) => check(key, value.value()).map_err(|e| located(e, name, key)),
+        None => Ok(()),
     }
 }
 

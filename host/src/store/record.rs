@@ -89,8 +89,8 @@ fn put_bool(out: &mut Vec<u8>, b: bool) {
     out.push(u8::from(b));
 }
 
-/// A rule version id is a sha256 in lowercase hex: stored as its 32 bytes (tag 1); anything
-/// else (an empty version of an old answer) as a string (tag 0).
+/// A rule version id or a request fingerprint is a sha256 in lowercase hex: stored as its 32
+/// bytes (tag 1); anything else (an empty version of an old answer) as a string (tag 0).
 fn put_version(out: &mut Vec<u8>, version: &str) {
     let bytes = version.as_bytes();
     if bytes.len() == 64 && bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
@@ -279,7 +279,7 @@ impl Binary for Decision {
 
 impl Binary for StoredDedup {
     fn write(&self, key: KeyRef<'_>, out: &mut Vec<u8>) {
-        put_str(out, &self.entry.fingerprint);
+        put_version(out, &self.entry.fingerprint);
         self.entry.decision.write(key, out);
         put_u64(out, self.order);
     }
@@ -287,7 +287,7 @@ impl Binary for StoredDedup {
     fn read(key: KeyRef<'_>, r: &mut Reader<'_>) -> Result<Self, String> {
         Ok(StoredDedup {
             entry: DedupEntry {
-                fingerprint: r.string()?,
+                fingerprint: r.version()?,
                 decision: Decision::read(key, r)?,
             },
             order: r.u64()?,
