@@ -6,7 +6,9 @@
 //! - trap recovery: a call that really traps (the rule runs out of fuel) in warm mode, which
 //!   drops the instance, so each iteration also pays the new Store + instance the trap leaves;
 //! - one group commit of 256 requests into a partition store with every record a partition
-//!   writes for an idempotent transition: route, state read and write, log entry, dedup entry.
+//!   writes for an idempotent transition: route, state read and write, log entry, dedup entry;
+//!   and one of 128 reserve + associate pairs whose two requests share the batch (the key's
+//!   state read back from the batch and stored once).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -91,6 +93,9 @@ fn rule_call(c: &mut Criterion) {
     );
 }
 
+/// A rule version id as partitions record it: the sha256 of the component, in hex.
+const RULE_VERSION: &str = "823944624dc8fd1ae2355ab78b9f8a0e6a85f44c0004c34e3c1956a187441251";
+
 fn group_commit(c: &mut Criterion) {
     let mut store = PartitionStore::open(&Location::Memory, 0, Durability::None, 1_000).unwrap();
     let mut round = 0u64;
@@ -123,7 +128,7 @@ fn group_commit(c: &mut Criterion) {
                                 user: request.user.clone(),
                                 data: "{}".into(),
                                 version: current.map_or(0, |s| s.version) + 1,
-                                rule_version: String::new(),
+                                rule_version: RULE_VERSION.into(),
                                 updated_at_ms: 0,
                             };
                             tx.put_state(&key, &state)?;
@@ -135,7 +140,7 @@ fn group_commit(c: &mut Criterion) {
                                     data: "{}".into(),
                                 },
                                 state_version: state.version,
-                                rule_version: String::new(),
+                                rule_version: RULE_VERSION.into(),
                                 applied_at_ms: 0,
                             })?;
                             tx.put_dedup(
@@ -148,7 +153,7 @@ fn group_commit(c: &mut Criterion) {
                                         partition: 0,
                                         seq,
                                         verdict: Verdict::Transition(state),
-                                        rule_version: String::new(),
+                                        rule_version: RULE_VERSION.into(),
                                     },
                                 },
                             )?;
@@ -161,5 +166,77 @@ fn group_commit(c: &mut Criterion) {
     );
 }
 
-criterion_group!(pieces, partitioner, rule_call, group_commit);
+/// The records of one applied request without a client id: state read and write, log entry.
+fn apply(
+    tx: &mut turnstile::store::Batch<'_>,
+    request: &RoutedRequest,
+    status: &str,
+) -> Result<(), turnstile::store::StoreError> {
+    let current = tx.state(&request.key)?;
+    let state = State {
+        status: status.into(),
+        user: request.user.clone(),
+        data: "{}".into(),
+        version: current.map_or(0, |s| s.version) + 1,
+        rule_version: RULE_VERSION.into(),
+        updated_at_ms: 0,
+    };
+    tx.put_state(&request.key, &state)?;
+    tx.append_log(LogEntry {
+        seq: 0,
+        request: request.clone(),
+        outcome: Outcome::Transition {
+            status: status.into(),
+            data: "{}".into(),
+        },
+        state_version: state.version,
+        rule_version: RULE_VERSION.into(),
+        applied_at_ms: 0,
+    })?;
+    Ok(())
+}
+
+fn pairs_in_one_batch(c: &mut Criterion) {
+    let mut store = PartitionStore::open(&Location::Memory, 0, Durability::None, 1_000).unwrap();
+    let mut round = 0u64;
+    c.bench_function(
+        "store/group commit of 128 reserve + associate pairs sharing the batch (route, 2 states, 2 log entries)",
+        |b| {
+            b.iter(|| {
+                round += 1;
+                store
+                    .write_batch(|tx| {
+                        for i in 0..128u64 {
+                            let n = round * 128 + i;
+                            let mut reserve = request("reserve");
+                            reserve.key = format!("k-{}", n % 100_000);
+                            reserve.user = format!("u-{}", n % 100_000);
+                            tx.record_route(
+                                &reserve.user,
+                                &Route {
+                                    key: reserve.key.clone(),
+                                    recorded_at_ms: reserve.received_at_ms,
+                                },
+                            )?;
+                            apply(tx, &reserve, "reserved")?;
+                            let mut associate = reserve.clone();
+                            associate.kind = "associate".into();
+                            associate.key = tx.route(&associate.user)?.expect("just recorded").key;
+                            apply(tx, &associate, "associated")?;
+                        }
+                        Ok(())
+                    })
+                    .unwrap()
+            })
+        },
+    );
+}
+
+criterion_group!(
+    pieces,
+    partitioner,
+    rule_call,
+    group_commit,
+    pairs_in_one_batch
+);
 criterion_main!(pieces);

@@ -242,6 +242,23 @@ enum Command {
         #[arg(long)]
         drop_damaged: bool,
     },
+    /// Print the records of a stopped data dir as JSON lines (one object a line:
+    /// partition, table, key, value), whatever their encoding on disk.
+    Inspect {
+        /// The data dir (the server must be stopped).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Only this partition.
+        #[arg(long, value_name = "P")]
+        partition: Option<u32>,
+        /// Only this table: states, routes, dedup, dedup_order, log, dead_letters, meta,
+        /// checkpoints.
+        #[arg(long, value_name = "T")]
+        table: Option<String>,
+        /// Only this key (a sequence number for log, dead_letters and dedup_order).
+        #[arg(long, value_name = "K")]
+        key: Option<String>,
+    },
     /// Check a rule component against the world and the limits, without running a server.
     Check {
         /// The component file.
@@ -731,6 +748,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     turnstile::store::DAMAGE_RECOVERY
                 );
             }
+            Ok(())
+        }
+        Command::Inspect {
+            data_dir,
+            partition,
+            table,
+            key,
+        } => {
+            let filter = turnstile::store::inspect::Filter {
+                partition,
+                table,
+                key,
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            turnstile::store::inspect::inspect(&data_dir, &filter, &mut out)?;
             Ok(())
         }
         Command::Check { rule, config } => {

@@ -17,5 +17,6 @@ mod limits;
 mod reload;
 mod rules;
 mod sandbox;
+mod store;
 mod toolkit;
 mod wasi;
