@@ -1160,10 +1160,22 @@ fn classify(sandbox: &Sandbox, store: &Store<HostState>, error: &wasmtime::Error
             // carry rule-controlled names, so it goes to the detail only.
             // A panic's own message (escaped, bounded) says why; it is the rule's text, but
             // the one a rule author needs to see, in the answer, the dead letter and the log.
-            let first = match (&store.data().panic_message, trap) {
-                (Some(panic), _) => format!("the rule {panic}"),
-                (None, Some(trap)) => format!("the rule trapped: {trap}"),
-                (None, None) => "the rule trapped".to_string(),
+            // A JavaScript or Python exception is printed to stderr before the interpreter
+            // traps: its last line (`ValueError: boom`) is that rule's panic message.
+            let first = match (
+                &store.data().panic_message,
+                &store.data().wasi.last_error_line,
+                trap,
+            ) {
+                (Some(panic), _, _) => format!("the rule {panic}"),
+                (None, Some(line), Some(trap)) => {
+                    format!("the rule trapped after writing to stderr: {line} ({trap})")
+                }
+                (None, Some(line), None) => {
+                    format!("the rule trapped after writing to stderr: {line}")
+                }
+                (None, None, Some(trap)) => format!("the rule trapped: {trap}"),
+                (None, None, None) => "the rule trapped".to_string(),
             };
             failure_with_detail(
                 kind,

@@ -177,6 +177,18 @@ async fn determinism_rules_replay_with_zero_differences() {
         let report = replay(dir.path(), rule);
         assert_eq!(report["decisions"], 12, "{language}: {report}");
         assert_eq!(report["different"], 0, "{language}: {report}");
+
+        // An uncaught exception: the failure names it (the interpreter printed it to stderr
+        // before trapping), not only wasm's `unreachable`.
+        let server = Server::start_with(ServerArgs::default().rule(rule));
+        let (status, answer) = server.request(body("throw", Some("T-1"), "bob")).await;
+        assert_eq!(status, 500, "{language}: {answer}");
+        assert_eq!(answer["error"]["code"], "rule_trap", "{language}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("refused T-1"),
+            "{language}: the exception's message is not in the failure: {answer}"
+        );
     }
 }
 

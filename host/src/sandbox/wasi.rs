@@ -195,6 +195,10 @@ pub(super) struct WasiCall {
     pub(super) exit_status: Option<u8>,
     /// Why a WASI function refused and trapped, for the failure's message.
     pub(super) refusal: Option<String>,
+    /// The last non-blank line the rule wrote to stderr in this call (escaped, bounded): where
+    /// JavaScript and Python put an uncaught exception before the call traps, so a failure's
+    /// message can say why instead of only "unreachable".
+    pub(super) last_error_line: Option<String>,
 }
 
 impl WasiCall {
@@ -210,6 +214,7 @@ impl WasiCall {
         self.random = None;
         self.exit_status = None;
         self.refusal = None;
+        self.last_error_line = None;
     }
 
     fn random(&mut self) -> &mut RandomBytes {
@@ -269,6 +274,16 @@ struct LineBuffer {
     pending: Vec<u8>,
 }
 
+/// What the pinned toolchains' runtimes print to stderr after an uncaught exception, on the way
+/// to the trap: StarlingMonkey (componentize-js 0.23) and componentize-py 0.25's Rust runtime.
+/// Never taken for the rule's error message.
+const TOOLCHAIN_TRAILERS: &[&str] = &[
+    "Redirecting call to abort()",
+    "Python function threw an unexpected exception",
+    "note: run with `RUST_BACKTRACE=1`",
+    "thread '",
+];
+
 /// Bytes of an unfinished line kept: enough for the log to see that the line was cut.
 const MAX_PENDING: usize = MAX_LOG_LINE + 4;
 
@@ -305,7 +320,25 @@ impl HostState {
         let (buffer, level) = self.output_stream(stream);
         buffer.push(bytes, &mut lines);
         for line in lines {
+            self.note_error_line(stream, &line);
             bindings_log(self, level, line);
+        }
+    }
+
+    /// Remembers `line` as the call's error message if it is a stderr line that could be one;
+    /// before the log's rate limit, which must not hide the reason of a failure. An uncaught
+    /// exception prints its message unindented and its stack indented under a heading ending in
+    /// `:` (Python: `Traceback (most recent call last):`, frames, then `ValueError: boom`;
+    /// JavaScript: `boom`, `Stack:`, frames), so the last unindented line that is not such a
+    /// heading is the message in both. The interpreters then print lines of their own on the
+    /// way to the trap ([`TOOLCHAIN_TRAILERS`]), which are not the rule's.
+    fn note_error_line(&mut self, stream: u32, line: &str) {
+        let is_message = !line.trim().is_empty()
+            && !line.starts_with(char::is_whitespace)
+            && !line.trim_end().ends_with(':')
+            && !TOOLCHAIN_TRAILERS.iter().any(|t| line.starts_with(t));
+        if stream == STDERR && is_message {
+            self.wasi.last_error_line = Some(super::escape_untrusted(line.trim(), MAX_LOG_LINE));
         }
     }
 
@@ -324,6 +357,7 @@ impl HostState {
             let (buffer, level) = self.output_stream(stream);
             if !buffer.pending.is_empty() {
                 let line = buffer.take();
+                self.note_error_line(stream, &line);
                 bindings_log(self, level, line);
             }
         }
