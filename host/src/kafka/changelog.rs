@@ -42,7 +42,7 @@ use crate::model::State;
 use crate::router::Route;
 use crate::store::{Batch, DedupEntry, PartitionStore, StoreError};
 
-use super::{Shared, client_config};
+use super::{Shared, consumer_config};
 
 /// A record of the changelog topic.
 #[allow(
@@ -324,7 +324,11 @@ pub(super) async fn restore(
         );
     }
 
-    let consumer: BaseConsumer = client_config(kafka)
+    anyhow::ensure!(
+        !shared.broker_lost.load(Ordering::Relaxed),
+        "partition {p} stopped before reading its changelog: the broker is lost"
+    );
+    let consumer: BaseConsumer = consumer_config(kafka)
         .set("group.id", format!("{}-restore", kafka.group))
         .set("enable.auto.commit", "false")
         .create()?;
@@ -335,6 +339,8 @@ pub(super) async fn restore(
         Offset::Offset(start.changelog_next),
     )?;
     consumer.assign(&tpl)?;
+    let consumer = std::sync::Arc::new(consumer);
+    shared.fetchers.register(&consumer);
     let mut replayer = Replayer {
         at: start,
         held: Vec::new(),
@@ -441,7 +447,7 @@ pub struct Fenced {
 /// The owner's reader of its own changelog partition: before a batch is acknowledged, it reads
 /// up to the batch's last record and checks that no newer owner fenced this one in between.
 pub(super) struct Tail {
-    consumer: BaseConsumer,
+    consumer: std::sync::Arc<BaseConsumer>,
     /// This owner's epoch (its fence's offset).
     epoch: i64,
     /// Offset of the next record to read.
@@ -468,7 +474,11 @@ impl ZombieWrites {
 impl Tail {
     /// Starts reading partition `p` of the changelog after this owner's checkpoint.
     pub(super) fn new(shared: &Shared, p: u32, at: Checkpoint) -> anyhow::Result<Tail> {
-        let consumer: BaseConsumer = client_config(&shared.kafka)
+        anyhow::ensure!(
+            !shared.broker_lost.load(Ordering::Relaxed),
+            "partition {p} stopped before reading its changelog back: the broker is lost"
+        );
+        let consumer: BaseConsumer = consumer_config(&shared.kafka)
             .set("group.id", format!("{}-tail", shared.kafka.group))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "5")
@@ -480,6 +490,8 @@ impl Tail {
             Offset::Offset(at.changelog_next),
         )?;
         consumer.assign(&tpl)?;
+        let consumer = std::sync::Arc::new(consumer);
+        shared.fetchers.register(&consumer);
         Ok(Tail {
             consumer,
             epoch: at.epoch,

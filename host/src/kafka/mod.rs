@@ -276,6 +276,8 @@ struct Shared {
     /// not set it: a revoked partition finishes its batch (and reads it back, which is how a
     /// thawed zombie learns it was fenced).
     broker_lost: AtomicBool,
+    /// Every consumer that fetches, paused at once when the broker is lost (see [`watch`]).
+    fetchers: watch::Fetchers,
 }
 
 impl PartitionThreads for Shared {
@@ -543,6 +545,28 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// How long a consumer waits, at least, before its second attempt to reach a broker that
+/// closed its connection (librdkafka's first attempt is immediate; later ones back off from
+/// this, with -25 %..+50 % jitter). See [`consumer_config`].
+const CONSUMER_RECONNECT_BACKOFF_MS: u32 = 3_000;
+
+/// The base configuration of every consumer: [`client_config`], and a reconnect backoff that
+/// outlasts the broker watch's suspension. librdkafka 2.12.1 segfaults when a fetch answer from
+/// a broker that came back empty carries KIP-951 leader hints for a topic it no longer knows
+/// (see [`watch`]); a killed broker closes every connection, each consumer's immediate
+/// reconnect is refused, and the next one comes at least 2.25 s later, by which time the watch
+/// has dropped every consumer (0.2-0.4 s measured). No client setting avoids the fetch version
+/// that carries the hints (only `api.version.request=false`, which falls back to 0.9-era
+/// requests without idempotence or record batches).
+pub(crate) fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(kafka);
+    c.set(
+        "reconnect.backoff.ms",
+        CONSUMER_RECONNECT_BACKOFF_MS.to_string(),
+    );
+    c
+}
+
 impl KafkaNode {
     /// Checks the topics (creating missing ones with N partitions), starts the routes and
     /// outcomes readers and joins the consumer group.
@@ -565,7 +589,7 @@ impl KafkaNode {
         ensure_topics(&kafka, n)?;
         let agreed = layout::agree(
             &kafka,
-            &client_config(&kafka),
+            &consumer_config(&kafka),
             &layout::Layout::of(config, &kafka),
         )?;
         // Hot reload as in local mode: the versions this process's partitions run, persisted
@@ -611,6 +635,7 @@ impl KafkaNode {
             owned: Mutex::new(BTreeMap::new()),
             fenced: AtomicU64::new(0),
             broker_lost: AtomicBool::new(false),
+            fetchers: watch::Fetchers::default(),
         });
         let node = Arc::new(KafkaNode {
             routes_partitioner,
@@ -1171,6 +1196,7 @@ impl KafkaNode {
     fn begin_session(self: &Arc<Self>) -> anyhow::Result<()> {
         let session = Arc::new(AtomicBool::new(false));
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = session.clone();
+        self.shared.fetchers.reopen();
         let kafka = &self.shared.kafka;
         // From the beginning: routes recorded while this process was away are read again, in
         // the topic's order, so the cache ends as current as another process's.
@@ -1241,6 +1267,7 @@ impl KafkaNode {
             let _ = client.poll(Duration::ZERO);
             let down = all_down.swap(false, Ordering::AcqRel);
             if down && self.health.state() == watch::ClusterState::Connected {
+                self.lose_broker();
                 tracing::error!(
                     "every connection to the Kafka brokers is down; suspending this process's partitions until they answer"
                 );
@@ -1248,13 +1275,13 @@ impl KafkaNode {
                     watch::ClusterState::Unreachable,
                     "every connection to the brokers is down".into(),
                 );
-                self.shared.broker_lost.store(true, Ordering::Relaxed);
                 self.suspend();
                 next = Instant::now() + interval;
                 continue;
             }
             if Instant::now() < next {
-                std::thread::sleep(Duration::from_millis(20));
+                // Returns at once on the "all brokers down" event.
+                let _ = client.poll(Duration::from_millis(20));
                 continue;
             }
             next = Instant::now() + interval;
@@ -1283,7 +1310,7 @@ impl KafkaNode {
                         self.health.set(watch::ClusterState::Unreachable, why);
                     }
                     watch::Check::Lost(why) => self.data_lost(why),
-                    watch::Check::Intact => match layout::cluster_id(kafka, &client_config(kafka))
+                    watch::Check::Intact => match layout::cluster_id(kafka, &consumer_config(kafka))
                     {
                         Ok(Some(id)) if id == self.cluster_id => {
                             tracing::info!("the Kafka broker is back with this cluster's data; rejoining");
@@ -1295,7 +1322,7 @@ impl KafkaNode {
                                 }
                                 Err(e) => {
                                     tracing::warn!("rejoining the cluster: {e:#}; trying again");
-                                    self.shared.broker_lost.store(true, Ordering::Relaxed);
+                                    self.lose_broker();
                                     self.end_session();
                                 }
                             }
@@ -1321,12 +1348,19 @@ impl KafkaNode {
 
     /// Stops serving for good: the broker answered without this cluster's data.
     fn data_lost(&self, why: String) {
+        self.lose_broker();
         tracing::error!(
             "the Kafka broker lost this cluster's data: {why}; this process stops serving (every partition stays stopped and requests are refused with cluster_data_lost) until an operator restarts it"
         );
         self.health.set(watch::ClusterState::DataLost, why);
-        self.shared.broker_lost.store(true, Ordering::Relaxed);
         self.suspend();
+    }
+
+    /// Marks the broker lost and pauses every consumer at once (closing them comes after).
+    fn lose_broker(&self) {
+        self.shared.broker_lost.store(true, Ordering::Relaxed);
+        let paused = self.shared.fetchers.halt();
+        tracing::debug!(paused, "paused every consumer");
     }
 
     /// Reads the routes topic into the route cache, in offset order (the topic's order is the
@@ -1337,6 +1371,8 @@ impl KafkaNode {
         consumer: BaseConsumer,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<JoinHandle<()>> {
+        let consumer = Arc::new(consumer);
+        self.shared.fetchers.register(&consumer);
         let (routes, read, owners) = (
             self.routes.clone(),
             self.routes_read.clone(),
@@ -1396,6 +1432,8 @@ impl KafkaNode {
             &self.shared.kafka.outcomes_topic,
             Offset::End,
         )?;
+        let consumer = Arc::new(consumer);
+        self.shared.fetchers.register(&consumer);
         let pending = self.pending.clone();
         Ok(std::thread::Builder::new()
             .name("kafka-outcomes".into())
@@ -1421,7 +1459,7 @@ impl KafkaNode {
 
 /// A consumer outside any group that reads every partition of `topic` from `offset`.
 fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(BaseConsumer, u32)> {
-    let consumer: BaseConsumer = client_config(kafka)
+    let consumer: BaseConsumer = consumer_config(kafka)
         .set("group.id", format!("{}-reader", kafka.group))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "20")
@@ -1608,7 +1646,7 @@ fn spawn_group_member(
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let kafka = shared.kafka.clone();
-    let consumer: BaseConsumer<GroupContext> = client_config(&kafka)
+    let consumer: BaseConsumer<GroupContext> = consumer_config(&kafka)
         .set("group.id", &kafka.group)
         .set("client.id", &shared.node_id)
         .set("enable.auto.commit", "false")
@@ -1622,8 +1660,12 @@ fn spawn_group_member(
         // partitions that change owner; the others keep their threads and keep serving. With
         // the eager protocol every member gave up every partition on each change.
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .create_with_context(GroupContext { shared })
+        .create_with_context(GroupContext {
+            shared: shared.clone(),
+        })
         .context("creating the group consumer")?;
+    let consumer = Arc::new(consumer);
+    shared.fetchers.register(&consumer);
     consumer
         .subscribe(&[&kafka.requests_topic])
         .context("joining the consumer group")?;
@@ -1946,7 +1988,11 @@ fn restore_and_serve(
     );
     let tail = Tail::new(shared, p, restored.checkpoint)?;
 
-    let consumer: BaseConsumer = client_config(kafka)
+    anyhow::ensure!(
+        !shared.broker_lost.load(Ordering::Relaxed),
+        "partition {p} stopped before reading its requests: the broker is lost"
+    );
+    let consumer: BaseConsumer = consumer_config(kafka)
         .set("group.id", format!("{}-partition", kafka.group))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
@@ -1954,6 +2000,8 @@ fn restore_and_serve(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&kafka.requests_topic, p as i32, Offset::Offset(resume))?;
     consumer.assign(&tpl)?;
+    let consumer = Arc::new(consumer);
+    shared.fetchers.register(&consumer);
     let rule = shared
         .rules
         .running_rule(p)
@@ -2027,7 +2075,7 @@ struct KafkaLog<'a> {
     shared: &'a Shared,
     p: u32,
     /// Reads this partition of the requests topic, from the restored offset.
-    consumer: BaseConsumer,
+    consumer: Arc<BaseConsumer>,
     /// Reads, dead letters, swaps from the API.
     control: &'a crossbeam_channel::Receiver<Command>,
     /// Set when the partition is revoked or the process stops.
