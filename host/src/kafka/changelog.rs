@@ -447,7 +447,8 @@ pub struct Fenced {
 /// The owner's reader of its own changelog partition: before a batch is acknowledged, it reads
 /// up to the batch's last record and checks that no newer owner fenced this one in between.
 pub(super) struct Tail {
-    consumer: std::sync::Arc<BaseConsumer>,
+    /// This changelog partition's queue of the session's shared read-back consumer.
+    reader: super::consumers::PartitionReader,
     /// This owner's epoch (its fence's offset).
     epoch: i64,
     /// Offset of the next record to read.
@@ -478,22 +479,14 @@ impl Tail {
             !shared.broker_lost.load(Ordering::Relaxed),
             "partition {p} stopped before reading its changelog back: the broker is lost"
         );
-        let consumer: BaseConsumer = consumer_config(&shared.kafka)
-            .set("group.id", format!("{}-tail", shared.kafka.group))
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
+        let reader = shared.session_consumers()?.read(
+            super::consumers::Source::Changelog,
             &shared.kafka.changelog_topic,
-            p as i32,
-            Offset::Offset(at.changelog_next),
+            p,
+            at.changelog_next,
         )?;
-        consumer.assign(&tpl)?;
-        let consumer = std::sync::Arc::new(consumer);
-        shared.fetchers.register(&consumer);
         Ok(Tail {
-            consumer,
+            reader,
             epoch: at.epoch,
             next: at.changelog_next,
         })
@@ -531,12 +524,21 @@ impl Tail {
                     self.next
                 )));
             }
-            let Some(message) = self.consumer.poll(Duration::from_millis(100)) else {
+            if self.reader.missed_a_record() {
+                return Err(StoreError::unavailable(format!(
+                    "a record of changelog partition {p} went to the shared consumer's main queue; restoring to read it"
+                )));
+            }
+            let Some(message) = self.reader.queue().poll(Duration::from_millis(100)) else {
                 continue;
             };
             let message = message.map_err(|e| {
                 StoreError::unavailable(format!("reading back changelog partition {p}: {e}"))
             })?;
+            if message.offset() < self.next {
+                // An outdated fetch of an earlier reader of this partition.
+                continue;
+            }
             self.next = message.offset() + 1;
             let Ok(record) =
                 serde_json::from_slice::<ChangelogRecord>(message.payload().unwrap_or_default())

@@ -67,6 +67,7 @@ use crate::sandbox::{FailureKind, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{DeadLetter, Location, PartitionStore, StoreError};
 
 mod changelog;
+mod consumers;
 pub mod layout;
 pub mod watch;
 
@@ -278,6 +279,33 @@ struct Shared {
     broker_lost: AtomicBool,
     /// Every consumer that fetches, paused at once when the broker is lost (see [`watch`]).
     fetchers: watch::Fetchers,
+    /// The current session's shared consumers (see [`consumers`]), created by the first
+    /// partition that needs them and dropped when the session ends.
+    session_consumers: Mutex<Option<Arc<consumers::SessionConsumers>>>,
+}
+
+impl Shared {
+    /// The session's shared consumers, created on first use; refused while the broker is lost
+    /// (a consumer created then would fetch from a broker that came back empty).
+    fn session_consumers(&self) -> anyhow::Result<Arc<consumers::SessionConsumers>> {
+        let mut slot = self
+            .session_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        anyhow::ensure!(
+            !self.broker_lost.load(Ordering::Relaxed),
+            "the broker is lost: no consumer is started until it answers"
+        );
+        if let Some(existing) = &*slot {
+            return Ok(existing.clone());
+        }
+        let created = consumers::SessionConsumers::start(&self.kafka)?;
+        for source in [consumers::Source::Requests, consumers::Source::Changelog] {
+            self.fetchers.register(created.consumer(source));
+        }
+        *slot = Some(created.clone());
+        Ok(created)
+    }
 }
 
 impl PartitionThreads for Shared {
@@ -636,6 +664,7 @@ impl KafkaNode {
             fenced: AtomicU64::new(0),
             broker_lost: AtomicBool::new(false),
             fetchers: watch::Fetchers::default(),
+            session_consumers: Mutex::new(None),
         });
         let node = Arc::new(KafkaNode {
             routes_partitioner,
@@ -1178,6 +1207,14 @@ impl KafkaNode {
             let _ = thread.join();
         }
         stop_partitions(&self.shared, None);
+        // Every partition thread has let go of its queues: the shared consumers close here.
+        let consumers = self
+            .shared
+            .session_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(consumers);
     }
 
     /// Ends the session because the broker is lost, and says how long closing every consumer
@@ -1988,20 +2025,12 @@ fn restore_and_serve(
     );
     let tail = Tail::new(shared, p, restored.checkpoint)?;
 
-    anyhow::ensure!(
-        !shared.broker_lost.load(Ordering::Relaxed),
-        "partition {p} stopped before reading its requests: the broker is lost"
-    );
-    let consumer: BaseConsumer = consumer_config(kafka)
-        .set("group.id", format!("{}-partition", kafka.group))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&kafka.requests_topic, p as i32, Offset::Offset(resume))?;
-    consumer.assign(&tpl)?;
-    let consumer = Arc::new(consumer);
-    shared.fetchers.register(&consumer);
+    let requests = shared.session_consumers()?.read(
+        consumers::Source::Requests,
+        &kafka.requests_topic,
+        p,
+        resume,
+    )?;
     let rule = shared
         .rules
         .running_rule(p)
@@ -2020,7 +2049,8 @@ fn restore_and_serve(
     let mut transport = KafkaLog {
         shared,
         p,
-        consumer,
+        requests,
+        read_next: resume,
         control,
         stop,
         stats,
@@ -2074,8 +2104,11 @@ pub(crate) struct LogReply {
 struct KafkaLog<'a> {
     shared: &'a Shared,
     p: u32,
-    /// Reads this partition of the requests topic, from the restored offset.
-    consumer: Arc<BaseConsumer>,
+    /// Reads this partition of the requests topic (its queue of the shared consumer), from
+    /// the restored offset.
+    requests: consumers::PartitionReader,
+    /// Offset of the next record to read: anything older is an outdated fetch, skipped.
+    read_next: i64,
     /// Reads, dead letters, swaps from the API.
     control: &'a crossbeam_channel::Receiver<Command>,
     /// Set when the partition is revoked or the process stops.
@@ -2104,6 +2137,13 @@ impl Transport for KafkaLog<'_> {
         if self.stop.load(Ordering::Relaxed) || self.failure.is_some() || self.fenced {
             return false;
         }
+        if self.requests.missed_a_record() {
+            self.failure = Some(anyhow::anyhow!(
+                "a record of partition {} went to the shared consumer's main queue; restoring to read it",
+                self.p
+            ));
+            return false;
+        }
         while let Ok(command) = self.control.try_recv() {
             let ends = matches!(command, Command::Swap { .. } | Command::Stop);
             inbox.others.push(command);
@@ -2113,7 +2153,7 @@ impl Transport for KafkaLog<'_> {
         }
         if self.last_watermark.elapsed() > Duration::from_secs(1) {
             self.last_watermark = Instant::now();
-            if let Ok((_, high)) = self.consumer.fetch_watermarks(
+            if let Ok((_, high)) = self.requests.consumer().fetch_watermarks(
                 &self.shared.kafka.requests_topic,
                 self.p as i32,
                 Duration::from_millis(500),
@@ -2123,8 +2163,10 @@ impl Transport for KafkaLog<'_> {
         }
         let mut timeout = Duration::from_millis(50);
         while inbox.requests.len() < max_batch {
-            match self.consumer.poll(timeout) {
+            match self.requests.queue().poll(timeout) {
+                Some(Ok(message)) if message.offset() < self.read_next => {}
                 Some(Ok(message)) => {
+                    self.read_next = message.offset() + 1;
                     inbox.requests.push(self.read_record(&message));
                     timeout = Duration::ZERO;
                 }
