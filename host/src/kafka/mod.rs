@@ -67,6 +67,7 @@ use crate::sandbox::{FailureKind, RuleFailure, RuleLimits, Sandbox};
 use crate::store::{DeadLetter, Location, PartitionStore, StoreError};
 
 mod changelog;
+mod consumers;
 pub mod layout;
 pub mod watch;
 
@@ -276,6 +277,35 @@ struct Shared {
     /// not set it: a revoked partition finishes its batch (and reads it back, which is how a
     /// thawed zombie learns it was fenced).
     broker_lost: AtomicBool,
+    /// Every consumer that fetches, paused at once when the broker is lost (see [`watch`]).
+    fetchers: watch::Fetchers,
+    /// The current session's shared consumers (see [`consumers`]), created by the first
+    /// partition that needs them and dropped when the session ends.
+    session_consumers: Mutex<Option<Arc<consumers::SessionConsumers>>>,
+}
+
+impl Shared {
+    /// The session's shared consumers, created on first use; refused while the broker is lost
+    /// (a consumer created then would fetch from a broker that came back empty).
+    fn session_consumers(&self) -> anyhow::Result<Arc<consumers::SessionConsumers>> {
+        let mut slot = self
+            .session_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        anyhow::ensure!(
+            !self.broker_lost.load(Ordering::Relaxed),
+            "the broker is lost: no consumer is started until it answers"
+        );
+        if let Some(existing) = &*slot {
+            return Ok(existing.clone());
+        }
+        let created = consumers::SessionConsumers::start(&self.kafka)?;
+        for source in [consumers::Source::Requests, consumers::Source::Changelog] {
+            self.fetchers.register(created.consumer(source));
+        }
+        *slot = Some(created.clone());
+        Ok(created)
+    }
 }
 
 impl PartitionThreads for Shared {
@@ -543,6 +573,28 @@ pub(crate) fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// How long a consumer waits, at least, before its second attempt to reach a broker that
+/// closed its connection (librdkafka's first attempt is immediate; later ones back off from
+/// this, with -25 %..+50 % jitter). See [`consumer_config`].
+const CONSUMER_RECONNECT_BACKOFF_MS: u32 = 3_000;
+
+/// The base configuration of every consumer: [`client_config`], and a reconnect backoff that
+/// outlasts the broker watch's suspension. librdkafka 2.12.1 segfaults when a fetch answer from
+/// a broker that came back empty carries KIP-951 leader hints for a topic it no longer knows
+/// (see [`watch`]); a killed broker closes every connection, each consumer's immediate
+/// reconnect is refused, and the next one comes at least 2.25 s later, by which time the watch
+/// has dropped every consumer (0.2-0.4 s measured). No client setting avoids the fetch version
+/// that carries the hints (only `api.version.request=false`, which falls back to 0.9-era
+/// requests without idempotence or record batches).
+pub(crate) fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(kafka);
+    c.set(
+        "reconnect.backoff.ms",
+        CONSUMER_RECONNECT_BACKOFF_MS.to_string(),
+    );
+    c
+}
+
 impl KafkaNode {
     /// Checks the topics (creating missing ones with N partitions), starts the routes and
     /// outcomes readers and joins the consumer group.
@@ -565,7 +617,7 @@ impl KafkaNode {
         ensure_topics(&kafka, n)?;
         let agreed = layout::agree(
             &kafka,
-            &client_config(&kafka),
+            &consumer_config(&kafka),
             &layout::Layout::of(config, &kafka),
         )?;
         // Hot reload as in local mode: the versions this process's partitions run, persisted
@@ -611,6 +663,8 @@ impl KafkaNode {
             owned: Mutex::new(BTreeMap::new()),
             fenced: AtomicU64::new(0),
             broker_lost: AtomicBool::new(false),
+            fetchers: watch::Fetchers::default(),
+            session_consumers: Mutex::new(None),
         });
         let node = Arc::new(KafkaNode {
             routes_partitioner,
@@ -1153,6 +1207,14 @@ impl KafkaNode {
             let _ = thread.join();
         }
         stop_partitions(&self.shared, None);
+        // Every partition thread has let go of its queues: the shared consumers close here.
+        let consumers = self
+            .shared
+            .session_consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(consumers);
     }
 
     /// Ends the session because the broker is lost, and says how long closing every consumer
@@ -1171,6 +1233,7 @@ impl KafkaNode {
     fn begin_session(self: &Arc<Self>) -> anyhow::Result<()> {
         let session = Arc::new(AtomicBool::new(false));
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = session.clone();
+        self.shared.fetchers.reopen();
         let kafka = &self.shared.kafka;
         // From the beginning: routes recorded while this process was away are read again, in
         // the topic's order, so the cache ends as current as another process's.
@@ -1241,6 +1304,7 @@ impl KafkaNode {
             let _ = client.poll(Duration::ZERO);
             let down = all_down.swap(false, Ordering::AcqRel);
             if down && self.health.state() == watch::ClusterState::Connected {
+                self.lose_broker();
                 tracing::error!(
                     "every connection to the Kafka brokers is down; suspending this process's partitions until they answer"
                 );
@@ -1248,13 +1312,13 @@ impl KafkaNode {
                     watch::ClusterState::Unreachable,
                     "every connection to the brokers is down".into(),
                 );
-                self.shared.broker_lost.store(true, Ordering::Relaxed);
                 self.suspend();
                 next = Instant::now() + interval;
                 continue;
             }
             if Instant::now() < next {
-                std::thread::sleep(Duration::from_millis(20));
+                // Returns at once on the "all brokers down" event.
+                let _ = client.poll(Duration::from_millis(20));
                 continue;
             }
             next = Instant::now() + interval;
@@ -1283,7 +1347,7 @@ impl KafkaNode {
                         self.health.set(watch::ClusterState::Unreachable, why);
                     }
                     watch::Check::Lost(why) => self.data_lost(why),
-                    watch::Check::Intact => match layout::cluster_id(kafka, &client_config(kafka))
+                    watch::Check::Intact => match layout::cluster_id(kafka, &consumer_config(kafka))
                     {
                         Ok(Some(id)) if id == self.cluster_id => {
                             tracing::info!("the Kafka broker is back with this cluster's data; rejoining");
@@ -1295,7 +1359,7 @@ impl KafkaNode {
                                 }
                                 Err(e) => {
                                     tracing::warn!("rejoining the cluster: {e:#}; trying again");
-                                    self.shared.broker_lost.store(true, Ordering::Relaxed);
+                                    self.lose_broker();
                                     self.end_session();
                                 }
                             }
@@ -1321,12 +1385,19 @@ impl KafkaNode {
 
     /// Stops serving for good: the broker answered without this cluster's data.
     fn data_lost(&self, why: String) {
+        self.lose_broker();
         tracing::error!(
             "the Kafka broker lost this cluster's data: {why}; this process stops serving (every partition stays stopped and requests are refused with cluster_data_lost) until an operator restarts it"
         );
         self.health.set(watch::ClusterState::DataLost, why);
-        self.shared.broker_lost.store(true, Ordering::Relaxed);
         self.suspend();
+    }
+
+    /// Marks the broker lost and pauses every consumer at once (closing them comes after).
+    fn lose_broker(&self) {
+        self.shared.broker_lost.store(true, Ordering::Relaxed);
+        let paused = self.shared.fetchers.halt();
+        tracing::debug!(paused, "paused every consumer");
     }
 
     /// Reads the routes topic into the route cache, in offset order (the topic's order is the
@@ -1337,6 +1408,8 @@ impl KafkaNode {
         consumer: BaseConsumer,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<JoinHandle<()>> {
+        let consumer = Arc::new(consumer);
+        self.shared.fetchers.register(&consumer);
         let (routes, read, owners) = (
             self.routes.clone(),
             self.routes_read.clone(),
@@ -1396,6 +1469,8 @@ impl KafkaNode {
             &self.shared.kafka.outcomes_topic,
             Offset::End,
         )?;
+        let consumer = Arc::new(consumer);
+        self.shared.fetchers.register(&consumer);
         let pending = self.pending.clone();
         Ok(std::thread::Builder::new()
             .name("kafka-outcomes".into())
@@ -1421,7 +1496,7 @@ impl KafkaNode {
 
 /// A consumer outside any group that reads every partition of `topic` from `offset`.
 fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(BaseConsumer, u32)> {
-    let consumer: BaseConsumer = client_config(kafka)
+    let consumer: BaseConsumer = consumer_config(kafka)
         .set("group.id", format!("{}-reader", kafka.group))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "20")
@@ -1608,7 +1683,7 @@ fn spawn_group_member(
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let kafka = shared.kafka.clone();
-    let consumer: BaseConsumer<GroupContext> = client_config(&kafka)
+    let consumer: BaseConsumer<GroupContext> = consumer_config(&kafka)
         .set("group.id", &kafka.group)
         .set("client.id", &shared.node_id)
         .set("enable.auto.commit", "false")
@@ -1622,8 +1697,12 @@ fn spawn_group_member(
         // partitions that change owner; the others keep their threads and keep serving. With
         // the eager protocol every member gave up every partition on each change.
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .create_with_context(GroupContext { shared })
+        .create_with_context(GroupContext {
+            shared: shared.clone(),
+        })
         .context("creating the group consumer")?;
+    let consumer = Arc::new(consumer);
+    shared.fetchers.register(&consumer);
     consumer
         .subscribe(&[&kafka.requests_topic])
         .context("joining the consumer group")?;
@@ -1946,14 +2025,12 @@ fn restore_and_serve(
     );
     let tail = Tail::new(shared, p, restored.checkpoint)?;
 
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", format!("{}-partition", kafka.group))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&kafka.requests_topic, p as i32, Offset::Offset(resume))?;
-    consumer.assign(&tpl)?;
+    let requests = shared.session_consumers()?.read(
+        consumers::Source::Requests,
+        &kafka.requests_topic,
+        p,
+        resume,
+    )?;
     let rule = shared
         .rules
         .running_rule(p)
@@ -1972,7 +2049,8 @@ fn restore_and_serve(
     let mut transport = KafkaLog {
         shared,
         p,
-        consumer,
+        requests,
+        read_next: resume,
         control,
         stop,
         stats,
@@ -2026,8 +2104,11 @@ pub(crate) struct LogReply {
 struct KafkaLog<'a> {
     shared: &'a Shared,
     p: u32,
-    /// Reads this partition of the requests topic, from the restored offset.
-    consumer: BaseConsumer,
+    /// Reads this partition of the requests topic (its queue of the shared consumer), from
+    /// the restored offset.
+    requests: consumers::PartitionReader,
+    /// Offset of the next record to read: anything older is an outdated fetch, skipped.
+    read_next: i64,
     /// Reads, dead letters, swaps from the API.
     control: &'a crossbeam_channel::Receiver<Command>,
     /// Set when the partition is revoked or the process stops.
@@ -2056,6 +2137,13 @@ impl Transport for KafkaLog<'_> {
         if self.stop.load(Ordering::Relaxed) || self.failure.is_some() || self.fenced {
             return false;
         }
+        if self.requests.missed_a_record() {
+            self.failure = Some(anyhow::anyhow!(
+                "a record of partition {} went to the shared consumer's main queue; restoring to read it",
+                self.p
+            ));
+            return false;
+        }
         while let Ok(command) = self.control.try_recv() {
             let ends = matches!(command, Command::Swap { .. } | Command::Stop);
             inbox.others.push(command);
@@ -2065,7 +2153,7 @@ impl Transport for KafkaLog<'_> {
         }
         if self.last_watermark.elapsed() > Duration::from_secs(1) {
             self.last_watermark = Instant::now();
-            if let Ok((_, high)) = self.consumer.fetch_watermarks(
+            if let Ok((_, high)) = self.requests.consumer().fetch_watermarks(
                 &self.shared.kafka.requests_topic,
                 self.p as i32,
                 Duration::from_millis(500),
@@ -2075,8 +2163,10 @@ impl Transport for KafkaLog<'_> {
         }
         let mut timeout = Duration::from_millis(50);
         while inbox.requests.len() < max_batch {
-            match self.consumer.poll(timeout) {
+            match self.requests.queue().poll(timeout) {
+                Some(Ok(message)) if message.offset() < self.read_next => {}
                 Some(Ok(message)) => {
+                    self.read_next = message.offset() + 1;
                     inbox.requests.push(self.read_record(&message));
                     timeout = Duration::ZERO;
                 }

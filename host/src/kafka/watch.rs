@@ -11,6 +11,13 @@
 //!   in `rd_kafka_metadata_update_op` when a fetch answer names a topic it no longer knows, and
 //!   the process dies of a segfault.
 //!
+//! The crash needs a consumer fetching from the broker that came back, so the window between
+//! the broker's death and the last consumer's end is closed twice over: every consumer is built
+//! with a long reconnect backoff ([`super::consumer_config`]; a consumer's immediate reconnect is
+//! refused by the dead broker and its next attempt comes seconds later), and every consumer is
+//! registered in [`Fetchers`], which the watch pauses the moment the broker is lost, before
+//! anything is closed.
+//!
 //! So a watch thread listens for librdkafka's "all brokers down" event and asks the broker for
 //! the requests and changelog topics every `kafka.broker_check_ms`. On that event (a broker that
 //! died closes every connection at once) the process suspends its share of the cluster (a
@@ -39,6 +46,71 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
+
+/// A consumer that the watch can stop fetching at once.
+pub(crate) trait Fetching: Send + Sync {
+    /// Pauses every partition assigned to it: no fetch is sent from now on.
+    fn stop_fetching(&self);
+}
+
+impl<C: ConsumerContext + 'static> Fetching for BaseConsumer<C> {
+    fn stop_fetching(&self) {
+        if let Ok(assignment) = self.assignment() {
+            let _ = self.pause(&assignment);
+        }
+    }
+}
+
+/// Every consumer of the process that fetches, so the watch can pause them all the moment the
+/// broker is lost: closing them takes 0.2-0.6 s (each thread finishes what it was doing), and a
+/// consumer created a few seconds before the broker died may reconnect within that time (its
+/// reconnect backoff runs from its first connection), which is enough to meet a broker that
+/// came back empty and crash. A pause is a flag librdkafka checks before each fetch.
+#[derive(Default)]
+pub(crate) struct Fetchers {
+    inner: Mutex<FetchersInner>,
+}
+
+#[derive(Default)]
+struct FetchersInner {
+    /// Set between a halt and the next session: consumers registered meanwhile start paused.
+    halted: bool,
+    /// Weak, so a consumer dropped by its thread leaves the list on the next registration.
+    consumers: Vec<std::sync::Weak<dyn Fetching>>,
+}
+
+impl Fetchers {
+    /// Adds `consumer` (after its partitions are assigned); paused at once while halted.
+    pub(crate) fn register<F: Fetching + 'static>(&self, consumer: &Arc<F>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.consumers.retain(|c| c.strong_count() > 0);
+        if inner.halted {
+            consumer.stop_fetching();
+        }
+        let weak: std::sync::Weak<dyn Fetching> = Arc::downgrade(consumer) as _;
+        inner.consumers.push(weak);
+    }
+
+    /// Pauses every registered consumer, and every one registered until [`Fetchers::reopen`];
+    /// returns how many were paused.
+    pub(crate) fn halt(&self) -> usize {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.halted = true;
+        let live: Vec<Arc<dyn Fetching>> =
+            inner.consumers.iter().filter_map(|c| c.upgrade()).collect();
+        for consumer in &live {
+            consumer.stop_fetching();
+        }
+        live.len()
+    }
+
+    /// A new session: consumers registered from now on fetch.
+    pub(crate) fn reopen(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.halted = false;
+        inner.consumers.retain(|c| c.strong_count() > 0);
+    }
+}
 
 /// Failed checks in a row after which the broker counts as lost.
 const BROKER_LOST_AFTER: u32 = 2;

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The Kafka consume benchmark of BENCHMARKS.md (issue 15), one row per run.
+# usage: tests/bench/kafka.sh N [USERS]   (after `cargo build --release -p turnstile`)
+# Starts a fresh Tansu broker (memory storage) on $PORT (default 19294), N release processes of
+# a 12-partition cluster, waits until every process holds its share of the partitions, restored
+# and stable for 3 s, then runs `turnstile bench --kafka` (Turnstile against the pass-through
+# floor in the same invocation, with each process's CPU per request), and stops everything.
+# TANSU: the broker binary (default target/tansu/tansu, as tests/run.sh fetches it).
+set -u
+N=$1; USERS=${2:-20000}; PORT=${PORT:-19294}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET/release/turnstile; TANSU=${TANSU:-$ROOT/target/tansu/tansu}
+D=$TARGET/kafka-bench/n$N; rm -rf "$D"; mkdir -p "$D"; cd "$D"
+setsid "$TANSU" broker --listener-url tcp://127.0.0.1:$PORT --advertised-listener-url tcp://127.0.0.1:$PORT \
+  --storage-engine memory://tansu/ > broker.log 2>&1 & BROKER=$!
+sleep 1
+printf '[partitions]\nservers = 3\ncontainers = 4\n[kafka]\nbrokers = "127.0.0.1:%s"\ngroup = "bench"\n' $PORT > s.toml
+PIDS=(); CPU="broker=$BROKER"
+for i in $(seq 1 "$N"); do
+  RUST_LOG=warn "$BIN" run --config s.toml --listen 127.0.0.1:1948$i > p$i.log 2>&1 & PIDS+=($!); CPU="$CPU,turnstile-$i=$!"
+  sleep 2
+done
+python3 - "$N" <<'PY'
+import json, sys, time, urllib.request
+n = int(sys.argv[1]); end = time.time() + 120; prev = None; stable = 0; counts = []
+while time.time() < end:
+    counts = []
+    for i in range(1, n + 1):
+        try:
+            doc = json.load(urllib.request.urlopen(f"http://127.0.0.1:{19480 + i}/v1/partitions", timeout=2))
+            counts.append(sum(1 for p in doc["partitions"] if p.get("restored")))
+        except Exception:
+            counts.append(0)
+    if sum(counts) == 12 and min(counts) > 0:
+        stable = stable + 1 if prev == counts else 1
+        prev = counts
+        if stable >= 6:
+            print("restored 12 as", counts)
+            break
+    time.sleep(0.5)
+else:
+    print("not restored", counts)
+    sys.exit(1)
+PY
+"$BIN" bench --kafka s.toml --users "$USERS" --cpu "$CPU"
+for p in "${PIDS[@]}"; do kill "$p"; done; sleep 2
+for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done; kill -9 $BROKER
