@@ -1468,29 +1468,36 @@ struct PrivateBroker {
 
 impl PrivateBroker {
     fn start() -> PrivateBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         PrivateBroker {
-            child: Self::spawn(port),
+            child: Self::spawn(port, port),
             port,
         }
     }
 
-    fn spawn(port: u16) -> std::process::Child {
+    /// A broker that tells its clients to connect to `advertised` (a [`CuttableLink`] in front
+    /// of it) instead of its own port.
+    fn start_advertising(advertised: u16) -> PrivateBroker {
+        let port = free_port();
+        PrivateBroker {
+            child: Self::spawn(port, advertised),
+            port,
+        }
+    }
+
+    fn spawn(port: u16, advertised: u16) -> std::process::Child {
         let tansu = std::env::var("TURNSTILE_TEST_TANSU").expect(
             "the broker restart tests need the Tansu binary: run the tests with `bash tests/run.sh`, which sets TURNSTILE_TEST_TANSU",
         );
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         let child = std::process::Command::new(tansu)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(std::process::Stdio::null())
@@ -1514,7 +1521,7 @@ impl PrivateBroker {
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::thread::sleep(down);
-        self.child = Self::spawn(self.port);
+        self.child = Self::spawn(self.port, self.port);
     }
 
     fn signal(&self, signal: &str) {
@@ -1533,14 +1540,101 @@ impl Drop for PrivateBroker {
     }
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP relay in front of a broker whose every connection can be cut at once, the way a
+/// broker's death looks to its clients, and then let through again to the same broker, which
+/// kept its data: a broker restarted *with* its data, which Tansu's memory storage cannot give.
+struct CuttableLink {
+    /// The port clients connect to (the broker advertises it).
+    port: u16,
+    /// Where the broker listens.
+    broker: u16,
+    /// Whether the relay accepts connections; cleared by [`CuttableLink::cut`].
+    open: Arc<std::sync::atomic::AtomicBool>,
+    /// Every relayed socket (both ends), to shut down on a cut.
+    sockets: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CuttableLink {
+    fn new() -> CuttableLink {
+        CuttableLink {
+            port: free_port(),
+            broker: 0,
+            open: Default::default(),
+            sockets: Default::default(),
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts relaying to the broker on `broker`: accepts on [`CuttableLink::port`] until cut.
+    fn open(&mut self, broker: u16) {
+        use std::sync::atomic::Ordering;
+        self.broker = broker;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        self.open.store(true, Ordering::SeqCst);
+        let (open, sockets, broker) = (self.open.clone(), self.sockets.clone(), self.broker);
+        std::thread::spawn(move || {
+            // Dropping the listener when cut makes new connections fail at once, as to a dead
+            // broker's port.
+            while open.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", broker)) else {
+                    continue;
+                };
+                let mut kept = sockets.lock().unwrap();
+                for (from, to) in [(&client, &upstream), (&upstream, &client)] {
+                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                kept.push(client);
+                kept.push(upstream);
+            }
+        });
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.open.store(false, Ordering::SeqCst);
+        for socket in self.sockets.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        // Let the accept loop see the flag and drop its listener.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A two-process cluster's configuration on a private broker, with a fast broker watch and a
 /// short reply timeout (requests sent while the broker is away end quickly).
 fn private_cluster_config(broker: &PrivateBroker) -> String {
+    cluster_config_on(&broker.address())
+}
+
+/// [`private_cluster_config`] for clients that reach the broker at `address`.
+fn cluster_config_on(address: &str) -> String {
     format!(
         "[partitions]\nservers = 3\ncontainers = 4\n\n[kafka]\nbrokers = \"{}\"\ngroup = \"g\"\n\
          session_timeout_ms = 6000\nreply_timeout_ms = 3000\nroute_wait_ms = 2000\n\
          broker_check_ms = 200\n",
-        broker.address()
+        address
     )
 }
 
@@ -1663,6 +1757,77 @@ async fn a_broker_that_pauses_is_waited_for_not_taken_for_lost() {
     }
     broker.signal("-CONT");
     // (The group itself may move a partition or two: the pause outlasted the session timeout.)
+    wait_for_split(&[&p1, &p2]).await;
+    for u in 0..20 {
+        let doc = state_anywhere(&[&p1, &p2], &format!("before-{u}")).await;
+        assert_eq!(doc["state"]["status"], "associated", "{doc}");
+        assert_eq!(doc["state"]["version"], 2, "{doc}");
+    }
+    for u in 0..20 {
+        pair(&[&p1, &p2], "after", u).await;
+    }
+}
+
+/// Every connection to the broker drops and the broker comes back a few seconds later *with*
+/// its data (a relay in front of it is cut, then let through again): the processes take the
+/// broker for dead and suspend (503 `cluster_unavailable`), then find this cluster's topics and
+/// layout intact, rejoin, and serve the state applied before and new requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
+    let mut link = CuttableLink::new();
+    let broker = PrivateBroker::start_advertising(link.port);
+    link.open(broker.port);
+    let config = cluster_config_on(&link.address());
+    let (p1, p2) = (start(&config), start(&config));
+    wait_for_split(&[&p1, &p2]).await;
+    for u in 0..20 {
+        pair(&[&p1, &p2], "before", u).await;
+    }
+
+    link.cut();
+    // The "all brokers down" event suspends each process within a fraction of a second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for server in [&p1, &p2] {
+        loop {
+            let (_, doc) = server.get("/v1/partitions").await;
+            if doc["cluster"]["state"] == "unreachable" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no suspension after every connection dropped: {doc}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (status, doc) = server
+            .request(request(
+                "reserve",
+                Some("during"),
+                "during-user",
+                "during-1",
+            ))
+            .await;
+        assert_eq!(status, 503, "{doc}");
+        assert_eq!(doc["error"]["code"], "cluster_unavailable", "{doc}");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    link.open(broker.port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for server in [&p1, &p2] {
+        loop {
+            let (_, doc) = server.get("/v1/partitions").await;
+            if doc["cluster"]["state"] == "connected" {
+                break;
+            }
+            assert_ne!(doc["cluster"]["state"], "data_lost", "{doc}");
+            assert!(
+                Instant::now() < deadline,
+                "the processes did not rejoin the broker that came back: {doc}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     wait_for_split(&[&p1, &p2]).await;
     for u in 0..20 {
         let doc = state_anywhere(&[&p1, &p2], &format!("before-{u}")).await;

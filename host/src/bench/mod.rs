@@ -705,9 +705,19 @@ impl System for HttpSystem {
         key: String,
     ) -> Pin<Box<dyn Future<Output = Option<State>> + Send>> {
         Box::pin(async move {
-            let url = format!("{}/v1/keys/{key}", self.urls[0]);
-            let reply: serde_json::Value =
-                self.client.get(&url).send().await.ok()?.json().await.ok()?;
+            // In a cluster only the key's owner answers with its state; the others say
+            // `not_owned`, so every process is asked until one knows.
+            let mut found = None;
+            for base in &self.urls {
+                let url = format!("{base}/v1/keys/{key}");
+                let reply: serde_json::Value =
+                    self.client.get(&url).send().await.ok()?.json().await.ok()?;
+                if reply["error"]["code"] != "not_owned" {
+                    found = Some(reply);
+                    break;
+                }
+            }
+            let reply = found?;
             Some(State {
                 status: reply["state"]["status"].as_str()?.to_string(),
                 user: String::new(),
