@@ -14,7 +14,8 @@
 //! - [`router`]: the partitioner (`abs(hash(key)) % N`) and the user → key route cache.
 //! - [`sandbox`]: the wasmtime engine, load-time checks, per-call limits, the deterministic WASI
 //!   and the compiled-component cache; the only `bindgen!`.
-//! - [`store`]: one redb database per partition: states, routes, dedup, log, dead letters.
+//! - [`store`]: one redb database per partition: states, routes, dedup, log, dead letters, in a
+//!   compact binary record format; `turnstile inspect` prints them as JSON lines.
 //! - [`native`]: the reference rule compiled natively, the benchmark's sandbox-cost baseline.
 //! - [`partition`]: one thread per partition: its queue, its rule instance, its store, group commit.
 //! - [`runtime`]: the library API: submit a request, read keys and users, inspect partitions.
@@ -30,8 +31,9 @@
 //! - [`scenario`]: `turnstile test`: scenario files run against a rule in fresh runtimes.
 //! - [`toolkit`]: the rule author's commands: `build`, `check`.
 //! - [`kafka`]: Kafka mode: partitions shared by a group of processes over a Kafka-protocol log;
-//!   the same partition engine behind a Kafka transport, the changelog with fencing, the
-//!   cluster's agreed layout, and the broker watch (suspend on broker loss, stop on data loss).
+//!   the same partition engine behind a Kafka transport, two shared consumers split into one
+//!   queue per owned partition, the changelog with fencing, the cluster's agreed layout, and
+//!   the broker watch (suspend on broker loss, rejoin, stop on data loss).
 //! - [`logging`]: `tracing` setup.
 
 pub mod api;
