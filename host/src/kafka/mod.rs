@@ -1429,10 +1429,20 @@ impl KafkaNode {
                                     let partition = key[OWNER_PREFIX.len()..].parse::<u32>();
                                     let record = serde_json::from_slice::<OwnerRecord>(value);
                                     if let (Ok(partition), Ok(record)) = (partition, record) {
-                                        owners
-                                            .lock()
-                                            .unwrap_or_else(|e| e.into_inner())
-                                            .insert(partition, record);
+                                        let mut owners =
+                                            owners.lock().unwrap_or_else(|e| e.into_inner());
+                                        // A node can only give up its own claim: a release
+                                        // from a former owner that comes after another node's
+                                        // announcement (a thawed owner, or a slow one in a
+                                        // cooperative rebalance) says nothing about the
+                                        // partition's new owner, who never announces again.
+                                        let stale_release = record.state == OwnerState::Released
+                                            && owners
+                                                .get(&partition)
+                                                .is_some_and(|now| now.node != record.node);
+                                        if !stale_release {
+                                            owners.insert(partition, record);
+                                        }
                                     }
                                 }
                                 (Some(Ok(user)), Some(value)) => {
