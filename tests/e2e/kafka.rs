@@ -1720,6 +1720,34 @@ async fn a_broker_that_comes_back_empty_crashes_nothing_and_is_reported() {
     assert_eq!(counts.get(&200), None, "{counts:?}");
 }
 
+/// Once the partitions are split again: the 20 "before" pairs read back at version 2 and 20 new
+/// pairs apply.
+async fn serves_before_and_after(servers: &[&Server]) {
+    wait_for_split(servers).await;
+    for u in 0..20 {
+        let doc = state_anywhere(servers, &format!("before-{u}")).await;
+        assert_eq!(doc["state"]["status"], "associated", "{doc}");
+        assert_eq!(doc["state"]["version"], 2, "{doc}");
+    }
+    for u in 0..20 {
+        pair(servers, "after", u).await;
+    }
+}
+
+/// Waits until `server`'s `/v1/partitions` says `cluster.state` is `state`, failing with `why`
+/// past `deadline`, or at once if it says `data_lost` (and that is not the state waited for).
+async fn wait_for_cluster_state(server: &Server, state: &str, deadline: Instant, why: &str) {
+    loop {
+        let (_, doc) = server.get("/v1/partitions").await;
+        if doc["cluster"]["state"] == state {
+            return;
+        }
+        assert_ne!(doc["cluster"]["state"], "data_lost", "{doc}");
+        assert!(Instant::now() < deadline, "{why}: {doc}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The broker stops answering for a while (SIGSTOP) and comes back with its data: that is not
 /// a lost broker (its connections stay open), so the processes do not suspend;
 /// requests sent meanwhile end with a timeout (504, or the server's 503 `request_timeout`), and afterwards
@@ -1757,15 +1785,7 @@ async fn a_broker_that_pauses_is_waited_for_not_taken_for_lost() {
     }
     broker.signal("-CONT");
     // (The group itself may move a partition or two: the pause outlasted the session timeout.)
-    wait_for_split(&[&p1, &p2]).await;
-    for u in 0..20 {
-        let doc = state_anywhere(&[&p1, &p2], &format!("before-{u}")).await;
-        assert_eq!(doc["state"]["status"], "associated", "{doc}");
-        assert_eq!(doc["state"]["version"], 2, "{doc}");
-    }
-    for u in 0..20 {
-        pair(&[&p1, &p2], "after", u).await;
-    }
+    serves_before_and_after(&[&p1, &p2]).await;
 }
 
 /// Every connection to the broker drops and the broker comes back a few seconds later *with*
@@ -1788,17 +1808,8 @@ async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
     // The "all brokers down" event suspends each process within a fraction of a second.
     let deadline = Instant::now() + Duration::from_secs(20);
     for server in [&p1, &p2] {
-        loop {
-            let (_, doc) = server.get("/v1/partitions").await;
-            if doc["cluster"]["state"] == "unreachable" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no suspension after every connection dropped: {doc}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let why = "no suspension after every connection dropped";
+        wait_for_cluster_state(server, "unreachable", deadline, why).await;
         let (status, doc) = server
             .request(request(
                 "reserve",
@@ -1815,28 +1826,10 @@ async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
     link.open(broker.port);
     let deadline = Instant::now() + Duration::from_secs(60);
     for server in [&p1, &p2] {
-        loop {
-            let (_, doc) = server.get("/v1/partitions").await;
-            if doc["cluster"]["state"] == "connected" {
-                break;
-            }
-            assert_ne!(doc["cluster"]["state"], "data_lost", "{doc}");
-            assert!(
-                Instant::now() < deadline,
-                "the processes did not rejoin the broker that came back: {doc}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let why = "the processes did not rejoin the broker that came back";
+        wait_for_cluster_state(server, "connected", deadline, why).await;
     }
-    wait_for_split(&[&p1, &p2]).await;
-    for u in 0..20 {
-        let doc = state_anywhere(&[&p1, &p2], &format!("before-{u}")).await;
-        assert_eq!(doc["state"]["status"], "associated", "{doc}");
-        assert_eq!(doc["state"]["version"], 2, "{doc}");
-    }
-    for u in 0..20 {
-        pair(&[&p1, &p2], "after", u).await;
-    }
+    serves_before_and_after(&[&p1, &p2]).await;
 }
 
 /// With a data dir, a process restarted on a broker that lost its changelog does not serve the
