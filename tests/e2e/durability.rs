@@ -420,10 +420,19 @@ async fn full_disk_fails_the_batch_and_recovers() {
         assert_eq!(answer["state"]["version"], 1);
     }
     assert_eq!(server.get("/v1/keys/before").await.1["state"]["version"], 1);
+    // A partition that saw failures and then nothing more is ready again once
+    // `readiness_stall_ms` (300 ms here) has passed without a failure; the sampler looks every
+    // 100 ms, so allow it a few rounds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut ready = server.get("/readyz").await;
+    while ready.0 != 200 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = server.get("/readyz").await;
+    }
     assert_eq!(
-        server.get("/readyz").await.0,
-        200,
-        "ready again once writes commit"
+        ready.0, 200,
+        "not ready again once writes commit: {}",
+        ready.1
     );
     assert!(server.terminate());
 }
