@@ -449,12 +449,13 @@ async fn healthz() -> Json {
 /// 200 when every partition makes progress on its work; 503 `not_ready` when one has had work
 /// queued for longer than `server.readiness_stall_ms` without completing a batch.
 async fn readyz(AxumState(api): AxumState<Api>) -> Result<Json, ApiError> {
-    // Kafka mode: a process whose broker is away, or lost the cluster's data, serves nothing.
-    if let Some(e) = api.service.cluster_unavailable() {
+    // Kafka mode: a process whose broker is away, or lost the cluster's data, serves nothing;
+    // one whose group is still forming would only make requests wait.
+    if let Some(reason) = api.service.cluster_not_ready() {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
-            message: e.to_string(),
+            message: reason,
             details: None,
         });
     }

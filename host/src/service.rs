@@ -238,6 +238,7 @@ impl Service {
                 "cluster": {
                     "state": node.cluster_state().0,
                     "reason": node.cluster_state().1,
+                    "group_joined": node.group_joined(),
                 },
                 "count": partitioner.partitions(),
                 "hash": partitioner.hash().name(),
@@ -264,12 +265,12 @@ impl Service {
         }
     }
 
-    /// Kafka mode: why this process serves nothing now (the broker is away or lost the
-    /// cluster's data); `None` when it serves.
-    pub fn cluster_unavailable(&self) -> Option<SubmitError> {
+    /// Kafka mode: why this process is not ready (the broker is away or lost the cluster's
+    /// data, or the consumer group is still forming); `None` when it serves.
+    pub fn cluster_not_ready(&self) -> Option<String> {
         match self {
             Service::Local(_) => None,
-            Service::Kafka(node) => node.check_cluster().err(),
+            Service::Kafka(node) => node.not_ready(),
         }
     }
 

@@ -1824,11 +1824,31 @@ async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     link.open(broker.port);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let reopened = Instant::now();
+    let deadline = reopened + Duration::from_secs(60);
     for server in [&p1, &p2] {
         let why = "the processes did not rejoin the broker that came back";
         wait_for_cluster_state(server, "connected", deadline, why).await;
     }
+    // Connected is not ready: until the group member has its first assignment, nobody may own
+    // a partition and a request would only wait. Ready comes after that, never before.
+    for server in [&p1, &p2] {
+        loop {
+            let (status, ready) = server.get("/readyz").await;
+            let (_, doc) = server.get("/v1/partitions").await;
+            if status == 200 {
+                assert_eq!(doc["cluster"]["group_joined"], true, "{doc}");
+                break;
+            }
+            assert_eq!(ready["error"]["code"], "not_ready", "{ready}");
+            assert!(Instant::now() < deadline, "not ready again: {ready} {doc}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!(
+        "both processes ready {} ms after the broker answered again",
+        reopened.elapsed().as_millis()
+    );
     serves_before_and_after(&[&p1, &p2]).await;
 }
 

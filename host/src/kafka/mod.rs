@@ -282,6 +282,10 @@ struct Shared {
     /// The current session's shared consumers (see [`consumers`]), created by the first
     /// partition that needs them and dropped when the session ends.
     session_consumers: Mutex<Option<Arc<consumers::SessionConsumers>>>,
+    /// Whether the group member of the current session has had its first assignment (which
+    /// may be empty): until then the group is forming, nobody may own a partition, and a
+    /// request sent would only wait, so `/readyz` says not ready.
+    group_joined: AtomicBool,
 }
 
 impl Shared {
@@ -372,6 +376,20 @@ impl Shared {
         if let Err((e, _)) = sent {
             tracing::debug!(partition = p, "announcing the partition's owner: {e}");
         }
+    }
+}
+
+/// Takes an owner record read from the routes topic into `owners`. A node can only give up its
+/// own claim: a release from a former owner that comes after another node's announcement (a
+/// thawed owner, or a slow one in a cooperative rebalance) says nothing about the partition's
+/// new owner, who never announces again, so it is ignored.
+fn note_owner(owners: &mut HashMap<u32, OwnerRecord>, partition: u32, record: OwnerRecord) {
+    let stale_release = record.state == OwnerState::Released
+        && owners
+            .get(&partition)
+            .is_some_and(|now| now.node != record.node);
+    if !stale_release {
+        owners.insert(partition, record);
     }
 }
 
@@ -614,12 +632,31 @@ impl KafkaNode {
             None => crate::sandbox::REFERENCE_RULE.to_vec(),
         };
         let rule = sandbox.compile_shared(&bytes).context("loading the rule")?;
-        ensure_topics(&kafka, n)?;
-        let agreed = layout::agree(
-            &kafka,
-            &consumer_config(&kafka),
-            &layout::Layout::of(config, &kafka),
-        )?;
+        // A broker that restarts empty while this process starts (between the topics' creation
+        // and the first read of one) leaves a topic without partitions: nothing was served yet,
+        // so the start is tried again from the topics on, a few times, before giving up.
+        let mut attempt = 1;
+        let (agreed, routes_consumer, routes_partitions) = loop {
+            ensure_topics(&kafka, n)?;
+            let agreed = layout::agree(
+                &kafka,
+                &consumer_config(&kafka),
+                &layout::Layout::of(config, &kafka),
+            )?;
+            match reader(&kafka, &kafka.routes_topic, Offset::Beginning) {
+                Ok((consumer, partitions)) => break (agreed, consumer, partitions),
+                Err(e) if attempt < START_ATTEMPTS && e.is::<TopicHasNoPartitions>() => {
+                    tracing::warn!(
+                        attempt,
+                        "{e:#}; the broker may have restarted while this process started, trying again in {} s",
+                        START_RETRY.as_secs()
+                    );
+                    std::thread::sleep(START_RETRY);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         // Hot reload as in local mode: the versions this process's partitions run, persisted
         // under the data dir when there is one.
         let (registry, _) = crate::reload::RuleRegistry::open(
@@ -646,8 +683,6 @@ impl KafkaNode {
             .set("message.timeout.ms", "30000");
         let producer = Producers::new(producer_config)?;
 
-        let (routes_consumer, routes_partitions) =
-            reader(&kafka, &kafka.routes_topic, Offset::Beginning)?;
         let routes_partitioner = Partitioner::new(config.partitions.hash, routes_partitions);
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -665,6 +700,7 @@ impl KafkaNode {
             broker_lost: AtomicBool::new(false),
             fetchers: watch::Fetchers::default(),
             session_consumers: Mutex::new(None),
+            group_joined: AtomicBool::new(false),
         });
         let node = Arc::new(KafkaNode {
             routes_partitioner,
@@ -1191,6 +1227,7 @@ impl KafkaNode {
     /// process holds no Kafka consumer (the producer stays; nothing is produced meanwhile).
     fn end_session(&self) {
         self.session().store(true, Ordering::Relaxed);
+        self.shared.group_joined.store(false, Ordering::Relaxed);
         // Every partition thread is told first, so that all consumers wind down together
         // rather than one after another.
         for o in self
@@ -1231,6 +1268,7 @@ impl KafkaNode {
     /// Starts a new session after the broker came back with the cluster's data: the readers
     /// and the group member (which restores the partitions the group gives this process).
     fn begin_session(self: &Arc<Self>) -> anyhow::Result<()> {
+        self.shared.group_joined.store(false, Ordering::Relaxed);
         let session = Arc::new(AtomicBool::new(false));
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = session.clone();
         self.shared.fetchers.reopen();
@@ -1267,6 +1305,26 @@ impl KafkaNode {
                 self.health.reason()
             ))),
         }
+    }
+
+    /// Why this process is not ready, if it is not: the broker is away or lost the cluster's
+    /// data, or the group member has not had its first assignment since it (re)joined.
+    pub fn not_ready(&self) -> Option<String> {
+        if let Err(e) = self.check_cluster() {
+            return Some(e.to_string());
+        }
+        if !self.shared.group_joined.load(Ordering::Relaxed) {
+            return Some(format!(
+                "joining the consumer group {}: no partition assignment received yet",
+                self.shared.kafka.group
+            ));
+        }
+        None
+    }
+
+    /// Whether the group member of the current session has had its first assignment.
+    pub fn group_joined(&self) -> bool {
+        self.shared.group_joined.load(Ordering::Relaxed)
     }
 
     /// The cluster's state as the broker watch sees it.
@@ -1429,20 +1487,11 @@ impl KafkaNode {
                                     let partition = key[OWNER_PREFIX.len()..].parse::<u32>();
                                     let record = serde_json::from_slice::<OwnerRecord>(value);
                                     if let (Ok(partition), Ok(record)) = (partition, record) {
-                                        let mut owners =
-                                            owners.lock().unwrap_or_else(|e| e.into_inner());
-                                        // A node can only give up its own claim: a release
-                                        // from a former owner that comes after another node's
-                                        // announcement (a thawed owner, or a slow one in a
-                                        // cooperative rebalance) says nothing about the
-                                        // partition's new owner, who never announces again.
-                                        let stale_release = record.state == OwnerState::Released
-                                            && owners
-                                                .get(&partition)
-                                                .is_some_and(|now| now.node != record.node);
-                                        if !stale_release {
-                                            owners.insert(partition, record);
-                                        }
+                                        note_owner(
+                                            &mut owners.lock().unwrap_or_else(|e| e.into_inner()),
+                                            partition,
+                                            record,
+                                        );
                                     }
                                 }
                                 (Some(Ok(user)), Some(value)) => {
@@ -1504,6 +1553,21 @@ impl KafkaNode {
     }
 }
 
+/// How many times [`KafkaNode::start`] tries to join when a topic it just checked has
+/// vanished (a broker restarted empty meanwhile).
+const START_ATTEMPTS: u32 = 4;
+
+/// The pause between those attempts: long enough for a restarting broker to answer again.
+const START_RETRY: Duration = Duration::from_secs(3);
+
+/// A topic the broker names without a partition: it was deleted, or the broker restarted empty
+/// after the topic was checked.
+#[derive(Debug, thiserror::Error)]
+#[error("topic {topic} has no partitions")]
+struct TopicHasNoPartitions {
+    topic: String,
+}
+
 /// A consumer outside any group that reads every partition of `topic` from `offset`.
 fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(BaseConsumer, u32)> {
     let consumer: BaseConsumer = consumer_config(kafka)
@@ -1521,7 +1585,10 @@ fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(B
         .map(|t| t.partitions().len())
         .unwrap_or(0);
     if partitions == 0 {
-        bail!("topic {topic} has no partitions");
+        return Err(TopicHasNoPartitions {
+            topic: topic.to_string(),
+        }
+        .into());
     }
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
@@ -1684,6 +1751,7 @@ impl ConsumerContext for GroupContext {
             for p in partitions {
                 start_partition(&self.shared, p);
             }
+            self.shared.group_joined.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -2587,4 +2655,48 @@ async fn produce_all_with(
         }
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(node: &str, state: OwnerState, at_ms: u64) -> OwnerRecord {
+        OwnerRecord {
+            node: node.into(),
+            address: format!("http://{node}"),
+            state,
+            at_ms,
+        }
+    }
+
+    /// The attacker's sequence: A serves, is frozen, B takes over and serves, A thaws and
+    /// releases. B still owns the partition.
+    #[test]
+    fn a_former_owners_late_release_does_not_undo_the_new_owner() {
+        let mut owners = HashMap::new();
+        note_owner(&mut owners, 3, record("a", OwnerState::Serving, 1));
+        note_owner(&mut owners, 3, record("b", OwnerState::Restoring, 2));
+        note_owner(&mut owners, 3, record("b", OwnerState::Serving, 3));
+        note_owner(&mut owners, 3, record("a", OwnerState::Released, 4));
+        assert_eq!(owners[&3].node, "b");
+        assert_eq!(owners[&3].state, OwnerState::Serving);
+    }
+
+    /// An owner's own release stands, and the next announcement, from anyone, replaces it.
+    #[test]
+    fn an_owners_own_release_stands_until_the_next_announcement() {
+        let mut owners = HashMap::new();
+        note_owner(&mut owners, 0, record("a", OwnerState::Serving, 1));
+        note_owner(&mut owners, 0, record("a", OwnerState::Released, 2));
+        assert_eq!(owners[&0].state, OwnerState::Released);
+        note_owner(&mut owners, 0, record("b", OwnerState::Restoring, 3));
+        assert_eq!(
+            (owners[&0].node.as_str(), owners[&0].state),
+            ("b", OwnerState::Restoring)
+        );
+        // A release of a partition nobody was known to own is taken as it is.
+        note_owner(&mut owners, 1, record("c", OwnerState::Released, 4));
+        assert_eq!(owners[&1].state, OwnerState::Released);
+    }
 }
