@@ -232,7 +232,7 @@ pub struct RuleConfig {
     pub path: Option<PathBuf>,
     /// Instruction budget of one call (wasmtime fuel).
     pub fuel: u64,
-    /// Wall-clock limit of one call, in milliseconds.
+    /// CPU-time limit of one call (its thread's; time descheduled does not count), in milliseconds.
     pub deadline_ms: u64,
     /// Most linear memory a rule instance may have, in bytes.
     pub max_memory_bytes: usize,

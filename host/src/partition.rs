@@ -23,7 +23,6 @@ use crate::router::{Partitioner, Route, RouteCache};
 use crate::sandbox::{CompiledRule, FailureKind, RuleFailure, RuleInstance, Sandbox};
 use crate::store::{
     DeadLetter, DedupEntry, Location, LogEntry, PartitionStore, StoreError, StoreReader,
-    StoredRoute,
 };
 
 /// Why a request could not be applied.
@@ -209,9 +208,9 @@ pub(crate) enum QueueError {
     Stopped,
 }
 
-/// What a starting partition's thread sends once its store is open: the routes the store holds
-/// and a reader of it, or why it could not start.
-type Opened = anyhow::Result<(Vec<(String, StoredRoute)>, StoreReader)>;
+/// What a starting partition's thread sends once its store is open (every record verified): a
+/// reader of it, or why it could not start.
+type Opened = anyhow::Result<StoreReader>;
 
 /// A partition whose thread is opening its store (see [`Partition::spawn`]).
 pub(crate) struct StartingPartition {
@@ -225,24 +224,21 @@ pub(crate) struct StartingPartition {
 }
 
 impl StartingPartition {
-    /// Waits until the partition is ready (with the routes its store holds) or failed to start.
-    pub(crate) fn ready(self) -> anyhow::Result<(Partition, Vec<(String, StoredRoute)>)> {
+    /// Waits until the partition is ready or failed to start.
+    pub(crate) fn ready(self) -> anyhow::Result<Partition> {
         let id = self.id;
-        let (routes, reader) = self
+        let reader = self
             .ready
             .recv()
             .map_err(|_| anyhow::anyhow!("partition {id} thread died while starting"))??;
-        Ok((
-            Partition {
-                id,
-                thread_name: self.thread_name,
-                sender: self.sender,
-                stats: self.stats,
-                reader,
-                thread: std::sync::Mutex::new(Some(self.thread)),
-            },
-            routes,
-        ))
+        Ok(Partition {
+            id,
+            thread_name: self.thread_name,
+            sender: self.sender,
+            stats: self.stats,
+            reader,
+            thread: std::sync::Mutex::new(Some(self.thread)),
+        })
     }
 }
 
@@ -260,6 +256,7 @@ impl Partition {
         let thread = std::thread::Builder::new()
             .name(thread_name.clone())
             .spawn(move || {
+                let opening = std::time::Instant::now();
                 let opened = PartitionStore::open(
                     &setup.location,
                     setup.id,
@@ -272,19 +269,25 @@ impl Partition {
                         .with_retention(setup.retention)
                 })
                 .map_err(|e| anyhow::anyhow!("opening the store of partition {}: {e}", setup.id))
-                .and_then(|mut store| {
-                    let routes = store.routes()?;
+                .and_then(|store| {
+                    let verified_ms = opening.elapsed().as_millis() as u64;
                     let instance = match setup.native {
                         Some(native) => Decider::Native(native),
                         None => {
                             Decider::Wasm(setup.sandbox.instantiate(setup.rule.clone(), setup.id)?)
                         }
                     };
-                    Ok((store, instance, routes))
+                    tracing::debug!(
+                        partition = setup.id,
+                        verified_ms,
+                        total_ms = opening.elapsed().as_millis() as u64,
+                        "partition opened"
+                    );
+                    Ok((store, instance))
                 });
                 match opened {
-                    Ok((store, instance, routes)) => {
-                        let _ = ready_tx.send(Ok((routes, store.reader())));
+                    Ok((store, instance)) => {
+                        let _ = ready_tx.send(Ok(store.reader()));
                         let engine = Engine {
                             id: setup.id,
                             partitioner: setup.partitioner,

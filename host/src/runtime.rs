@@ -6,7 +6,7 @@
 //! it is durable. The HTTP API, the benchmark and the rule test toolkit all drive this API.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -249,6 +249,95 @@ pub struct Runtime {
     /// Request counts and latency, for `/metrics`.
     metrics: crate::metrics::RequestMetrics,
     location: Location,
+    /// Loads the stored routes into the cache after the start; stopped at shutdown.
+    warmup: RouteWarmup,
+}
+
+/// Fills the route cache with the routes the partitions' stores hold, on its own thread, after
+/// the runtime is ready: with a million users this takes longer than everything else the start
+/// does, and nothing needs it before the first request, since a route missing from the cache is
+/// read from the stores ([`Runtime::resolve_route`]). Each route enters the cache with its
+/// record order ([`RouteCache::confirm`]), so one a request moved meanwhile is never set back.
+struct RouteWarmup {
+    /// Set at shutdown: the walk ends at its next page.
+    stop: Arc<AtomicBool>,
+    /// Set when the walk is over (every stored route is in the cache, or the walk gave up).
+    done: Arc<AtomicBool>,
+    /// The walking thread, joined at shutdown so that no read of a store outlives the runtime
+    /// (redb refuses to open a file a live handle holds, and a restart in the same process
+    /// opens them again).
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Routes read per store read transaction while warming the cache.
+const WARMUP_PAGE: usize = 4096;
+
+impl RouteWarmup {
+    fn start(routes: Arc<RouteCache>, readers: Vec<StoreReader>) -> anyhow::Result<RouteWarmup> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::Builder::new()
+                .name("route-warmup".into())
+                .spawn(move || {
+                    warm_routes(&routes, &readers, &stop);
+                    done.store(true, Ordering::Release);
+                })
+                .context("spawning the route cache warm-up")?
+        };
+        Ok(RouteWarmup {
+            stop,
+            done,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn warm_routes(routes: &RouteCache, readers: &[StoreReader], stop: &AtomicBool) {
+    let started = std::time::Instant::now();
+    let mut loaded = 0u64;
+    for (partition, reader) in readers.iter().enumerate() {
+        let mut after: Option<String> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let page = match reader.routes_page(after.as_deref(), WARMUP_PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    // Only a warm-up: the routes it leaves out are read from the store when
+                    // asked for.
+                    tracing::warn!(partition, "loading the stored routes into the cache: {e}");
+                    break;
+                }
+            };
+            let now = now_ms();
+            for (user, stored) in &page {
+                if routes.is_live(stored.route.recorded_at_ms, now) {
+                    routes.confirm(user, stored.route.clone(), stored.order);
+                    loaded += 1;
+                }
+            }
+            match page.into_iter().last() {
+                Some((user, _)) => after = Some(user),
+                None => break,
+            }
+        }
+    }
+    tracing::info!(
+        routes = loaded,
+        took_ms = started.elapsed().as_millis() as u64,
+        "route cache warmed from the stores"
+    );
 }
 
 impl Runtime {
@@ -322,7 +411,6 @@ impl Runtime {
             config.routes.ttl_seconds * 1000,
         ));
         let mut partitions = Vec::with_capacity(n as usize);
-        let now = now_ms();
         let mut starting = Vec::with_capacity(n as usize);
         for id in 0..n {
             starting.push(Partition::spawn(PartitionSetup {
@@ -342,21 +430,24 @@ impl Runtime {
                 route_cache: Some(routes.clone()),
             })?);
         }
-        // Every partition opens its file at once; then each is waited for in order.
+        // Every partition opens (and verifies) its file at once; then each is waited for in
+        // order.
+        let opening = std::time::Instant::now();
         for starting in starting {
-            let (partition, stored_routes) = starting.ready()?;
-            for (user, stored) in stored_routes {
-                if routes.is_live(stored.route.recorded_at_ms, now) {
-                    routes.confirm(&user, stored.route, stored.order);
-                }
-            }
-            partitions.push(partition);
+            partitions.push(starting.ready()?);
         }
+        tracing::debug!(
+            took_ms = opening.elapsed().as_millis() as u64,
+            "every partition open"
+        );
+        let warmup = RouteWarmup::start(
+            routes.clone(),
+            partitions.iter().map(|p| p.reader.clone()).collect(),
+        )?;
         tracing::info!(
             partitions = n,
             hash = config.partitions.hash.name(),
             rule = crate::sandbox::short_version(&partition_rules[0].version),
-            routes = routes.len(),
             store = ?location,
             "runtime started"
         );
@@ -369,6 +460,7 @@ impl Runtime {
             ids: RequestIds::new(format!("{:08x}", rand::random::<u32>())),
             metrics: crate::metrics::RequestMetrics::default(),
             location,
+            warmup,
         })
     }
 
@@ -727,8 +819,14 @@ impl Runtime {
         out
     }
 
+    /// Whether the stored routes are all in the cache (see [`RouteWarmup`]).
+    pub fn routes_warmed(&self) -> bool {
+        self.warmup.done.load(Ordering::Acquire)
+    }
+
     /// Stops every partition after it has applied what it already accepted. Blocks; idempotent.
     pub fn shutdown(&self) {
+        self.warmup.stop();
         for partition in &self.partitions {
             partition.stop();
         }

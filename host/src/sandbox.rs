@@ -14,8 +14,9 @@
 //! microseconds (BENCHMARKS.md). [`Isolation::WarmInstanceLeaksState`] keeps one instance per
 //! partition between calls: faster, but one request can see what an earlier one left behind.
 //!
-//! Limits per call: fuel (instructions), an epoch deadline (wall clock, driven by a ticker
-//! thread), a cap on the instance's total linear memory and on its number of memories, tables and
+//! Limits per call: fuel (instructions), a deadline on the CPU time the call's thread spends
+//! (checked at the ticks of an epoch ticker thread, so a call that the operating system
+//! deschedules on a loaded machine is not failed for time it did not run), a cap on the instance's total linear memory and on its number of memories, tables and
 //! instances, a cap on returned strings, and a rate limit on log lines. After any failure the
 //! `Store` is dropped (wasmtime poisons a `Store` after a trap).
 //!
@@ -94,7 +95,7 @@ const ALLOWED_IMPORTS: &[&str] = &["log", "turnstile:rule/types@0.1.0"];
 pub struct RuleLimits {
     /// Fuel given to each call.
     pub fuel: u64,
-    /// Wall-clock limit of each call.
+    /// CPU-time limit of each call (the partition thread's, see [`CallDeadline`]).
     pub deadline: Duration,
     /// Linear-memory cap per instance, in bytes.
     pub max_memory_bytes: usize,
@@ -237,7 +238,7 @@ pub enum FailureKind {
     Trap,
     /// The rule used up its fuel.
     FuelExhausted,
-    /// The rule ran past its wall-clock deadline.
+    /// The rule ran past its deadline.
     Deadline,
     /// The rule tried to grow its memory past the cap.
     Memory,
@@ -399,6 +400,70 @@ pub struct HostState {
     log_capture: Option<RuleLogs>,
     /// What WASI sees of the current call (its clock, random bytes, unfinished output lines).
     wasi: wasi::WasiCall,
+    /// The current call's (or instantiation's) deadline.
+    deadline: CallDeadline,
+}
+
+/// A call's deadline in CPU time of the thread that runs it. The epoch ticker only says when to
+/// look: when the epoch deadline comes, the thread's CPU time since the call began is read, and
+/// the call is interrupted only if that reached the limit; otherwise the epoch deadline moves to
+/// when the rest of the limit could at the earliest be used up. A wall-clock deadline failed
+/// correct rules on a loaded machine (a 100 ms limit, a descheduled thread, the test suite on 2
+/// busy cores), while the rule's own work was a fraction of it. Nothing a rule can call blocks
+/// (every WASI pollable is ready at once, no I/O), so a call's wall time is its CPU time plus
+/// time descheduled.
+#[derive(Clone, Copy)]
+struct CallDeadline {
+    /// CPU time allowed.
+    limit: Duration,
+    /// The thread's CPU time when the call began; `None` where it cannot be read, and then the
+    /// wall clock counts instead.
+    started_cpu: Option<Duration>,
+    /// When the call began.
+    started_at: std::time::Instant,
+}
+
+impl CallDeadline {
+    /// A deadline of `limit` starting now, on the current thread.
+    fn start(limit: Duration) -> CallDeadline {
+        CallDeadline {
+            limit,
+            started_cpu: thread_cpu_now(),
+            started_at: std::time::Instant::now(),
+        }
+    }
+
+    /// What the epoch deadline callback answers: interrupt once the limit is used up, else
+    /// look again when it could be.
+    fn check(&self) -> wasmtime::UpdateDeadline {
+        let used = match (self.started_cpu, thread_cpu_now()) {
+            (Some(started), Some(now)) => now.saturating_sub(started),
+            _ => self.started_at.elapsed(),
+        };
+        match self.limit.checked_sub(used) {
+            Some(left) if !left.is_zero() => wasmtime::UpdateDeadline::Continue(epoch_ticks(left)),
+            _ => wasmtime::UpdateDeadline::Interrupt,
+        }
+    }
+}
+
+/// The calling thread's CPU time (user + system), or `None` where it cannot be read.
+fn thread_cpu_now() -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the call.
+    #[allow(unsafe_code)]
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    (read == 0).then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
+}
+
+/// Epoch ticks covering `d` (at least one).
+fn epoch_ticks(d: Duration) -> u64 {
+    (d.as_micros() as u64)
+        .div_ceil(EPOCH_TICK.as_micros() as u64)
+        .max(1)
 }
 
 /// Caps the instance's linear memory (all its memories together) and remembers whether it
@@ -723,11 +788,9 @@ impl Sandbox {
         // The first instantiation of a component also builds its copy-on-write memory images
         // (tens of MB for an interpreter such as CPython): it gets a generous deadline (its fuel
         // is the call's). The second is a call's instantiation and must fit a call's limits.
-        let first = (LOAD_INSTANTIATION_DEADLINE.as_micros() as u64)
-            .div_ceil(EPOCH_TICK.as_micros() as u64)
-            .max(self.deadline_ticks());
-        for deadline_ticks in [first, self.deadline_ticks()] {
-            if let Err(e) = self.new_store(&rule, u32::MAX, &budget, deadline_ticks) {
+        let first = LOAD_INSTANTIATION_DEADLINE.max(self.limits.deadline);
+        for deadline in [first, self.limits.deadline] {
+            if let Err(e) = self.new_store(&rule, u32::MAX, &budget, deadline) {
                 let text = escape_untrusted(&format!("{e:#}"), MAX_FAILURE_MESSAGE);
                 return Err(LoadError::Instantiation(text));
             }
@@ -871,7 +934,7 @@ impl Sandbox {
                 &instance.rule,
                 partition,
                 &instance.log_budget,
-                self.deadline_ticks(),
+                self.limits.deadline,
             )?);
         }
         Ok(instance)
@@ -882,7 +945,7 @@ impl Sandbox {
         rule: &CompiledRule,
         partition: u32,
         log_budget: &Arc<std::sync::Mutex<LogBudget>>,
-        deadline_ticks: u64,
+        deadline: Duration,
     ) -> anyhow::Result<(Store<HostState>, bindings::Rule)> {
         let mut store = Store::new(
             &self.engine,
@@ -898,6 +961,7 @@ impl Sandbox {
                 panic_message: None,
                 log_capture: self.log_capture.clone(),
                 wasi: Default::default(),
+                deadline: CallDeadline::start(deadline),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -905,14 +969,10 @@ impl Sandbox {
         // A start function runs during instantiation: it gets the same fuel and deadline as a
         // call, so one that loops is stopped here too.
         store.set_fuel(self.limits.fuel)?;
-        store.set_epoch_deadline(deadline_ticks);
-        store.epoch_deadline_trap();
+        store.set_epoch_deadline(epoch_ticks(deadline));
+        store.epoch_deadline_callback(|store| Ok(store.data().deadline.check()));
         let bindings = rule.pre.instantiate(&mut store)?;
         Ok((store, bindings))
-    }
-
-    fn deadline_ticks(&self) -> u64 {
-        (self.limits.deadline.as_micros() as u64).div_ceil(EPOCH_TICK.as_micros() as u64) + 1
     }
 }
 
@@ -1005,7 +1065,7 @@ impl RuleInstance {
                     &self.rule,
                     self.partition,
                     &self.log_budget,
-                    sandbox.deadline_ticks(),
+                    limits.deadline,
                 )
                 .map_err(|e| {
                     self.last_fuel_used = 0;
@@ -1037,7 +1097,8 @@ impl RuleInstance {
         // turns on.
         let _ = store.set_fuel(limits.fuel);
         store.data_mut().panic_message = None;
-        store.set_epoch_deadline(sandbox.deadline_ticks());
+        store.data_mut().deadline = CallDeadline::start(limits.deadline);
+        store.set_epoch_deadline(epoch_ticks(limits.deadline));
         if self.rule.uses_wasi {
             store
                 .data_mut()
@@ -1069,7 +1130,7 @@ impl RuleInstance {
                 &rule,
                 self.partition,
                 &self.log_budget,
-                self.sandbox.deadline_ticks(),
+                self.sandbox.limits.deadline,
             )?);
         } else {
             self.warm = None;

@@ -168,6 +168,42 @@ impl StoreReader {
         self.get(ROUTES, "routes", user)
     }
 
+    /// Up to `limit` stored routes of users after `after` (from the first when `None`), in user
+    /// order, each in its own short read transaction's page so a long walk never holds back the
+    /// writer's page reuse. A damaged route is skipped: the check at open already quarantined
+    /// it. An empty page means the walk is over.
+    pub fn routes_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, StoredRoute)>, StoreError> {
+        self.with(|db| {
+            let txn = db.begin_read().map_err(db_error)?;
+            let table = match txn.open_table(ROUTES) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(db_error(e)),
+            };
+            let rows = match after {
+                Some(after) => table
+                    .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+                None => table.iter(),
+            }
+            .map_err(db_error)?;
+            let mut out = Vec::with_capacity(limit);
+            for row in rows.take(limit) {
+                let (user, value) = row.map_err(db_error)?;
+                let user = user.value();
+                match decode(user, value.value()) {
+                    Ok(route) => out.push((user.to_string(), route)),
+                    Err(e) if e.is_record_damage() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// The dedup entry of a client request id, if this partition applied it.
     pub fn dedup(&self, id: &str) -> Result<Option<DedupEntry>, StoreError> {
         self.get::<StoredDedup>(DEDUP, "dedup", id)
@@ -1085,29 +1121,6 @@ impl PartitionStore {
             let txn = db.begin_read().map_err(db_error)?;
             let table = txn.open_table(STATES).map_err(db_error)?;
             get_record(&table, "states", key)
-        })
-    }
-
-    /// Every route recorded in this partition, with its record order, for warming the route
-    /// cache at start. A damaged route is left out (it is quarantined; the user's next request
-    /// with a key replaces it).
-    pub fn routes(&mut self) -> Result<Vec<(String, StoredRoute)>, StoreError> {
-        let quarantine = self.quarantine.clone();
-        let place = self.describe();
-        self.with_db(|db| {
-            let txn = db.begin_read().map_err(db_error)?;
-            let table = txn.open_table(ROUTES).map_err(db_error)?;
-            let mut out = Vec::new();
-            for row in table.iter().map_err(db_error)? {
-                let (user, value) = row.map_err(db_error)?;
-                let user = user.value();
-                match decode(user, value.value()).map_err(|e| located(e, "routes", user)) {
-                    Ok(route) => out.push((user.to_string(), route)),
-                    Err(e) if e.is_record_damage() => quarantine.note(&place, &e),
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(out)
         })
     }
 

@@ -402,3 +402,88 @@ async fn of_two_concurrent_reserves_the_one_applied_last_is_the_route() {
     }
     runtime.shutdown();
 }
+
+/// After a restart the stored routes are loaded into the route cache in the background, while
+/// requests are already served. Users whose routes the warm-up reaches last move to another key
+/// right after the start; once the warm-up is over, their routes are where the moves put them
+/// (the stored copies it loaded were older) and a user-only request follows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_moved_during_the_warm_up_stays_moved() {
+    const STORED: usize = 30_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = turnstile::config::Config::parse("").unwrap();
+    config.store.data_dir = Some(dir.path().to_path_buf());
+    config.store.durability = turnstile::config::Durability::None;
+    let reserve = |user: String, key: String| turnstile::model::Request {
+        id: None,
+        kind: "reserve".into(),
+        key: Some(key),
+        user,
+        payload: None,
+    };
+    {
+        let runtime = Arc::new(turnstile::runtime::Runtime::start(&config, None).unwrap());
+        let clients = Arc::new(Semaphore::new(CLIENTS));
+        let mut tasks = Vec::new();
+        for u in 0..STORED {
+            let (runtime, clients) = (runtime.clone(), clients.clone());
+            let request = reserve(format!("warm-{u:05}"), format!("old-{u}"));
+            tasks.push(tokio::spawn(async move {
+                let _slot = clients.acquire().await.unwrap();
+                runtime.submit(request).await.unwrap();
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        runtime.shutdown();
+    }
+
+    // The warm-up walks partition 0 to 3, each in user order: the highest-numbered users whose
+    // old key is on partition 3 come last.
+    let partitioner = Partitioner::new(HashKind::Java, 4);
+    let last: Vec<usize> = (0..STORED)
+        .rev()
+        .filter(|u| partitioner.partition(&format!("old-{u}")) == 3)
+        .take(50)
+        .collect();
+    let runtime = Arc::new(turnstile::runtime::Runtime::start(&config, None).unwrap());
+    let moves: Vec<_> = last
+        .iter()
+        .map(|&u| {
+            let runtime = runtime.clone();
+            let request = reserve(format!("warm-{u:05}"), format!("new-{u}"));
+            tokio::spawn(async move { runtime.submit(request).await.unwrap() })
+        })
+        .collect();
+    for decision in moves {
+        decision.await.unwrap();
+    }
+    assert!(
+        !runtime.routes_warmed(),
+        "the warm-up was over before the routes moved: nothing was tested"
+    );
+    while !runtime.routes_warmed() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for &u in &last {
+        let user = format!("warm-{u:05}");
+        let view = runtime.user(&user).await.unwrap().unwrap();
+        assert_eq!(view.key, format!("new-{u}"), "{user}");
+        let decision = runtime
+            .submit(turnstile::model::Request {
+                id: None,
+                kind: "associate".into(),
+                key: None,
+                user: user.clone(),
+                payload: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(decision.key, format!("new-{u}"), "{user}");
+    }
+    // A user the moves did not touch is served from its stored route.
+    let view = runtime.user("warm-00000").await.unwrap().unwrap();
+    assert_eq!(view.key, "old-0");
+    runtime.shutdown();
+}

@@ -2,6 +2,8 @@
 //! garbage costs exactly one failed request, never the partition, the process or another key.
 //! Assertions are on error codes, never on message text.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use turnstile::router::{HashKind, Partitioner};
 
@@ -145,7 +147,7 @@ async fn each_misbehaviour_costs_one_request_with(rule_config: &str) {
     );
 }
 
-/// With fuel out of the way, the wall-clock deadline stops a runaway loop.
+/// With fuel out of the way, the deadline stops a runaway loop.
 #[tokio::test(flavor = "multi_thread")]
 async fn deadline_stops_a_loop_when_fuel_does_not() {
     let server = Server::start_with(
@@ -157,6 +159,77 @@ async fn deadline_stops_a_loop_when_fuel_does_not() {
     assert_eq!(status, 500, "{answer}");
     assert_eq!(answer["error"]["code"], "rule_deadline");
     assert_eq!(server.request(request("set", "k", "fine")).await.0, 200);
+}
+
+/// The deadline counts the CPU time the call's thread spends, not the time it waits for a CPU:
+/// a call that needs a fraction of its limit finishes while eight busy loops share the server's
+/// one CPU, although its wall time is then well past the limit. A wall-clock deadline failed it
+/// with `rule_deadline` (and failed correct rules under a loaded test suite).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deadline_counts_cpu_time_not_time_waiting_for_a_cpu() {
+    let server = std::sync::Arc::new(Server::start_with(
+        ServerArgs::default()
+            .rule(guests::MISBEHAVE)
+            .config("[rule]\nfuel = 1000000000000000\ndeadline_ms = 200\n"),
+    ));
+    let pid = server.pid().to_string();
+    let pin = |args: &[&str]| {
+        let status = std::process::Command::new("taskset").args(args).status();
+        assert!(status.unwrap().success(), "taskset {args:?}");
+    };
+    // Every thread of the server on CPU 0.
+    pin(&["-a", "-p", "-c", "0", &pid]);
+    // A call of 40 ms or more: measured first, undisturbed, so the machine's speed cannot make
+    // the test pass for the wrong reason.
+    let mut rounds: u64 = 1_000_000;
+    let spin = |rounds: u64, id: String| {
+        let mut body = request("spin", "spun", &id);
+        body["payload"] = json!(rounds);
+        body
+    };
+    loop {
+        let started = std::time::Instant::now();
+        let (status, answer) = server
+            .request(spin(rounds, format!("calibrate-{rounds}")))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        if started.elapsed() >= Duration::from_millis(40) || rounds >= 1 << 36 {
+            break;
+        }
+        rounds *= 2;
+    }
+
+    /// Busy loops, killed when dropped (also when the test panics).
+    struct Hogs(Vec<std::process::Child>);
+    impl Drop for Hogs {
+        fn drop(&mut self) {
+            for hog in &mut self.0 {
+                let _ = hog.kill();
+                let _ = hog.wait();
+            }
+        }
+    }
+    let hogs = Hogs(
+        (0..8)
+            .map(|_| {
+                std::process::Command::new("taskset")
+                    .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    let started = std::time::Instant::now();
+    let (status, answer) = server.request(spin(rounds, "crowded".into())).await;
+    let took = started.elapsed();
+    drop(hogs);
+    eprintln!("a spin of {rounds} rounds took {took:?} among the busy loops");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"]["status"], "ok", "{answer}");
+    assert!(
+        took > Duration::from_millis(250),
+        "the call did not wait for the CPU ({took:?}): nothing was tested"
+    );
 }
 
 /// Requests queued in the same batch as a failing one are applied normally.

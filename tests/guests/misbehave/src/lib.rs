@@ -13,6 +13,7 @@
 //! | `bad-json`  | returns data that is not JSON              | `rule_output`          |
 //! | `empty`     | returns an empty status                    | `rule_output`          |
 //! | `chatty`    | logs 1000 lines, then behaves              | none (a transition)    |
+//! | `spin`      | counts to the number in its payload, then behaves | none, unless that takes longer than the deadline |
 
 use turnstile_rule::{Level, Outcome, Request, Rule, State, export_rule, log};
 
@@ -48,6 +49,14 @@ impl Rule for Misbehave {
             "huge" => Outcome::transition("x".repeat(1 << 20), "{}"),
             "bad-json" => Outcome::transition("ok", "{not json"),
             "empty" => Outcome::transition("", "{}"),
+            "spin" => {
+                let rounds: u64 = request.payload.trim().parse().unwrap_or(0);
+                let mut n: u64 = 0;
+                for _ in 0..rounds {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+                Outcome::transition("ok", format!("{{\"counted\":{n}}}"))
+            }
             "chatty" => {
                 for i in 0..1000 {
                     log(Level::Info, &format!("chatty line {i}"));
