@@ -1349,6 +1349,67 @@ async fn a_join_moves_only_the_partitions_that_change_owner() {
     }
 }
 
+/// Two requests for one key sent at once under one id with different bodies (another user): one
+/// is applied and the other
+/// is an `id_conflict`, and each sender gets its own request's answer (an outcome is matched to
+/// its waiter by id and fingerprint; by id alone, the attacker saw the conflicting request
+/// answered 200 with the other's decision, and a later retry of the applied one answered 409).
+/// Then a retry of each body gets the same again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_requests_under_one_id_each_get_their_own_answer() {
+    let config = cluster_config();
+    let (p1, p2) = (start(&config), start(&config));
+    wait_for_split(&[&p1, &p2]).await;
+    let p1 = std::sync::Arc::new(p1);
+    for round in 0..10 {
+        let id = format!("shared-{round}");
+        // One key: ids are remembered per partition (README, "Idempotent retries").
+        let key = format!("shared-key-{round}");
+        let bodies = [
+            request("reserve", Some(&key), "user-one", &id),
+            request("reserve", Some(&key), "user-two", &id),
+        ];
+        let sends: Vec<_> = bodies
+            .iter()
+            .cloned()
+            .map(|body| {
+                let p1 = p1.clone();
+                tokio::spawn(async move { p1.request(body).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for send in sends {
+            answers.push(send.await.unwrap());
+        }
+        for _retry in 0..2 {
+            let mut applied = 0;
+            for (body, (status, answer)) in bodies.iter().zip(&answers) {
+                match status {
+                    200 => {
+                        applied += 1;
+                        assert_eq!(answer["key"], body["key"], "{body} got {answer}");
+                        assert_eq!(answer["state"]["user"], body["user"], "{body} got {answer}");
+                    }
+                    409 => assert_eq!(
+                        answer["error"]["code"], "id_conflict",
+                        "{body} got {answer}"
+                    ),
+                    _ => panic!("{body} got {status} {answer}"),
+                }
+            }
+            assert_eq!(applied, 1, "{answers:?}");
+            // The retries, one after the other, through the other process.
+            let mut retried = Vec::new();
+            for (body, (status, _)) in bodies.iter().zip(&answers) {
+                let again = p2.request(body.clone()).await;
+                assert_eq!(again.0, *status, "{body}: {answers:?} then {again:?}");
+                retried.push(again);
+            }
+            answers = retried;
+        }
+    }
+}
+
 /// A reserve produced straight to the requests topic (not through Turnstile's HTTP front end)
 /// leaves the user's route like one sent over HTTP: a user-only associate over HTTP, on either
 /// process, finds the key.
@@ -1852,11 +1913,14 @@ async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
     serves_before_and_after(&[&p1, &p2]).await;
 }
 
-/// With a data dir, a process restarted on a broker that lost its changelog does not serve the
-/// state its local store still has (no other process could have it): the partitions whose
-/// changelog went backwards refuse to start.
+/// With a data dir, a process restarted on a broker that lost its data joins a new cluster (a
+/// new layout id), and the local copies of the lost cluster's partitions are never read: their
+/// keys are not served, new requests on them apply from version 1, and the process keeps
+/// serving however long it runs (an earlier guard compared changelog offsets, and gave way once
+/// the new changelog's end passed the stale copy's position: the attacker saw old keys served
+/// and new requests skipped). The old copies stay on disk, in a directory of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_local_store_ahead_of_the_changelog_is_not_served() {
+async fn a_local_copy_of_a_lost_cluster_is_never_served() {
     let mut broker = PrivateBroker::start();
     let config = private_cluster_config(&broker);
     let dir = tempfile::tempdir().unwrap();
@@ -1869,34 +1933,50 @@ async fn a_local_store_ahead_of_the_changelog_is_not_served() {
     assert!(p1.terminate(), "clean stop");
     broker.restart_empty(Duration::from_millis(200));
     let p1 = Server::start_with(args);
-    // Give the group time to assign and the partitions time to try their restore.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let (_, doc) = p1.get("/v1/partitions").await;
-    let restored: Vec<&Value> = doc["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["restored"] == true)
-        .collect();
-    // Partitions that held state are ahead of the empty changelog: none of them restores, and
-    // each says why (before, they waited silently for a fence they could never read).
+    wait_for_all(&p1).await;
     for u in 0..20 {
         let key = format!("before-{u}");
-        let p = partitioner().partition(&key) as u64;
-        assert!(
-            restored.iter().all(|r| r["id"].as_u64() != Some(p)),
-            "partition {p} (key {key}) serves its local state over an empty changelog: {doc}"
-        );
-        let info = doc["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["id"].as_u64() == Some(p))
-            .unwrap_or_else(|| panic!("partition {p} is not owned: {doc}"));
-        assert!(info["failure"].is_string(), "{info}");
         let (status, answer) = p1.get(&format!("/v1/keys/{key}")).await;
-        assert_ne!(status, 200, "{answer}");
+        assert_eq!(status, 404, "the lost cluster's {key} is served: {answer}");
+        // The first request on each partition is applied, not skipped.
+        let user = format!("after-user-{u}");
+        let (status, answer) = p1
+            .request(request(
+                "reserve",
+                Some(&key),
+                &user,
+                &format!("after-{u}-r"),
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["user"], user.as_str(), "{answer}");
+        assert_eq!(answer["state"]["version"], 1, "{answer}");
     }
+    // Later, with more records (and any fence) on the new changelog, the state goes on from
+    // there, not from the old copy.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for u in 0..20 {
+        let (status, answer) = p1
+            .request(request(
+                "associate",
+                None,
+                &format!("after-user-{u}"),
+                &format!("after-{u}-a"),
+            ))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["state"]["version"], 2, "{answer}");
+    }
+    let copies: Vec<_> = std::fs::read_dir(dir.path().join("kafka"))
+        .unwrap()
+        .flat_map(|topic| std::fs::read_dir(topic.unwrap().path()).unwrap())
+        .map(|copy| copy.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(copies.len(), 2, "one directory per cluster: {copies:?}");
+    assert!(
+        copies.iter().all(|c| c.starts_with("cluster-")),
+        "{copies:?}"
+    );
 }
 
 /// Requests waiting on a frozen owner show in `/v1/partitions` of the process that accepted

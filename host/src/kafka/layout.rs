@@ -145,12 +145,25 @@ pub fn agree(
     };
     let differences = mine.differences(&agreed);
     if !differences.is_empty() {
-        bail!(
-            "this process does not match the cluster it would join: {}; the cluster's layout is recorded in topic {topic} (use other topics for another layout, or delete that topic while every process is stopped)",
-            differences.join("; ")
-        );
+        return Err(LayoutMismatch {
+            differences: differences.join("; "),
+            topic,
+        }
+        .into());
     }
     Ok(agreed)
+}
+
+/// This process's layout differs from the one recorded in the cluster: it must not join.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this process does not match the cluster it would join: {differences}; the cluster's layout is recorded in topic {topic} (use other topics for another layout, or delete that topic while every process is stopped)"
+)]
+pub struct LayoutMismatch {
+    /// Each setting that differs, as "`setting` is X here but Y in the cluster".
+    differences: String,
+    /// The layout topic.
+    topic: String,
 }
 
 /// The cluster id in the layout topic now: `None` when the topic is gone or empty (a broker

@@ -37,6 +37,7 @@
 //! dedup entry.
 //!
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -96,6 +97,11 @@ pub struct OutcomeRecord {
     pub schema: u32,
     /// The request id.
     pub id: String,
+    /// The dedup fingerprint of the request record this answers (a digest of its kind, key,
+    /// user and payload), so that two requests sent under one id, one applied and one an
+    /// `id_conflict`, each get their own outcome; absent for a record too damaged to read.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fingerprint: String,
     /// The decision, or the error code and message.
     pub result: Result<Decision, RemoteError>,
 }
@@ -254,6 +260,10 @@ pub enum KeyReadError {
 struct Shared {
     config: Config,
     kafka: KafkaConfig,
+    /// The id of the cluster this process joined (its layout record's): with a data dir, each
+    /// partition's local copy lives under it, so a copy of a cluster the broker lost is never
+    /// taken for this one's (see [`local_store_dir`]).
+    cluster_id: String,
     sandbox: Arc<Sandbox>,
     /// The rule version each partition runs in this process; a thread that takes a partition
     /// starts with its entry, and an install changes it for owned and future partitions alike.
@@ -448,6 +458,10 @@ struct Waiters {
 struct Waiter {
     /// Tells this waiter from others of the same id (each removes only itself).
     token: u64,
+    /// The fingerprint of the request it sent (empty for a host-made id, which no other
+    /// request shares): only an outcome of that request, or one without a fingerprint, is
+    /// its answer.
+    fingerprint: String,
     /// The requests partition the request went to: which partition's owner it waits on.
     partition: u32,
     /// When it started waiting.
@@ -478,11 +492,17 @@ struct Waiting<'a> {
 }
 
 impl Waiters {
-    fn wait(&self, id: &str, partition: u32) -> (Waiting<'_>, oneshot::Receiver<OutcomeRecord>) {
+    fn wait(
+        &self,
+        id: &str,
+        fingerprint: &str,
+        partition: u32,
+    ) -> (Waiting<'_>, oneshot::Receiver<OutcomeRecord>) {
         let (reply, answer) = oneshot::channel();
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         self.lock().entry(id.to_string()).or_default().push(Waiter {
             token,
+            fingerprint: fingerprint.to_string(),
             partition,
             since: Instant::now(),
             reply,
@@ -495,10 +515,29 @@ impl Waiters {
         (waiting, answer)
     }
 
-    /// Hands an outcome to every waiter of its id.
+    /// Hands an outcome to every waiter of its id whose request it answers: a waiter whose
+    /// request has another fingerprint (another request sent under the same id) keeps waiting
+    /// for its own.
     fn deliver(&self, outcome: &OutcomeRecord) {
-        let waiting = self.lock().remove(&outcome.id);
-        for waiter in waiting.into_iter().flatten() {
+        let answered = {
+            let mut by_id = self.lock();
+            let Some(list) = by_id.get_mut(&outcome.id) else {
+                return;
+            };
+            let (answered, waiting): (Vec<Waiter>, Vec<Waiter>) =
+                std::mem::take(list).into_iter().partition(|waiter| {
+                    waiter.fingerprint.is_empty()
+                        || outcome.fingerprint.is_empty()
+                        || waiter.fingerprint == outcome.fingerprint
+                });
+            if waiting.is_empty() {
+                by_id.remove(&outcome.id);
+            } else {
+                *list = waiting;
+            }
+            answered
+        };
+        for waiter in answered {
             let _ = waiter.reply.send(outcome.clone());
         }
     }
@@ -632,20 +671,27 @@ impl KafkaNode {
             None => crate::sandbox::REFERENCE_RULE.to_vec(),
         };
         let rule = sandbox.compile_shared(&bytes).context("loading the rule")?;
-        // A broker that restarts empty while this process starts (between the topics' creation
-        // and the first read of one) leaves a topic without partitions: nothing was served yet,
-        // so the start is tried again from the topics on, a few times, before giving up.
+        // A broker that restarts empty while this process starts, after the topics were
+        // checked, leaves a topic without partitions or a layout topic that cannot be read:
+        // nothing was served yet, so the start is tried again from the topics on, a few times,
+        // before giving up. A broker that cannot be reached, or a layout that differs from this
+        // process's, is refused at once.
         let mut attempt = 1;
-        let (agreed, routes_consumer, routes_partitions) = loop {
+        let (agreed, routes_consumer, routes_partitions, outcomes_consumer) = loop {
             ensure_topics(&kafka, n)?;
-            let agreed = layout::agree(
+            let joined = layout::agree(
                 &kafka,
                 &consumer_config(&kafka),
                 &layout::Layout::of(config, &kafka),
-            )?;
-            match reader(&kafka, &kafka.routes_topic, Offset::Beginning) {
-                Ok((consumer, partitions)) => break (agreed, consumer, partitions),
-                Err(e) if attempt < START_ATTEMPTS && e.is::<TopicHasNoPartitions>() => {
+            )
+            .and_then(|agreed| {
+                let (routes, partitions) = reader(&kafka, &kafka.routes_topic, Offset::Beginning)?;
+                let (outcomes, _) = outcomes_reader(&kafka)?;
+                Ok((agreed, routes, partitions, outcomes))
+            });
+            match joined {
+                Ok(joined) => break joined,
+                Err(e) if attempt < START_ATTEMPTS && !e.is::<layout::LayoutMismatch>() => {
                     tracing::warn!(
                         attempt,
                         "{e:#}; the broker may have restarted while this process started, trying again in {} s",
@@ -687,6 +733,7 @@ impl KafkaNode {
         let shared = Arc::new(Shared {
             config: config.clone(),
             kafka: kafka.clone(),
+            cluster_id: agreed.cluster.clone(),
             sandbox,
             rules: RuleControl::new(registry, n),
             partitioner,
@@ -702,6 +749,9 @@ impl KafkaNode {
             session_consumers: Mutex::new(None),
             group_joined: AtomicBool::new(false),
         });
+        if let Some(dir) = &config.store.data_dir {
+            note_former_clusters(dir, &kafka, &agreed.cluster);
+        }
         let node = Arc::new(KafkaNode {
             routes_partitioner,
             routes_read: Arc::default(),
@@ -725,7 +775,7 @@ impl KafkaNode {
         let session = node.session();
         let threads = vec![
             node.spawn_routes_reader(routes_consumer, session.clone())?,
-            node.spawn_outcomes_reader(session.clone())?,
+            node.spawn_outcomes_reader(outcomes_consumer, session.clone())?,
             spawn_group_member(shared, session)?,
         ];
         *node.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
@@ -889,11 +939,11 @@ impl KafkaNode {
         // retried (or that two processes both consumed across a move) is applied once.
         request.idempotent = true;
         let id = request.id.clone();
+        let (waiter, answer) = self.pending.wait(&id, &fingerprint, partition);
         let record = RequestRecord {
             request,
             fingerprint,
         };
-        let (waiter, answer) = self.pending.wait(&id, partition);
         let value = serde_json::to_vec(&record).expect("requests serialize");
         let sent = self
             .shared
@@ -1278,7 +1328,7 @@ impl KafkaNode {
         let (routes_consumer, _) = reader(kafka, &kafka.routes_topic, Offset::Beginning)?;
         let threads = vec![
             self.spawn_routes_reader(routes_consumer, session.clone())?,
-            self.spawn_outcomes_reader(session.clone())?,
+            self.spawn_outcomes_reader(outcomes_reader(kafka)?.0, session.clone())?,
             spawn_group_member(self.shared.clone(), session)?,
         ];
         *self.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
@@ -1362,6 +1412,25 @@ impl KafkaNode {
             let _ = client.poll(Duration::ZERO);
             let down = all_down.swap(false, Ordering::AcqRel);
             if down && self.health.state() == watch::ClusterState::Connected {
+                // librdkafka also raises the event when its last open connection closes while
+                // the others wait out their reconnect backoff, which happened about a second
+                // after a rejoin: suspending again then cost up to 90 s before the group formed
+                // (attacker finding). A broker that died refuses connections, so one short
+                // check tells the two apart; a broker that came back empty at once is found
+                // here too.
+                match watch::check_topics(&client, kafka, n, ALL_DOWN_CONFIRM) {
+                    watch::Check::Intact => {
+                        tracing::info!(
+                            "every connection to the Kafka brokers closed, but the broker answers at once; not suspending"
+                        );
+                        continue;
+                    }
+                    watch::Check::Lost(why) => {
+                        self.data_lost(why);
+                        continue;
+                    }
+                    watch::Check::Unreachable(_) => {}
+                }
                 self.lose_broker();
                 tracing::error!(
                     "every connection to the Kafka brokers is down; suspending this process's partitions until they answer"
@@ -1519,15 +1588,9 @@ impl KafkaNode {
 
     fn spawn_outcomes_reader(
         self: &Arc<Self>,
+        consumer: BaseConsumer,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<JoinHandle<()>> {
-        // From the end: only outcomes of requests this process sends from now on matter, and a
-        // restart must not read the topic's whole history.
-        let (consumer, _) = reader(
-            &self.shared.kafka,
-            &self.shared.kafka.outcomes_topic,
-            Offset::End,
-        )?;
         let consumer = Arc::new(consumer);
         self.shared.fetchers.register(&consumer);
         let pending = self.pending.clone();
@@ -1553,6 +1616,12 @@ impl KafkaNode {
     }
 }
 
+/// How long the broker watch asks the broker before it takes an "all brokers down" event for a
+/// broker that died: a dead broker refuses connections at once, so the check fails well within
+/// it, and consumers' reconnect backoff ([`CONSUMER_RECONNECT_BACKOFF_MS`], at least 2.25 s)
+/// keeps them away from a broker that returns meanwhile.
+const ALL_DOWN_CONFIRM: Duration = Duration::from_secs(1);
+
 /// How many times [`KafkaNode::start`] tries to join when a topic it just checked has
 /// vanished (a broker restarted empty meanwhile).
 const START_ATTEMPTS: u32 = 4;
@@ -1566,6 +1635,12 @@ const START_RETRY: Duration = Duration::from_secs(3);
 #[error("topic {topic} has no partitions")]
 struct TopicHasNoPartitions {
     topic: String,
+}
+
+/// The outcomes topic's reader, from the end: only outcomes of requests this process sends
+/// from now on matter, and a restart must not read the topic's whole history.
+fn outcomes_reader(kafka: &KafkaConfig) -> anyhow::Result<(BaseConsumer, u32)> {
+    reader(kafka, &kafka.outcomes_topic, Offset::End)
 }
 
 /// A consumer outside any group that reads every partition of `topic` from `offset`.
@@ -2048,6 +2123,43 @@ impl Backoff {
     }
 }
 
+/// Where a data dir keeps the local copies of this cluster's partitions:
+/// `DATA_DIR/kafka/<changelog_topic>/cluster-<id>`. The cluster id is in the path because the
+/// changelog's offsets alone cannot tell two clusters apart: after a broker lost its data, a new
+/// cluster's changelog starts again at offset 0, and its end soon passes a stale copy's
+/// position (every restore attempt writes a fence), after which the stale copy would be served
+/// as if it were this cluster's state, and the new requests before its position skipped. A copy
+/// of another cluster is left where it is (see [`note_former_clusters`]).
+fn local_store_dir(data_dir: &Path, kafka: &KafkaConfig, cluster_id: &str) -> PathBuf {
+    data_dir
+        .join("kafka")
+        .join(&kafka.changelog_topic)
+        .join(format!("cluster-{cluster_id}"))
+}
+
+/// Logs, once at start, the local copies under the data dir that belong to another cluster on
+/// the same changelog topic (a cluster whose broker lost its data, or one before this layout
+/// recorded ids): they are never read, and an operator may delete them.
+fn note_former_clusters(data_dir: &Path, kafka: &KafkaConfig, cluster_id: &str) {
+    let ours = local_store_dir(data_dir, kafka, cluster_id);
+    let Ok(entries) = std::fs::read_dir(data_dir.join("kafka").join(&kafka.changelog_topic)) else {
+        return;
+    };
+    let former: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|path| *path != ours)
+        .map(|path| path.display().to_string())
+        .collect();
+    if !former.is_empty() {
+        tracing::warn!(
+            cluster = cluster_id,
+            former = ?former,
+            "the data dir holds local copies of another Kafka cluster on this changelog topic (the broker lost its data, or they predate cluster ids); they are not used, delete them when no longer needed"
+        );
+    }
+}
+
 fn restore_and_serve(
     shared: &Shared,
     p: u32,
@@ -2064,7 +2176,7 @@ fn restore_and_serve(
     // reflects, so a process that gets a partition back reads only what changed meanwhile.
     let location = match &shared.config.store.data_dir {
         Some(dir) => {
-            let dir = dir.join("kafka").join(&kafka.changelog_topic);
+            let dir = local_store_dir(dir, kafka, &shared.cluster_id);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             Location::Dir(dir)
         }
@@ -2174,6 +2286,8 @@ pub(crate) struct LogReply {
     id: Option<String>,
     /// The record's offset.
     offset: i64,
+    /// The request's fingerprint, carried into its outcome record (empty when unreadable).
+    fingerprint: String,
 }
 
 /// Kafka mode's transport: the partition's requests topic partition in front, the changelog as
@@ -2360,6 +2474,7 @@ impl Transport for KafkaLog<'_> {
                 let record = OutcomeRecord {
                     schema: OUTCOME_SCHEMA,
                     id: id.clone(),
+                    fingerprint: reply.fingerprint,
                     result: result.map_err(|e| RemoteError::from(&e)),
                 };
                 Some((id, serde_json::to_vec(&record).expect("outcomes serialize")))
@@ -2496,6 +2611,7 @@ impl KafkaLog<'_> {
                     reply: LogReply {
                         id: Some(request.id.clone()),
                         offset,
+                        fingerprint: fingerprint.clone(),
                     },
                     request,
                     unreadable: None,
@@ -2531,7 +2647,11 @@ impl KafkaLog<'_> {
                     fingerprint: String::new(),
                     source,
                     moves_route: true,
-                    reply: LogReply { id, offset },
+                    reply: LogReply {
+                        id,
+                        offset,
+                        fingerprint: String::new(),
+                    },
                 }
             }
         }
