@@ -412,15 +412,23 @@ pub struct HostState {
 /// busy cores), while the rule's own work was a fraction of it. Nothing a rule can call blocks
 /// (every WASI pollable is ready at once, no I/O), so a call's wall time is its CPU time plus
 /// time descheduled.
+///
+/// Reading a thread's CPU clock is a system call, too dear for every call of a rule that runs
+/// for microseconds. So a call notes only its wall-clock start, and its first epoch deadline is
+/// the next tick (at most 2 ms away, never reached by most calls): there the CPU clock is read
+/// for the first time, and the call is charged its wall time so far but at most two ticks;
+/// from then on, only CPU time counts. Running Wasm notices a tick within microseconds (epochs
+/// are checked at every function entry and loop), so a first look later than that means the
+/// thread was descheduled, or in a host call, which hostcall fuel bounds.
 #[derive(Clone, Copy)]
 struct CallDeadline {
     /// CPU time allowed.
     limit: Duration,
-    /// The thread's CPU time when the call began; `None` where it cannot be read, and then the
-    /// wall clock counts instead.
-    started_cpu: Option<Duration>,
     /// When the call began.
     started_at: std::time::Instant,
+    /// From the first look on: the thread's CPU clock then, and what the call had used by then
+    /// (its wall time: an upper bound).
+    mark: Option<(Duration, Duration)>,
 }
 
 impl CallDeadline {
@@ -428,17 +436,28 @@ impl CallDeadline {
     fn start(limit: Duration) -> CallDeadline {
         CallDeadline {
             limit,
-            started_cpu: thread_cpu_now(),
             started_at: std::time::Instant::now(),
+            mark: None,
         }
     }
 
+    /// The epoch deadline to set when the call begins: the next tick.
+    const FIRST_LOOK: u64 = 1;
+
     /// What the epoch deadline callback answers: interrupt once the limit is used up, else
     /// look again when it could be.
-    fn check(&self) -> wasmtime::UpdateDeadline {
-        let used = match (self.started_cpu, thread_cpu_now()) {
-            (Some(started), Some(now)) => now.saturating_sub(started),
-            _ => self.started_at.elapsed(),
+    fn check(&mut self) -> wasmtime::UpdateDeadline {
+        let used = match (self.mark, thread_cpu_now()) {
+            (Some((cpu_then, used_then)), Some(cpu_now)) => {
+                used_then + cpu_now.saturating_sub(cpu_then)
+            }
+            (None, Some(cpu_now)) => {
+                let used = self.started_at.elapsed().min(EPOCH_TICK * 2);
+                self.mark = Some((cpu_now, used));
+                used
+            }
+            // No thread CPU clock here: the wall clock counts.
+            (_, None) => self.started_at.elapsed(),
         };
         match self.limit.checked_sub(used) {
             Some(left) if !left.is_zero() => wasmtime::UpdateDeadline::Continue(epoch_ticks(left)),
@@ -969,8 +988,8 @@ impl Sandbox {
         // A start function runs during instantiation: it gets the same fuel and deadline as a
         // call, so one that loops is stopped here too.
         store.set_fuel(self.limits.fuel)?;
-        store.set_epoch_deadline(epoch_ticks(deadline));
-        store.epoch_deadline_callback(|store| Ok(store.data().deadline.check()));
+        store.set_epoch_deadline(CallDeadline::FIRST_LOOK);
+        store.epoch_deadline_callback(|mut store| Ok(store.data_mut().deadline.check()));
         let bindings = rule.pre.instantiate(&mut store)?;
         Ok((store, bindings))
     }
@@ -1098,7 +1117,7 @@ impl RuleInstance {
         let _ = store.set_fuel(limits.fuel);
         store.data_mut().panic_message = None;
         store.data_mut().deadline = CallDeadline::start(limits.deadline);
-        store.set_epoch_deadline(epoch_ticks(limits.deadline));
+        store.set_epoch_deadline(CallDeadline::FIRST_LOOK);
         if self.rule.uses_wasi {
             store
                 .data_mut()

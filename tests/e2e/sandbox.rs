@@ -174,7 +174,10 @@ async fn the_deadline_counts_cpu_time_not_time_waiting_for_a_cpu() {
     ));
     let pid = server.pid().to_string();
     let pin = |args: &[&str]| {
-        let status = std::process::Command::new("taskset").args(args).status();
+        let status = std::process::Command::new("taskset")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status();
         assert!(status.unwrap().success(), "taskset {args:?}");
     };
     // Every thread of the server on CPU 0.
