@@ -41,6 +41,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn serve_async(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
+    // Bound first: a taken address is refused before anything starts (in Kafka mode, before
+    // topics are created, the layout recorded and the group joined and left again). Until the
+    // runtime is up, connections wait in the listen backlog.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     let start_config = config.clone();
     let service = tokio::task::spawn_blocking(move || -> anyhow::Result<Service> {
         Ok(if start_config.kafka.is_some() {
@@ -55,9 +61,6 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     // Register the handlers before announcing the address: a SIGTERM that arrives right after
     // `listening on` must drain cleanly, not hit the default action and kill the process.
     let shutdown = shutdown_signal().context("installing signal handlers")?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
     {
         let mut stdout = std::io::stdout().lock();

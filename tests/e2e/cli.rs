@@ -117,3 +117,27 @@ fn logs_to_a_pipe_are_colourless() {
         "colour codes in a pipe: {stderr:?}"
     );
 }
+
+/// A listen address that is taken is refused before anything starts: the error names the
+/// address, and the data dir is left as it was (in Kafka mode the same order keeps a process
+/// that cannot serve from creating topics and joining the group first).
+#[test]
+fn a_taken_listen_address_is_refused_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ok, _, stderr) = run_cli(&[
+        "run",
+        "--listen",
+        &address,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains(&format!("binding {address}")), "{stderr}");
+    assert!(
+        !data.exists(),
+        "the data dir was created before the bind failed"
+    );
+}
