@@ -139,8 +139,14 @@ pub fn agree(
         Some(agreed) => agreed,
         None => {
             write(base, &topic, mine)?;
-            first_record(kafka, base, &topic)?
-                .with_context(|| format!("the layout just written to {topic} cannot be read"))?
+            let first = first_record(kafka, base, &topic)?
+                .with_context(|| format!("the layout just written to {topic} cannot be read"))?;
+            // Processes that start together may each write one; the first record is the
+            // cluster's, so only its writer says it recorded the layout.
+            if first.cluster == mine.cluster {
+                tracing::info!(%topic, layout = ?first, "recorded the cluster's layout");
+            }
+            first
         }
     };
     let differences = mine.differences(&agreed);
@@ -151,6 +157,7 @@ pub fn agree(
         }
         .into());
     }
+    tracing::info!(%topic, cluster = %agreed.cluster, "the layout agrees; joining this cluster");
     Ok(agreed)
 }
 
@@ -290,7 +297,6 @@ fn write(base: &rdkafka::config::ClientConfig, topic: &str, layout: &Layout) -> 
         .map_err(|(e, _)| {
             anyhow::Error::new(e).context(format!("writing the layout to {topic}"))
         })?;
-    tracing::info!(%topic, ?layout, "recorded the cluster's layout");
     Ok(())
 }
 
