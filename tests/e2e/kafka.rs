@@ -1979,6 +1979,91 @@ async fn a_local_copy_of_a_lost_cluster_is_never_served() {
     );
 }
 
+/// The changelog alone is deleted and created again (empty, same partitions, compacted) while
+/// the process is stopped; the cluster's layout survives, so the cluster id is the same. The
+/// partitions whose local copy read the old changelog refuse to start, their keys are not
+/// served, and they keep refusing: the refusal writes no fence, so the new changelog's end does
+/// not climb to the stored position (with an offsets-only check it did, and the stale copy was
+/// served: attacker finding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_copy_of_a_replaced_changelog_is_never_served() {
+    const STALE_KEYS: usize = 3;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let broker = PrivateBroker::start();
+    let config = private_cluster_config(&broker);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ServerArgs::default().config(&config).data_dir(dir.path());
+    let p1 = Server::start_with(args.clone());
+    wait_for_all(&p1).await;
+    // One request per partition it touches: the stored positions are small, so fences written
+    // by each retry of a refusal would pass them within seconds.
+    for u in 0..STALE_KEYS {
+        let key = format!("before-{u}");
+        let (status, answer) = p1
+            .request(request("reserve", Some(&key), &format!("user-{u}"), &key))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert!(p1.terminate(), "clean stop");
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let deleted = admin
+        .delete_topics(&["turnstile-changelog"], &options)
+        .await
+        .unwrap();
+    assert!(deleted.iter().all(|r| r.is_ok()), "{deleted:?}");
+    let topic = NewTopic::new(
+        "turnstile-changelog",
+        PARTITIONS as i32,
+        TopicReplication::Fixed(1),
+    )
+    .set("cleanup.policy", "compact");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let created = admin.create_topics([&topic], &options).await.unwrap();
+        if created.iter().all(|r| r.is_ok()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{created:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let p1 = Server::start_with(args);
+    let stale: BTreeSet<u64> = (0..STALE_KEYS)
+        .map(|u| partitioner().partition(&format!("before-{u}")) as u64)
+        .collect();
+    // Twice, 15 s apart (a refused partition retries with a backoff of 0.1 s doubling up to
+    // 5 s): the partitions still refuse, however often they try again.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let (_, doc) = p1.get("/v1/partitions").await;
+        for &p in &stale {
+            let info = doc["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["id"].as_u64() == Some(p))
+                .unwrap_or_else(|| panic!("partition {p} is not owned: {doc}"));
+            assert_ne!(
+                info["restored"], true,
+                "partition {p} serves a stale copy: {info}"
+            );
+            assert!(info["failure"].is_string(), "{info}");
+        }
+        for u in 0..STALE_KEYS {
+            let (status, answer) = p1.get(&format!("/v1/keys/before-{u}")).await;
+            assert_ne!(
+                status, 200,
+                "before-{u} is served from a stale copy: {answer}"
+            );
+        }
+    }
+}
+
 /// Requests waiting on a frozen owner show in `/v1/partitions` of the process that accepted
 /// them (`waiting_on`: partition, count, oldest wait), and leave it once they are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -145,6 +145,19 @@ pub struct Checkpoint {
     pub epoch: i64,
     /// Offset of the first request not yet applied.
     pub resume: i64,
+    /// A digest of the id of the fence at offset `epoch` ([`fence_digest`]; 0 before any, and
+    /// in checkpoints written before it was kept). Fences have unique keys, so compaction never
+    /// removes one: a changelog that no longer holds this fence at that offset is not the
+    /// changelog this store read (it was deleted and created again), whatever its length.
+    #[serde(default)]
+    pub epoch_fence: u64,
+}
+
+/// The digest of a fence id kept in a [`Checkpoint`].
+pub fn fence_digest(id: &str) -> u64 {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(id.as_bytes());
+    u64::from_le_bytes(hash[..8].try_into().expect("a sha256 has 8 bytes"))
 }
 
 /// Name of the checkpoint in the store's `meta` table.
@@ -156,7 +169,71 @@ impl Checkpoint {
         changelog_next: 0,
         epoch: -1,
         resume: 0,
+        epoch_fence: 0,
     };
+}
+
+/// Refuses a local store whose epoch's fence is not in the changelog at the offset it records.
+async fn check_epoch_fence(
+    shared: &Shared,
+    p: u32,
+    start: &Checkpoint,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let kafka = &shared.kafka;
+    let refuse = |found: &str| {
+        anyhow::anyhow!(
+            "changelog partition {p} holds {found} at offset {}, where this process's local store read its owner's fence: the changelog was deleted or replaced since, and the local copy is not this changelog's state; the partition stays stopped (move the data dir's kafka/{} aside to start over from what the broker has)",
+            start.epoch,
+            kafka.changelog_topic
+        )
+    };
+    let consumer: BaseConsumer = consumer_config(kafka)
+        .set("group.id", format!("{}-restore", kafka.group))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let (low, high) = consumer
+        .fetch_watermarks(&kafka.changelog_topic, p as i32, Duration::from_secs(10))
+        .with_context(|| format!("reading the changelog's offsets of partition {p}"))?;
+    if start.epoch < low || start.epoch >= high {
+        return Err(refuse("no record"));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(
+        &kafka.changelog_topic,
+        p as i32,
+        Offset::Offset(start.epoch),
+    )?;
+    consumer.assign(&tpl)?;
+    let consumer = std::sync::Arc::new(consumer);
+    shared.fetchers.register(&consumer);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if stop.load(Ordering::Relaxed) || shared.broker_lost.load(Ordering::Relaxed) {
+            anyhow::bail!("partition {p} stopped while checking its changelog");
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "reading changelog partition {p} at offset {}: no record within 30 s",
+            start.epoch
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.context("reading the changelog")?;
+        if message.offset() != start.epoch {
+            // Compaction never removes a fence, so the first record read is the fence or
+            // something else at that offset.
+            return Err(refuse("another record"));
+        }
+        return match serde_json::from_slice::<ChangelogRecord>(
+            message.payload().unwrap_or_default(),
+        ) {
+            Ok(ChangelogRecord::Fence { id }) if fence_digest(&id) == start.epoch_fence => Ok(()),
+            Ok(ChangelogRecord::Fence { .. }) => Err(refuse("another owner's fence")),
+            _ => Err(refuse("a record that is not a fence")),
+        };
+    }
 }
 
 /// What a restore did.
@@ -214,6 +291,7 @@ impl Replayer {
             // requests the new owner will consume again.
             self.held.clear();
             self.at.epoch = offset;
+            self.at.epoch_fence = fence_digest(id);
             return Ok(*id == own_fence);
         }
         if record.epoch().is_some_and(|e| e < self.at.epoch) {
@@ -293,6 +371,13 @@ pub(super) async fn restore(
 ) -> anyhow::Result<Option<Restored>> {
     let kafka = &shared.kafka;
     let start: Checkpoint = store.checkpoint(CHECKPOINT)?.unwrap_or(Checkpoint::START);
+    // Before anything is written: a local store whose epoch's fence is not in the changelog
+    // read a changelog that is gone. Checked first, so that a refusal, retried, writes no
+    // fences (each one would move the changelog's end towards the stored position, which is
+    // how an offsets-only check gave way: attacker finding).
+    if start.epoch >= 0 && start.epoch_fence != 0 {
+        check_epoch_fence(shared, p, &start, stop).await?;
+    }
     let fence_id = format!("{}-{:016x}", shared.node_id, rand::random::<u64>());
     let (key, value) = ChangelogRecord::Fence {
         id: fence_id.clone(),
@@ -451,6 +536,8 @@ pub(super) struct Tail {
     reader: super::consumers::PartitionReader,
     /// This owner's epoch (its fence's offset).
     epoch: i64,
+    /// The digest of this owner's fence, kept in every checkpoint it writes.
+    epoch_fence: u64,
     /// Offset of the next record to read.
     next: i64,
 }
@@ -500,6 +587,7 @@ impl Tail {
         Ok(Tail {
             reader,
             epoch: at.epoch,
+            epoch_fence: at.epoch_fence,
             next: at.changelog_next,
         })
     }
@@ -507,6 +595,11 @@ impl Tail {
     /// This owner's epoch.
     pub(super) fn epoch(&self) -> i64 {
         self.epoch
+    }
+
+    /// The digest of this owner's fence (see [`Checkpoint::epoch_fence`]).
+    pub(super) fn epoch_fence(&self) -> u64 {
+        self.epoch_fence
     }
 
     /// Offset of the next changelog record not read back.

@@ -2455,6 +2455,7 @@ impl Transport for KafkaLog<'_> {
                 changelog_next: self.tail.next(),
                 epoch,
                 resume,
+                epoch_fence: self.tail.epoch_fence(),
             },
         )
     }
