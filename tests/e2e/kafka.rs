@@ -117,6 +117,14 @@ async fn pair(servers: &[&Server], prefix: &str, u: usize) {
     assert_eq!(answer["state"]["version"], 2);
 }
 
+/// Sends a user-only associate for `user` with `id`, which must move the user's key to
+/// `associated` at version 2.
+async fn associated(server: &Server, user: &str, id: &str) {
+    let (status, answer) = server.request(request("associate", None, user, id)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"]["version"], 2, "{answer}");
+}
+
 /// The state of `key` from whichever process owns it (exactly one does, once a partition that
 /// is moving has arrived: waits up to 30 s for that).
 async fn state_anywhere(servers: &[&Server], key: &str) -> Value {
@@ -710,17 +718,7 @@ async fn a_restart_with_a_data_dir_restores_only_the_delta() {
         "more than the delta was read: {read:?}"
     );
     for u in 0..40 {
-        let key = format!("dr-{u}");
-        let (status, answer) = again
-            .request(request(
-                "associate",
-                None,
-                &format!("dr-user-{u}"),
-                &format!("{key}-a"),
-            ))
-            .await;
-        assert_eq!(status, 200, "{answer}");
-        assert_eq!(answer["state"]["version"], 2, "{answer}");
+        associated(&again, &format!("dr-user-{u}"), &format!("dr-{u}-a")).await;
     }
     drop(again);
 
@@ -1956,16 +1954,7 @@ async fn a_local_copy_of_a_lost_cluster_is_never_served() {
     // there, not from the old copy.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for u in 0..20 {
-        let (status, answer) = p1
-            .request(request(
-                "associate",
-                None,
-                &format!("after-user-{u}"),
-                &format!("after-{u}-a"),
-            ))
-            .await;
-        assert_eq!(status, 200, "{answer}");
-        assert_eq!(answer["state"]["version"], 2, "{answer}");
+        associated(&p1, &format!("after-user-{u}"), &format!("after-{u}-a")).await;
     }
     let copies: Vec<_> = std::fs::read_dir(dir.path().join("kafka"))
         .unwrap()

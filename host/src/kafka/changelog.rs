@@ -173,6 +173,26 @@ impl Checkpoint {
     };
 }
 
+/// A reader of changelog partition `p` from `offset`, outside any group, registered with the
+/// broker watch (paused the moment the broker is lost).
+fn restore_reader(
+    shared: &Shared,
+    p: u32,
+    offset: i64,
+) -> anyhow::Result<std::sync::Arc<BaseConsumer>> {
+    let kafka = &shared.kafka;
+    let consumer: BaseConsumer = consumer_config(kafka)
+        .set("group.id", format!("{}-restore", kafka.group))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&kafka.changelog_topic, p as i32, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let consumer = std::sync::Arc::new(consumer);
+    shared.fetchers.register(&consumer);
+    Ok(consumer)
+}
+
 /// Refuses a local store whose epoch's fence is not in the changelog at the offset it records.
 async fn check_epoch_fence(
     shared: &Shared,
@@ -188,25 +208,13 @@ async fn check_epoch_fence(
             kafka.changelog_topic
         )
     };
-    let consumer: BaseConsumer = consumer_config(kafka)
-        .set("group.id", format!("{}-restore", kafka.group))
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let consumer = restore_reader(shared, p, start.epoch)?;
     let (low, high) = consumer
         .fetch_watermarks(&kafka.changelog_topic, p as i32, Duration::from_secs(10))
         .with_context(|| format!("reading the changelog's offsets of partition {p}"))?;
     if start.epoch < low || start.epoch >= high {
         return Err(refuse("no record"));
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(
-        &kafka.changelog_topic,
-        p as i32,
-        Offset::Offset(start.epoch),
-    )?;
-    consumer.assign(&tpl)?;
-    let consumer = std::sync::Arc::new(consumer);
-    shared.fetchers.register(&consumer);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if stop.load(Ordering::Relaxed) || shared.broker_lost.load(Ordering::Relaxed) {
@@ -413,19 +421,7 @@ pub(super) async fn restore(
         !shared.broker_lost.load(Ordering::Relaxed),
         "partition {p} stopped before reading its changelog: the broker is lost"
     );
-    let consumer: BaseConsumer = consumer_config(kafka)
-        .set("group.id", format!("{}-restore", kafka.group))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(
-        &kafka.changelog_topic,
-        p as i32,
-        Offset::Offset(start.changelog_next),
-    )?;
-    consumer.assign(&tpl)?;
-    let consumer = std::sync::Arc::new(consumer);
-    shared.fetchers.register(&consumer);
+    let consumer = restore_reader(shared, p, start.changelog_next)?;
     let mut replayer = Replayer {
         at: start,
         held: Vec::new(),
