@@ -843,6 +843,64 @@ async fn a_zombie_owner_is_fenced() {
     }
 }
 
+/// An owner that is its partition's only writer never fetches its own changelog records back:
+/// the broker's acknowledgement shows they directly follow the last ones. A record another
+/// writer put between (here a zombie's `applied` record, of an epoch older than the owner's)
+/// breaks that run: the owner's next batch reads the partition back, finds the record and
+/// writes its own value of that key again; the key's state is the owner's, before and after a
+/// full restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_reads_its_changelog_back_only_after_another_writer() {
+    let config = cluster_config();
+    let first = start(&config);
+    wait_for_all(&first).await;
+    reserve_all(&first, "rb", 40).await;
+    let read_backs = partition_field(&first, "changelog_read_backs").await;
+    assert!(
+        read_backs.values().all(|&n| n == 0),
+        "40 batches of the only writer needed no read-back: {read_backs:?}"
+    );
+
+    let partition = partitioner().partition("rb-0");
+    let zombie = serde_json::json!({
+        "type": "applied", "source_offset": 0, "epoch": -1, "key": "rb-0",
+        "state": {"status": "forged", "user": "rb-user-0", "data": "null", "version": 7,
+                  "rule_version": "forged", "updated_at_ms": 1},
+        "route": null, "dedup": null,
+    });
+    produce(
+        &topic(&config, "changelog"),
+        partition as i32,
+        "state/rb-0",
+        &serde_json::to_vec(&zombie).unwrap(),
+    )
+    .await;
+    associated(&first, "rb-user-0", "rb-0-a").await;
+    let read_backs = partition_field(&first, "changelog_read_backs").await;
+    let expected: BTreeMap<u64, i64> = (0..PARTITIONS)
+        .map(|p| (p, i64::from(p == partition as u64)))
+        .collect();
+    assert_eq!(
+        read_backs, expected,
+        "only the batch after the foreign record reads back"
+    );
+    let zombie_counts = partition_field(&first, "zombie").await;
+    assert!(
+        zombie_counts[&(partition as u64)] >= 1,
+        "the foreign record was not seen: {zombie_counts:?}"
+    );
+    let (_, doc) = first.get("/v1/keys/rb-0").await;
+    assert_eq!(doc["state"]["status"], "associated", "{doc}");
+    assert_eq!(doc["state"]["version"], 2, "{doc}");
+    first.kill9();
+
+    let second = start(&config);
+    wait_for_all(&second).await;
+    let (_, doc) = second.get("/v1/keys/rb-0").await;
+    assert_eq!(doc["state"]["status"], "associated", "{doc}");
+    assert_eq!(doc["state"]["version"], 2, "{doc}");
+}
+
 /// Per key: requests acknowledged, and the ids of those that had one.
 type Acks = BTreeMap<String, (u64, Vec<String>)>;
 

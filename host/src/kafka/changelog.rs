@@ -23,8 +23,11 @@
 //! A process that takes a partition writes a fence; the fence's offset is its *epoch*, larger
 //! than every earlier owner's. While reading, the newest fence seen so far is the current epoch:
 //! a record with an older epoch after it was written by a *zombie* (an owner cut off from the
-//! group that kept writing) and is ignored. The owner itself reads its partition of the
-//! changelog back before it acknowledges a batch: if it meets a newer fence it has been fenced,
+//! group that kept writing) and is ignored. The owner itself follows its partition of the
+//! changelog before it acknowledges a batch. When the broker's acknowledgement puts the batch's
+//! records right after the last record the owner accounted for, with no offset between, no other
+//! writer's record can be among them, and nothing is fetched. Otherwise the owner reads the
+//! partition back up to its batch's last record: if it meets a newer fence it has been fenced,
 //! acknowledges nothing more and stops; if it meets a zombie's record it writes its own value
 //! of that key again, so compaction keeps the owner's value and never the zombie's.
 
@@ -528,14 +531,20 @@ pub struct Fenced {
 /// The owner's reader of its own changelog partition: before a batch is acknowledged, it reads
 /// up to the batch's last record and checks that no newer owner fenced this one in between.
 pub(super) struct Tail {
-    /// This changelog partition's queue of the session's shared read-back consumer.
-    reader: super::consumers::PartitionReader,
+    /// The session's shared consumers: a read-back takes this changelog partition's queue out
+    /// of the read-back consumer for as long as it reads, and gives it back after.
+    consumers: std::sync::Arc<super::consumers::SessionConsumers>,
+    /// The changelog topic.
+    topic: String,
     /// This owner's epoch (its fence's offset).
     epoch: i64,
     /// The digest of this owner's fence, kept in every checkpoint it writes.
     epoch_fence: u64,
-    /// Offset of the next record to read.
+    /// Offset of the next record not yet accounted for: read back, or acknowledged as this
+    /// owner's own.
     next: i64,
+    /// Batches whose records did not directly follow `next`, so the partition was read back.
+    read_backs: u64,
 }
 
 /// The fields of a changelog record its owner's read-back looks at first; the others are
@@ -568,23 +577,20 @@ impl ZombieWrites {
 }
 
 impl Tail {
-    /// Starts reading partition `p` of the changelog after this owner's checkpoint.
+    /// Follows partition `p` of the changelog from this owner's checkpoint. Nothing is fetched
+    /// until a batch's records do not directly follow the last one accounted for.
     pub(super) fn new(shared: &Shared, p: u32, at: Checkpoint) -> anyhow::Result<Tail> {
         anyhow::ensure!(
             !shared.broker_lost.load(Ordering::Relaxed),
-            "partition {p} stopped before reading its changelog back: the broker is lost"
+            "partition {p} stopped before following its changelog: the broker is lost"
         );
-        let reader = shared.session_consumers()?.read(
-            super::consumers::Source::Changelog,
-            &shared.kafka.changelog_topic,
-            p,
-            at.changelog_next,
-        )?;
         Ok(Tail {
-            reader,
+            consumers: shared.session_consumers()?,
+            topic: shared.kafka.changelog_topic.clone(),
             epoch: at.epoch,
             epoch_fence: at.epoch_fence,
             next: at.changelog_next,
+            read_backs: 0,
         })
     }
 
@@ -603,14 +609,59 @@ impl Tail {
         self.next
     }
 
-    /// Reads up to and including `last`. Fails if a newer fence is among the records; returns
-    /// the keys a fenced-out writer wrote, which the owner must write again.
-    pub(super) fn read_to(
+    /// How many batches needed a read-back (see [`Tail::follow`]).
+    pub(super) fn read_backs(&self) -> u64 {
+        self.read_backs
+    }
+
+    /// Accounts for this owner's own records, just acknowledged by the broker at `offsets` (in
+    /// the order produced). Only this partition's owner writes to it, so when they directly
+    /// follow the last record accounted for, with no offset between, no other writer (a newer
+    /// owner's fence, a zombie's record) can be among them and nothing is fetched. Otherwise
+    /// the partition is read back from the first offset not accounted for to the last of them:
+    /// fails if a newer fence is there; returns the keys a fenced-out writer wrote, which the
+    /// owner must write again.
+    pub(super) fn follow(
+        &mut self,
+        p: u32,
+        offsets: &[i64],
+        stop: &AtomicBool,
+    ) -> Result<Result<ZombieWrites, Fenced>, StoreError> {
+        let Some(&last) = offsets.last() else {
+            return Ok(Ok(ZombieWrites::default()));
+        };
+        if offsets
+            .iter()
+            .zip(self.next..)
+            .all(|(&at, expected)| at == expected)
+        {
+            self.next = last + 1;
+            return Ok(Ok(ZombieWrites::default()));
+        }
+        self.read_backs += 1;
+        self.read_to(p, last, stop)
+    }
+
+    /// Reads up to and including `last` (see [`Tail::follow`]).
+    fn read_to(
         &mut self,
         p: u32,
         last: i64,
         stop: &AtomicBool,
     ) -> Result<Result<ZombieWrites, Fenced>, StoreError> {
+        // Assigned for this read only: a partition left assigned would be fetched all the time
+        // (its records are this owner's own), and every fetch costs the broker a request.
+        let reader = self
+            .consumers
+            .read(
+                super::consumers::Source::Changelog,
+                &self.topic,
+                p,
+                self.next,
+            )
+            .map_err(|e| {
+                StoreError::unavailable(format!("reading back changelog partition {p}: {e:#}"))
+            })?;
         let mut zombie = ZombieWrites::default();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.next <= last {
@@ -625,12 +676,12 @@ impl Tail {
                     self.next
                 )));
             }
-            if self.reader.missed_a_record() {
+            if reader.missed_a_record() {
                 return Err(StoreError::unavailable(format!(
                     "a record of changelog partition {p} went to the shared consumer's main queue; restoring to read it"
                 )));
             }
-            let Some(message) = self.reader.queue().poll(Duration::from_millis(100)) else {
+            let Some(message) = reader.queue().poll(Duration::from_millis(100)) else {
                 continue;
             };
             let message = message.map_err(|e| {

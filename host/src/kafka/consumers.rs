@@ -1,7 +1,8 @@
 //! The session's shared consumers: one librdkafka consumer reads the requests topic for every
-//! partition this process owns, another reads the owners' changelog partitions back, and each
-//! partition thread takes its own partition's queue out of them (`split_partition_queue`), so it
-//! still reads only its partition, at its own position, as if it had a consumer of its own.
+//! partition this process owns, another reads an owner's changelog partition back (only while a
+//! read-back needs it: see `changelog.rs`), and each partition thread takes its own partition's
+//! queue out of them (`split_partition_queue`), so it still reads only its partition, at its own
+//! position, as if it had a consumer of its own.
 //!
 //! Why: a consumer per owned partition and a read-back consumer per owned partition made about
 //! 28 librdkafka clients per process, each with its own broker threads waking up to poll; the

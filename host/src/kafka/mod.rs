@@ -29,7 +29,8 @@
 //!
 //! *State transitions are exactly once; answers are at least once.* A batch is applied to the
 //! partition's store inside one transaction; its changelog records (each request's effect with
-//! its offset) are produced and read back, and only if no newer owner fenced this one does the
+//! its offset) are produced and checked (read back when another writer's records are between
+//! them, see `changelog.rs`), and only if no newer owner fenced this one does the
 //! transaction commit (with the changelog position) and the outcomes go out. A process that gains
 //! a partition restores it from the changelog up to a fence of its own (see `changelog.rs`), so a
 //! request is applied once whatever crashes, rebalances or zombies happen; a crash between the
@@ -179,6 +180,10 @@ pub struct OwnedPartitionInfo {
     /// Changelog offset the last restore started at: 0 for a full restore, more when the data
     /// dir already held the partition and only the delta was read.
     pub restored_from: i64,
+    /// Batches since the last restore whose changelog records did not directly follow the
+    /// owner's previous ones (another writer's records between: a newer owner's fence, a
+    /// zombie's writes), so the owner read the partition back; 0 while it is the only writer.
+    pub changelog_read_backs: u64,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
     /// The failure budget: keys quarantined now, breakers opened, requests refused.
@@ -209,6 +214,9 @@ struct OwnedStats {
     next_offset: AtomicI64,
     /// The requests partition's high watermark when last read (-1 when unknown).
     high_watermark: AtomicI64,
+    /// Batches since the last restore whose changelog records did not directly follow the
+    /// owner's previous ones, so the partition was read back.
+    read_backs: AtomicU64,
     /// The engine's counters, the same as local mode's.
     partition: Arc<PartitionStats>,
     /// Why the partition last failed (see [`OwnedPartitionInfo::failure`]).
@@ -1155,6 +1163,7 @@ impl KafkaNode {
                     quarantined: o.stats.quarantined.load(Ordering::Relaxed),
                     zombie: o.stats.zombie.load(Ordering::Relaxed),
                     restored_from: o.stats.restored_from.load(Ordering::Relaxed),
+                    changelog_read_backs: o.stats.read_backs.load(Ordering::Relaxed),
                     rule_failures: FailureKind::ALL
                         .iter()
                         .zip(&o.stats.partition.rule_failures)
@@ -2202,6 +2211,7 @@ fn restore_and_serve(
         .store(restored.read_from, Ordering::Relaxed);
     stats.next_offset.store(resume, Ordering::Relaxed);
     stats.high_watermark.store(-1, Ordering::Relaxed);
+    stats.read_backs.store(0, Ordering::Relaxed);
     tracing::info!(
         partition = p,
         read_from = restored.read_from,
@@ -2308,7 +2318,8 @@ struct KafkaLog<'a> {
     stats: &'a OwnedStats,
     /// Drives the producer's futures on this thread.
     runtime: tokio::runtime::Runtime,
-    /// Reads this owner's changelog partition back before each acknowledgement (fencing).
+    /// Follows this owner's changelog partition before each acknowledgement (fencing): reads
+    /// it back only when another writer's records are between this owner's.
     tail: Tail,
     /// Set when a newer owner fenced this one: nothing more is acknowledged.
     fenced: bool,
@@ -2422,12 +2433,16 @@ impl Transport for KafkaLog<'_> {
             .collect();
         routes.reverse();
         for attempt in 0..3 {
-            let last = if attempt == 0 {
+            let offsets = if attempt == 0 {
                 self.produce_changelog_and_routes(&records, &routes)?
             } else {
                 self.produce_changelog(&records)?
             };
-            match self.tail.read_to(self.p, last, &self.shared.broker_lost)? {
+            let followed = self.tail.follow(self.p, &offsets, &self.shared.broker_lost);
+            self.stats
+                .read_backs
+                .store(self.tail.read_backs(), Ordering::Relaxed);
+            match followed? {
                 Err(fenced) => {
                     tracing::error!(partition = self.p, "{fenced}");
                     self.fenced = true;
@@ -2520,9 +2535,9 @@ impl Transport for KafkaLog<'_> {
 }
 
 impl KafkaLog<'_> {
-    /// Produces changelog records to this partition and waits for the broker; returns the
-    /// offset of the last one (or of the last record read back, when there is nothing).
-    fn produce_changelog(&self, records: &[(String, Vec<u8>)]) -> Result<i64, StoreError> {
+    /// Produces changelog records to this partition and waits for the broker; returns their
+    /// offsets, in order.
+    fn produce_changelog(&self, records: &[(String, Vec<u8>)]) -> Result<Vec<i64>, StoreError> {
         self.produce_changelog_and_routes(records, &[])
     }
 
@@ -2532,7 +2547,7 @@ impl KafkaLog<'_> {
         &self,
         records: &[(String, Vec<u8>)],
         routes: &[(String, Vec<u8>)],
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Vec<i64>, StoreError> {
         let shared = &self.shared;
         let p = self.p as i32;
         let routes_partitioner = shared.routes_partitioner;
@@ -2574,14 +2589,12 @@ impl KafkaLog<'_> {
                 self.p
             ))
         })?;
-        changelog
-            .map(|last| last.unwrap_or(self.tail.next() - 1))
-            .map_err(|e| {
-                StoreError::unavailable(format!(
-                    "writing the changelog of partition {}: {e:#}",
-                    self.p
-                ))
-            })
+        changelog.map_err(|e| {
+            StoreError::unavailable(format!(
+                "writing the changelog of partition {}: {e:#}",
+                self.p
+            ))
+        })
     }
 
     /// Reads one record of the requests topic. A record that cannot be read still becomes an
@@ -2719,13 +2732,13 @@ pub(crate) async fn stopped(stop: &AtomicBool) {
 }
 
 /// Produces `records` (key, value) in order and waits until the broker has acknowledged all;
-/// returns the offset of the last one.
+/// returns their offsets, in the same order.
 async fn produce_all(
     producers: &Producers,
     topic: &str,
     partition: &(dyn Fn(&str) -> Option<i32> + Sync),
     records: &[(String, Vec<u8>)],
-) -> anyhow::Result<Option<i64>> {
+) -> anyhow::Result<Vec<i64>> {
     let result = produce_all_with(&producers.get(), topic, partition, records).await;
     if let Err(e) = &result
         && let Some(e) = e.downcast_ref::<rdkafka::error::KafkaError>()
@@ -2740,7 +2753,7 @@ async fn produce_all_with(
     topic: &str,
     partition: &(dyn Fn(&str) -> Option<i32> + Sync),
     records: &[(String, Vec<u8>)],
-) -> anyhow::Result<Option<i64>> {
+) -> anyhow::Result<Vec<i64>> {
     let mut deliveries = Vec::with_capacity(records.len());
     for (key, value) in records {
         loop {
@@ -2765,17 +2778,17 @@ async fn produce_all_with(
             }
         }
     }
-    let mut last = None;
+    let mut offsets = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         match delivery.await {
-            Ok(Ok(delivery)) => last = Some(delivery.offset),
+            Ok(Ok(delivery)) => offsets.push(delivery.offset),
             Ok(Err((e, _))) => {
                 return Err(anyhow::Error::new(e).context(format!("producing to {topic}")));
             }
             Err(_) => bail!("producing to {topic}: the producer went away"),
         }
     }
-    Ok(last)
+    Ok(offsets)
 }
 
 #[cfg(test)]
