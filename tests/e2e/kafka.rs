@@ -848,7 +848,8 @@ async fn a_zombie_owner_is_fenced() {
 /// writer put between (here a zombie's `applied` record, of an epoch older than the owner's)
 /// breaks that run: the owner's next batch reads the partition back, finds the record and
 /// writes its own value of that key again; the key's state is the owner's, before and after a
-/// full restore.
+/// full restore (which ignores the older epoch's record in any case: the repair itself matters
+/// only once compaction drops the owner's earlier record, which this broker does not do).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_owner_reads_its_changelog_back_only_after_another_writer() {
     let config = cluster_config();

@@ -528,8 +528,9 @@ pub struct Fenced {
     pub fence: i64,
 }
 
-/// The owner's reader of its own changelog partition: before a batch is acknowledged, it reads
-/// up to the batch's last record and checks that no newer owner fenced this one in between.
+/// How the owner follows its own changelog partition: before a batch is acknowledged, it checks
+/// that no other writer's record (a newer owner's fence, a zombie's write) is among the batch's
+/// records or before them, reading the partition back when it cannot tell from the offsets.
 pub(super) struct Tail {
     /// The session's shared consumers: a read-back takes this changelog partition's queue out
     /// of the read-back consumer for as long as it reads, and gives it back after.
@@ -543,7 +544,7 @@ pub(super) struct Tail {
     /// Offset of the next record not yet accounted for: read back, or acknowledged as this
     /// owner's own.
     next: i64,
-    /// Batches whose records did not directly follow `next`, so the partition was read back.
+    /// Read-backs made: writes whose records did not directly follow `next`.
     read_backs: u64,
 }
 
@@ -604,12 +605,13 @@ impl Tail {
         self.epoch_fence
     }
 
-    /// Offset of the next changelog record not read back.
+    /// Offset of the next changelog record not accounted for.
     pub(super) fn next(&self) -> i64 {
         self.next
     }
 
-    /// How many batches needed a read-back (see [`Tail::follow`]).
+    /// How many read-backs [`Tail::follow`] made (a batch's repair write counts again if it too
+    /// was interleaved with another writer's records).
     pub(super) fn read_backs(&self) -> u64 {
         self.read_backs
     }
@@ -630,6 +632,15 @@ impl Tail {
         let Some(&last) = offsets.last() else {
             return Ok(Ok(ZombieWrites::default()));
         };
+        // An acknowledgement at an offset already accounted for (or none at all) means the log
+        // is not the one this owner followed (truncated, replaced): nothing can be checked
+        // against it, so nothing is acknowledged and the partition restores.
+        if let Some(&bad) = offsets.iter().find(|&&at| at < self.next) {
+            return Err(StoreError::unavailable(format!(
+                "changelog partition {p} acknowledged a record at offset {bad}, before offset {} which was already accounted for",
+                self.next
+            )));
+        }
         if offsets
             .iter()
             .zip(self.next..)
@@ -649,6 +660,11 @@ impl Tail {
         last: i64,
         stop: &AtomicBool,
     ) -> Result<Result<ZombieWrites, Fenced>, StoreError> {
+        if stop.load(Ordering::Relaxed) {
+            return Err(StoreError::unavailable(format!(
+                "partition {p} stopped before reading its changelog back: the broker is lost"
+            )));
+        }
         // Assigned for this read only: a partition left assigned would be fetched all the time
         // (its records are this owner's own), and every fetch costs the broker a request.
         let reader = self

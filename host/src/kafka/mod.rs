@@ -180,9 +180,9 @@ pub struct OwnedPartitionInfo {
     /// Changelog offset the last restore started at: 0 for a full restore, more when the data
     /// dir already held the partition and only the delta was read.
     pub restored_from: i64,
-    /// Batches since the last restore whose changelog records did not directly follow the
-    /// owner's previous ones (another writer's records between: a newer owner's fence, a
-    /// zombie's writes), so the owner read the partition back; 0 while it is the only writer.
+    /// Times since the last restore that the owner read its changelog partition back, because
+    /// the records it wrote did not directly follow its previous ones (another writer's records
+    /// between: a newer owner's fence, a zombie's writes); 0 while it is the only writer.
     pub changelog_read_backs: u64,
     /// Rule failures by error code.
     pub rule_failures: std::collections::BTreeMap<&'static str, u64>,
@@ -214,8 +214,8 @@ struct OwnedStats {
     next_offset: AtomicI64,
     /// The requests partition's high watermark when last read (-1 when unknown).
     high_watermark: AtomicI64,
-    /// Batches since the last restore whose changelog records did not directly follow the
-    /// owner's previous ones, so the partition was read back.
+    /// Read-backs of the changelog partition since the last restore (see
+    /// [`OwnedPartitionInfo::changelog_read_backs`]).
     read_backs: AtomicU64,
     /// The engine's counters, the same as local mode's.
     partition: Arc<PartitionStats>,
