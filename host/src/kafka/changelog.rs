@@ -629,28 +629,23 @@ impl Tail {
         offsets: &[i64],
         stop: &AtomicBool,
     ) -> Result<Result<ZombieWrites, Fenced>, StoreError> {
-        let Some(&last) = offsets.last() else {
-            return Ok(Ok(ZombieWrites::default()));
-        };
-        // An acknowledgement at an offset already accounted for (or none at all) means the log
-        // is not the one this owner followed (truncated, replaced): nothing can be checked
-        // against it, so nothing is acknowledged and the partition restores.
-        if let Some(&bad) = offsets.iter().find(|&&at| at < self.next) {
-            return Err(StoreError::unavailable(format!(
-                "changelog partition {p} acknowledged a record at offset {bad}, before offset {} which was already accounted for",
+        match acknowledged(self.next, offsets) {
+            Acknowledged::Nothing => Ok(Ok(ZombieWrites::default())),
+            Acknowledged::OwnRun { next } => {
+                self.next = next;
+                Ok(Ok(ZombieWrites::default()))
+            }
+            // The log is not the one this owner followed (truncated, replaced): nothing can be
+            // checked against it, so nothing is acknowledged and the partition restores.
+            Acknowledged::Behind { offset } => Err(StoreError::unavailable(format!(
+                "changelog partition {p} acknowledged a record at offset {offset}, before offset {} which was already accounted for",
                 self.next
-            )));
+            ))),
+            Acknowledged::Gap { last } => {
+                self.read_backs += 1;
+                self.read_to(p, last, stop)
+            }
         }
-        if offsets
-            .iter()
-            .zip(self.next..)
-            .all(|(&at, expected)| at == expected)
-        {
-            self.next = last + 1;
-            return Ok(Ok(ZombieWrites::default()));
-        }
-        self.read_backs += 1;
-        self.read_to(p, last, stop)
     }
 
     /// Reads up to and including `last` (see [`Tail::follow`]).
@@ -744,6 +739,42 @@ impl Tail {
     }
 }
 
+/// What the offsets of an owner's acknowledged records say about its changelog partition.
+#[derive(Debug, PartialEq, Eq)]
+enum Acknowledged {
+    /// No record was written.
+    Nothing,
+    /// They directly follow the last record accounted for: nobody else wrote in between.
+    /// `next` is the offset after the last of them.
+    OwnRun { next: i64 },
+    /// Another writer's records may be before or among them: read back up to `last`.
+    Gap { last: i64 },
+    /// One is at `offset`, already accounted for: not the log the owner followed.
+    Behind { offset: i64 },
+}
+
+/// Classifies `offsets` (in the order produced) against `next`, the first offset not accounted
+/// for.
+fn acknowledged(next: i64, offsets: &[i64]) -> Acknowledged {
+    let Some(&last) = offsets.last() else {
+        return Acknowledged::Nothing;
+    };
+    if let Some(&offset) = offsets.iter().find(|&&at| at < next) {
+        return Acknowledged::Behind { offset };
+    }
+    if offsets
+        .iter()
+        .zip(next..)
+        .all(|(&at, expected)| at == expected)
+    {
+        Acknowledged::OwnRun { next: last + 1 }
+    } else {
+        // The highest, not the last produced: a read-back must pass every record of the write.
+        let highest = offsets.iter().copied().max().unwrap_or(last);
+        Acknowledged::Gap { last: highest }
+    }
+}
+
 /// The owner's own values of what a zombie wrote, to be written again so compaction keeps them.
 pub(super) fn repair_records(
     tx: &mut Batch<'_>,
@@ -790,6 +821,36 @@ pub(super) fn repair_records(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a run that starts at `next` with no offset missing skips the read-back; a record of
+    /// someone else before, among or instead of the owner's makes a gap; an offset already
+    /// passed (a truncated or replaced log, or -1001 for "no offset") is refused.
+    #[test]
+    fn acknowledged_offsets_skip_the_read_back_only_for_an_unbroken_own_run() {
+        assert_eq!(acknowledged(10, &[]), Acknowledged::Nothing);
+        assert_eq!(acknowledged(10, &[10]), Acknowledged::OwnRun { next: 11 });
+        assert_eq!(
+            acknowledged(10, &[10, 11, 12]),
+            Acknowledged::OwnRun { next: 13 }
+        );
+        // A foreign record at 10, before the owner's.
+        assert_eq!(acknowledged(10, &[11, 12]), Acknowledged::Gap { last: 12 });
+        // A foreign record at 11, among them.
+        assert_eq!(acknowledged(10, &[10, 12]), Acknowledged::Gap { last: 12 });
+        assert_eq!(
+            acknowledged(10, &[12, 11]),
+            Acknowledged::Gap { last: 12 },
+            "out of order is not a run, and the read-back passes every record"
+        );
+        assert_eq!(
+            acknowledged(10, &[9, 10]),
+            Acknowledged::Behind { offset: 9 }
+        );
+        assert_eq!(
+            acknowledged(10, &[10, -1001]),
+            Acknowledged::Behind { offset: -1001 }
+        );
+    }
 
     /// The read-back's first look names every record as the full parse would.
     #[test]
