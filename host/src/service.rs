@@ -235,6 +235,7 @@ impl Service {
             Service::Kafka(node) => serde_json::json!({
                 "mode": "kafka",
                 "node": node.node_id(),
+                "reply_partition": node.reply_partition(),
                 "cluster": {
                     "state": node.cluster_state().0,
                     "reason": node.cluster_state().1,

@@ -572,6 +572,128 @@ async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
     assert_eq!(errors.get("outside-2"), Some(&"invalid_request"));
 }
 
+/// An outcome goes to the outcomes partition its request record's `reply_partition` header names:
+/// a process's own requests name the one partition its reader reads (so the HTTP answer comes
+/// back), another producer's records name any (refused ones too), and a partition the topic
+/// does not have is ignored: that outcome goes by key, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
+    let config = cluster_config();
+    let server = start(&config);
+    wait_for_all(&server).await;
+    let (_, doc) = server.get("/v1/partitions").await;
+    let own = doc["reply_partition"]
+        .as_i64()
+        .expect("reply_partition shown");
+    assert!((0..PARTITIONS as i64).contains(&own), "{doc}");
+    let (status, answer) = server
+        .request(request("reserve", Some("K-reply-http"), "rh", "reply-http"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let requests = topic(&config, "requests");
+    let partitioner = partitioner();
+    let produce_naming = |partition: i32, key: String, value: Vec<u8>, reply: &'static str| {
+        let requests = requests.clone();
+        async move {
+            outside_producer()
+                .send(
+                    rdkafka::producer::FutureRecord::to(&requests)
+                        .partition(partition)
+                        .key(&key)
+                        .payload(&value)
+                        .headers(rdkafka::message::OwnedHeaders::new().insert(
+                            rdkafka::message::Header {
+                                key: "reply_partition",
+                                value: Some(reply),
+                            },
+                        )),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("producing a record");
+        }
+    };
+    // Three applied requests that name partition 7 (their ids' own partitions all being 7 is
+    // about one chance in 1 700), one that names a partition the topic does not have, and a
+    // misrouted one and an unreadable one, refused but still answered where they asked.
+    for i in 0..3 {
+        let key = format!("K-reply-{i}");
+        let p = partitioner.partition(&key) as i32;
+        let record = request_record(&format!("reply-{i}"), "reserve", &key, "r", "null");
+        produce_naming(p, key, record, "7").await;
+    }
+    let key = "K-reply-far";
+    let record = request_record("reply-far", "reserve", key, "r", "null");
+    produce_naming(
+        partitioner.partition(key) as i32,
+        key.into(),
+        record,
+        "4096",
+    )
+    .await;
+    let key = "K-reply-wrong";
+    let wrong = (partitioner.partition(key) as i32 + 1) % PARTITIONS as i32;
+    let record = request_record("reply-wrong", "reserve", key, "r", "null");
+    produce_naming(wrong, key.into(), record, "5").await;
+    let key = "K-reply-odd";
+    let mut odd: Value =
+        serde_json::from_slice(&request_record("reply-odd", "reserve", key, "r", "null")).unwrap();
+    odd["request"]["evil"] = 1.into();
+    let record = serde_json::to_vec(&odd).unwrap();
+    produce_naming(partitioner.partition(key) as i32, key.into(), record, "5").await;
+
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", "reply-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::Message;
+    consumer.subscribe(&[&topic(&config, "outcomes")]).unwrap();
+    let expected = [
+        "reply-http",
+        "reply-0",
+        "reply-1",
+        "reply-2",
+        "reply-far",
+        "reply-wrong",
+        "reply-odd",
+    ];
+    let mut seen: BTreeMap<String, (i32, Value)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !expected.iter().all(|id| seen.contains_key(*id)) {
+        assert!(Instant::now() < deadline, "outcomes missing: {seen:?}");
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let outcome: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            let id = outcome["id"].as_str().unwrap().to_string();
+            seen.insert(id, (message.partition(), outcome));
+        }
+    }
+    assert_eq!(seen["reply-http"].0 as i64, own, "{seen:?}");
+    for i in 0..3 {
+        let (partition, outcome) = &seen[&format!("reply-{i}")];
+        assert_eq!(*partition, 7, "{outcome}");
+        assert_eq!(
+            outcome["result"]["Ok"]["verdict"]["transition"]["status"], "reserved",
+            "{outcome}"
+        );
+    }
+    let (_, far) = &seen["reply-far"];
+    assert_eq!(
+        far["result"]["Ok"]["verdict"]["transition"]["status"], "reserved",
+        "{far}"
+    );
+    let (partition, wrong) = &seen["reply-wrong"];
+    assert_eq!(*partition, 5, "{wrong}");
+    assert_eq!(wrong["result"]["Err"]["code"], "invalid_request", "{wrong}");
+    let (partition, odd) = &seen["reply-odd"];
+    assert_eq!(*partition, 5, "{odd}");
+    assert_eq!(odd["result"]["Err"]["code"], "invalid_request", "{odd}");
+}
+
 /// A changelog record that cannot be decoded is quarantined by the process that restores the
 /// partition: logged, counted, skipped; the partition serves, the process does not exit, and
 /// the states around the bad record are intact.

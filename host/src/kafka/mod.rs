@@ -39,7 +39,7 @@
 //!
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -86,6 +86,27 @@ pub struct RequestRecord {
     /// consumer, which computes its own).
     #[serde(default)]
     pub fingerprint: String,
+}
+
+/// The record header that names the partition of the outcomes topic a request's outcome goes
+/// to (decimal text). A Turnstile front end names the one partition its outcomes reader reads,
+/// so a process reads only the outcomes of its own requests, not every process's. Without it,
+/// or when it names no partition of the topic, the outcome goes to the partition of its key,
+/// the request id. A header, not a field of the record: processes that do not know it ignore
+/// it (they refuse unknown fields), and it is transport, not part of the request.
+pub const REPLY_PARTITION_HEADER: &str = "reply_partition";
+
+/// The outcomes partition a record's [`REPLY_PARTITION_HEADER`] names, if it names one.
+fn reply_partition_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<u32> {
+    use rdkafka::message::Headers;
+    message
+        .headers()?
+        .iter()
+        .filter(|h| h.key == REPLY_PARTITION_HEADER)
+        .last()?
+        .value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Version of the outcome record's format, in every outcome (README, "Outcome records").
@@ -281,6 +302,9 @@ struct Shared {
     producer: Producers,
     /// Outcomes' acknowledgements, awaited off the partition threads (see [`OutcomeAcks`]).
     outcome_acks: OutcomeAcks,
+    /// How many partitions the outcomes topic has (its reader's metadata): a record's
+    /// reply partition beyond them is ignored, and its outcome goes by key.
+    outcome_partitions: AtomicU32,
     /// Picks a user's partition of the routes topic (see [`KafkaNode::routes_partitioner`]); the
     /// partition threads publish the routes of the requests they applied there.
     routes_partitioner: Partitioner,
@@ -595,6 +619,10 @@ pub struct KafkaNode {
     routes: Arc<RouteCache>,
     /// HTTP requests waiting for their outcome.
     pending: Arc<Waiters>,
+    /// The partition of the outcomes topic this process's requests name in their
+    /// [`REPLY_PARTITION_HEADER`] and its outcomes reader reads (picked at random at start): with one partition per
+    /// process, each outcome is read by the process waiting for it, not by every process.
+    reply_partition: AtomicU32,
     /// Picks a user's partition of the routes topic: all of one user's routes, and the
     /// position markers of requests that look the user up, go to one partition, in order.
     routes_partitioner: Partitioner,
@@ -685,7 +713,12 @@ impl KafkaNode {
         // before giving up. A broker that cannot be reached, or a layout that differs from this
         // process's, is refused at once.
         let mut attempt = 1;
-        let (agreed, routes_consumer, routes_partitions, outcomes_consumer) = loop {
+        let (
+            agreed,
+            routes_consumer,
+            routes_partitions,
+            (outcomes_consumer, reply_partition, outcome_partitions),
+        ) = loop {
             ensure_topics(&kafka, n)?;
             let joined = layout::agree(
                 &kafka,
@@ -694,7 +727,7 @@ impl KafkaNode {
             )
             .and_then(|agreed| {
                 let (routes, partitions) = reader(&kafka, &kafka.routes_topic, Offset::Beginning)?;
-                let (outcomes, _) = outcomes_reader(&kafka)?;
+                let outcomes = outcomes_reader(&kafka, None)?;
                 Ok((agreed, routes, partitions, outcomes))
             });
             match joined {
@@ -747,6 +780,7 @@ impl KafkaNode {
             partitioner,
             producer,
             outcome_acks: OutcomeAcks::start()?,
+            outcome_partitions: AtomicU32::new(outcome_partitions),
             routes_partitioner,
             node_id: node_id.clone(),
             advertised_url: std::sync::OnceLock::new(),
@@ -770,6 +804,7 @@ impl KafkaNode {
                 config.routes.ttl_seconds * 1000,
             )),
             pending: Arc::default(),
+            reply_partition: AtomicU32::new(reply_partition),
             stop: Arc::new(AtomicBool::new(false)),
             session: Mutex::new(Arc::new(AtomicBool::new(false))),
             threads: Mutex::new(Vec::new()),
@@ -800,6 +835,12 @@ impl KafkaNode {
     /// This process's id in the cluster.
     pub fn node_id(&self) -> &str {
         &self.shared.node_id
+    }
+
+    /// The partition of the outcomes topic this process reads, named by its requests'
+    /// [`REPLY_PARTITION_HEADER`].
+    pub fn reply_partition(&self) -> u32 {
+        self.reply_partition.load(Ordering::Relaxed)
     }
 
     /// Sets where this process serves HTTP (`kafka.advertised_url` wins over `bound`), and
@@ -953,6 +994,7 @@ impl KafkaNode {
             fingerprint,
         };
         let value = serde_json::to_vec(&record).expect("requests serialize");
+        let reply_partition = self.reply_partition.load(Ordering::Relaxed).to_string();
         let sent = self
             .shared
             .producer
@@ -960,7 +1002,13 @@ impl KafkaNode {
                 FutureRecord::to(&kafka.requests_topic)
                     .partition(partition as i32)
                     .key(&key)
-                    .payload(&value),
+                    .payload(&value)
+                    .headers(rdkafka::message::OwnedHeaders::new().insert(
+                        rdkafka::message::Header {
+                            key: REPLY_PARTITION_HEADER,
+                            value: Some(&reply_partition),
+                        },
+                    )),
                 Duration::from_millis(kafka.reply_timeout_ms),
             )
             .await;
@@ -1335,9 +1383,18 @@ impl KafkaNode {
         // From the beginning: routes recorded while this process was away are read again, in
         // the topic's order, so the cache ends as current as another process's.
         let (routes_consumer, _) = reader(kafka, &kafka.routes_topic, Offset::Beginning)?;
+        // The same outcomes partition as before when the topic still has it: requests sent
+        // before the suspension name it.
+        let (outcomes_consumer, reply_partition, outcome_partitions) =
+            outcomes_reader(kafka, Some(self.reply_partition.load(Ordering::Relaxed)))?;
+        self.reply_partition
+            .store(reply_partition, Ordering::Relaxed);
+        self.shared
+            .outcome_partitions
+            .store(outcome_partitions, Ordering::Relaxed);
         let threads = vec![
             self.spawn_routes_reader(routes_consumer, session.clone())?,
-            self.spawn_outcomes_reader(outcomes_reader(kafka)?.0, session.clone())?,
+            self.spawn_outcomes_reader(outcomes_consumer, session.clone())?,
             spawn_group_member(self.shared.clone(), session)?,
         ];
         *self.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
@@ -1646,20 +1703,50 @@ struct TopicHasNoPartitions {
     topic: String,
 }
 
-/// The outcomes topic's reader, from the end: only outcomes of requests this process sends
-/// from now on matter, and a restart must not read the topic's whole history.
-fn outcomes_reader(kafka: &KafkaConfig) -> anyhow::Result<(BaseConsumer, u32)> {
-    reader(kafka, &kafka.outcomes_topic, Offset::End)
+/// The outcomes topic's reader: one partition (`preferred` when the topic has it, else one at
+/// random), from the end: only outcomes of requests this process sends from now on matter, and
+/// a restart must not read the topic's whole history. Returns the reader, its partition and the
+/// topic's partition count.
+fn outcomes_reader(
+    kafka: &KafkaConfig,
+    preferred: Option<u32>,
+) -> anyhow::Result<(BaseConsumer, u32, u32)> {
+    let topic = &kafka.outcomes_topic;
+    let consumer = reader_consumer(kafka, topic)?;
+    let count = partition_count(&consumer, topic)?;
+    let partition = preferred
+        .filter(|p| *p < count)
+        .unwrap_or_else(|| rand::random::<u32>() % count);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, Offset::End)?;
+    consumer.assign(&tpl)?;
+    Ok((consumer, partition, count))
 }
 
 /// A consumer outside any group that reads every partition of `topic` from `offset`.
 fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(BaseConsumer, u32)> {
-    let consumer: BaseConsumer = consumer_config(kafka)
+    let consumer = reader_consumer(kafka, topic)?;
+    let partitions = partition_count(&consumer, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, offset)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok((consumer, partitions))
+}
+
+/// A consumer outside any group, not yet assigned, for reading `topic`.
+fn reader_consumer(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<BaseConsumer> {
+    consumer_config(kafka)
         .set("group.id", format!("{}-reader", kafka.group))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "20")
         .create()
-        .with_context(|| format!("creating a reader of {topic}"))?;
+        .with_context(|| format!("creating a reader of {topic}"))
+}
+
+/// How many partitions the broker names for `topic` (none is an error).
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<u32> {
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .with_context(|| format!("reading the metadata of {topic}"))?;
@@ -1674,12 +1761,7 @@ fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(B
         }
         .into());
     }
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, offset)?;
-    }
-    consumer.assign(&tpl)?;
-    Ok((consumer, partitions as u32))
+    Ok(partitions as u32)
 }
 
 /// Creates the topics that do not exist (requests and changelog with N partitions), and refuses
@@ -2298,6 +2380,8 @@ pub(crate) struct LogReply {
     offset: i64,
     /// The request's fingerprint, carried into its outcome record (empty when unreadable).
     fingerprint: String,
+    /// The outcomes partition the record asked for (see [`REPLY_PARTITION_HEADER`]).
+    reply_partition: Option<u32>,
 }
 
 /// Kafka mode's transport: the partition's requests topic partition in front, the changelog as
@@ -2483,17 +2567,26 @@ impl Transport for KafkaLog<'_> {
                 .next_offset
                 .store(self.next_offset, Ordering::Relaxed);
         }
-        let outcomes: Vec<(String, Vec<u8>)> = answers
+        let outcome_partitions = self.shared.outcome_partitions.load(Ordering::Relaxed);
+        let outcomes: Vec<(String, Option<i32>, Vec<u8>)> = answers
             .into_iter()
             .filter_map(|(reply, result)| {
                 let id = reply.id?;
+                let partition = reply
+                    .reply_partition
+                    .filter(|p| *p < outcome_partitions)
+                    .map(|p| p as i32);
                 let record = OutcomeRecord {
                     schema: OUTCOME_SCHEMA,
                     id: id.clone(),
                     fingerprint: reply.fingerprint,
                     result: result.map_err(|e| RemoteError::from(&e)),
                 };
-                Some((id, serde_json::to_vec(&record).expect("outcomes serialize")))
+                Some((
+                    id,
+                    partition,
+                    serde_json::to_vec(&record).expect("outcomes serialize"),
+                ))
             })
             .collect();
         // Not awaited: the batch's effects are in the changelog already (a retry with the same id
@@ -2502,9 +2595,13 @@ impl Transport for KafkaLog<'_> {
         let producer = self.shared.producer.get();
         let topic = &self.shared.kafka.outcomes_topic;
         let mut deliveries = Vec::with_capacity(outcomes.len());
-        for (id, value) in &outcomes {
+        for (id, partition, value) in &outcomes {
             loop {
-                match producer.send_result(FutureRecord::to(topic).key(id).payload(value)) {
+                let mut record = FutureRecord::to(topic).key(id).payload(value);
+                if let Some(partition) = partition {
+                    record = record.partition(*partition);
+                }
+                match producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push(delivery);
                         break;
@@ -2626,6 +2723,7 @@ impl KafkaLog<'_> {
                         id: Some(request.id.clone()),
                         offset,
                         fingerprint: fingerprint.clone(),
+                        reply_partition: reply_partition_of(message),
                     },
                     request,
                     unreadable: None,
@@ -2635,8 +2733,9 @@ impl KafkaLog<'_> {
                 }
             }
             Err(e) => {
-                let id = serde_json::from_slice::<serde_json::Value>(payload)
-                    .ok()
+                let value = serde_json::from_slice::<serde_json::Value>(payload).ok();
+                let id = value
+                    .as_ref()
                     .and_then(|v| v["request"]["id"].as_str().map(str::to_string))
                     .filter(|id| !id.is_empty() && id.len() <= crate::runtime::MAX_FIELD_BYTES);
                 let text = String::from_utf8_lossy(&payload[..payload.len().min(4096)]);
@@ -2665,6 +2764,8 @@ impl KafkaLog<'_> {
                         id,
                         offset,
                         fingerprint: String::new(),
+                        // A refused record's producer still gets its answer where it asked.
+                        reply_partition: reply_partition_of(message),
                     },
                 }
             }
