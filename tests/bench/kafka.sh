@@ -25,28 +25,7 @@ for i in $(seq 1 "$N"); do
   RUST_LOG=warn "$BIN" run --config s.toml --listen 127.0.0.1:1948$i > p$i.log 2>&1 & PIDS+=($!); CPU="$CPU,turnstile-$i=$!"
   sleep 2
 done
-python3 - "$N" <<'PY'
-import json, sys, time, urllib.request
-n = int(sys.argv[1]); end = time.time() + 120; prev = None; stable = 0; counts = []
-while time.time() < end:
-    counts = []
-    for i in range(1, n + 1):
-        try:
-            doc = json.load(urllib.request.urlopen(f"http://127.0.0.1:{19480 + i}/v1/partitions", timeout=2))
-            counts.append(sum(1 for p in doc["partitions"] if p.get("restored")))
-        except Exception:
-            counts.append(0)
-    if sum(counts) == 12 and min(counts) > 0:
-        stable = stable + 1 if prev == counts else 1
-        prev = counts
-        if stable >= 6:
-            print("restored 12 as", counts)
-            break
-    time.sleep(0.5)
-else:
-    print("not restored", counts)
-    sys.exit(1)
-PY
+python3 "$ROOT/tests/bench/wait-restored.py" "$N" || exit 1
 "$BIN" bench --kafka s.toml --users "$USERS" --cpu "$CPU" "${@:3}"
 for p in "${PIDS[@]}"; do kill "$p"; done; sleep 2
 for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done; kill -9 $BROKER; wait $BROKER 2>/dev/null

@@ -16,7 +16,10 @@
 //! on the routes topic, before routing: claim 5) or resolves it (claim 3, after a position marker
 //! proves the routes read so far are complete), gives it an id, and produces it to the requests
 //! partition that Turnstile's partitioner picks, so a producer that is not Turnstile can feed the
-//! topic with the same partitioner. It then waits for the outcome on the outcomes topic.
+//! topic with the same partitioner. It then waits for the outcome on the outcomes topic: on the
+//! one partition of it this process reads, which the request names in its `reply_partition`
+//! header (see [`REPLY_PARTITION_HEADER`]), so an outcome is read by the process waiting for it
+//! only.
 //!
 //! Every process joins one consumer group on the requests topic. The group consumer only serves
 //! membership: the partitions it is given are paused on it, and each one gets its own dedicated
@@ -92,8 +95,10 @@ pub struct RequestRecord {
 /// to (decimal text). A Turnstile front end names the one partition its outcomes reader reads,
 /// so a process reads only the outcomes of its own requests, not every process's. Without it,
 /// or when it names no partition of the topic, the outcome goes to the partition of its key,
-/// the request id. A header, not a field of the record: processes that do not know it ignore
-/// it (they refuse unknown fields), and it is transport, not part of the request.
+/// the request id. A header, not a field of the record: it is transport, not part of the
+/// request, and a process from before it still reads the record (it refuses unknown fields);
+/// but such a process answers by key, where the waiting front end does not read, so a cluster
+/// is upgraded past this header with every older process stopped (README, "Running a cluster").
 pub const REPLY_PARTITION_HEADER: &str = "reply_partition";
 
 /// The outcomes partition a record's [`REPLY_PARTITION_HEADER`] names, if it names one.
@@ -2596,10 +2601,11 @@ impl Transport for KafkaLog<'_> {
         let topic = &self.shared.kafka.outcomes_topic;
         let mut deliveries = Vec::with_capacity(outcomes.len());
         for (id, partition, value) in &outcomes {
+            let mut partition = *partition;
             loop {
                 let mut record = FutureRecord::to(topic).key(id).payload(value);
                 if let Some(partition) = partition {
-                    record = record.partition(*partition);
+                    record = record.partition(partition);
                 }
                 match producer.send_result(record) {
                     Ok(delivery) => {
@@ -2612,6 +2618,15 @@ impl Transport for KafkaLog<'_> {
                         ),
                         _,
                     )) => std::thread::sleep(Duration::from_millis(1)),
+                    // The producer's metadata does not know the partition (it names fewer than
+                    // the reader saw): the outcome goes by key, as for a record without a reply
+                    // partition, rather than nowhere.
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::UnknownPartition,
+                        ),
+                        _,
+                    )) if partition.is_some() => partition = None,
                     Err((e, _)) => {
                         tracing::warn!(partition = self.p, "producing an outcome: {e}");
                         break;
