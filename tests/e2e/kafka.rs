@@ -376,6 +376,22 @@ async fn produce(topic: &str, partition: i32, key: &str, value: &[u8]) {
         .expect("producing a record");
 }
 
+/// A plain consumer of the cluster's whole outcomes topic from its start, as another
+/// producer's reader would be, in consumer group `group`.
+fn outcomes_reader(config: &str, group: &str) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("creating a plain Kafka consumer");
+    consumer
+        .subscribe(&[&topic(config, "outcomes")])
+        .expect("subscribing to the outcomes topic");
+    consumer
+}
+
 /// A topic's name in a cluster configuration made by [`cluster_config`].
 fn topic(config: &str, name: &str) -> String {
     config
@@ -530,16 +546,8 @@ async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
     assert_eq!(counted, 5, "{metrics}");
 
     // A producer waiting on the outcomes topic learns why its records were refused.
-    let outcomes = topic(&config, "outcomes");
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", "outside-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    use rdkafka::consumer::Consumer;
+    let consumer = outcomes_reader(&config, "outside-reader");
     use rdkafka::message::Message;
-    consumer.subscribe(&[&outcomes]).unwrap();
     let mut outcomes = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !["outside-1", "outside-2", "outside-5"]
@@ -644,15 +652,8 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
     let record = serde_json::to_vec(&odd).unwrap();
     produce_naming(partitioner.partition(key) as i32, key.into(), record, "5").await;
 
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", "reply-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    use rdkafka::consumer::Consumer;
+    let consumer = outcomes_reader(&config, "reply-reader");
     use rdkafka::message::Message;
-    consumer.subscribe(&[&topic(&config, "outcomes")]).unwrap();
     let expected = [
         "reply-http",
         "reply-0",
