@@ -601,7 +601,7 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
 
     let requests = topic(&config, "requests");
     let partitioner = partitioner();
-    let produce_naming = |partition: i32, key: String, value: Vec<u8>, reply: &'static str| {
+    let produce_naming = |partition: i32, key: String, value: Vec<u8>, reply: &'static [u8]| {
         let requests = requests.clone();
         async move {
             outside_producer()
@@ -630,7 +630,7 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
         let key = format!("K-reply-{i}");
         let p = partitioner.partition(&key) as i32;
         let record = request_record(&format!("reply-{i}"), "reserve", &key, "r", "null");
-        produce_naming(p, key, record, "7").await;
+        produce_naming(p, key, record, b"7").await;
     }
     let key = "K-reply-far";
     let record = request_record("reply-far", "reserve", key, "r", "null");
@@ -638,19 +638,28 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
         partitioner.partition(key) as i32,
         key.into(),
         record,
-        "4096",
+        b"4096",
     )
     .await;
+    // Headers that name no partition (negative, not a number, not UTF-8) go by key too.
+    for (i, header) in [b"-3".as_slice(), b"seven", b"\xff\xfe"]
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("K-reply-bad-{i}");
+        let record = request_record(&format!("reply-bad-{i}"), "reserve", &key, "r", "null");
+        produce_naming(partitioner.partition(&key) as i32, key, record, header).await;
+    }
     let key = "K-reply-wrong";
     let wrong = (partitioner.partition(key) as i32 + 1) % PARTITIONS as i32;
     let record = request_record("reply-wrong", "reserve", key, "r", "null");
-    produce_naming(wrong, key.into(), record, "5").await;
+    produce_naming(wrong, key.into(), record, b"5").await;
     let key = "K-reply-odd";
     let mut odd: Value =
         serde_json::from_slice(&request_record("reply-odd", "reserve", key, "r", "null")).unwrap();
     odd["request"]["evil"] = 1.into();
     let record = serde_json::to_vec(&odd).unwrap();
-    produce_naming(partitioner.partition(key) as i32, key.into(), record, "5").await;
+    produce_naming(partitioner.partition(key) as i32, key.into(), record, b"5").await;
 
     let consumer = outcomes_reader(&config, "reply-reader");
     use rdkafka::message::Message;
@@ -662,6 +671,9 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
         "reply-far",
         "reply-wrong",
         "reply-odd",
+        "reply-bad-0",
+        "reply-bad-1",
+        "reply-bad-2",
     ];
     let mut seen: BTreeMap<String, (i32, Value)> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -680,6 +692,13 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
         assert_eq!(
             outcome["result"]["Ok"]["verdict"]["transition"]["status"], "reserved",
             "{outcome}"
+        );
+    }
+    for i in 0..3 {
+        let (_, bad) = &seen[&format!("reply-bad-{i}")];
+        assert_eq!(
+            bad["result"]["Ok"]["verdict"]["transition"]["status"], "reserved",
+            "{bad}"
         );
     }
     let (_, far) = &seen["reply-far"];
