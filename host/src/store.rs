@@ -89,7 +89,7 @@ use crate::router::{HashKind, Route};
 use crate::sandbox::RuleFailure;
 
 pub mod inspect;
-mod record;
+pub(crate) mod record;
 
 pub(crate) const STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("states");
 pub(crate) const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
@@ -1485,6 +1485,11 @@ impl Batch<'_> {
         if let Some(state) = self.pending.states.get(key) {
             return Ok(Some(state.clone()));
         }
+        get_record(&self.states, "states", key)
+    }
+
+    /// The state of `key` as the batch found it, before any of its own writes.
+    pub fn committed_state(&self, key: &str) -> Result<Option<State>, StoreError> {
         get_record(&self.states, "states", key)
     }
 

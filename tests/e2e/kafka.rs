@@ -827,6 +827,140 @@ async fn the_changelog_is_compacted_and_a_deleting_one_is_refused() {
     assert!(err.contains("cleanup.policy=compact"), "{err}");
 }
 
+/// Every record of the cluster's changelog topic, read from the start by a plain consumer
+/// until nothing more comes for 3 s (this broker's watermarks can lag behind its records).
+async fn changelog_values(config: &str) -> Vec<Vec<u8>> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let changelog = topic(config, "changelog");
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("read-{changelog}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS as i32 {
+        assignment
+            .add_partition_offset(&changelog, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut values = Vec::new();
+        let mut last = Instant::now();
+        while last.elapsed() < Duration::from_secs(3) {
+            if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+                values.push(message.unwrap().payload().unwrap_or_default().to_vec());
+                last = Instant::now();
+            }
+        }
+        values
+    })
+    .await
+    .unwrap()
+}
+
+/// Changelog formats. A new cluster records format 2 in its layout and writes binary records;
+/// a cluster whose layout (written by an older version) says format 1 is joined, and every
+/// process keeps writing JSON records in it, which older processes read. Either way a process
+/// with no local copy restores every key, route and dedup entry from the changelog alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_cluster_keeps_the_changelog_format_its_layout_records() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let older = cluster_config();
+    let requests = topic(&older, "requests");
+    let group = older
+        .lines()
+        .find_map(|l| l.strip_prefix("group = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let layout_topic = format!("{requests}-layout");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&layout_topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(created[0].is_ok(), "{created:?}");
+    let layout = serde_json::json!({
+        "changelog_format": 1, "partitions": PARTITIONS, "hash": "java", "group": group,
+        "requests_topic": requests, "outcomes_topic": topic(&older, "outcomes"),
+        "changelog_topic": topic(&older, "changelog"), "routes_topic": topic(&older, "routes"),
+        "cluster": "0123456789abcdef",
+    });
+    produce(
+        &layout_topic,
+        0,
+        "layout",
+        &serde_json::to_vec(&layout).unwrap(),
+    )
+    .await;
+
+    for (config, format) in [(cluster_config(), 2), (older, 1)] {
+        let first = start(&config);
+        wait_for_all(&first).await;
+        reserve_all(&first, "cf", 12).await;
+        let mut answers = Vec::new();
+        for u in 0..6 {
+            let (status, answer) = first
+                .request(request(
+                    "associate",
+                    None,
+                    &format!("cf-user-{u}"),
+                    &format!("cf-{u}-a"),
+                ))
+                .await;
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["state"]["version"], 2, "{answer}");
+            answers.push(answer);
+        }
+        first.kill9();
+        let values = changelog_values(&config).await;
+        // 12 fences, 12 reserves and 6 associates with their copies.
+        assert!(values.len() >= 12 + 12 * 3 + 6 * 2, "{}", values.len());
+        let binary = values.iter().filter(|v| v.first() == Some(&0x02)).count();
+        let json = values.iter().filter(|v| v.first() == Some(&b'{')).count();
+        match format {
+            2 => assert_eq!((binary, json), (values.len(), 0), "format 2"),
+            _ => assert_eq!((binary, json), (0, values.len()), "format 1"),
+        }
+
+        let second = start(&config);
+        wait_for_all(&second).await;
+        for u in 0..12 {
+            let key = format!("cf-{u}");
+            let (status, doc) = second.get(&format!("/v1/keys/{key}")).await;
+            assert_eq!(status, 200, "format {format}, {key}: {doc}");
+            let expected = if u < 6 { "associated" } else { "reserved" };
+            assert_eq!(doc["state"]["status"], expected, "format {format}, {key}");
+            // The route and (for the first six) the dedup entry came back too: a retry gets
+            // the first answer again, not a second application, and a user-only request finds
+            // the key.
+            if u < 6 {
+                let (status, answer) = second
+                    .request(request(
+                        "associate",
+                        None,
+                        &format!("cf-user-{u}"),
+                        &format!("{key}-a"),
+                    ))
+                    .await;
+                assert_eq!(status, 200, "{answer}");
+                assert_eq!(Some(&answer), answers.get(u), "format {format}");
+            } else {
+                associated(&second, &format!("cf-user-{u}"), &format!("{key}-a")).await;
+            }
+        }
+    }
+}
+
 /// The partitions' `(id, field)` from `/v1/partitions`, for a numeric field.
 async fn partition_field(server: &Server, field: &str) -> BTreeMap<u64, i64> {
     let (_, doc) = server.get("/v1/partitions").await;

@@ -26,11 +26,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use super::changelog::ChangelogFormat;
 use crate::config::{Config, KafkaConfig};
 
-/// Version of the changelog's record format; a process that writes another one must not share
-/// a cluster with this one.
-pub const CHANGELOG_FORMAT: u32 = 1;
+/// The changelog format a new cluster records; a process joins a cluster whose recorded format
+/// it writes (see [`ChangelogFormat`]), and writes that one.
+pub const CHANGELOG_FORMAT: u32 = ChangelogFormat::NEWEST.number();
 
 /// What every process of one cluster must agree on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,11 +87,6 @@ impl Layout {
             }
         };
         check(
-            "the changelog format",
-            self.changelog_format.to_string(),
-            agreed.changelog_format.to_string(),
-        );
-        check(
             "partitions.servers × partitions.containers",
             self.partitions.to_string(),
             agreed.partitions.to_string(),
@@ -117,6 +113,14 @@ impl Layout {
             self.routes_topic.clone(),
             agreed.routes_topic.clone(),
         );
+        // Every format this build writes is accepted: an upgraded process joins a cluster of
+        // older ones and writes the cluster's format, which they read.
+        if ChangelogFormat::from_number(agreed.changelog_format).is_none() {
+            out.push(format!(
+                "the changelog format is {} here (formats 1 and 2 are written) but {} in the cluster",
+                self.changelog_format, agreed.changelog_format
+            ));
+        }
         out
     }
 }

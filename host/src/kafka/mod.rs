@@ -61,7 +61,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, KafkaConfig};
 use crate::install::{PartitionThreads, RuleControl};
-use crate::model::{Decision, Request, RoutedRequest, State, now_ms};
+use crate::model::{Decision, Request, RoutedRequest, State, Verdict, now_ms};
 use crate::partition::{
     Applied, ApplyError, Command, Decider, Engine, Inbox, Incoming, PartitionStats, RecordSource,
     Transport,
@@ -298,6 +298,9 @@ struct Shared {
     /// partition's local copy lives under it, so a copy of a cluster the broker lost is never
     /// taken for this one's (see [`local_store_dir`]).
     cluster_id: String,
+    /// The format the cluster's layout records: every record this process writes to the
+    /// changelog is in it (it reads both formats).
+    changelog_format: changelog::ChangelogFormat,
     sandbox: Arc<Sandbox>,
     /// The rule version each partition runs in this process; a thread that takes a partition
     /// starts with its entry, and an install changes it for owned and future partitions alike.
@@ -780,6 +783,8 @@ impl KafkaNode {
             config: config.clone(),
             kafka: kafka.clone(),
             cluster_id: agreed.cluster.clone(),
+            changelog_format: changelog::ChangelogFormat::from_number(agreed.changelog_format)
+                .context("the layout's changelog format was checked when it was agreed")?,
             sandbox,
             rules: RuleControl::new(registry, n),
             partitioner,
@@ -2481,12 +2486,25 @@ impl Transport for KafkaLog<'_> {
         // Every consumed record leaves a changelog record with its offset, applied or not, so
         // a restore resumes after it and never applies it a second time.
         let epoch = self.tail.epoch();
-        let consumed = batch.iter().zip(results).map(|(incoming, done)| {
-            // A rule failure recorded the route (claim 5), so it is a change too.
-            let changed = done.applied || matches!(done.result, Err(ApplyError::Rule(_)));
-            (incoming.reply.offset, incoming.request.clone(), changed)
-        });
-        let mut records = changelog::batch_records(tx, epoch, consumed)?;
+        let consumed = batch
+            .iter()
+            .zip(results)
+            .map(|(incoming, done)| changelog::Consumed {
+                source_offset: incoming.reply.offset,
+                request: &incoming.request,
+                // A rule failure recorded the route (claim 5), so it is a change too.
+                changed: done.applied || matches!(done.result, Err(ApplyError::Rule(_))),
+                new_state: match &done.result {
+                    Ok(Decision {
+                        verdict: Verdict::Transition(state),
+                        ..
+                    }) if done.applied => Some(state),
+                    _ => None,
+                },
+                moved_route: done.route_order.is_some(),
+            });
+        let format = self.shared.changelog_format;
+        let mut records = changelog::batch_records(tx, epoch, format, consumed)?;
         let resume = batch
             .last()
             .map_or(self.next_offset, |i| i.reply.offset + 1);
@@ -2549,7 +2567,7 @@ impl Transport for KafkaLog<'_> {
                         (zombie.keys.len() + zombie.ids.len() + zombie.users.len()) as u64,
                         Ordering::Relaxed,
                     );
-                    records = changelog::repair_records(tx, epoch, resume, &zombie)?;
+                    records = changelog::repair_records(tx, epoch, format, resume, &zombie)?;
                 }
             }
         }

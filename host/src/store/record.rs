@@ -70,7 +70,7 @@ pub(crate) fn read_value<T: Binary>(key: KeyRef<'_>, bytes: &[u8]) -> Result<T, 
     Ok(value)
 }
 
-fn put_u64(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_u64(out: &mut Vec<u8>, mut v: u64) {
     // LEB128: 7 bits a byte, so the small numbers that dominate (versions, lengths, partitions)
     // take one byte and a millisecond time six.
     while v >= 0x80 {
@@ -80,13 +80,18 @@ fn put_u64(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_u64(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
-fn put_bool(out: &mut Vec<u8>, b: bool) {
+pub(crate) fn put_bool(out: &mut Vec<u8>, b: bool) {
     out.push(u8::from(b));
+}
+
+/// A signed number, zigzagged so that small negative numbers (an epoch of -1) stay short too.
+pub(crate) fn put_i64(out: &mut Vec<u8>, v: i64) {
+    put_u64(out, ((v << 1) ^ (v >> 63)) as u64);
 }
 
 /// A rule version id or a request fingerprint is a sha256 in lowercase hex: stored as its 32
@@ -119,6 +124,19 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader of `bytes`.
+    pub(crate) fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { bytes }
+    }
+
+    /// Fails when anything is left: trailing bytes are damage like any other.
+    pub(crate) fn finish(self) -> Result<(), String> {
+        match self.bytes.len() {
+            0 => Ok(()),
+            n => Err(format!("{n} bytes after the record")),
+        }
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if n > self.bytes.len() {
             return Err("record is truncated".to_string());
@@ -128,11 +146,11 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn u8(&mut self) -> Result<u8, String> {
+    pub(crate) fn u8(&mut self) -> Result<u8, String> {
         Ok(self.take(1)?[0])
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    pub(crate) fn u64(&mut self) -> Result<u64, String> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.u8()?;
@@ -142,6 +160,11 @@ impl<'a> Reader<'a> {
             }
         }
         Err("varint is too long".to_string())
+    }
+
+    pub(crate) fn i64(&mut self) -> Result<i64, String> {
+        let v = self.u64()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
     }
 
     fn u32(&mut self) -> Result<u32, String> {
@@ -156,7 +179,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    pub(crate) fn string(&mut self) -> Result<String, String> {
         let len = usize::try_from(self.u64()?).map_err(|_| "length out of range".to_string())?;
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| "string is not UTF-8".to_string())
@@ -179,7 +202,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn option<T>(
+    pub(crate) fn option<T>(
         &mut self,
         read: impl FnOnce(&mut Self) -> Result<T, String>,
     ) -> Result<Option<T>, String> {
@@ -212,19 +235,29 @@ impl Binary for State {
     }
 }
 
-impl Binary for StoredRoute {
+impl Binary for Route {
     fn write(&self, _key: KeyRef<'_>, out: &mut Vec<u8>) {
-        put_str(out, &self.route.key);
-        put_u64(out, self.route.recorded_at_ms);
-        put_u64(out, self.order);
+        put_str(out, &self.key);
+        put_u64(out, self.recorded_at_ms);
     }
 
     fn read(_key: KeyRef<'_>, r: &mut Reader<'_>) -> Result<Self, String> {
+        Ok(Route {
+            key: r.string()?,
+            recorded_at_ms: r.u64()?,
+        })
+    }
+}
+
+impl Binary for StoredRoute {
+    fn write(&self, key: KeyRef<'_>, out: &mut Vec<u8>) {
+        self.route.write(key, out);
+        put_u64(out, self.order);
+    }
+
+    fn read(key: KeyRef<'_>, r: &mut Reader<'_>) -> Result<Self, String> {
         Ok(StoredRoute {
-            route: Route {
-                key: r.string()?,
-                recorded_at_ms: r.u64()?,
-            },
+            route: Route::read(key, r)?,
             order: r.u64()?,
         })
     }
@@ -277,19 +310,30 @@ impl Binary for Decision {
     }
 }
 
+impl Binary for DedupEntry {
+    /// The decision's id is left out when it is `key` (the request id the entry is kept under).
+    fn write(&self, key: KeyRef<'_>, out: &mut Vec<u8>) {
+        put_version(out, &self.fingerprint);
+        self.decision.write(key, out);
+    }
+
+    fn read(key: KeyRef<'_>, r: &mut Reader<'_>) -> Result<Self, String> {
+        Ok(DedupEntry {
+            fingerprint: r.version()?,
+            decision: Decision::read(key, r)?,
+        })
+    }
+}
+
 impl Binary for StoredDedup {
     fn write(&self, key: KeyRef<'_>, out: &mut Vec<u8>) {
-        put_version(out, &self.entry.fingerprint);
-        self.entry.decision.write(key, out);
+        self.entry.write(key, out);
         put_u64(out, self.order);
     }
 
     fn read(key: KeyRef<'_>, r: &mut Reader<'_>) -> Result<Self, String> {
         Ok(StoredDedup {
-            entry: DedupEntry {
-                fingerprint: r.version()?,
-                decision: Decision::read(key, r)?,
-            },
+            entry: DedupEntry::read(key, r)?,
             order: r.u64()?,
         })
     }
