@@ -79,11 +79,12 @@ pub enum ChangelogRecord {
         epoch: i64,
         /// The key.
         key: String,
-        /// The key's state after the request (none if it still has none).
+        /// The key's state as of this request, not of the end of its batch (none if it
+        /// still has none).
         state: Option<State>,
-        /// The route the request recorded, with its user.
+        /// Format 1 only: the user's route, with its user (format 2 leaves it to the copy).
         route: Option<(String, Route)>,
-        /// The dedup entry it left.
+        /// Format 1 only: the dedup entry it left (format 2 leaves it to the copy).
         dedup: Option<(String, DedupEntry)>,
     },
     /// A consumed record that changed nothing (a deduplicated answer, or a record refused

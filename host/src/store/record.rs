@@ -13,6 +13,9 @@
 //!
 //! Every value starts with a version byte ([`VERSION`]), so a later change of a type can be
 //! read beside this one.
+//!
+//! The Kafka changelog's format 2 ([`crate::kafka::ChangelogRecord`]) writes its states, routes
+//! and dedup entries with the same [`Binary`] encodings, framed by its own record header.
 
 use crate::model::{Decision, Outcome, RoutedRequest, State, Verdict};
 use crate::partition::RecordSource;
