@@ -243,19 +243,31 @@ enum Command {
         drop_damaged: bool,
     },
     /// Print the records of a stopped data dir as JSON lines (one object a line:
-    /// partition, table, key, value), whatever their encoding on disk.
+    /// partition, table, key, value), whatever their encoding on disk; or, with --changelog,
+    /// the records of a Kafka-mode cluster's changelog topic (partition, offset, key, format,
+    /// record), read from the broker without joining the cluster.
     Inspect {
         /// The data dir (the server must be stopped).
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "changelog",
+            conflicts_with = "changelog"
+        )]
+        data_dir: Option<PathBuf>,
+        /// Read the changelog topic of the cluster this configuration (with a [kafka]
+        /// section) names, from its start to the end the broker has now.
+        #[arg(long, value_name = "CONFIG")]
+        changelog: Option<PathBuf>,
         /// Only this partition.
         #[arg(long, value_name = "P")]
         partition: Option<u32>,
         /// Only this table: states, routes, dedup, dedup_order, log, dead_letters, meta,
-        /// checkpoints.
-        #[arg(long, value_name = "T")]
+        /// checkpoints (data dir only).
+        #[arg(long, value_name = "T", conflicts_with = "changelog")]
         table: Option<String>,
-        /// Only this key (a sequence number for log, dead_letters and dedup_order).
+        /// Only this key (a sequence number for log, dead_letters and dedup_order; with
+        /// --changelog, a Kafka key such as state/<key>, route/<user> or dedup/<id>).
         #[arg(long, value_name = "K")]
         key: Option<String>,
     },
@@ -752,17 +764,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Inspect {
             data_dir,
+            changelog,
             partition,
             table,
             key,
         } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            if let Some(config) = changelog {
+                let config = load_config(Some(&config))?;
+                let read = turnstile::kafka::inspect::inspect_changelog(
+                    &config,
+                    partition,
+                    key.as_deref(),
+                    &mut out,
+                )?;
+                eprintln!(
+                    "read {} records from {} partitions of {} ({} undecodable)",
+                    read.records, read.partitions, read.topic, read.undecodable
+                );
+                return Ok(());
+            }
+            let data_dir = data_dir.context("--data-dir or --changelog is needed")?;
             let filter = turnstile::store::inspect::Filter {
                 partition,
                 table,
                 key,
             };
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
             turnstile::store::inspect::inspect(&data_dir, &filter, &mut out)?;
             Ok(())
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::Value;
 
-use crate::support::{Server, ServerArgs};
+use crate::support::{Server, ServerArgs, run_cli};
 
 const PARTITIONS: u64 = 12;
 
@@ -931,6 +931,42 @@ async fn each_cluster_keeps_the_changelog_format_its_layout_records() {
             2 => assert_eq!((binary, json), (values.len(), 0), "format 2"),
             _ => assert_eq!((binary, json), (0, values.len()), "format 1"),
         }
+        // `turnstile inspect --changelog` prints every one of them decoded, in either format.
+        let path = std::env::temp_dir().join(format!("{}.toml", topic(&config, "changelog")));
+        std::fs::write(&path, &config).unwrap();
+        let path = path.to_str().unwrap();
+        let (ok, stdout, stderr) = run_cli(&["inspect", "--changelog", path]);
+        assert!(ok, "{stderr}");
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), values.len(), "{stderr}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["format"] == format && l["record"].is_object()),
+            "{stdout}"
+        );
+        let newest = |key: &str| {
+            lines
+                .iter()
+                .rfind(|l| l["key"] == key)
+                .map(|l| l["record"].clone())
+        };
+        let state = newest("state/cf-0").expect("the state of cf-0");
+        assert_eq!(state["state"]["status"], "associated", "{state}");
+        assert_eq!(newest("route/cf-user-0").unwrap()["route"]["key"], "cf-0");
+        let (ok, stdout, stderr) =
+            run_cli(&["inspect", "--changelog", path, "--key", "dedup/cf-0-a"]);
+        assert!(ok, "{stderr}");
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        let (ok, _, stderr) = run_cli(&["inspect", "--changelog", path, "--partition", "12"]);
+        assert!(
+            !ok && stderr.contains("partition 12 does not exist"),
+            "{stderr}"
+        );
+        std::fs::remove_file(path).unwrap();
 
         let second = start(&config);
         wait_for_all(&second).await;

@@ -73,6 +73,7 @@ use crate::store::{DeadLetter, Location, PartitionStore, StoreError};
 
 mod changelog;
 mod consumers;
+pub mod inspect;
 pub mod layout;
 pub mod watch;
 
