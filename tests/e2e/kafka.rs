@@ -118,11 +118,12 @@ async fn pair(servers: &[&Server], prefix: &str, u: usize) {
 }
 
 /// Sends a user-only associate for `user` with `id`, which must move the user's key to
-/// `associated` at version 2.
-async fn associated(server: &Server, user: &str, id: &str) {
+/// `associated` at version 2; returns the answer.
+async fn associated(server: &Server, user: &str, id: &str) -> Value {
     let (status, answer) = server.request(request("associate", None, user, id)).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["state"]["version"], 2, "{answer}");
+    answer
 }
 
 /// The state of `key` from whichever process owns it (exactly one does, once a partition that
@@ -909,17 +910,7 @@ async fn each_cluster_keeps_the_changelog_format_its_layout_records() {
         reserve_all(&first, "cf", 12).await;
         let mut answers = Vec::new();
         for u in 0..6 {
-            let (status, answer) = first
-                .request(request(
-                    "associate",
-                    None,
-                    &format!("cf-user-{u}"),
-                    &format!("cf-{u}-a"),
-                ))
-                .await;
-            assert_eq!(status, 200, "{answer}");
-            assert_eq!(answer["state"]["version"], 2, "{answer}");
-            answers.push(answer);
+            answers.push(associated(&first, &format!("cf-user-{u}"), &format!("cf-{u}-a")).await);
         }
         first.kill9();
         let values = changelog_values(&config).await;

@@ -242,10 +242,9 @@ impl ChangelogRecord {
         }
         let epoch = r.i64()?;
         let source_offset = r.i64()?;
-        let named = |r: &mut Reader<'_>| -> Result<String, String> { r.string() };
         let record = match kind {
             KIND_APPLIED => {
-                let key = named(&mut r)?;
+                let key = r.string()?;
                 let state = r.option(|r| State::read(KeyRef::Name(&key), r))?;
                 let route = r.option(|r| {
                     let user = r.string()?;
@@ -271,7 +270,7 @@ impl ChangelogRecord {
                 epoch,
             },
             KIND_DEDUP => {
-                let id = named(&mut r)?;
+                let id = r.string()?;
                 let entry = DedupEntry::read(KeyRef::Name(&id), &mut r)?;
                 ChangelogRecord::Dedup {
                     source_offset,
@@ -281,7 +280,7 @@ impl ChangelogRecord {
                 }
             }
             KIND_ROUTE => {
-                let user = named(&mut r)?;
+                let user = r.string()?;
                 let route = Route::read(KeyRef::Name(&user), &mut r)?;
                 ChangelogRecord::Route {
                     source_offset,
