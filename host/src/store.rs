@@ -1493,6 +1493,11 @@ impl Batch<'_> {
         get_record(&self.states, "states", key)
     }
 
+    /// The route of `user` as the batch found it, before any of its own writes.
+    pub fn committed_route(&self, user: &str) -> Result<Option<Route>, StoreError> {
+        get_record::<StoredRoute>(&self.routes, "routes", user).map(|r| r.map(|r| r.route))
+    }
+
     /// The dedup entry of a client request id, if one was applied before.
     pub fn dedup(&self, id: &str) -> Result<Option<DedupEntry>, StoreError> {
         get_record::<StoredDedup>(&self.dedup, "dedup", id).map(|d| d.map(|d| d.entry))

@@ -12,11 +12,20 @@
 //! | `dedup/<id>`   | `dedup`      | a copy of one dedup entry, so compaction of `state/<key>` keeps it |
 //! | `route/<user>` | `route`      | a copy of one route, for the same reason                         |
 //! | `fence/<id>`   | `fence`      | written by a process that takes the partition over               |
+//! | `resumed/<id>` | `resumed`    | format 2: where the owner of fence `<id>` resumed, after its restore |
 //!
 //! A batch writes its copies first, then one `applied` or `progress` record per consumed
 //! request, in order. A copy is honoured only once an `applied`/`progress` record at or after
-//! its request's offset has been read, so a crash in the middle of a batch leaves whole
-//! requests.
+//! its request's offset has been read, and each `applied` record holds its key's state as of
+//! its own request, so a crash in the middle of a batch leaves whole requests. A restore commits
+//! its checkpoint only where no copy is held, so one cut short reads them again.
+//!
+//! Compaction can remove the `applied` record that made a copy count (a later request wrote
+//! the same key) while the copy stays: the next `applied`/`progress` record honours it, unless
+//! a fence comes first. A fence used to drop the copies held at it, as belonging to a batch the
+//! previous owner never finished; in format 2 they wait for the new owner's `resumed` record,
+//! which honours those of requests before its resume point and drops the others. Format 1 keeps
+//! the old rule (and that gap: older processes would not understand a `resumed` record).
 //!
 //! # Formats
 //!
@@ -123,6 +132,19 @@ pub enum ChangelogRecord {
         /// Unique to one restore.
         id: String,
     },
+    /// Format 2: written by the owner of fence `fence` once its restore is done, before it
+    /// consumes anything: the requests before `resume` were complete. Copies held at a fence
+    /// are decided by it (honoured when their request is before `resume`, dropped otherwise),
+    /// because the `applied` record that made a copy count may be gone: compaction removes it
+    /// once a later request writes the same key. Kept forever, as fences are (unique key).
+    Resumed {
+        /// The owner's epoch (its fence's offset).
+        epoch: i64,
+        /// The first request it consumed.
+        resume: i64,
+        /// Its fence's id.
+        fence: String,
+    },
 }
 
 impl ChangelogRecord {
@@ -134,6 +156,7 @@ impl ChangelogRecord {
             ChangelogRecord::Dedup { id, .. } => format!("dedup/{id}"),
             ChangelogRecord::Route { user, .. } => format!("route/{user}"),
             ChangelogRecord::Fence { id } => format!("fence/{id}"),
+            ChangelogRecord::Resumed { fence, .. } => format!("resumed/{fence}"),
         }
     }
 
@@ -142,7 +165,8 @@ impl ChangelogRecord {
             ChangelogRecord::Applied { epoch, .. }
             | ChangelogRecord::Progress { epoch, .. }
             | ChangelogRecord::Dedup { epoch, .. }
-            | ChangelogRecord::Route { epoch, .. } => Some(*epoch),
+            | ChangelogRecord::Route { epoch, .. }
+            | ChangelogRecord::Resumed { epoch, .. } => Some(*epoch),
             ChangelogRecord::Fence { .. } => None,
         }
     }
@@ -182,6 +206,7 @@ impl ChangelogRecord {
                 epoch,
                 ..
             } => (KIND_ROUTE, Some((source_offset, epoch))),
+            ChangelogRecord::Resumed { epoch, resume, .. } => (KIND_RESUMED, Some((resume, epoch))),
             ChangelogRecord::Fence { .. } => (KIND_FENCE, None),
         };
         out.push(kind);
@@ -224,7 +249,9 @@ impl ChangelogRecord {
                 put_str(out, user);
                 route.write(KeyRef::Name(user), out);
             }
-            ChangelogRecord::Fence { id } => put_str(out, id),
+            ChangelogRecord::Fence { id } | ChangelogRecord::Resumed { fence: id, .. } => {
+                put_str(out, id)
+            }
         }
     }
 
@@ -289,6 +316,11 @@ impl ChangelogRecord {
                     route,
                 }
             }
+            KIND_RESUMED => ChangelogRecord::Resumed {
+                epoch,
+                resume: source_offset,
+                fence: r.string()?,
+            },
             other => return Err(format!("unknown changelog record kind {other}")),
         };
         r.finish()?;
@@ -303,6 +335,7 @@ const KIND_PROGRESS: u8 = 1;
 const KIND_DEDUP: u8 = 2;
 const KIND_ROUTE: u8 = 3;
 const KIND_FENCE: u8 = 4;
+const KIND_RESUMED: u8 = 5;
 
 /// How a cluster's changelog records are encoded (see the module docs). The cluster's layout
 /// records it as a number; every process of the cluster writes the recorded one.
@@ -463,7 +496,8 @@ pub struct Restored {
 struct Replayer {
     /// The newest fence seen (the current epoch), and the resume offset so far.
     at: Checkpoint,
-    /// Copies whose request has not been seen complete yet (at most one batch's worth).
+    /// Copies whose request has not been seen complete yet: one batch's worth, or (format 2)
+    /// those held at a fence until the new owner's `resumed` record decides them.
     held: Vec<ChangelogRecord>,
     records: u64,
     quarantined: u64,
@@ -494,9 +528,13 @@ impl Replayer {
             }
         };
         if let ChangelogRecord::Fence { id } = &record {
-            // The previous owner's unfinished batch ends here: its held copies belong to
-            // requests the new owner will consume again.
-            self.held.clear();
+            // A format 1 fence ends the previous owner's unfinished batch: its held copies
+            // belong to requests the new owner will consume again. (A copy whose `applied`
+            // record compaction removed is lost with them: the gap format 2 closes.) In format
+            // 2 the new owner's `resumed` record decides them.
+            if value.first() != Some(&BINARY_MARK) {
+                self.held.clear();
+            }
             self.at.epoch = offset;
             self.at.epoch_fence = fence_digest(id);
             return Ok(*id == own_fence);
@@ -530,16 +568,57 @@ impl Replayer {
             copy @ (ChangelogRecord::Dedup { .. } | ChangelogRecord::Route { .. }) => {
                 self.held.push(copy)
             }
+            // Older epochs were filtered above, and a newer one than the fence just read
+            // cannot be: this is the current owner's.
+            ChangelogRecord::Resumed { resume, .. } => self.decide_held(tx, resume)?,
             ChangelogRecord::Fence { .. } => unreachable!("handled above"),
         }
         Ok(false)
     }
 
+    /// Applies `records` in one transaction, with the checkpoint unless copies are held (see
+    /// [`restore`]); `last` when they end with this owner's own fence.
+    fn apply_chunk(
+        &mut self,
+        store: &mut PartitionStore,
+        p: u32,
+        records: &[(i64, Vec<u8>)],
+        own_fence: &str,
+        last: bool,
+    ) -> Result<(), StoreError> {
+        store.write_batch(|tx| {
+            for (offset, value) in records {
+                self.apply(tx, p, *offset, value, own_fence)?;
+            }
+            if last {
+                // This owner resumes at `resume`: its own `resumed` record will say so.
+                self.decide_held(tx, self.at.resume)?;
+            }
+            if self.held.is_empty() {
+                tx.put_checkpoint(CHECKPOINT, &self.at)?;
+            }
+            Ok(())
+        })
+    }
+
     /// The request at `source_offset` is complete: so is every request before it, and the
     /// copies they left can be applied.
     fn advance(&mut self, tx: &mut Batch<'_>, source_offset: i64) -> Result<(), StoreError> {
-        self.at.resume = self.at.resume.max(source_offset + 1);
-        let resume = self.at.resume;
+        // Saturating: a hostile record's offset must not overflow.
+        self.at.resume = self.at.resume.max(source_offset.saturating_add(1));
+        self.honour_held(tx, self.at.resume)
+    }
+
+    /// An owner resumed at `resume`: the held copies of requests before it are complete,
+    /// and the others belong to a batch cut short, whose requests are consumed again.
+    fn decide_held(&mut self, tx: &mut Batch<'_>, resume: i64) -> Result<(), StoreError> {
+        self.honour_held(tx, resume)?;
+        self.held.clear();
+        Ok(())
+    }
+
+    /// Applies the held copies of requests before `resume`, keeps the others.
+    fn honour_held(&mut self, tx: &mut Batch<'_>, resume: i64) -> Result<(), StoreError> {
         let mut kept = Vec::new();
         for copy in self.held.drain(..) {
             match copy {
@@ -642,16 +721,19 @@ pub(super) async fn restore(
             chunk.push((message.offset(), value.to_vec()));
         }
         // Applied a chunk at a time; the checkpoint commits with each chunk, so a restore cut
-        // short resumes where it stopped.
+        // short resumes where it stopped. Not while copies are held: the checkpoint would
+        // pass them, and a restore that resumed after it would never see them again; the
+        // chunk's state commits anyway (reading again from the older checkpoint applies the
+        // same records in the same order).
         if chunk.len() >= 1000 || (reached && !chunk.is_empty()) {
             let records = std::mem::take(&mut chunk);
-            store.write_batch(|tx| {
-                for (offset, value) in &records {
-                    replayer.apply(tx, p, *offset, value, &fence_id)?;
-                }
-                tx.put_checkpoint(CHECKPOINT, &replayer.at)
-            })?;
+            replayer.apply_chunk(store, p, &records, &fence_id, reached)?;
         }
+    }
+    if shared.changelog_format == ChangelogFormat::Binary
+        && !write_resumed(shared, p, store, &mut replayer.at, &fence_id, stop).await?
+    {
+        return Ok(None);
     }
     Ok(Some(Restored {
         checkpoint: replayer.at,
@@ -668,12 +750,52 @@ pub(super) struct Consumed<'a> {
     pub source_offset: i64,
     /// The request.
     pub request: &'a RoutedRequest,
-    /// Whether it changed the partition's state (else a `progress` record stands for it).
-    pub changed: bool,
+    /// Whether the rule's decision was applied (else a `progress` record stands for it: a
+    /// dedup answer, a refusal or a rule failure changes nothing).
+    pub applied: bool,
     /// The key's state this request made, if it made one (a transition).
     pub new_state: Option<&'a State>,
     /// Whether it moved its user's route.
     pub moved_route: bool,
+}
+
+/// Writes this owner's `resumed` record (format 2) after its restore, and accounts for it in
+/// the checkpoint when it directly follows the fence (otherwise the first batch's read-back
+/// passes it). `false` when the partition stopped first.
+async fn write_resumed(
+    shared: &Shared,
+    p: u32,
+    store: &mut PartitionStore,
+    at: &mut Checkpoint,
+    fence_id: &str,
+    stop: &AtomicBool,
+) -> anyhow::Result<bool> {
+    let (key, value) = ChangelogRecord::Resumed {
+        epoch: at.epoch,
+        resume: at.resume,
+        fence: fence_id.to_string(),
+    }
+    .encode(ChangelogFormat::Binary);
+    let sent = shared.producer.send(
+        FutureRecord::to(&shared.kafka.changelog_topic)
+            .partition(p as i32)
+            .key(&key)
+            .payload(&value),
+        Duration::from_secs(30),
+    );
+    let offset = tokio::select! {
+        sent = sent => {
+            sent.map_err(|(e, _)| anyhow::anyhow!("writing the resumed record of partition {p}: {e}"))?.offset
+        }
+        () = super::stopped(stop) => return Ok(false),
+        () = super::stopped(&shared.broker_lost) => return Ok(false),
+    };
+    if offset == at.changelog_next {
+        at.changelog_next = offset + 1;
+        let at = *at;
+        store.write_batch(|tx| tx.put_checkpoint(CHECKPOINT, &at))?;
+    }
+    Ok(true)
 }
 
 /// The changelog records of one applied batch in `format`, copies first (see the module docs).
@@ -688,38 +810,48 @@ pub(super) fn batch_records<'a>(
     // Each `applied` record holds its key's state as of its own request, not as of the end of
     // the batch: a crash can leave a prefix of the batch's records, and a restore must then
     // resume at a request whose effect is not in the state yet. Key → the index in `records` of
-    // the key's latest `applied` record so far.
+    // the key's latest `applied` record so far; format 1's routes likewise, user → route.
     let mut latest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut latest_route: std::collections::HashMap<&str, Route> = std::collections::HashMap::new();
     for Consumed {
         source_offset,
         request,
-        changed,
+        applied,
         new_state,
         moved_route,
     } in requests
     {
-        if !changed {
+        if !applied {
             records.push(ChangelogRecord::Progress {
                 source_offset,
                 epoch,
             });
             continue;
         }
+        // An applied request's id is not applied again in its batch (a repeat is a dedup
+        // answer), so the entry under it is this request's own.
         let dedup = match tx.dedup(&request.id)? {
             Some(entry) if request.idempotent => Some((request.id.clone(), entry)),
             _ => None,
         };
-        // Format 1 copies the user's route with every change; format 2 only when it moved,
-        // the route this request recorded (the newest copy of a route is the one compaction
-        // keeps either way).
-        let route = match format {
-            ChangelogFormat::Json => tx.route(&request.user)?,
-            ChangelogFormat::Binary if moved_route => Some(Route {
-                key: request.key.clone(),
-                recorded_at_ms: request.received_at_ms,
-            }),
-            ChangelogFormat::Binary => None,
+        // The route as of this request: the one it recorded, if it moved it.
+        let moved = moved_route.then(|| Route {
+            key: request.key.clone(),
+            recorded_at_ms: request.received_at_ms,
+        });
+        // Format 1 copies the user's route with every change; format 2 only when it moved
+        // (the newest copy of a route is the one compaction keeps either way).
+        let route = match (format, moved) {
+            (_, Some(moved)) => Some(moved),
+            (ChangelogFormat::Binary, None) => None,
+            (ChangelogFormat::Json, None) => match latest_route.get(request.user.as_str()) {
+                Some(route) => Some(route.clone()),
+                None => tx.committed_route(&request.user)?,
+            },
         };
+        if let Some(route) = &route {
+            latest_route.insert(&request.user, route.clone());
+        }
         // Every `applied` record holds the key's state, a reject's too: compaction keeps only
         // the newest record of `state/<key>`.
         let state = match (new_state, latest.get(request.key.as_str())) {
@@ -1206,6 +1338,11 @@ mod tests {
             ChangelogRecord::Fence {
                 id: "turnstile-1-00ff".into(),
             },
+            ChangelogRecord::Resumed {
+                epoch: 40,
+                resume: 12,
+                fence: "turnstile-1-00ff".into(),
+            },
         ]
     }
 
@@ -1324,7 +1461,7 @@ mod tests {
                         |(offset, (request, new_state))| Consumed {
                             source_offset: offset,
                             request,
-                            changed: true,
+                            applied: true,
                             new_state: new_state.as_ref(),
                             moved_route: offset == 10,
                         },
@@ -1411,6 +1548,274 @@ mod tests {
                 replay(&records[..copies + 2]),
                 (Some(2), k1.clone(), 2, 12),
                 "{format}: the associate whole, nothing of the reject"
+            );
+        }
+    }
+
+    fn empty_replayer(at: Checkpoint) -> Replayer {
+        Replayer {
+            at,
+            held: Vec::new(),
+            records: 0,
+            quarantined: 0,
+            zombie: 0,
+        }
+    }
+
+    fn memory_store() -> PartitionStore {
+        PartitionStore::open(
+            &crate::store::Location::Memory,
+            0,
+            crate::config::Durability::None,
+            10,
+        )
+        .unwrap()
+    }
+
+    /// What a store holds for the tests' user `u-1` and key `k-1`: the state's version, the
+    /// route's key, which of `id-1`, `id-2`, `id-x` have dedup entries, and the checkpoint's
+    /// resume and changelog position (`None` when none was committed).
+    type Found = (
+        Option<u64>,
+        Option<String>,
+        Vec<&'static str>,
+        Option<(i64, i64)>,
+    );
+
+    fn found(store: &mut PartitionStore) -> Found {
+        let at = store
+            .checkpoint::<Checkpoint>(CHECKPOINT)
+            .unwrap()
+            .map(|c| (c.resume, c.changelog_next));
+        store
+            .write_batch(|tx| {
+                Ok((
+                    tx.state("k-1")?.map(|s| s.version),
+                    tx.route("u-1")?.map(|r| r.key),
+                    ["id-1", "id-2", "id-x"]
+                        .into_iter()
+                        .filter(|id| tx.dedup(id).is_ok_and(|e| e.is_some()))
+                        .collect(),
+                    at,
+                ))
+            })
+            .unwrap()
+    }
+
+    /// Replays `records` (at their offsets, encoded in `format`) in one chunk into an empty
+    /// store.
+    fn replayed(format: ChangelogFormat, records: &[(i64, ChangelogRecord)]) -> Found {
+        let encoded: Vec<(i64, Vec<u8>)> = records
+            .iter()
+            .map(|(offset, r)| (*offset, r.encode(format).1))
+            .collect();
+        let mut store = memory_store();
+        empty_replayer(Checkpoint::START)
+            .apply_chunk(&mut store, 0, &encoded, "none", false)
+            .unwrap();
+        found(&mut store)
+    }
+
+    fn dedup_copy(source_offset: i64, epoch: i64, id: &str) -> ChangelogRecord {
+        ChangelogRecord::Dedup {
+            source_offset,
+            epoch,
+            id: id.into(),
+            entry: dedup_entry(id),
+        }
+    }
+
+    fn route_copy(source_offset: i64, epoch: i64, key: &str) -> ChangelogRecord {
+        ChangelogRecord::Route {
+            source_offset,
+            epoch,
+            user: "u-1".into(),
+            route: Route {
+                key: key.into(),
+                recorded_at_ms: 5,
+            },
+        }
+    }
+
+    fn applied(source_offset: i64, epoch: i64, version: u64) -> ChangelogRecord {
+        ChangelogRecord::Applied {
+            source_offset,
+            epoch,
+            key: "k-1".into(),
+            state: Some(state("s", version)),
+            route: None,
+            dedup: None,
+        }
+    }
+
+    fn fence(id: &str) -> ChangelogRecord {
+        ChangelogRecord::Fence { id: id.into() }
+    }
+
+    /// Compaction removes an `applied` record once a later request writes its key; the copies
+    /// that record made count must survive a fence written after it. In format 2 the new
+    /// owner's `resumed` record decides them: a copy of a request before its resume point is
+    /// honoured, one of a batch cut short (its request consumed again) is dropped. Format 1
+    /// has no such record and drops every copy held at a fence: the gap it keeps.
+    #[test]
+    fn copies_held_at_a_fence_are_decided_by_the_new_owners_resume_point() {
+        let resumed = |resume| ChangelogRecord::Resumed {
+            epoch: 4,
+            resume,
+            fence: "b".into(),
+        };
+        // @3, the reserve's `applied` record, was compacted away by @7's.
+        let compacted = [
+            (0, fence("a")),
+            (1, dedup_copy(10, 0, "id-1")),
+            (2, route_copy(10, 0, "k-1")),
+            (4, fence("b")),
+            (5, resumed(11)),
+            (6, dedup_copy(11, 4, "id-2")),
+            (7, applied(11, 4, 2)),
+        ];
+        assert_eq!(
+            replayed(ChangelogFormat::Binary, &compacted),
+            (
+                Some(2),
+                Some("k-1".into()),
+                vec!["id-1", "id-2"],
+                Some((12, 8))
+            )
+        );
+        assert_eq!(
+            replayed(ChangelogFormat::Json, &compacted).1,
+            None,
+            "format 1 drops the copies held at the fence"
+        );
+        // A batch cut short after its copies: the new owner consumes request 10 again.
+        let cut = [
+            (0, fence("a")),
+            (1, dedup_copy(10, 0, "id-1")),
+            (2, route_copy(10, 0, "k-1")),
+            (4, fence("b")),
+            (5, resumed(10)),
+        ];
+        assert_eq!(
+            replayed(ChangelogFormat::Binary, &cut),
+            (None, None, vec![], Some((0, 6)))
+        );
+    }
+
+    /// A restore applies the changelog a chunk at a time; a chunk that ends between a batch's
+    /// copies and its `applied` records must not commit a checkpoint past the copies, or a
+    /// restore that resumes from it never honours them.
+    #[test]
+    fn a_restore_cut_between_copies_and_their_applied_record_reads_the_copies_again() {
+        let records: Vec<(i64, Vec<u8>)> = [
+            (0, fence("a")),
+            (1, dedup_copy(10, 0, "id-1")),
+            (2, route_copy(10, 0, "k-1")),
+            (3, applied(10, 0, 1)),
+            (4, fence("own")),
+        ]
+        .iter()
+        .map(|(offset, r)| (*offset, r.encode(ChangelogFormat::Binary).1))
+        .collect();
+        let mut store = memory_store();
+        empty_replayer(Checkpoint::START)
+            .apply_chunk(&mut store, 0, &records[..2], "own", false)
+            .unwrap();
+        assert_eq!(found(&mut store).3, None, "no checkpoint past a held copy");
+        // The restore stops here; the next one starts from the store's checkpoint.
+        let at = store
+            .checkpoint::<Checkpoint>(CHECKPOINT)
+            .unwrap()
+            .unwrap_or(Checkpoint::START);
+        let from = records
+            .iter()
+            .position(|(offset, _)| *offset >= at.changelog_next)
+            .unwrap();
+        empty_replayer(at)
+            .apply_chunk(&mut store, 0, &records[from..], "own", true)
+            .unwrap();
+        assert_eq!(
+            found(&mut store),
+            (Some(1), Some("k-1".into()), vec!["id-1"], Some((11, 5)))
+        );
+    }
+
+    /// A rule failure changes nothing, so it leaves a `progress` record, and the dedup copy of
+    /// a later request with the same id is that request's own; in format 1 each request's
+    /// `applied` record and route copy hold the route as of that request, not the batch's
+    /// last. Cut before the last request's `applied` record, neither survives.
+    #[test]
+    fn a_cut_batch_leaves_no_later_requests_dedup_entry_or_route() {
+        let request = |id: &str, key: &str| RoutedRequest {
+            id: id.into(),
+            idempotent: true,
+            kind: "reserve".into(),
+            key: key.into(),
+            user: "u-1".into(),
+            payload: "null".into(),
+            received_at_ms: 5,
+        };
+        let requests = [
+            request("id-x", "k-1"),
+            request("id-x", "k-1"),
+            request("id-2", "k-2"),
+        ];
+        let v1 = state("s", 1);
+        let mut source = memory_store();
+        let mut records = |format: ChangelogFormat| {
+            source
+                .write_batch(|tx| {
+                    tx.put_state("k-1", &v1)?;
+                    tx.put_state("k-2", &v1)?;
+                    for request in &requests[1..] {
+                        tx.record_route(
+                            "u-1",
+                            &Route {
+                                key: request.key.clone(),
+                                recorded_at_ms: 5,
+                            },
+                        )?;
+                        tx.put_dedup(&request.id, &dedup_entry(&request.id))?;
+                    }
+                    let consumed = (10..).zip(&requests).map(|(offset, request)| Consumed {
+                        source_offset: offset,
+                        request,
+                        applied: offset > 10,
+                        new_state: (offset > 10).then_some(&v1),
+                        moved_route: offset > 10,
+                    });
+                    batch_records(tx, 3, format, consumed)
+                })
+                .unwrap()
+        };
+        for format in [ChangelogFormat::Json, ChangelogFormat::Binary] {
+            let records = records(format);
+            let keys: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
+            assert!(keys.contains(&"progress"), "{format:?}: {keys:?}");
+            // The batch's copies, then its first `done` records of three.
+            let copies = records.len() - 3;
+            let replay_cut = |done: usize| {
+                let cut: Vec<(i64, Vec<u8>)> = (100..)
+                    .zip(&records[..copies + done])
+                    .map(|(offset, (_, value))| (offset, value.clone()))
+                    .collect();
+                let mut store = memory_store();
+                let mut replayer = empty_replayer(Checkpoint::START);
+                replayer
+                    .apply_chunk(&mut store, 0, &cut, "none", false)
+                    .unwrap();
+                let (version, route, ids, _) = found(&mut store);
+                (version, route, ids, replayer.at.resume)
+            };
+            assert_eq!(
+                replay_cut(1),
+                (None, None, vec![], 11),
+                "{format:?}: the failed request only"
+            );
+            assert_eq!(
+                replay_cut(2),
+                (Some(1), Some("k-1".into()), vec!["id-x"], 12),
+                "{format:?}: not the route or dedup entry of request 12"
             );
         }
     }

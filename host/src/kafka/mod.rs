@@ -2493,8 +2493,7 @@ impl Transport for KafkaLog<'_> {
             .map(|(incoming, done)| changelog::Consumed {
                 source_offset: incoming.reply.offset,
                 request: &incoming.request,
-                // A rule failure recorded the route (claim 5), so it is a change too.
-                changed: done.applied || matches!(done.result, Err(ApplyError::Rule(_))),
+                applied: done.applied,
                 new_state: match &done.result {
                     Ok(Decision {
                         verdict: Verdict::Transition(state),
