@@ -18,7 +18,7 @@
 //! request, in order. A copy is honoured only once an `applied`/`progress` record at or after
 //! its request's offset has been read, and each `applied` record holds its key's state as of
 //! its own request, so a crash in the middle of a batch leaves whole requests. A restore commits
-//! its checkpoint only where no copy is held, so one cut short reads them again.
+//! the copies it holds with its checkpoint, so one cut short goes on with them.
 //!
 //! Compaction can remove the `applied` record that made a copy count (a later request wrote
 //! the same key) while the copy stays: the next `applied`/`progress` record honours it, unless
@@ -26,6 +26,11 @@
 //! previous owner never finished; in format 2 they wait for the new owner's `resumed` record,
 //! which honours those of requests before its resume point and drops the others. Format 1 keeps
 //! the old rule (and that gap: older processes would not understand a `resumed` record).
+//!
+//! A restore also notes what its owner must write again: records of fenced-out writers it met
+//! (their owner may have died before its read-back repaired them) and copies its own fence
+//! dropped (a copy of a batch cut short may have replaced a valid one under the same key). The
+//! owner writes its own values of those keys before its `resumed` record.
 //!
 //! # Formats
 //!
@@ -499,12 +504,43 @@ struct Replayer {
     /// Copies whose request has not been seen complete yet: one batch's worth, or (format 2)
     /// those held at a fence until the new owner's `resumed` record decides them.
     held: Vec<ChangelogRecord>,
+    /// What this owner writes again after its restore: fenced-out writers' records, and
+    /// copies its own fence dropped (a later copy may have replaced a valid one under the same
+    /// key). Cleared at each `resumed` record, whose writer repaired what came before it.
+    repairs: ZombieWrites,
     records: u64,
     quarantined: u64,
     zombie: u64,
 }
 
+/// What a restore has read but not yet decided, kept with its checkpoint in the store so a
+/// restore cut short goes on with it (see [`Replayer`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Undecided {
+    /// [`Replayer::held`].
+    held: Vec<ChangelogRecord>,
+    /// [`Replayer::repairs`].
+    repairs: ZombieWrites,
+}
+
+/// Name of the [`Undecided`] record in the store's `meta` table.
+const UNDECIDED: &str = "kafka_changelog_undecided";
+
 impl Replayer {
+    /// A replayer that goes on from what `store` committed.
+    fn resume(store: &mut PartitionStore) -> Result<Replayer, StoreError> {
+        let at = store.checkpoint(CHECKPOINT)?.unwrap_or(Checkpoint::START);
+        let undecided: Undecided = store.checkpoint(UNDECIDED)?.unwrap_or_default();
+        Ok(Replayer {
+            at,
+            held: undecided.held,
+            repairs: undecided.repairs,
+            records: 0,
+            quarantined: 0,
+            zombie: 0,
+        })
+    }
+
     /// Applies one record. Returns whether it is the fence `own_fence`.
     fn apply(
         &mut self,
@@ -541,6 +577,7 @@ impl Replayer {
         }
         if record.epoch().is_some_and(|e| e < self.at.epoch) {
             self.zombie += 1;
+            self.repairs.note(&record);
             return Ok(false);
         }
         self.records += 1;
@@ -570,7 +607,13 @@ impl Replayer {
             }
             // Older epochs were filtered above, and a newer one than the fence just read
             // cannot be: this is the current owner's.
-            ChangelogRecord::Resumed { resume, .. } => self.decide_held(tx, resume)?,
+            ChangelogRecord::Resumed { resume, .. } => {
+                // Its writer repaired what it dropped and what it saw fenced-out writers write,
+                // and had read every request before `resume` complete.
+                self.repairs = ZombieWrites::default();
+                self.at.resume = self.at.resume.max(resume);
+                self.decide_held(tx, resume, false)?;
+            }
             ChangelogRecord::Fence { .. } => unreachable!("handled above"),
         }
         Ok(false)
@@ -592,11 +635,16 @@ impl Replayer {
             }
             if last {
                 // This owner resumes at `resume`: its own `resumed` record will say so.
-                self.decide_held(tx, self.at.resume)?;
+                self.decide_held(tx, self.at.resume, true)?;
             }
-            if self.held.is_empty() {
-                tx.put_checkpoint(CHECKPOINT, &self.at)?;
-            }
+            tx.put_checkpoint(CHECKPOINT, &self.at)?;
+            tx.put_checkpoint(
+                UNDECIDED,
+                &Undecided {
+                    held: self.held.clone(),
+                    repairs: self.repairs.clone(),
+                },
+            )?;
             Ok(())
         })
     }
@@ -610,10 +658,20 @@ impl Replayer {
     }
 
     /// An owner resumed at `resume`: the held copies of requests before it are complete,
-    /// and the others belong to a batch cut short, whose requests are consumed again.
-    fn decide_held(&mut self, tx: &mut Batch<'_>, resume: i64) -> Result<(), StoreError> {
+    /// and the others belong to a batch cut short, whose requests are consumed again. With
+    /// `repair`, the dropped copies' keys are noted for this owner to write its own values.
+    fn decide_held(
+        &mut self,
+        tx: &mut Batch<'_>,
+        resume: i64,
+        repair: bool,
+    ) -> Result<(), StoreError> {
         self.honour_held(tx, resume)?;
-        self.held.clear();
+        for dropped in self.held.drain(..) {
+            if repair {
+                self.repairs.note(&dropped);
+            }
+        }
         Ok(())
     }
 
@@ -700,13 +758,7 @@ pub(super) async fn restore(
         "partition {p} stopped before reading its changelog: the broker is lost"
     );
     let consumer = restore_reader(shared, p, start.changelog_next)?;
-    let mut replayer = Replayer {
-        at: start,
-        held: Vec::new(),
-        records: 0,
-        quarantined: 0,
-        zombie: 0,
-    };
+    let mut replayer = Replayer::resume(store)?;
     let mut chunk: Vec<(i64, Vec<u8>)> = Vec::new();
     let mut reached = false;
     while !reached {
@@ -720,19 +772,15 @@ pub(super) async fn restore(
                 .is_ok_and(|r| matches!(r, ChangelogRecord::Fence { id } if id == fence_id));
             chunk.push((message.offset(), value.to_vec()));
         }
-        // Applied a chunk at a time; the checkpoint commits with each chunk, so a restore cut
-        // short resumes where it stopped. Not while copies are held: the checkpoint would
-        // pass them, and a restore that resumed after it would never see them again; the
-        // chunk's state commits anyway (reading again from the older checkpoint applies the
-        // same records in the same order).
+        // Applied a chunk at a time; the checkpoint commits with each chunk, with what is
+        // still undecided (held copies, repairs to write), so a restore cut short resumes where
+        // it stopped.
         if chunk.len() >= 1000 || (reached && !chunk.is_empty()) {
             let records = std::mem::take(&mut chunk);
             replayer.apply_chunk(store, p, &records, &fence_id, reached)?;
         }
     }
-    if shared.changelog_format == ChangelogFormat::Binary
-        && !write_resumed(shared, p, store, &mut replayer.at, &fence_id, stop).await?
-    {
+    if !write_resumed(shared, p, store, &mut replayer, &fence_id, stop).await? {
         return Ok(None);
     }
     Ok(Some(Restored {
@@ -759,42 +807,68 @@ pub(super) struct Consumed<'a> {
     pub moved_route: bool,
 }
 
-/// Writes this owner's `resumed` record (format 2) after its restore, and accounts for it in
-/// the checkpoint when it directly follows the fence (otherwise the first batch's read-back
-/// passes it). `false` when the partition stopped first.
+/// After its restore, writes this owner's own values of what the restore noted for repair
+/// (fenced-out writers' records, dropped copies), then (format 2) its `resumed` record, one by
+/// one in order; and accounts for them in the checkpoint when they directly follow the fence
+/// (otherwise the first batch's read-back passes them). `false` when the partition stopped
+/// first.
 async fn write_resumed(
     shared: &Shared,
     p: u32,
     store: &mut PartitionStore,
-    at: &mut Checkpoint,
+    replayer: &mut Replayer,
     fence_id: &str,
     stop: &AtomicBool,
 ) -> anyhow::Result<bool> {
-    let (key, value) = ChangelogRecord::Resumed {
-        epoch: at.epoch,
-        resume: at.resume,
-        fence: fence_id.to_string(),
+    let format = shared.changelog_format;
+    let at = replayer.at;
+    let mut repairs = std::mem::take(&mut replayer.repairs);
+    repairs.dedup();
+    let mut records =
+        store.write_batch(|tx| repair_records(tx, at.epoch, format, at.resume, &repairs))?;
+    if !repairs.is_empty() {
+        tracing::warn!(
+            partition = p,
+            records = records.len(),
+            "writing this owner's values again over records of fenced-out writers or of a batch cut short"
+        );
     }
-    .encode(ChangelogFormat::Binary);
-    let sent = shared.producer.send(
-        FutureRecord::to(&shared.kafka.changelog_topic)
-            .partition(p as i32)
-            .key(&key)
-            .payload(&value),
-        Duration::from_secs(30),
-    );
-    let offset = tokio::select! {
-        sent = sent => {
-            sent.map_err(|(e, _)| anyhow::anyhow!("writing the resumed record of partition {p}: {e}"))?.offset
-        }
-        () = super::stopped(stop) => return Ok(false),
-        () = super::stopped(&shared.broker_lost) => return Ok(false),
-    };
-    if offset == at.changelog_next {
-        at.changelog_next = offset + 1;
-        let at = *at;
-        store.write_batch(|tx| tx.put_checkpoint(CHECKPOINT, &at))?;
+    if format == ChangelogFormat::Binary {
+        records.push(
+            ChangelogRecord::Resumed {
+                epoch: at.epoch,
+                resume: at.resume,
+                fence: fence_id.to_string(),
+            }
+            .encode(format),
+        );
     }
+    let mut next = Some(at.changelog_next);
+    for (key, value) in &records {
+        let sent = shared.producer.send(
+            FutureRecord::to(&shared.kafka.changelog_topic)
+                .partition(p as i32)
+                .key(key)
+                .payload(value),
+            Duration::from_secs(30),
+        );
+        let offset = tokio::select! {
+            sent = sent => {
+                sent.map_err(|(e, _)| anyhow::anyhow!("writing the changelog of partition {p} after its restore: {e}"))?.offset
+            }
+            () = super::stopped(stop) => return Ok(false),
+            () = super::stopped(&shared.broker_lost) => return Ok(false),
+        };
+        next = next.filter(|&n| n == offset).map(|n| n + 1);
+    }
+    if let Some(next) = next {
+        replayer.at.changelog_next = next;
+    }
+    let at = replayer.at;
+    store.write_batch(|tx| {
+        tx.put_checkpoint(CHECKPOINT, &at)?;
+        tx.put_checkpoint(UNDECIDED, &Undecided::default())
+    })?;
     Ok(true)
 }
 
@@ -971,8 +1045,9 @@ impl RecordHead {
     }
 }
 
-/// Keys a fenced-out writer wrote after this owner's fence, to be written again by the owner.
-#[derive(Debug, Default)]
+/// Keys a fenced-out writer wrote after this owner's fence (or copies a restore dropped),
+/// to be written again by the owner so compaction keeps the owner's values.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct ZombieWrites {
     /// Keys of `applied` records.
     pub keys: Vec<String>,
@@ -980,11 +1055,38 @@ pub(super) struct ZombieWrites {
     pub ids: Vec<String>,
     /// Users of `route` copies.
     pub users: Vec<String>,
+    /// Whether it wrote a `progress` record (which would replace the owner's newest one).
+    #[serde(default)]
+    pub progress: bool,
 }
 
 impl ZombieWrites {
     pub(super) fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.ids.is_empty() && self.users.is_empty()
+        self.keys.is_empty() && self.ids.is_empty() && self.users.is_empty() && !self.progress
+    }
+
+    /// How many records repairing them writes.
+    pub(super) fn len(&self) -> usize {
+        self.keys.len() + self.ids.len() + self.users.len() + usize::from(self.progress)
+    }
+
+    /// Notes a record a fenced-out writer wrote.
+    fn note(&mut self, record: &ChangelogRecord) {
+        match record {
+            ChangelogRecord::Applied { key, .. } => self.keys.push(key.clone()),
+            ChangelogRecord::Dedup { id, .. } => self.ids.push(id.clone()),
+            ChangelogRecord::Route { user, .. } => self.users.push(user.clone()),
+            ChangelogRecord::Progress { .. } => self.progress = true,
+            ChangelogRecord::Fence { .. } | ChangelogRecord::Resumed { .. } => {}
+        }
+    }
+
+    /// Each key once.
+    fn dedup(&mut self) {
+        for list in [&mut self.keys, &mut self.ids, &mut self.users] {
+            list.sort_unstable();
+            list.dedup();
+        }
     }
 }
 
@@ -1127,21 +1229,15 @@ impl Tail {
             let Ok(record) = ChangelogRecord::decode(payload) else {
                 continue;
             };
-            match record {
+            match &record {
                 ChangelogRecord::Fence { .. } if message.offset() > self.epoch => {
                     return Ok(Err(Fenced {
                         partition: p,
                         fence: message.offset(),
                     }));
                 }
-                ChangelogRecord::Applied { epoch, key, .. } if epoch < self.epoch => {
-                    zombie.keys.push(key)
-                }
-                ChangelogRecord::Dedup { epoch, id, .. } if epoch < self.epoch => {
-                    zombie.ids.push(id)
-                }
-                ChangelogRecord::Route { epoch, user, .. } if epoch < self.epoch => {
-                    zombie.users.push(user)
+                other if other.epoch().is_some_and(|epoch| epoch < self.epoch) => {
+                    zombie.note(other)
                 }
                 _ => {}
             }
@@ -1225,6 +1321,12 @@ pub(super) fn repair_records(
             state: tx.state(key)?,
             route: None,
             dedup: None,
+        });
+    }
+    if zombie.progress {
+        out.push(ChangelogRecord::Progress {
+            source_offset,
+            epoch,
         });
     }
     Ok(out.iter().map(|r| r.encode(format)).collect())
@@ -1508,13 +1610,7 @@ mod tests {
         let replay = |records: &[(String, Vec<u8>)]| {
             let mut store =
                 PartitionStore::open(&Location::Memory, 0, Durability::None, 10).unwrap();
-            let mut replayer = Replayer {
-                at: Checkpoint::START,
-                held: Vec::new(),
-                records: 0,
-                quarantined: 0,
-                zombie: 0,
-            };
+            let mut replayer = empty_replayer(Checkpoint::START);
             store
                 .write_batch(|tx| {
                     for (offset, (_, value)) in (100..).zip(records) {
@@ -1556,6 +1652,7 @@ mod tests {
         Replayer {
             at,
             held: Vec::new(),
+            repairs: ZombieWrites::default(),
             records: 0,
             quarantined: 0,
             zombie: 0,
@@ -1698,15 +1795,16 @@ mod tests {
         ];
         assert_eq!(
             replayed(ChangelogFormat::Binary, &cut),
-            (None, None, vec![], Some((0, 6)))
+            (None, None, vec![], Some((10, 6)))
         );
     }
 
-    /// A restore applies the changelog a chunk at a time; a chunk that ends between a batch's
-    /// copies and its `applied` records must not commit a checkpoint past the copies, or a
-    /// restore that resumes from it never honours them.
+    /// A restore applies the changelog a chunk at a time, committing its checkpoint with each;
+    /// a chunk that ends between a batch's copies and its `applied` records commits the held
+    /// copies with it, so a restore cut there and started again from the checkpoint still
+    /// honours them.
     #[test]
-    fn a_restore_cut_between_copies_and_their_applied_record_reads_the_copies_again() {
+    fn a_restore_cut_between_copies_and_their_applied_record_keeps_the_copies() {
         let records: Vec<(i64, Vec<u8>)> = [
             (0, fence("a")),
             (1, dedup_copy(10, 0, "id-1")),
@@ -1721,23 +1819,68 @@ mod tests {
         empty_replayer(Checkpoint::START)
             .apply_chunk(&mut store, 0, &records[..2], "own", false)
             .unwrap();
-        assert_eq!(found(&mut store).3, None, "no checkpoint past a held copy");
-        // The restore stops here; the next one starts from the store's checkpoint.
-        let at = store
-            .checkpoint::<Checkpoint>(CHECKPOINT)
-            .unwrap()
-            .unwrap_or(Checkpoint::START);
-        let from = records
-            .iter()
-            .position(|(offset, _)| *offset >= at.changelog_next)
-            .unwrap();
-        empty_replayer(at)
-            .apply_chunk(&mut store, 0, &records[from..], "own", true)
+        assert_eq!(found(&mut store).3, Some((0, 2)));
+        // The restore stops here; the next one goes on from what the store committed.
+        let mut replayer = Replayer::resume(&mut store).unwrap();
+        assert_eq!(replayer.held.len(), 1, "the held copy was committed");
+        replayer
+            .apply_chunk(&mut store, 0, &records[2..], "own", true)
             .unwrap();
         assert_eq!(
             found(&mut store),
             (Some(1), Some("k-1".into()), vec!["id-1"], Some((11, 5)))
         );
+    }
+
+    /// Records of a fenced-out writer met during a restore, and copies the restorer's own
+    /// fence dropped, are noted for the new owner to write its own values again (a later
+    /// copy under the same key would otherwise hide the owner's value once compacted); a
+    /// `resumed` record clears what came before it, which its writer repaired.
+    #[test]
+    fn a_restore_notes_what_its_owner_must_write_again() {
+        let resumed = ChangelogRecord::Resumed {
+            epoch: 2,
+            resume: 10,
+            fence: "b".into(),
+        };
+        let records: Vec<(i64, Vec<u8>)> = [
+            (0, fence("a")),
+            (1, dedup_copy(9, 0, "id-old")),
+            (2, fence("b")),
+            (3, resumed),
+            (4, applied(10, 0, 1)),
+            (
+                5,
+                ChangelogRecord::Progress {
+                    source_offset: 11,
+                    epoch: 0,
+                },
+            ),
+            (6, route_copy(12, 2, "k-2")),
+            (7, fence("own")),
+        ]
+        .iter()
+        .map(|(offset, r)| (*offset, r.encode(ChangelogFormat::Binary).1))
+        .collect();
+        let mut store = memory_store();
+        let mut replayer = empty_replayer(Checkpoint::START);
+        replayer
+            .apply_chunk(&mut store, 0, &records, "own", true)
+            .unwrap();
+        let mut repairs = replayer.repairs.clone();
+        repairs.dedup();
+        assert_eq!(
+            (repairs.keys, repairs.ids, repairs.users, repairs.progress),
+            (
+                vec!["k-1".to_string()],
+                vec![],
+                vec!["u-1".to_string()],
+                true
+            ),
+            "the zombie's applied and progress records, the route copy of a batch cut short; \
+             not the copy before b's resumed record"
+        );
+        assert_eq!(replayer.zombie, 2);
     }
 
     /// A rule failure changes nothing, so it leaves a `progress` record, and the dedup copy of

@@ -2563,10 +2563,9 @@ impl Transport for KafkaLog<'_> {
                         ?zombie,
                         "overwriting a fenced-out writer's changelog records"
                     );
-                    self.stats.zombie.fetch_add(
-                        (zombie.keys.len() + zombie.ids.len() + zombie.users.len()) as u64,
-                        Ordering::Relaxed,
-                    );
+                    self.stats
+                        .zombie
+                        .fetch_add(zombie.len() as u64, Ordering::Relaxed);
                     records = changelog::repair_records(tx, epoch, format, resume, &zombie)?;
                 }
             }
