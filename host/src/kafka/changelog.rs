@@ -399,7 +399,7 @@ pub fn fence_digest(id: &str) -> u64 {
     u64::from_le_bytes(hash[..8].try_into().expect("a sha256 has 8 bytes"))
 }
 
-/// Name of the checkpoint in the store's `meta` table.
+/// Name of the checkpoint among the store's checkpoints.
 pub const CHECKPOINT: &str = "kafka_changelog";
 
 impl Checkpoint {
@@ -506,8 +506,13 @@ struct Replayer {
     held: Vec<ChangelogRecord>,
     /// What this owner writes again after its restore: fenced-out writers' records, and
     /// copies its own fence dropped (a later copy may have replaced a valid one under the same
-    /// key). Cleared at each `resumed` record, whose writer repaired what came before it.
+    /// key), noted before the current fence. A `resumed` record clears them: its writer's
+    /// restore read up to its fence and repaired what it noted.
     repairs: ZombieWrites,
+    /// The same, noted since the current fence: a `resumed` record does not clear these (its
+    /// writer only repairs them at its first batch's read-back, which an owner that dies idle
+    /// never makes). They join `repairs` at the next fence.
+    repairs_since_fence: ZombieWrites,
     records: u64,
     quarantined: u64,
     zombie: u64,
@@ -521,9 +526,12 @@ struct Undecided {
     held: Vec<ChangelogRecord>,
     /// [`Replayer::repairs`].
     repairs: ZombieWrites,
+    /// [`Replayer::repairs_since_fence`].
+    #[serde(default)]
+    repairs_since_fence: ZombieWrites,
 }
 
-/// Name of the [`Undecided`] record in the store's `meta` table.
+/// Name of the [`Undecided`] record among the store's checkpoints.
 const UNDECIDED: &str = "kafka_changelog_undecided";
 
 impl Replayer {
@@ -535,6 +543,7 @@ impl Replayer {
             at,
             held: undecided.held,
             repairs: undecided.repairs,
+            repairs_since_fence: undecided.repairs_since_fence,
             records: 0,
             quarantined: 0,
             zombie: 0,
@@ -571,13 +580,15 @@ impl Replayer {
             if value.first() != Some(&BINARY_MARK) {
                 self.held.clear();
             }
+            let since = std::mem::take(&mut self.repairs_since_fence);
+            self.repairs.merge(since);
             self.at.epoch = offset;
             self.at.epoch_fence = fence_digest(id);
             return Ok(*id == own_fence);
         }
         if record.epoch().is_some_and(|e| e < self.at.epoch) {
             self.zombie += 1;
-            self.repairs.note(&record);
+            self.repairs_since_fence.note(&record);
             return Ok(false);
         }
         self.records += 1;
@@ -608,10 +619,9 @@ impl Replayer {
             // Older epochs were filtered above, and a newer one than the fence just read
             // cannot be: this is the current owner's.
             ChangelogRecord::Resumed { resume, .. } => {
-                // Its writer repaired what it dropped and what it saw fenced-out writers write,
-                // and had read every request before `resume` complete.
+                // Its writer repaired what it dropped and what it saw fenced-out writers write
+                // before its fence.
                 self.repairs = ZombieWrites::default();
-                self.at.resume = self.at.resume.max(resume);
                 self.decide_held(tx, resume, false)?;
             }
             ChangelogRecord::Fence { .. } => unreachable!("handled above"),
@@ -619,8 +629,8 @@ impl Replayer {
         Ok(false)
     }
 
-    /// Applies `records` in one transaction, with the checkpoint unless copies are held (see
-    /// [`restore`]); `last` when they end with this owner's own fence.
+    /// Applies `records` in one transaction, with the checkpoint and what is still undecided
+    /// (see [`restore`]); `last` when they end with this owner's own fence.
     fn apply_chunk(
         &mut self,
         store: &mut PartitionStore,
@@ -643,6 +653,7 @@ impl Replayer {
                 &Undecided {
                     held: self.held.clone(),
                     repairs: self.repairs.clone(),
+                    repairs_since_fence: self.repairs_since_fence.clone(),
                 },
             )?;
             Ok(())
@@ -823,6 +834,7 @@ async fn write_resumed(
     let format = shared.changelog_format;
     let at = replayer.at;
     let mut repairs = std::mem::take(&mut replayer.repairs);
+    repairs.merge(std::mem::take(&mut replayer.repairs_since_fence));
     repairs.dedup();
     let mut records =
         store.write_batch(|tx| repair_records(tx, at.epoch, format, at.resume, &repairs))?;
@@ -831,6 +843,17 @@ async fn write_resumed(
             partition = p,
             records = records.len(),
             "writing this owner's values again over records of fenced-out writers or of a batch cut short"
+        );
+    }
+    if format == ChangelogFormat::Json && !repairs.is_empty() {
+        // No `resumed` record in format 1: a `progress` record after the repair copies makes
+        // them count without a batch (at resume - 1, it moves nobody's resume).
+        records.push(
+            ChangelogRecord::Progress {
+                source_offset: at.resume - 1,
+                epoch: at.epoch,
+            }
+            .encode(format),
         );
     }
     if format == ChangelogFormat::Binary {
@@ -1079,6 +1102,14 @@ impl ZombieWrites {
             ChangelogRecord::Progress { .. } => self.progress = true,
             ChangelogRecord::Fence { .. } | ChangelogRecord::Resumed { .. } => {}
         }
+    }
+
+    /// Adds `other`'s keys to these.
+    fn merge(&mut self, other: ZombieWrites) {
+        self.keys.extend(other.keys);
+        self.ids.extend(other.ids);
+        self.users.extend(other.users);
+        self.progress |= other.progress;
     }
 
     /// Each key once.
@@ -1653,6 +1684,7 @@ mod tests {
             at,
             held: Vec::new(),
             repairs: ZombieWrites::default(),
+            repairs_since_fence: ZombieWrites::default(),
             records: 0,
             quarantined: 0,
             zombie: 0,
@@ -1795,7 +1827,7 @@ mod tests {
         ];
         assert_eq!(
             replayed(ChangelogFormat::Binary, &cut),
-            (None, None, vec![], Some((10, 6)))
+            (None, None, vec![], Some((0, 6)))
         );
     }
 
@@ -1834,30 +1866,39 @@ mod tests {
 
     /// Records of a fenced-out writer met during a restore, and copies the restorer's own
     /// fence dropped, are noted for the new owner to write its own values again (a later
-    /// copy under the same key would otherwise hide the owner's value once compacted); a
-    /// `resumed` record clears what came before it, which its writer repaired.
+    /// copy under the same key would otherwise hide the owner's value once compacted). A
+    /// `resumed` record clears what was noted before its writer's fence, which that writer
+    /// repaired, but not what came after its fence.
     #[test]
     fn a_restore_notes_what_its_owner_must_write_again() {
-        let resumed = ChangelogRecord::Resumed {
-            epoch: 2,
-            resume: 10,
-            fence: "b".into(),
-        };
         let records: Vec<(i64, Vec<u8>)> = [
-            (0, fence("a")),
-            (1, dedup_copy(9, 0, "id-old")),
-            (2, fence("b")),
-            (3, resumed),
-            (4, applied(10, 0, 1)),
+            (0, fence("z")),
+            (1, fence("a")),
+            // Before b's fence: b's restore noted it and b repaired it.
+            (2, dedup_copy(7, 0, "id-repaired")),
+            (3, dedup_copy(9, 1, "id-1")),
+            (4, fence("b")),
+            // After b's fence, before its `resumed` record: b never repaired it.
+            (5, dedup_copy(11, 1, "id-z")),
             (
-                5,
-                ChangelogRecord::Progress {
-                    source_offset: 11,
-                    epoch: 0,
+                6,
+                ChangelogRecord::Resumed {
+                    epoch: 4,
+                    resume: 10,
+                    fence: "b".into(),
                 },
             ),
-            (6, route_copy(12, 2, "k-2")),
-            (7, fence("own")),
+            (7, applied(10, 1, 1)),
+            (
+                8,
+                ChangelogRecord::Progress {
+                    source_offset: 11,
+                    epoch: 1,
+                },
+            ),
+            // Of b's batch cut short: dropped at the restorer's own fence.
+            (9, route_copy(12, 4, "k-2")),
+            (10, fence("own")),
         ]
         .iter()
         .map(|(offset, r)| (*offset, r.encode(ChangelogFormat::Binary).1))
@@ -1868,19 +1909,23 @@ mod tests {
             .apply_chunk(&mut store, 0, &records, "own", true)
             .unwrap();
         let mut repairs = replayer.repairs.clone();
+        repairs.merge(replayer.repairs_since_fence.clone());
         repairs.dedup();
         assert_eq!(
             (repairs.keys, repairs.ids, repairs.users, repairs.progress),
             (
                 vec!["k-1".to_string()],
-                vec![],
+                vec!["id-z".to_string()],
                 vec!["u-1".to_string()],
                 true
             ),
-            "the zombie's applied and progress records, the route copy of a batch cut short; \
-             not the copy before b's resumed record"
         );
-        assert_eq!(replayer.zombie, 2);
+        assert_eq!(replayer.zombie, 4);
+        assert_eq!(
+            found(&mut store).2,
+            vec!["id-1"],
+            "honoured by b's resumed record"
+        );
     }
 
     /// A rule failure changes nothing, so it leaves a `progress` record, and the dedup copy of
