@@ -583,8 +583,9 @@ async fn misrouted_and_invalid_records_are_dead_lettered_not_applied() {
 
 /// An outcome goes to the outcomes partition its request record's `reply_partition` header names:
 /// a process's own requests name the one partition its reader reads (so the HTTP answer comes
-/// back), another producer's records name any (refused ones too), and a partition the topic
-/// does not have is ignored: that outcome goes by key, not lost.
+/// back), another producer's records name any (refused ones too); a record that names none, or
+/// a partition the topic does not have, is answered on the outcomes partition numbered like the
+/// requests partition it was written to, where its producer can find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
     let config = cluster_config();
@@ -642,7 +643,8 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
         b"4096",
     )
     .await;
-    // Headers that name no partition (negative, not a number, not UTF-8) go by key too.
+    // Headers that name no partition (negative, not a number, not UTF-8) are ignored alike, and
+    // so is a record without the header (an outside producer that reads every partition).
     for (i, header) in [b"-3".as_slice(), b"seven", b"\xff\xfe"]
         .into_iter()
         .enumerate()
@@ -651,6 +653,14 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
         let record = request_record(&format!("reply-bad-{i}"), "reserve", &key, "r", "null");
         produce_naming(partitioner.partition(&key) as i32, key, record, header).await;
     }
+    let key = "K-reply-none";
+    produce(
+        &requests,
+        partitioner.partition(key) as i32,
+        key,
+        &request_record("reply-none", "reserve", key, "r", "null"),
+    )
+    .await;
     let key = "K-reply-wrong";
     let wrong = (partitioner.partition(key) as i32 + 1) % PARTITIONS as i32;
     let record = request_record("reply-wrong", "reserve", key, "r", "null");
@@ -675,6 +685,7 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
         "reply-bad-0",
         "reply-bad-1",
         "reply-bad-2",
+        "reply-none",
     ];
     let mut seen: BTreeMap<String, (i32, Value)> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -695,18 +706,28 @@ async fn an_outcome_goes_to_the_reply_partition_its_record_names() {
             "{outcome}"
         );
     }
+    // The outcomes topic has as many partitions as the requests topic here.
+    let own_partition = |key: &str| partitioner.partition(key) as i32;
     for i in 0..3 {
-        let (_, bad) = &seen[&format!("reply-bad-{i}")];
+        let (partition, bad) = &seen[&format!("reply-bad-{i}")];
+        assert_eq!(
+            *partition,
+            own_partition(&format!("K-reply-bad-{i}")),
+            "{bad}"
+        );
         assert_eq!(
             bad["result"]["Ok"]["verdict"]["transition"]["status"], "reserved",
             "{bad}"
         );
     }
-    let (_, far) = &seen["reply-far"];
-    assert_eq!(
-        far["result"]["Ok"]["verdict"]["transition"]["status"], "reserved",
-        "{far}"
-    );
+    for (id, key) in [("reply-far", "K-reply-far"), ("reply-none", "K-reply-none")] {
+        let (partition, outcome) = &seen[id];
+        assert_eq!(*partition, own_partition(key), "{outcome}");
+        assert_eq!(
+            outcome["result"]["Ok"]["verdict"]["transition"]["status"], "reserved",
+            "{outcome}"
+        );
+    }
     let (partition, wrong) = &seen["reply-wrong"];
     assert_eq!(*partition, 5, "{wrong}");
     assert_eq!(wrong["result"]["Err"]["code"], "invalid_request", "{wrong}");

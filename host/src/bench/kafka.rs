@@ -493,8 +493,10 @@ fn cpu_times(processes: &[(String, u32)]) -> Vec<Duration> {
 }
 
 /// The pass-through pipe (`turnstile bench-pipe`): one thread and one consumer per partition;
-/// each batch's changelog records are acknowledged before its outcomes are produced. Runs until
-/// its standard input closes.
+/// each batch's changelog records are acknowledged before its outcomes are produced, to the
+/// outcomes partition numbered like the requests partition (where a Turnstile partition puts the
+/// outcome of a record that names no reply partition: the same work). Runs until its standard
+/// input closes.
 pub fn pipe(
     brokers: &str,
     requests_topic: &str,
@@ -584,7 +586,10 @@ pub fn pipe(
                             .expect("outcomes serialize");
                             producer
                                 .send_result(
-                                    FutureRecord::to(&outcomes_topic).key(&id).payload(&outcome),
+                                    FutureRecord::to(&outcomes_topic)
+                                        .key(&id)
+                                        .payload(&outcome)
+                                        .partition(p),
                                 )
                                 .ok()
                         })

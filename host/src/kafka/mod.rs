@@ -95,8 +95,9 @@ pub struct RequestRecord {
 /// The record header that names the partition of the outcomes topic a request's outcome goes
 /// to (decimal text). A Turnstile front end names the one partition its outcomes reader reads,
 /// so a process reads only the outcomes of its own requests, not every process's. Without it,
-/// or when it names no partition of the topic, the outcome goes to the partition of its key,
-/// the request id. A header, not a field of the record: it is transport, not part of the
+/// or when it names no partition of the topic, the outcome goes to the outcomes partition with
+/// the number of the requests partition the record was read from (modulo the outcomes topic's
+/// partition count). A header, not a field of the record: it is transport, not part of the
 /// request, and a process from before it still reads the record (it refuses unknown fields);
 /// but such a process answers by key, where the waiting front end does not read, so a cluster
 /// is upgraded past this header with every older process stopped (README, "Running a cluster").
@@ -312,7 +313,8 @@ struct Shared {
     /// Outcomes' acknowledgements, awaited off the partition threads (see [`OutcomeAcks`]).
     outcome_acks: OutcomeAcks,
     /// How many partitions the outcomes topic has (its reader's metadata): a record's
-    /// reply partition beyond them is ignored, and its outcome goes by key.
+    /// reply partition beyond them is ignored, and its outcome goes to the partition numbered
+    /// like its requests partition.
     outcome_partitions: AtomicU32,
     /// Picks a user's partition of the routes topic (see [`KafkaNode::routes_partitioner`]); the
     /// partition threads publish the routes of the requests they applied there.
@@ -2594,9 +2596,16 @@ impl Transport for KafkaLog<'_> {
             .into_iter()
             .filter_map(|(reply, result)| {
                 let id = reply.id?;
+                // Without a reply partition, the outcomes partition numbered like the requests
+                // partition the record was read from: its producer knows that number (it
+                // picked it), and each partition thread then writes to one outcomes partition
+                // rather than to every one. By key, every process wrote a small batch to each
+                // outcomes partition in every produce, and with two processes the broker's CPU
+                // per request went up by half (BENCHMARKS.md, issue 15).
                 let partition = reply
                     .reply_partition
                     .filter(|p| *p < outcome_partitions)
+                    .or((outcome_partitions > 0).then(|| self.p % outcome_partitions))
                     .map(|p| p as i32);
                 let record = OutcomeRecord {
                     schema: OUTCOME_SCHEMA,
@@ -2636,8 +2645,7 @@ impl Transport for KafkaLog<'_> {
                         _,
                     )) => std::thread::sleep(Duration::from_millis(1)),
                     // The producer's metadata does not know the partition (it names fewer than
-                    // the reader saw): the outcome goes by key, as for a record without a reply
-                    // partition, rather than nowhere.
+                    // the reader saw): the outcome goes by key rather than nowhere.
                     Err((
                         rdkafka::error::KafkaError::MessageProduction(
                             rdkafka::types::RDKafkaErrorCode::UnknownPartition,
