@@ -110,7 +110,7 @@ impl Service {
         match self {
             Service::Local(runtime) => Ok(runtime.user(user).await?),
             Service::Kafka(node) => {
-                let Some(route) = node.route(user) else {
+                let Some(route) = node.route(user).await? else {
                     return Ok(None);
                 };
                 let (partition, state) = node.key_state(&route.key).await?;
@@ -236,6 +236,7 @@ impl Service {
                 "mode": "kafka",
                 "node": node.node_id(),
                 "reply_partition": node.reply_partition(),
+                "routes_partitions_read": node.routes_partitions_read(),
                 "cluster": {
                     "state": node.cluster_state().0,
                     "reason": node.cluster_state().1,

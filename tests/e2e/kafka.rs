@@ -1793,7 +1793,9 @@ async fn two_requests_under_one_id_each_get_their_own_answer() {
 
 /// A reserve produced straight to the requests topic (not through Turnstile's HTTP front end)
 /// leaves the user's route like one sent over HTTP: a user-only associate over HTTP, on either
-/// process, finds the key.
+/// process, finds the key. Routes are read only where a lookup needs them: until the associate,
+/// neither process reads any partition of the routes topic but the owner records' (0), and a
+/// process reads the user's partition once it looks the user up (a `GET /v1/users` included).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reserve_fed_through_the_topic_routes_a_later_associate() {
     let config = cluster_config();
@@ -1818,12 +1820,41 @@ async fn a_reserve_fed_through_the_topic_routes_a_later_associate() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let users_partition = partitioner().partition(user) as i64;
+    assert_ne!(
+        users_partition, 0,
+        "pick a user whose routes partition is not 0"
+    );
+    assert_eq!(routes_read(&first).await, serde_json::json!([0]));
+    assert_eq!(routes_read(&second).await, serde_json::json!([0]));
     let (status, answer) = second
         .request(request("associate", None, user, "topic-fed-2"))
         .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["key"], key);
     assert_eq!(answer["state"]["status"], "associated");
+    assert_eq!(
+        routes_read(&second).await,
+        serde_json::json!([0, users_partition])
+    );
+    assert_eq!(routes_read(&first).await, serde_json::json!([0]));
+    // The route is found (then the key is read: by its owner, or `not_owned` here, which an
+    // unknown user would not get this far to answer).
+    let (status, view) = first.get(&format!("/v1/users/{user}")).await;
+    match status {
+        200 => assert_eq!(view["key"], key, "{view}"),
+        _ => assert_eq!(view["error"]["code"], "not_owned", "{status} {view}"),
+    }
+    assert_eq!(
+        routes_read(&first).await,
+        serde_json::json!([0, users_partition])
+    );
+}
+
+/// The partitions of the routes topic `server` reads, as `/v1/partitions` shows them.
+async fn routes_read(server: &Server) -> Value {
+    let (_, doc) = server.get("/v1/partitions").await;
+    doc["routes_partitions_read"].clone()
 }
 
 /// The failure budget in Kafka mode: the same engine quarantines a key whose requests keep

@@ -8,13 +8,14 @@
 //! | requests    | N          | routing key | a routed request (any producer may write it)        |
 //! | changelog   | N, compacted | see `changelog.rs` | per request its effect and offset; copies; fences |
 //! | outcomes    | any        | request id  | the decision (or the error) for one request        |
-//! | routes      | N, compacted | user      | the user's route, and position markers of lookups  |
+//! | routes      | N, compacted | user      | the user's route, position markers; owner records on 0 |
 //!
 //! # How a request flows
 //!
 //! Any process's HTTP front end accepts a request, records the user's route (in its own cache and
 //! on the routes topic, before routing: claim 5) or resolves it (claim 3, after a position marker
-//! proves the routes read so far are complete), gives it an id, and produces it to the requests
+//! proves the routes read so far are complete; a routes partition is read only once a lookup
+//! needs it, see [`RoutesReading`]), gives it an id, and produces it to the requests
 //! partition that Turnstile's partitioner picks, so a producer that is not Turnstile can feed the
 //! topic with the same partitioner. It then waits for the outcome on the outcomes topic: on the
 //! one partition of it this process reads, which the request names in its `reply_partition`
@@ -381,6 +382,12 @@ const SYNC_PREFIX: &str = "\u{0}sync/";
 /// partition is between owners.
 const OWNER_PREFIX: &str = "\u{0}owner/";
 
+/// The partition of the routes topic every owner record goes to, and the only one a process
+/// reads from its start: the others are read once a lookup needs them (see [`RoutesReading`]).
+/// Owner records on other partitions (written by versions that spread them by key) are not
+/// taken: read later, out of order with this one, they could undo a newer announcement.
+const OWNER_RECORDS_PARTITION: i32 = 0;
+
 /// Who owns a partition, as its owner announced it on the routes topic.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OwnerRecord {
@@ -419,10 +426,9 @@ impl Shared {
         };
         let key = format!("{OWNER_PREFIX}{p}");
         let value = serde_json::to_vec(&record).expect("owner records serialize");
-        let routes_partition = self.routes_partitioner.partition(&key) as i32;
         let sent = self.producer.get().send_result(
             FutureRecord::to(&self.kafka.routes_topic)
-                .partition(routes_partition)
+                .partition(OWNER_RECORDS_PARTITION)
                 .key(&key)
                 .payload(&value),
         );
@@ -483,6 +489,78 @@ impl ReadPositions {
             }
             moved.await;
         }
+    }
+}
+
+/// The routes topic as this process reads it. From the start only [`OWNER_RECORDS_PARTITION`]
+/// is read; another partition is added, from its beginning, the first time a lookup needs it
+/// (a user-only request, or a read of a user's route), and is read from then on.
+///
+/// Why not every partition from the start: each process then fetched every route every other
+/// process recorded, and the broker served each route once per process. With two processes
+/// that was about a quarter of the broker's CPU per request in the consume benchmark, where no
+/// route is ever looked up: requests fed to the requests topic carry their key (BENCHMARKS.md,
+/// issue 15). A lookup never depended on routes read ahead of it: it writes a position marker
+/// and waits until its partition is read past it.
+struct RoutesReading {
+    /// The session's routes reader (read by the `kafka-routes` thread).
+    consumer: Arc<BaseConsumer>,
+    /// The routes topic.
+    topic: String,
+    /// The partitions assigned to `consumer`: never removed within a session.
+    reading: Mutex<std::collections::HashSet<i32>>,
+}
+
+impl RoutesReading {
+    /// A reader of the routes topic reading its owner records partition; returns it with the
+    /// topic's partition count.
+    fn start(kafka: &KafkaConfig) -> anyhow::Result<(RoutesReading, u32)> {
+        let consumer = reader_consumer(kafka, &kafka.routes_topic)?;
+        let partitions = partition_count(&consumer, &kafka.routes_topic)?;
+        let reading = RoutesReading {
+            consumer: Arc::new(consumer),
+            topic: kafka.routes_topic.clone(),
+            reading: Mutex::default(),
+        };
+        reading.assign(OWNER_RECORDS_PARTITION)?;
+        Ok((reading, partitions))
+    }
+
+    /// Makes sure partition `p` of the routes topic is being read (from its beginning, the
+    /// first time). Refused while the broker is lost: a partition added then would fetch from
+    /// a broker that may come back empty (see [`watch`]).
+    fn read(&self, p: i32, fetchers: &watch::Fetchers) -> Result<(), SubmitError> {
+        if self
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&p)
+        {
+            return Ok(());
+        }
+        fetchers
+            .unless_halted(|| self.assign(p))
+            .ok_or_else(|| {
+                SubmitError::ClusterUnavailable(
+                    "the Kafka broker is unreachable; the route cannot be looked up until it answers"
+                        .into(),
+                )
+            })?
+            .map_err(|e| SubmitError::Store(format!("looking up the route: {e:#}")))
+    }
+
+    fn assign(&self, p: i32) -> anyhow::Result<()> {
+        let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        if reading.contains(&p) {
+            return Ok(());
+        }
+        let mut partition = TopicPartitionList::new();
+        partition.add_partition_offset(&self.topic, p, Offset::Beginning)?;
+        self.consumer
+            .incremental_assign(&partition)
+            .with_context(|| format!("reading partition {p} of {}", self.topic))?;
+        reading.insert(p);
+        Ok(())
     }
 }
 
@@ -639,6 +717,8 @@ pub struct KafkaNode {
     routes_partitioner: Partitioner,
     /// How far the routes reader has read each partition of the routes topic.
     routes_read: Arc<ReadPositions>,
+    /// The partitions of the routes topic this session reads, and its reader.
+    routes_reading: Mutex<Arc<RoutesReading>>,
     /// Set once, at shutdown: ends the broker watch and every client thread.
     stop: Arc<AtomicBool>,
     /// Ends the current session's client threads (readers, group member): set at shutdown and
@@ -737,7 +817,7 @@ impl KafkaNode {
                 &layout::Layout::of(config, &kafka),
             )
             .and_then(|agreed| {
-                let (routes, partitions) = reader(&kafka, &kafka.routes_topic, Offset::Beginning)?;
+                let (routes, partitions) = RoutesReading::start(&kafka)?;
                 let outcomes = outcomes_reader(&kafka, None)?;
                 Ok((agreed, routes, partitions, outcomes))
             });
@@ -810,6 +890,7 @@ impl KafkaNode {
         let node = Arc::new(KafkaNode {
             routes_partitioner,
             routes_read: Arc::default(),
+            routes_reading: Mutex::new(Arc::new(routes_consumer)),
             shared: shared.clone(),
             partitioner,
             routes: Arc::new(RouteCache::new(
@@ -830,7 +911,7 @@ impl KafkaNode {
         });
         let session = node.session();
         let threads = vec![
-            node.spawn_routes_reader(routes_consumer, session.clone())?,
+            node.spawn_routes_reader(session.clone())?,
             node.spawn_outcomes_reader(outcomes_consumer, session.clone())?,
             spawn_group_member(shared, session)?,
         ];
@@ -838,6 +919,24 @@ impl KafkaNode {
         *node.watch_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.spawn_watch()?);
         tracing::info!(node = %node_id, partitions = n, brokers = %kafka.brokers, group = %kafka.group, "joined the Kafka cluster");
         Ok(node)
+    }
+
+    /// The partitions of the routes topic this process reads (see [`RoutesReading`]), sorted.
+    pub fn routes_partitions_read(&self) -> Vec<i32> {
+        let reading = self
+            .routes_reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut partitions: Vec<i32> = reading
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        partitions.sort_unstable();
+        partitions
     }
 
     /// The partitioner.
@@ -1057,9 +1156,24 @@ impl KafkaNode {
     /// recorded (acknowledged) before this request arrived is then in the cache, newest last.
     /// The wait is bounded by `kafka.route_wait_ms`.
     async fn wait_for_route(&self, user: &str) -> Result<String, SubmitError> {
+        match self.route(user).await? {
+            Some(route) => Ok(route.key),
+            None => Err(SubmitError::UnknownRoute(user.to_string())),
+        }
+    }
+
+    /// The user's route as of now, or none (see [`KafkaNode::wait_for_route`], which this is
+    /// without the error for a user with no route).
+    pub async fn route(&self, user: &str) -> Result<Option<Route>, SubmitError> {
         let kafka = &self.shared.kafka;
         let wait = Duration::from_millis(kafka.route_wait_ms);
         let partition = self.routes_partitioner.partition(user) as i32;
+        let reading = self
+            .routes_reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        reading.read(partition, &self.shared.fetchers)?;
         let marker = format!("{SYNC_PREFIX}{}", self.shared.node_id);
         let sent = self
             .shared
@@ -1081,10 +1195,7 @@ impl KafkaNode {
                 kafka.route_wait_ms
             )));
         }
-        match self.routes.lookup(user, now_ms()) {
-            Some(route) => Ok(route.key),
-            None => Err(SubmitError::UnknownRoute(user.to_string())),
-        }
+        Ok(self.routes.lookup(user, now_ms()))
     }
 
     /// Records on dead letter `seq` of partition `p` that it was resubmitted, if this process
@@ -1189,11 +1300,6 @@ impl KafkaNode {
             reply,
         })
         .await
-    }
-
-    /// The user's route as this process knows it.
-    pub fn route(&self, user: &str) -> Option<Route> {
-        self.routes.lookup(user, now_ms())
     }
 
     /// The partitions whose outcomes this process's HTTP requests wait for: a partition whose
@@ -1393,9 +1499,13 @@ impl KafkaNode {
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = session.clone();
         self.shared.fetchers.reopen();
         let kafka = &self.shared.kafka;
-        // From the beginning: routes recorded while this process was away are read again, in
-        // the topic's order, so the cache ends as current as another process's.
-        let (routes_consumer, _) = reader(kafka, &kafka.routes_topic, Offset::Beginning)?;
+        // A new reader: each partition a lookup needs is read again from its beginning, so
+        // routes recorded while this process was away reach the cache in the topic's order.
+        let (routes_reading, _) = RoutesReading::start(kafka)?;
+        *self
+            .routes_reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(routes_reading);
         // The same outcomes partition as before when the topic still has it: requests sent
         // before the suspension name it.
         let (outcomes_consumer, reply_partition, outcome_partitions) =
@@ -1406,7 +1516,7 @@ impl KafkaNode {
             .outcome_partitions
             .store(outcome_partitions, Ordering::Relaxed);
         let threads = vec![
-            self.spawn_routes_reader(routes_consumer, session.clone())?,
+            self.spawn_routes_reader(session.clone())?,
             self.spawn_outcomes_reader(outcomes_consumer, session.clone())?,
             spawn_group_member(self.shared.clone(), session)?,
         ];
@@ -1606,15 +1716,20 @@ impl KafkaNode {
         tracing::debug!(paused, "paused every consumer");
     }
 
-    /// Reads the routes topic into the route cache, in offset order (the topic's order is the
-    /// order routes were recorded in, whichever process recorded them), and publishes how far
-    /// it has read each partition for [`KafkaNode::wait_for_route`].
+    /// Reads the partitions of the routes topic the session's [`RoutesReading`] has assigned into
+    /// the route cache, in offset order (a partition's order is the order its users' routes were
+    /// recorded in, whichever process recorded them), takes the owner records, and publishes how
+    /// far it has read each partition for [`KafkaNode::wait_for_route`].
     fn spawn_routes_reader(
         self: &Arc<Self>,
-        consumer: BaseConsumer,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<JoinHandle<()>> {
-        let consumer = Arc::new(consumer);
+        let consumer = self
+            .routes_reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .consumer
+            .clone();
         self.shared.fetchers.register(&consumer);
         let (routes, read, owners) = (
             self.routes.clone(),
@@ -1631,6 +1746,9 @@ impl KafkaNode {
                             match (user, message.payload()) {
                                 // A position marker (see `wait_for_route`): nothing to cache.
                                 (Some(Ok(user)), _) if user.starts_with(SYNC_PREFIX) => {}
+                                (Some(Ok(key)), _)
+                                    if key.starts_with(OWNER_PREFIX)
+                                        && message.partition() != OWNER_RECORDS_PARTITION => {}
                                 (Some(Ok(key)), Some(value)) if key.starts_with(OWNER_PREFIX) => {
                                     let partition = key[OWNER_PREFIX.len()..].parse::<u32>();
                                     let record = serde_json::from_slice::<OwnerRecord>(value);
@@ -1734,18 +1852,6 @@ fn outcomes_reader(
     tpl.add_partition_offset(topic, partition as i32, Offset::End)?;
     consumer.assign(&tpl)?;
     Ok((consumer, partition, count))
-}
-
-/// A consumer outside any group that reads every partition of `topic` from `offset`.
-fn reader(kafka: &KafkaConfig, topic: &str, offset: Offset) -> anyhow::Result<(BaseConsumer, u32)> {
-    let consumer = reader_consumer(kafka, topic)?;
-    let partitions = partition_count(&consumer, topic)?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, offset)?;
-    }
-    consumer.assign(&tpl)?;
-    Ok((consumer, partitions))
 }
 
 /// A consumer outside any group, not yet assigned, for reading `topic`.

@@ -104,6 +104,14 @@ impl Fetchers {
         live.len()
     }
 
+    /// Runs `start` (which makes a registered consumer fetch more, e.g. assigns it a partition)
+    /// unless the broker is lost; returns whether it ran. Under the registry's lock, so a halt
+    /// comes either before it (and it does not run) or after it (and pauses what it started).
+    pub(crate) fn unless_halted<R>(&self, start: impl FnOnce() -> R) -> Option<R> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (!inner.halted).then(start)
+    }
+
     /// A new session: consumers registered from now on fetch.
     pub(crate) fn reopen(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
