@@ -2264,7 +2264,9 @@ async fn a_broker_that_pauses_is_waited_for_not_taken_for_lost() {
 /// Every connection to the broker drops and the broker comes back a few seconds later *with*
 /// its data (a relay in front of it is cut, then let through again): the processes take the
 /// broker for dead and suspend (503 `cluster_unavailable`), then find this cluster's topics and
-/// layout intact, rejoin, and serve the state applied before and new requests.
+/// layout intact, rejoin, and serve the state applied before and new requests. While away, a
+/// process holds no routes reader and a route lookup is 503 too; after the rejoin it reads the
+/// same partitions of the routes topic as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
     let mut link = CuttableLink::new();
@@ -2275,6 +2277,11 @@ async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
     wait_for_split(&[&p1, &p2]).await;
     for u in 0..20 {
         pair(&[&p1, &p2], "before", u).await;
+    }
+    // Each process looked some users up (the associates), so it reads more than partition 0.
+    let read_before = [routes_read(&p1).await, routes_read(&p2).await];
+    for read in &read_before {
+        assert!(read.as_array().is_some_and(|r| r.len() > 1), "{read}");
     }
 
     link.cut();
@@ -2293,6 +2300,20 @@ async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
             .await;
         assert_eq!(status, 503, "{doc}");
         assert_eq!(doc["error"]["code"], "cluster_unavailable", "{doc}");
+        let (status, doc) = server.get("/v1/users/before-user-0").await;
+        assert_eq!(status, 503, "{doc}");
+        assert_eq!(doc["error"]["code"], "cluster_unavailable", "{doc}");
+    }
+    // The suspension ends each session: its routes reader is dropped with the other consumers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for server in [&p1, &p2] {
+        while routes_read(server).await != serde_json::json!([]) {
+            assert!(
+                Instant::now() < deadline,
+                "the routes reader outlived the session"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -2321,6 +2342,10 @@ async fn a_broker_that_comes_back_with_its_data_is_rejoined() {
     eprintln!(
         "both processes ready {} ms after the broker answered again",
         reopened.elapsed().as_millis()
+    );
+    assert_eq!(
+        [routes_read(&p1).await, routes_read(&p2).await],
+        read_before
     );
     serves_before_and_after(&[&p1, &p2]).await;
 }

@@ -512,18 +512,42 @@ struct RoutesReading {
 }
 
 impl RoutesReading {
-    /// A reader of the routes topic reading its owner records partition; returns it with the
-    /// topic's partition count.
-    fn start(kafka: &KafkaConfig) -> anyhow::Result<(RoutesReading, u32)> {
-        let consumer = reader_consumer(kafka, &kafka.routes_topic)?;
-        let partitions = partition_count(&consumer, &kafka.routes_topic)?;
+    /// A reader of the routes topic, registered with the broker watch, reading the owner
+    /// records partition and `partitions` (those an earlier session read: their first lookups
+    /// need not wait for a catch-up again); returns it with the topic's partition count.
+    fn start(
+        kafka: &KafkaConfig,
+        fetchers: &watch::Fetchers,
+        partitions: &[i32],
+    ) -> anyhow::Result<(RoutesReading, u32)> {
+        let consumer = Arc::new(reader_consumer(kafka, &kafka.routes_topic)?);
+        let count = partition_count(&consumer, &kafka.routes_topic)?;
+        // Registered before anything is assigned, so a halt from now on pauses what it reads.
+        fetchers.register(&consumer);
         let reading = RoutesReading {
-            consumer: Arc::new(consumer),
+            consumer,
             topic: kafka.routes_topic.clone(),
             reading: Mutex::default(),
         };
-        reading.assign(OWNER_RECORDS_PARTITION)?;
-        Ok((reading, partitions))
+        for &p in std::iter::once(&OWNER_RECORDS_PARTITION).chain(partitions) {
+            if (0..count as i32).contains(&p) {
+                reading.read(p, fetchers)?;
+            }
+        }
+        Ok((reading, count))
+    }
+
+    /// The partitions being read, sorted.
+    fn partitions(&self) -> Vec<i32> {
+        let mut partitions: Vec<i32> = self
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        partitions.sort_unstable();
+        partitions
     }
 
     /// Makes sure partition `p` of the routes topic is being read (from its beginning, the
@@ -717,8 +741,11 @@ pub struct KafkaNode {
     routes_partitioner: Partitioner,
     /// How far the routes reader has read each partition of the routes topic.
     routes_read: Arc<ReadPositions>,
-    /// The partitions of the routes topic this session reads, and its reader.
-    routes_reading: Mutex<Arc<RoutesReading>>,
+    /// The partitions of the routes topic this session reads, and its reader; none between
+    /// sessions (the reader is dropped with the session's other consumers).
+    routes_reading: Mutex<Option<Arc<RoutesReading>>>,
+    /// The routes partitions the last session read: the next one reads them from its start.
+    routes_partitions_before: Mutex<Vec<i32>>,
     /// Set once, at shutdown: ends the broker watch and every client thread.
     stop: Arc<AtomicBool>,
     /// Ends the current session's client threads (readers, group member): set at shutdown and
@@ -804,9 +831,11 @@ impl KafkaNode {
         // before giving up. A broker that cannot be reached, or a layout that differs from this
         // process's, is refused at once.
         let mut attempt = 1;
+        // Every consumer that fetches is registered here, so the broker watch can pause it.
+        let fetchers = watch::Fetchers::default();
         let (
             agreed,
-            routes_consumer,
+            routes_reading,
             routes_partitions,
             (outcomes_consumer, reply_partition, outcome_partitions),
         ) = loop {
@@ -817,7 +846,7 @@ impl KafkaNode {
                 &layout::Layout::of(config, &kafka),
             )
             .and_then(|agreed| {
-                let (routes, partitions) = RoutesReading::start(&kafka)?;
+                let (routes, partitions) = RoutesReading::start(&kafka, &fetchers, &[])?;
                 let outcomes = outcomes_reader(&kafka, None)?;
                 Ok((agreed, routes, partitions, outcomes))
             });
@@ -880,7 +909,7 @@ impl KafkaNode {
             owned: Mutex::new(BTreeMap::new()),
             fenced: AtomicU64::new(0),
             broker_lost: AtomicBool::new(false),
-            fetchers: watch::Fetchers::default(),
+            fetchers,
             session_consumers: Mutex::new(None),
             group_joined: AtomicBool::new(false),
         });
@@ -890,7 +919,8 @@ impl KafkaNode {
         let node = Arc::new(KafkaNode {
             routes_partitioner,
             routes_read: Arc::default(),
-            routes_reading: Mutex::new(Arc::new(routes_consumer)),
+            routes_reading: Mutex::new(Some(Arc::new(routes_reading))),
+            routes_partitions_before: Mutex::default(),
             shared: shared.clone(),
             partitioner,
             routes: Arc::new(RouteCache::new(
@@ -923,20 +953,12 @@ impl KafkaNode {
 
     /// The partitions of the routes topic this process reads (see [`RoutesReading`]), sorted.
     pub fn routes_partitions_read(&self) -> Vec<i32> {
-        let reading = self
-            .routes_reading
+        self.routes_reading
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut partitions: Vec<i32> = reading
-            .reading
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
-        partitions.sort_unstable();
-        partitions
+            .as_ref()
+            .map(|reading| reading.partitions())
+            .unwrap_or_default()
     }
 
     /// The partitioner.
@@ -1168,11 +1190,18 @@ impl KafkaNode {
         let kafka = &self.shared.kafka;
         let wait = Duration::from_millis(kafka.route_wait_ms);
         let partition = self.routes_partitioner.partition(user) as i32;
+        // Nothing is produced or fetched while the broker is away (see [`watch`]).
+        self.check_cluster()?;
         let reading = self
             .routes_reading
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .clone()
+            .ok_or_else(|| {
+                SubmitError::ClusterUnavailable(
+                    "this process is between sessions with the Kafka broker; retry shortly".into(),
+                )
+            })?;
         reading.read(partition, &self.shared.fetchers)?;
         let marker = format!("{SYNC_PREFIX}{}", self.shared.node_id);
         let sent = self
@@ -1470,6 +1499,19 @@ impl KafkaNode {
             let _ = thread.join();
         }
         stop_partitions(&self.shared, None);
+        // The routes reader goes with the session (its thread has ended); the next session
+        // reads the same partitions again.
+        let routes_reading = self
+            .routes_reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(reading) = routes_reading {
+            *self
+                .routes_partitions_before
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = reading.partitions();
+        }
         // Every partition thread has let go of its queues: the shared consumers close here.
         let consumers = self
             .shared
@@ -1499,13 +1541,16 @@ impl KafkaNode {
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = session.clone();
         self.shared.fetchers.reopen();
         let kafka = &self.shared.kafka;
-        // A new reader: each partition a lookup needs is read again from its beginning, so
-        // routes recorded while this process was away reach the cache in the topic's order.
-        let (routes_reading, _) = RoutesReading::start(kafka)?;
-        *self
-            .routes_reading
+        // A new reader: the partitions the last session read are read again from their
+        // beginning, so routes recorded while this process was away reach the cache in the
+        // topic's order. Kept only once the whole session has started (a reader of a session
+        // that failed to start is dropped here, not left fetching).
+        let before = self
+            .routes_partitions_before
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::new(routes_reading);
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (routes_reading, _) = RoutesReading::start(kafka, &self.shared.fetchers, &before)?;
         // The same outcomes partition as before when the topic still has it: requests sent
         // before the suspension name it.
         let (outcomes_consumer, reply_partition, outcome_partitions) =
@@ -1515,6 +1560,10 @@ impl KafkaNode {
         self.shared
             .outcome_partitions
             .store(outcome_partitions, Ordering::Relaxed);
+        *self
+            .routes_reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(routes_reading));
         let threads = vec![
             self.spawn_routes_reader(session.clone())?,
             self.spawn_outcomes_reader(outcomes_consumer, session.clone())?,
@@ -1728,9 +1777,10 @@ impl KafkaNode {
             .routes_reading
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .context("the session's routes reader is made before its thread")?
             .consumer
             .clone();
-        self.shared.fetchers.register(&consumer);
         let (routes, read, owners) = (
             self.routes.clone(),
             self.routes_read.clone(),
