@@ -2223,8 +2223,9 @@ async fn wait_for_cluster_state(server: &Server, state: &str, deadline: Instant,
 
 /// The broker stops answering for a while (SIGSTOP) and comes back with its data: that is not
 /// a lost broker (its connections stay open), so the processes do not suspend;
-/// requests sent meanwhile end with a timeout (504, or the server's 503 `request_timeout`), and afterwards
-/// both processes serve the state applied before.
+/// requests sent meanwhile end with a timeout (504, or the server's 503 `request_timeout`; a
+/// route lookup 503 `store_unavailable` after `route_wait_ms`), and afterwards both processes
+/// serve the state applied before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_that_pauses_is_waited_for_not_taken_for_lost() {
     let broker = PrivateBroker::start();
@@ -2250,6 +2251,12 @@ async fn a_broker_that_pauses_is_waited_for_not_taken_for_lost() {
             || (status == 503 && doc["error"]["code"] == "request_timeout"),
         "{status} {doc}"
     );
+    // A route lookup is bounded by `route_wait_ms` (3 s here), not by the producer's 30 s.
+    let asked = Instant::now();
+    let (status, doc) = p2.get("/v1/users/before-user-0").await;
+    assert_eq!(status, 503, "{doc}");
+    assert_eq!(doc["error"]["code"], "store_unavailable", "{doc}");
+    assert!(asked.elapsed() < Duration::from_secs(10), "{doc}");
     // Well past the watch's checks (200 ms each, 2 s timeout): still connected.
     tokio::time::sleep(Duration::from_secs(6).saturating_sub(paused.elapsed())).await;
     for server in [&p1, &p2] {

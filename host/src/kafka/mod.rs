@@ -1204,25 +1204,33 @@ impl KafkaNode {
             })?;
         reading.read(partition, &self.shared.fetchers)?;
         let marker = format!("{SYNC_PREFIX}{}", self.shared.node_id);
-        let sent = self
-            .shared
-            .producer
-            .send(
-                FutureRecord::to(&kafka.routes_topic)
-                    .partition(partition)
-                    .key(&marker)
-                    .payload(b"{}".as_slice()),
-                wait,
-            )
-            .await
-            .map_err(|(e, _)| SubmitError::Store(format!("looking up the route: {e}")))?;
-        let caught_up =
-            tokio::time::timeout(wait, self.routes_read.reached(partition, sent.offset + 1)).await;
-        if caught_up.is_err() {
-            return Err(SubmitError::Store(format!(
-                "the routes topic was not read up to the lookup within {} ms (kafka.route_wait_ms); retry",
-                kafka.route_wait_ms
-            )));
+        // The whole lookup is bounded, the marker's produce included: a frozen broker would
+        // otherwise hold it for the producer's delivery timeout (`message.timeout.ms`, 30 s).
+        let looked_up = tokio::time::timeout(wait, async {
+            let sent = self
+                .shared
+                .producer
+                .send(
+                    FutureRecord::to(&kafka.routes_topic)
+                        .partition(partition)
+                        .key(&marker)
+                        .payload(b"{}".as_slice()),
+                    wait,
+                )
+                .await
+                .map_err(|(e, _)| SubmitError::Store(format!("looking up the route: {e}")))?;
+            self.routes_read.reached(partition, sent.offset + 1).await;
+            Ok::<(), SubmitError>(())
+        })
+        .await;
+        match looked_up {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(SubmitError::Store(format!(
+                    "the route could not be looked up within {} ms (kafka.route_wait_ms): the routes topic was not written or read up to the lookup; retry",
+                    kafka.route_wait_ms
+                )));
+            }
         }
         Ok(self.routes.lookup(user, now_ms()))
     }
