@@ -236,11 +236,18 @@ impl RouteCache {
                 });
             }
         }
-        shard.entry(user.to_string()).or_insert(Entry {
-            route: None,
-            order: 0,
-            provisional: Vec::new(),
-        })
+        // Looked up first so that a known user (the common case) costs no key allocation.
+        if !shard.contains_key(user) {
+            shard.insert(
+                user.to_string(),
+                Entry {
+                    route: None,
+                    order: 0,
+                    provisional: Vec::new(),
+                },
+            );
+        }
+        shard.get_mut(user).expect("inserted above")
     }
 
     /// Claim 5: records `user → route` for a keyed request about to be routed, before it is.

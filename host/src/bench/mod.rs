@@ -126,6 +126,10 @@ pub struct Row {
     pub max_us: f64,
     /// Process CPU time (user + system) per request, µs.
     pub cpu_us_per_request: f64,
+    /// Requests per store commit during the load (Turnstile's batches, the baselines' group
+    /// commits): what a commit's cost is shared by. `None` over HTTP, where the bench cannot see
+    /// the server's commits.
+    pub requests_per_commit: Option<f64>,
     /// Requests that got no decision (store failure, rule failure, runtime stopping).
     pub errors: u64,
     /// `pairs`: users that did not end `associated` at version 2 with a transition for each
@@ -234,6 +238,10 @@ trait System: Send + Sync + 'static {
     /// Whether background start-up work (Turnstile's route cache warm-up) is over.
     fn warmed(&self) -> bool {
         true
+    }
+    /// Store commits made so far, where the bench can count them.
+    fn commits(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -367,6 +375,10 @@ impl System for TurnstileSystem {
     fn warmed(&self) -> bool {
         self.0.routes_warmed()
     }
+
+    fn commits(&self) -> Option<u64> {
+        Some(self.0.partition_progress().iter().map(|p| p.batches).sum())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,6 +421,8 @@ fn index(key: &str, len: usize) -> usize {
 /// The lock-based or unordered baseline.
 struct Workers {
     routes: RouteCache,
+    /// Group commits made by the shards' committers.
+    commits: Arc<AtomicU64>,
     senders: Mutex<Option<Vec<crossbeam_channel::Sender<Job>>>>,
     next: AtomicU64,
     stores: Vec<Arc<Mutex<PartitionStore>>>,
@@ -427,6 +441,7 @@ impl Workers {
         let mut stores = Vec::new();
         let mut threads = Vec::new();
         let mut committers = Vec::new();
+        let commits = Arc::new(AtomicU64::new(0));
         for s in 0..shard_count {
             let store = PartitionStore::open(
                 &Location::Dir(dir.to_path_buf()),
@@ -438,10 +453,11 @@ impl Workers {
             let store = Arc::new(Mutex::new(store));
             let (tx, rx) = crossbeam_channel::bounded::<Commit>(queue_capacity(options));
             let (store_for_thread, max_batch) = (store.clone(), options.max_batch.max(1));
+            let commits = commits.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("bench-commit-{s}"))
-                    .spawn(move || commit_loop(&rx, &store_for_thread, max_batch))?,
+                    .spawn(move || commit_loop(&rx, &store_for_thread, max_batch, &commits))?,
             );
             stores.push(store);
             committers.push(tx);
@@ -536,6 +552,7 @@ impl Workers {
         }
         Ok(Workers {
             routes: RouteCache::new(config.routes.capacity, config.routes.ttl_seconds * 1000),
+            commits,
             senders: Mutex::new(Some(senders)),
             next: AtomicU64::new(0),
             stores,
@@ -550,6 +567,7 @@ fn commit_loop(
     queue: &crossbeam_channel::Receiver<Commit>,
     store: &Mutex<PartitionStore>,
     max_batch: usize,
+    commits: &AtomicU64,
 ) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -586,6 +604,7 @@ fn commit_loop(
             }
             Ok(())
         });
+        commits.fetch_add(1, Ordering::Relaxed);
         for c in batch {
             let answer = if written.is_ok() {
                 c.answer
@@ -662,6 +681,10 @@ impl System for Workers {
             let store = &self.stores[index(&key, self.stores.len())];
             store.lock().unwrap().state(&key).ok().flatten()
         })
+    }
+
+    fn commits(&self) -> Option<u64> {
+        Some(self.commits.load(Ordering::Relaxed))
     }
 
     fn stop(&self) {
@@ -886,6 +909,7 @@ async fn drive(
     let done = Arc::new(AtomicU64::new(0));
     let clients = options.clients.max(1) as u64;
     let cpu_started = process_cpu_time("self");
+    let commits_started = system.commits();
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
@@ -950,6 +974,13 @@ async fn drive(
         results.extend(finished.context("a bench client failed")?);
     }
     let cpu = process_cpu_time("self").saturating_sub(cpu_started);
+    // Read before the final states are read back, which commit nothing but are not the load.
+    let requests_per_commit = match (commits_started, system.commits()) {
+        (Some(before), Some(after)) if after > before => {
+            Some(total as f64 / (after - before) as f64)
+        }
+        _ => None,
+    };
     progress(total, total);
     // The clock stops at the last answer, not when this loop noticed it.
     let ended = results
@@ -1016,6 +1047,7 @@ async fn drive(
         p999_us: histogram.value_at_quantile(0.999) as f64,
         max_us: histogram.max() as f64,
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / total as f64,
+        requests_per_commit,
         errors,
         wrong,
         anomalies,
@@ -1126,7 +1158,7 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
     )
     .to_lowercase();
     out.push_str(&format!(
-        "{:<18} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>14}\n",
+        "{:<18} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>6} {:>9} {:>14}\n",
         "variant",
         "offered",
         "req/s",
@@ -1135,6 +1167,7 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
         "p999 µs",
         "max µs",
         "CPU µs",
+        "per commit",
         "errors",
         "wrong",
         "anomalies",
@@ -1146,7 +1179,7 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
             .find(|b| b.offered_rate == r.offered_rate)
             .map_or(r.throughput, |b| b.throughput);
         out.push_str(&format!(
-            "{:<18} {:>9} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.1} {:>6} {:>6} {:>9} {:>14.2}\n",
+            "{:<18} {:>9} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.1} {:>10} {:>6} {:>6} {:>9} {:>14.2}\n",
             r.variant,
             r.offered_rate.map_or_else(|| "closed".to_string(), |o| format!("{o:.0}")),
             r.throughput,
@@ -1155,6 +1188,8 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
             r.p999_us,
             r.max_us,
             r.cpu_us_per_request,
+            r.requests_per_commit
+                .map_or_else(|| "-".to_string(), |n| format!("{n:.1}")),
             r.errors,
             r.wrong,
             r.anomalies,
