@@ -187,7 +187,8 @@ enum Command {
         /// broker.
         #[arg(long, value_name = "CLUSTER.toml")]
         kafka: Option<PathBuf>,
-        /// Kafka mode: processes whose CPU time to report, as LABEL=PID (e.g. broker=123).
+        /// With --kafka or --url: processes whose CPU time per request to report, as LABEL=PID
+        /// (e.g. broker=123, server=456).
         #[arg(long, value_name = "LABEL=PID", value_delimiter = ',')]
         cpu: Vec<String>,
         /// Kafka mode: skip the pass-through floor.
@@ -592,15 +593,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_floor,
             json,
         } => {
+            let cpu = cpu
+                .iter()
+                .map(|item| {
+                    item.split_once('=')
+                        .and_then(|(label, pid)| Some((label.to_string(), pid.parse().ok()?)))
+                        .with_context(|| format!("--cpu {item:?}: expected LABEL=PID"))
+                })
+                .collect::<anyhow::Result<Vec<(String, u32)>>>()?;
+            anyhow::ensure!(
+                cpu.is_empty() || kafka.is_some() || url.is_some(),
+                "--cpu reports other processes' CPU time, so it needs --url or --kafka"
+            );
             if let Some(path) = kafka {
-                let cpu = cpu
-                    .iter()
-                    .map(|item| {
-                        item.split_once('=')
-                            .and_then(|(label, pid)| Some((label.to_string(), pid.parse().ok()?)))
-                            .with_context(|| format!("--cpu {item:?}: expected LABEL=PID"))
-                    })
-                    .collect::<anyhow::Result<Vec<(String, u32)>>>()?;
                 let options = turnstile::bench::kafka::KafkaBenchOptions {
                     config: Config::load(&path)?,
                     users,
@@ -658,6 +663,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect()
                 }),
                 restart,
+                cpu,
             };
             let mut bar = turnstile::progress::Progress::new("bench");
             let rows = turnstile::bench::run(&options, &mut |done, total| bar.update(done, total))?;

@@ -590,7 +590,7 @@ impl Engine {
                 }
                 transport.before_commit(tx, requests, results)
             });
-            let batch = std::mem::take(&mut inbox.requests);
+            let mut batch = std::mem::take(&mut inbox.requests);
             match committed {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -612,7 +612,7 @@ impl Engine {
                         }
                     }
                     let mut answers = Vec::with_capacity(batch.len());
-                    for (incoming, done) in batch.into_iter().zip(results.drain(..)) {
+                    for (incoming, done) in batch.drain(..).zip(results.drain(..)) {
                         match (&done.result, done.applied) {
                             (_, true) => self.stats.applied.fetch_add(1, Ordering::Relaxed),
                             (Ok(_), false) => {
@@ -626,6 +626,9 @@ impl Engine {
                         answers.push((incoming.reply, done.result));
                     }
                     transport.answer(answers);
+                    // The emptied vector goes back with its capacity: a new one per batch grew
+                    // by doublings into freshly faulted pages (2.4% of the server's CPU).
+                    inbox.requests = batch;
                 }
                 Err(e) => {
                     tracing::error!(

@@ -81,6 +81,12 @@ fn bench_smoke() {
             assert!(row["seconds"].as_f64().unwrap() > 0.0, "{name}");
             let p = |f: &str| row[f].as_f64().unwrap();
             assert!(p("p50_us") >= 1.0, "{name} recorded no latency");
+            // Every in-process variant commits, and no commit is counted without a request.
+            let per_commit = p("requests_per_commit");
+            assert!(
+                (1.0..=256.0).contains(&per_commit),
+                "{name}: {per_commit} requests per commit"
+            );
             assert!(
                 p("p50_us") <= p("p99_us")
                     && p("p99_us") <= p("p999_us")
@@ -103,6 +109,47 @@ fn bench_smoke() {
         assert_eq!(row["offered_rate"], 2000.0);
         assert!(row["seconds"].as_f64().unwrap() >= 0.19, "{row}");
     }
+}
+
+/// `bench --url` drives a running server and, with `--cpu`, reports the server's own CPU per
+/// request over the load (the number the pinned HTTP measurement in BENCHMARKS.md rests on).
+#[test]
+fn bench_over_http_reports_the_servers_cpu() {
+    let server = crate::support::Server::start();
+    let pid = server.pid().to_string();
+    let (ok, stdout, stderr) = run_cli(&[
+        "bench",
+        "--url",
+        &server.url,
+        "--users",
+        "1000",
+        "--clients",
+        "8",
+        "--cpu",
+        &format!("server={pid}"),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["variant"], "turnstile-http");
+    assert_eq!(row["errors"], 0, "{row}");
+    assert_eq!(row["wrong"], 0, "{row}");
+    // The bench cannot see a server's commits.
+    assert!(row["requests_per_commit"].is_null(), "{row}");
+    let cpu = &row["cpu_us_per_request_of"][0];
+    assert_eq!(cpu[0], "server", "{row}");
+    // 2 000 requests cost the server some CPU, and not more than a second each.
+    let us = cpu[1].as_f64().unwrap();
+    assert!(us > 0.0 && us < 1e6, "{row}");
+
+    // Another process's CPU means nothing for an in-process run.
+    let (ok, _, stderr) = run_cli(&["bench", "--users", "10", "--cpu", &format!("server={pid}")]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--cpu") && stderr.contains("--url"),
+        "{stderr}"
+    );
 }
 
 /// Logs written to a pipe (not a terminal) carry no colour codes.

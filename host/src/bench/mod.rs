@@ -99,6 +99,8 @@ pub struct BenchOptions {
     /// After each Turnstile variant's run, stop it and time opening its data dir again (start
     /// to ready with every key the run wrote).
     pub restart: bool,
+    /// With `url`: other processes (the servers) whose CPU time per request to report, by label.
+    pub cpu: Vec<(String, u32)>,
 }
 
 /// One line of the results table.
@@ -130,6 +132,9 @@ pub struct Row {
     /// commits): what a commit's cost is shared by. `None` over HTTP, where the bench cannot see
     /// the server's commits.
     pub requests_per_commit: Option<f64>,
+    /// With `--cpu`: each named process's CPU time (user + system) per request during the
+    /// load, µs, by label.
+    pub cpu_us_per_request_of: Vec<(String, f64)>,
     /// Requests that got no decision (store failure, rule failure, runtime stopping).
     pub errors: u64,
     /// `pairs`: users that did not end `associated` at version 2 with a transition for each
@@ -909,6 +914,11 @@ async fn drive(
     let done = Arc::new(AtomicU64::new(0));
     let clients = options.clients.max(1) as u64;
     let cpu_started = process_cpu_time("self");
+    let others_started: Vec<Duration> = options
+        .cpu
+        .iter()
+        .map(|(_, pid)| process_cpu_time(&pid.to_string()))
+        .collect();
     let commits_started = system.commits();
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -974,6 +984,16 @@ async fn drive(
         results.extend(finished.context("a bench client failed")?);
     }
     let cpu = process_cpu_time("self").saturating_sub(cpu_started);
+    // Read before the final states are read back, which are not the load.
+    let cpu_us_per_request_of = options
+        .cpu
+        .iter()
+        .zip(&others_started)
+        .map(|((label, pid), started)| {
+            let used = process_cpu_time(&pid.to_string()).saturating_sub(*started);
+            (label.clone(), used.as_secs_f64() * 1e6 / total as f64)
+        })
+        .collect();
     // Read before the final states are read back, which commit nothing but are not the load.
     let requests_per_commit = match (commits_started, system.commits()) {
         (Some(before), Some(after)) if after > before => {
@@ -1048,6 +1068,7 @@ async fn drive(
         max_us: histogram.max() as f64,
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / total as f64,
         requests_per_commit,
+        cpu_us_per_request_of,
         errors,
         wrong,
         anomalies,
@@ -1195,6 +1216,17 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
             r.anomalies,
             base / r.throughput
         ));
+    }
+    for r in rows {
+        for (label, us) in &r.cpu_us_per_request_of {
+            let rate = r
+                .offered_rate
+                .map_or_else(|| "closed loop".to_string(), |o| format!("{o:.0} req/s"));
+            out.push_str(&format!(
+                "{} ({rate}): {label} CPU {us:.1} µs per request\n",
+                r.variant
+            ));
+        }
     }
     for r in rows {
         if let Some(seconds) = r.restart_seconds {
