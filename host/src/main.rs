@@ -149,7 +149,7 @@ enum Command {
         /// Users; each sends reserve then associate.
         #[arg(long, default_value_t = 50_000)]
         users: u64,
-        /// Concurrent clients.
+        /// Concurrent clients (over HTTP: connections, in open loop too).
         #[arg(long, default_value_t = 256)]
         clients: usize,
         /// Store durability.
