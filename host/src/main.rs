@@ -12,8 +12,10 @@ use turnstile::router::HashKind;
 /// mimalloc instead of glibc's malloc: a request allocates and frees on one partition thread
 /// while another thread frees what it allocated (a reply, a request), which glibc's per-thread
 /// arenas serve with locks and `malloc_consolidate`; measured 1.05x the in-process throughput
-/// without fsync and 1.14x with it (BENCHMARKS.md, "The allocator"). See [`main`] for the one
-/// setting it needs.
+/// without fsync and 1.13x with it (medians, BENCHMARKS.md, "The allocator"). Built without
+/// transparent huge pages (the workspace's `no_thp`): with them every partition thread's heap
+/// held a 2 MiB page, 2.7x an idle server's memory at 64 partitions, and no faster.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -314,17 +316,6 @@ struct GateTripped {
 }
 
 fn main() -> ExitCode {
-    // No transparent huge pages for this process: mimalloc asks for them on its arenas, and
-    // every thread's heap (one per partition) then holds a 2 MiB page for a few KiB, which
-    // tripled the resident memory of an idle server (64 partitions: 73 MB with glibc, 197 MB,
-    // 80 MB without them) and was no faster (BENCHMARKS.md, "The allocator"). Pages already
-    // faulted in keep their size; nothing has allocated much yet. A failure only costs memory.
-    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours. The
-    // crate's third exception to `unsafe_code`: there is no safe wrapper for this `prctl`.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
     let cli = Cli::parse();
     let result = run(cli);
     turnstile::logging::flush(std::time::Duration::from_secs(1));
@@ -608,9 +599,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cpu = cpu
                 .iter()
                 .map(|item| {
-                    item.split_once('=')
-                        .and_then(|(label, pid)| Some((label.to_string(), pid.parse().ok()?)))
-                        .with_context(|| format!("--cpu {item:?}: expected LABEL=PID"))
+                    let (label, pid) = item
+                        .split_once('=')
+                        .and_then(|(label, pid)| {
+                            Some((label.to_string(), pid.parse::<u32>().ok()?))
+                        })
+                        .with_context(|| format!("--cpu {item:?}: expected LABEL=PID"))?;
+                    // An unreadable process would read as 0 µs per request.
+                    std::fs::metadata(format!("/proc/{pid}/stat"))
+                        .with_context(|| format!("--cpu {item:?}: no process {pid}"))?;
+                    Ok((label, pid))
                 })
                 .collect::<anyhow::Result<Vec<(String, u32)>>>()?;
             anyhow::ensure!(

@@ -219,7 +219,8 @@ impl RouteCache {
         user: &str,
         now_ms: u64,
     ) -> &'s mut Entry {
-        if !shard.contains_key(user) && shard.len() >= self.shard_capacity {
+        let known = shard.contains_key(user);
+        if !known && shard.len() >= self.shard_capacity {
             // Full: drop the expired, and if that is not enough an eighth of the rest. Evicting
             // a live route costs only a slower lookup later, since the stores keep every route.
             shard.retain(|_, e| {
@@ -237,7 +238,7 @@ impl RouteCache {
             }
         }
         // Looked up first so that a known user (the common case) costs no key allocation.
-        if !shard.contains_key(user) {
+        if !known {
             shard.insert(
                 user.to_string(),
                 Entry {

@@ -32,13 +32,13 @@ printf '[store]\ndurability = "%s"\n' "$DURABILITY" > "$WORK/config.toml"
 # run LABEL SERVER_PREFIX CLIENT_PREFIX: one fresh server, the closed and the open-loop bench.
 run() {
     local label=$1 server_prefix=$2 client_prefix=$3
-    rm -rf "$WORK/data" "$WORK/port"
+    rm -rf "$WORK/data"
     # shellcheck disable=SC2086 # the prefixes are words on purpose (`taskset -c 1` or nothing)
     $server_prefix "$BIN" run --listen 127.0.0.1:0 --config "$WORK/config.toml" \
         --data-dir "$WORK/data" > "$WORK/server.log" 2>&1 &
     SERVER=$!
     local url=
-    for _ in $(seq 1 100); do
+    for _ in $(seq 1 300); do
         url=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$WORK/server.log" | head -1 || true)
         [ -n "$url" ] && break
         sleep 0.1

@@ -117,6 +117,23 @@ fn bench_smoke() {
 fn bench_over_http_reports_the_servers_cpu() {
     let server = crate::support::Server::start();
     let pid = server.pid().to_string();
+    // A process that does nothing during the load must read as nothing.
+    let mut idle = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let cpu_ms = |pid: &str| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        // utime and stime, in 10 ms ticks.
+        (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) * 10.0
+    };
+    let server_before_ms = cpu_ms(&pid);
     let (ok, stdout, stderr) = run_cli(&[
         "bench",
         "--url",
@@ -126,22 +143,38 @@ fn bench_over_http_reports_the_servers_cpu() {
         "--clients",
         "8",
         "--cpu",
-        &format!("server={pid}"),
+        &format!("server={pid},idle={}", idle.id()),
         "--json",
     ]);
+    let server_used_ms = cpu_ms(&pid) - server_before_ms;
+    let _ = idle.kill();
+    let _ = idle.wait();
     assert!(ok, "{stderr}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
     let row = &rows[0];
     assert_eq!(row["variant"], "turnstile-http");
     assert_eq!(row["errors"], 0, "{row}");
     assert_eq!(row["wrong"], 0, "{row}");
-    // The bench cannot see a server's commits.
+    // The bench does not read a server's commits.
     assert!(row["requests_per_commit"].is_null(), "{row}");
-    let cpu = &row["cpu_us_per_request_of"][0];
-    assert_eq!(cpu[0], "server", "{row}");
-    // 2 000 requests cost the server some CPU, and not more than a second each.
-    let us = cpu[1].as_f64().unwrap();
-    assert!(us > 0.0 && us < 1e6, "{row}");
+    let of = |label: &str| -> f64 {
+        let entry = row["cpu_us_per_request_of"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e[0] == label)
+            .unwrap_or_else(|| panic!("no {label} in {row}"));
+        entry[1].as_f64().unwrap()
+    };
+    assert_eq!(of("idle"), 0.0, "{row}");
+    // The server worked for the load, and the bench counted no more than the whole run's CPU,
+    // read-back of final states included (one 10 ms tick of slack per reading).
+    let server_us = of("server");
+    let whole_run_us = (server_used_ms + 20.0) * 1000.0 / 2000.0;
+    assert!(
+        server_us > 0.0 && server_us <= whole_run_us,
+        "{server_us} µs per request, the whole run {whole_run_us}: {row}"
+    );
 
     // Another process's CPU means nothing for an in-process run.
     let (ok, _, stderr) = run_cli(&["bench", "--users", "10", "--cpu", &format!("server={pid}")]);
@@ -150,6 +183,18 @@ fn bench_over_http_reports_the_servers_cpu() {
         stderr.contains("--cpu") && stderr.contains("--url"),
         "{stderr}"
     );
+    // Nor does a process that is not there, which would read as 0 µs.
+    let (ok, _, stderr) = run_cli(&[
+        "bench",
+        "--url",
+        &server.url,
+        "--users",
+        "10",
+        "--cpu",
+        "server=4194999",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("no process 4194999"), "{stderr}");
 }
 
 /// Logs written to a pipe (not a terminal) carry no colour codes.

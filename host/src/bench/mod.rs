@@ -79,8 +79,8 @@ pub struct BenchOptions {
     /// Users; each sends two requests per round.
     pub users: u64,
     /// Concurrent clients (in process: tasks; over HTTP: connections). In open loop, the number
-    /// of tasks scheduling the requests; over HTTP also then the most connections, a request
-    /// due while all are busy waiting for one.
+    /// of tasks scheduling the requests; over HTTP it then also bounds the connections: a
+    /// request that is due while every connection is busy waits for a free one.
     pub clients: usize,
     /// Store durability.
     pub durability: Durability,
@@ -130,8 +130,8 @@ pub struct Row {
     /// Process CPU time (user + system) per request, µs.
     pub cpu_us_per_request: f64,
     /// Requests per store commit during the load (Turnstile's batches, the baselines' group
-    /// commits): what a commit's cost is shared by. `None` over HTTP, where the bench cannot see
-    /// the server's commits.
+    /// commits): what a commit's cost is shared by. `None` over HTTP, where the bench does not
+    /// read the server's commits.
     pub requests_per_commit: Option<f64>,
     /// With `--cpu`: each named process's CPU time (user + system) per request during the
     /// load, µs, by label.
@@ -799,12 +799,18 @@ async fn http(
 ) -> anyhow::Result<Row> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(options.clients)
+        // A server that never answers fails the request instead of keeping its connection.
+        .timeout(Duration::from_secs(30))
         .build()?;
     let system = Arc::new(HttpSystem {
         client,
         urls: urls.to_vec(),
         next: AtomicU64::new(0),
-        connections: tokio::sync::Semaphore::new(options.clients.max(1)),
+        // A race client has its two requests in flight at once.
+        connections: tokio::sync::Semaphore::new(match options.workload {
+            Workload::Pairs => options.clients.max(1),
+            Workload::Race { .. } => 2 * options.clients.max(1),
+        }),
     });
     let row = drive(system, options, rate, progress).await?;
     Ok(Row {
@@ -1009,13 +1015,8 @@ async fn drive(
             (label.clone(), used.as_secs_f64() * 1e6 / total as f64)
         })
         .collect();
-    // Read before the final states are read back, which commit nothing but are not the load.
-    let requests_per_commit = match (commits_started, system.commits()) {
-        (Some(before), Some(after)) if after > before => {
-            Some(total as f64 / (after - before) as f64)
-        }
-        _ => None,
-    };
+    // Read before the final states are read back, which are not the load.
+    let commits = commits_started.zip(system.commits());
     progress(total, total);
     // The clock stops at the last answer, not when this loop noticed it.
     let ended = results
@@ -1040,6 +1041,13 @@ async fn drive(
             .filter(|a| **a == Answer::Failed)
             .count() as u64;
     }
+    let requests_per_commit = match commits {
+        // A failed request is in no commit (a failed batch counts none either).
+        Some((before, after)) if after > before => {
+            Some((total - errors) as f64 / (after - before) as f64)
+        }
+        _ => None,
+    };
     // Judged against the durable state, which also catches lost updates that answered well.
     let (mut wrong, mut anomalies) = (0, 0);
     for r in &results {
