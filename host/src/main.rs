@@ -185,6 +185,11 @@ enum Command {
         /// every key the run wrote).
         #[arg(long)]
         restart: bool,
+        /// In process: skew the load over the partitions by a Zipf law of exponent S (partition
+        /// 0 the hottest; each user keeps a key of its own), and report the hottest partition's
+        /// p99 against the others'.
+        #[arg(long, value_name = "S")]
+        zipf: Option<f64>,
         /// Kafka mode: be the outside producer of the cluster this configuration file describes
         /// (its processes must be running), and compare with a pass-through pipe on the same
         /// broker.
@@ -591,6 +596,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             rate,
             restart,
+            zipf,
             kafka,
             cpu,
             no_floor,
@@ -615,6 +621,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cpu.is_empty() || kafka.is_some() || url.is_some(),
                 "--cpu reports other processes' CPU time, so it needs --url or --kafka"
             );
+            if let Some(exponent) = zipf {
+                anyhow::ensure!(
+                    exponent.is_finite() && exponent > 0.0,
+                    "--zipf must be a positive exponent"
+                );
+                anyhow::ensure!(
+                    url.is_none() && kafka.is_none(),
+                    "--zipf places keys by the bench's own partitions, so it runs in process only"
+                );
+            }
             if let Some(path) = kafka {
                 let options = turnstile::bench::kafka::KafkaBenchOptions {
                     config: Config::load(&path)?,
@@ -674,6 +690,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 restart,
                 cpu,
+                zipf,
             };
             let mut bar = turnstile::progress::Progress::new("bench");
             let rows = turnstile::bench::run(&options, &mut |done, total| bar.update(done, total))?;

@@ -111,6 +111,48 @@ fn bench_smoke() {
     }
 }
 
+/// `bench --zipf` makes one partition hot and reports it apart, and the oracle still judges
+/// every user (each keeps a key of its own).
+#[test]
+fn bench_zipf_makes_partition_zero_hot() {
+    let (ok, stdout, stderr) = run_cli(&[
+        "bench",
+        "--users",
+        "400",
+        "--clients",
+        "16",
+        "--durability",
+        "none",
+        "--zipf",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["errors"], 0, "{row}");
+    assert_eq!(row["wrong"], 0, "{row}");
+    // Zipf 2 over 4 partitions gives partition 0 1 / (1 + 1/4 + 1/9 + 1/16) = 70% of the
+    // users; an even spread would give it 25%.
+    let share = row["hot_partition"]["share"].as_f64().unwrap();
+    assert!((0.6..0.8).contains(&share), "{share}: {row}");
+    assert!(
+        row["hot_partition"]["p99_us"].as_f64().unwrap() >= 1.0,
+        "{row}"
+    );
+    assert!(
+        row["hot_partition"]["others_p99_us"].as_f64().unwrap() >= 1.0,
+        "{row}"
+    );
+
+    let (ok, _, stderr) = run_cli(&["bench", "--users", "10", "--zipf", "0"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--zipf must be a positive exponent"),
+        "{stderr}"
+    );
+}
+
 /// `bench --url` drives a running server and, with `--cpu`, reports the server's own CPU per
 /// request over the load (the number the pinned HTTP measurement in BENCHMARKS.md rests on).
 #[test]

@@ -54,7 +54,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, Durability};
 use crate::model::{Outcome, Request, RoutedRequest, State, Verdict};
-use crate::router::{Route, RouteCache};
+use crate::router::{HashKind, Partitioner, Route, RouteCache};
 use crate::runtime::{Runtime, SubmitError};
 use crate::sandbox::{RuleLimits, Sandbox};
 use crate::store::{Location, LogEntry, PartitionStore};
@@ -102,6 +102,10 @@ pub struct BenchOptions {
     pub restart: bool,
     /// With `url`: other processes (the servers) whose CPU time per request to report, by label.
     pub cpu: Vec<(String, u32)>,
+    /// In process: each user's key is chosen so that the partitions' shares of the users follow
+    /// a Zipf law of this exponent (partition 0 the hottest). Keys stay one per user, so the
+    /// oracle still judges every user; what is skewed is the load on the partitions.
+    pub zipf: Option<f64>,
 }
 
 /// One line of the results table.
@@ -136,6 +140,9 @@ pub struct Row {
     /// With `--cpu`: each named process's CPU time (user + system) per request during the
     /// load, µs, by label.
     pub cpu_us_per_request_of: Vec<(String, f64)>,
+    /// With `--zipf`: the hottest partition's share of the requests, and the p99 latency (µs) of
+    /// its requests and of every other partition's.
+    pub hot_partition: Option<HotPartition>,
     /// Requests that got no decision (store failure, rule failure, runtime stopping).
     pub errors: u64,
     /// `pairs`: users that did not end `associated` at version 2 with a transition for each
@@ -150,6 +157,17 @@ pub struct Row {
     /// route cache (loaded in the background after ready; until then a route missing from the
     /// cache is read from the stores).
     pub routes_warm_seconds: Option<f64>,
+}
+
+/// What a skewed run (`--zipf`) measured of its hottest partition against the others.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HotPartition {
+    /// Share of the requests that went to the hottest partition.
+    pub share: f64,
+    /// p99 latency of the hottest partition's requests, µs.
+    pub p99_us: f64,
+    /// p99 latency of every other partition's requests, µs.
+    pub others_p99_us: f64,
 }
 
 /// Runs the benchmark; `progress(done, total)` as it goes.
@@ -829,30 +847,89 @@ struct UserResult {
     latencies_us: Vec<u64>,
     /// When its last answer arrived.
     last_answer: Instant,
+    /// Under `--zipf`: whether its key is in the hottest partition (partition 0).
+    hot: bool,
 }
 
-fn reserve(run: &str, u: u64) -> Request {
-    Request {
-        id: None,
-        kind: "reserve".into(),
-        key: Some(key_of(run, u)),
-        user: format!("bu-{run}-{u}"),
-        payload: None,
+/// How one run names its users and their keys.
+struct Keys {
+    /// Random per run, so that runs against one server never share a user or a key.
+    run: String,
+    /// With `--zipf`: how keys map to partitions, and each partition's cumulative share of
+    /// the users (partition 0 the largest).
+    skew: Option<(Partitioner, Vec<f64>)>,
+}
+
+impl Keys {
+    fn new(options: &BenchOptions) -> Keys {
+        Keys {
+            run: format!("{:08x}", rand::random::<u32>()),
+            skew: options.zipf.map(|exponent| {
+                let weights: Vec<f64> = (1..=options.partitions)
+                    .map(|rank| 1.0 / f64::from(rank).powf(exponent))
+                    .collect();
+                let total: f64 = weights.iter().sum();
+                let cumulative = weights
+                    .iter()
+                    .scan(0.0, |sum, w| {
+                        *sum += w / total;
+                        Some(*sum)
+                    })
+                    .collect();
+                // The bench's runtime and its baselines' shards place keys this way.
+                let partitioner = Partitioner::new(HashKind::Java, options.partitions);
+                (partitioner, cumulative)
+            }),
+        }
     }
-}
 
-fn associate(run: &str, u: u64) -> Request {
-    Request {
-        id: None,
-        kind: "associate".into(),
-        key: None,
-        user: format!("bu-{run}-{u}"),
-        payload: None,
+    fn user(&self, u: u64) -> String {
+        format!("bu-{}-{u}", self.run)
     }
-}
 
-fn key_of(run: &str, u: u64) -> String {
-    format!("B-{run}-{u}")
+    /// The partition user `u`'s key goes to under `--zipf`: drawn from the Zipf shares by a
+    /// hash of `u`, so a run is the same whatever order the clients go in.
+    fn target_partition(&self, u: u64) -> Option<u32> {
+        let (_, cumulative) = self.skew.as_ref()?;
+        // splitmix64: a well-mixed 64-bit value of `u`, made a uniform fraction in [0, 1).
+        let mut z = u.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let fraction = (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0);
+        let rank = cumulative.partition_point(|c| *c <= fraction);
+        Some(rank.min(cumulative.len() - 1) as u32)
+    }
+
+    fn key(&self, u: u64) -> String {
+        let plain = format!("B-{}-{u}", self.run);
+        match (&self.skew, self.target_partition(u)) {
+            (Some((partitioner, _)), Some(target)) => (0u64..)
+                .map(|i| format!("{plain}-{i}"))
+                .find(|key| partitioner.partition(key) == target)
+                .expect("some suffix hashes to every partition"),
+            _ => plain,
+        }
+    }
+
+    fn reserve(&self, u: u64) -> Request {
+        Request {
+            id: None,
+            kind: "reserve".into(),
+            key: Some(self.key(u)),
+            user: self.user(u),
+            payload: None,
+        }
+    }
+
+    fn associate(&self, u: u64) -> Request {
+        Request {
+            id: None,
+            kind: "associate".into(),
+            key: None,
+            user: self.user(u),
+            payload: None,
+        }
+    }
 }
 
 /// Sends one user's requests; latency counts from `scheduled` for the first round (from the
@@ -861,7 +938,7 @@ async fn user_work(
     system: Arc<dyn System>,
     workload: Workload,
     ordered_pairs: bool,
-    run: Arc<str>,
+    keys: Arc<Keys>,
     u: u64,
     scheduled: Instant,
 ) -> UserResult {
@@ -870,6 +947,7 @@ async fn user_work(
         answers: Vec::new(),
         latencies_us: Vec::new(),
         last_answer: scheduled,
+        hot: keys.target_partition(u) == Some(0),
     };
     let timed = |system: Arc<dyn System>, request: Request, from: Instant| async move {
         let answer = system.submit(request).await;
@@ -883,8 +961,8 @@ async fn user_work(
     match workload {
         Workload::Pairs if ordered_pairs => {
             // Over HTTP: the associate is sent once the reserve is answered.
-            let (a, at, l1) = timed(system.clone(), reserve(&run, u), scheduled).await;
-            let (b, bt, l2) = timed(system, associate(&run, u), at).await;
+            let (a, at, l1) = timed(system.clone(), keys.reserve(u), scheduled).await;
+            let (b, bt, l2) = timed(system, keys.associate(u), at).await;
             result.answers.push((a, b));
             result.latencies_us.extend([l1, l2]);
             result.last_answer = bt;
@@ -893,8 +971,8 @@ async fn user_work(
             // Polled in order: the reserve is queued before the associate, which is routed
             // through the route the reserve just recorded.
             let ((a, at, l1), (b, bt, l2)) = tokio::join!(
-                timed(system.clone(), reserve(&run, u), scheduled),
-                timed(system, associate(&run, u), scheduled)
+                timed(system.clone(), keys.reserve(u), scheduled),
+                timed(system, keys.associate(u), scheduled)
             );
             result.answers.push((a, b));
             result.latencies_us.extend([l1, l2]);
@@ -904,8 +982,8 @@ async fn user_work(
             let mut from = scheduled;
             for _ in 0..rounds {
                 // Two tasks, so the two requests race from different clients (threads).
-                let first = tokio::spawn(timed(system.clone(), reserve(&run, u), from));
-                let second = tokio::spawn(timed(system.clone(), associate(&run, u), from));
+                let first = tokio::spawn(timed(system.clone(), keys.reserve(u), from));
+                let second = tokio::spawn(timed(system.clone(), keys.associate(u), from));
                 let (a, at, l1) = first.await.unwrap_or((Answer::Failed, Instant::now(), 0));
                 let (b, bt, l2) = second.await.unwrap_or((Answer::Failed, Instant::now(), 0));
                 result.answers.push((a, b));
@@ -925,7 +1003,7 @@ async fn drive(
     rate: Option<f64>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> anyhow::Result<Row> {
-    let run: Arc<str> = format!("{:08x}", rand::random::<u32>()).into();
+    let keys = Arc::new(Keys::new(options));
     let per_user = match options.workload {
         Workload::Pairs => 2,
         Workload::Race { rounds } => 2 * u64::from(rounds.max(1)),
@@ -944,7 +1022,7 @@ async fn drive(
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let (system, done, run) = (system.clone(), done.clone(), run.clone());
+            let (system, done, keys) = (system.clone(), done.clone(), keys.clone());
             let workload = options.workload;
             let users = options.users;
             tokio::spawn(async move {
@@ -957,7 +1035,7 @@ async fn drive(
                                 system.clone(),
                                 workload,
                                 ordered_pairs,
-                                run.clone(),
+                                keys.clone(),
                                 u,
                                 Instant::now(),
                             )
@@ -975,10 +1053,10 @@ async fn drive(
                             let due =
                                 started + Duration::from_secs_f64(u as f64 / users_per_second);
                             tokio::time::sleep_until(due.into()).await;
-                            let (system, run, done) = (system.clone(), run.clone(), done.clone());
+                            let (system, keys, done) = (system.clone(), keys.clone(), done.clone());
                             pending.push(tokio::spawn(async move {
                                 let r =
-                                    user_work(system, workload, ordered_pairs, run, u, due).await;
+                                    user_work(system, workload, ordered_pairs, keys, u, due).await;
                                 done.fetch_add(per_user, Ordering::Relaxed);
                                 r
                             }));
@@ -1029,10 +1107,13 @@ async fn drive(
         .as_secs_f64()
         .max(1e-9);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    // Under `--zipf`: the hottest partition's requests, and everyone else's.
+    let mut hot = [histogram.clone(), histogram.clone()];
     let mut errors = 0;
     for r in &results {
         for l in &r.latencies_us {
             histogram.saturating_record((*l).max(1));
+            hot[usize::from(!r.hot)].saturating_record((*l).max(1));
         }
         errors += r
             .answers
@@ -1041,6 +1122,11 @@ async fn drive(
             .filter(|a| **a == Answer::Failed)
             .count() as u64;
     }
+    let hot_partition = options.zipf.map(|_| HotPartition {
+        share: hot[0].len() as f64 / histogram.len().max(1) as f64,
+        p99_us: hot[0].value_at_quantile(0.99) as f64,
+        others_p99_us: hot[1].value_at_quantile(0.99) as f64,
+    });
     let requests_per_commit = match commits {
         // A failed request is in no commit (a failed batch counts none either).
         Some((before, after)) if after > before => {
@@ -1051,7 +1137,7 @@ async fn drive(
     // Judged against the durable state, which also catches lost updates that answered well.
     let (mut wrong, mut anomalies) = (0, 0);
     for r in &results {
-        let last = system.clone().final_state(key_of(&run, r.user)).await;
+        let last = system.clone().final_state(keys.key(r.user)).await;
         let final_state = last.as_ref().map(|s| (s.status.as_str(), s.version));
         match options.workload {
             Workload::Pairs => {
@@ -1092,6 +1178,7 @@ async fn drive(
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / total as f64,
         requests_per_commit,
         cpu_us_per_request_of,
+        hot_partition,
         errors,
         wrong,
         anomalies,
@@ -1201,6 +1288,13 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
         options.clients
     )
     .to_lowercase();
+    if let Some(exponent) = options.zipf {
+        // Before the blank line that ends the header.
+        out.insert_str(
+            out.len() - 2,
+            &format!(", partitions skewed by zipf {exponent}"),
+        );
+    }
     out.push_str(&format!(
         "{:<18} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>6} {:>9} {:>14}\n",
         "variant",
@@ -1239,6 +1333,17 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
             r.anomalies,
             base / r.throughput
         ));
+    }
+    for r in rows {
+        if let Some(hot) = &r.hot_partition {
+            out.push_str(&format!(
+                "{}: the hottest partition had {:.0}% of the requests, p99 {:.0} µs; the others p99 {:.0} µs\n",
+                r.variant,
+                hot.share * 100.0,
+                hot.p99_us,
+                hot.others_p99_us
+            ));
+        }
     }
     for r in rows {
         for (label, us) in &r.cpu_us_per_request_of {
