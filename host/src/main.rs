@@ -12,9 +12,10 @@ use turnstile::router::HashKind;
 /// mimalloc instead of glibc's malloc: a request allocates and frees on one partition thread
 /// while another thread frees what it allocated (a reply, a request), which glibc's per-thread
 /// arenas serve with locks and `malloc_consolidate`; measured 1.05x the in-process throughput
-/// without fsync and 1.13x with it (medians, BENCHMARKS.md, "The allocator"). Built without
-/// transparent huge pages (the workspace's `no_thp`): with them every partition thread's heap
-/// held a 2 MiB page, 2.7x an idle server's memory at 64 partitions, and no faster.
+/// without fsync and 1.13x with it (medians, BENCHMARKS.md, "The allocator"). Built not to
+/// ask for transparent huge pages (the workspace's `no_thp`): with them every partition
+/// thread's heap held a 2 MiB page, 2.7x an idle server's memory at 64 partitions, and no
+/// faster. A kernel with THP `always` gives them unasked; `MIMALLOC_ALLOW_THP=0` stops that.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -54,7 +54,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, Durability};
 use crate::model::{Outcome, Request, RoutedRequest, State, Verdict};
-use crate::router::{HashKind, Partitioner, Route, RouteCache};
+use crate::router::{Partitioner, Route, RouteCache};
 use crate::runtime::{Runtime, SubmitError};
 use crate::sandbox::{RuleLimits, Sandbox};
 use crate::store::{Location, LogEntry, PartitionStore};
@@ -79,8 +79,9 @@ pub struct BenchOptions {
     /// Users; each sends two requests per round.
     pub users: u64,
     /// Concurrent clients (in process: tasks; over HTTP: connections). In open loop, the number
-    /// of tasks scheduling the requests; over HTTP it then also bounds the connections: a
-    /// request that is due while every connection is busy waits for a free one.
+    /// of tasks scheduling the requests; over HTTP it then also bounds the connections (twice
+    /// it for the race workload): a request that is due while every connection is busy waits
+    /// for a free one.
     pub clients: usize,
     /// Store durability.
     pub durability: Durability,
@@ -628,7 +629,9 @@ fn commit_loop(
             }
             Ok(())
         });
-        commits.fetch_add(1, Ordering::Relaxed);
+        if written.is_ok() {
+            commits.fetch_add(1, Ordering::Relaxed);
+        }
         for c in batch {
             let answer = if written.is_ok() {
                 c.answer
@@ -724,7 +727,7 @@ struct HttpSystem {
     client: reqwest::Client,
     urls: Vec<String>,
     next: AtomicU64,
-    /// One permit per connection (`--clients`): an open-loop request due while every
+    /// One permit per connection (`--clients`, twice that for the race workload): an open-loop request due while every
     /// connection is busy waits for one, and the wait counts in its latency (from its scheduled
     /// time), as with wrk2's fixed connections. Without it, overload opened a connection per
     /// late request, past the server's `server.max_connections`, and the run measured SYN
@@ -815,8 +818,14 @@ async fn http(
     rate: Option<f64>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> anyhow::Result<Row> {
+    // A race client has its two requests in flight at once.
+    let connections = match options.workload {
+        Workload::Pairs => options.clients.max(1),
+        Workload::Race { .. } => 2 * options.clients.max(1),
+    };
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.clients)
+        // As many kept open as may be in use, so none is closed and opened again.
+        .pool_max_idle_per_host(connections)
         // A server that never answers fails the request instead of keeping its connection.
         .timeout(Duration::from_secs(30))
         .build()?;
@@ -824,11 +833,7 @@ async fn http(
         client,
         urls: urls.to_vec(),
         next: AtomicU64::new(0),
-        // A race client has its two requests in flight at once.
-        connections: tokio::sync::Semaphore::new(match options.workload {
-            Workload::Pairs => options.clients.max(1),
-            Workload::Race { .. } => 2 * options.clients.max(1),
-        }),
+        connections: tokio::sync::Semaphore::new(connections),
     });
     let row = drive(system, options, rate, progress).await?;
     Ok(Row {
@@ -855,60 +860,53 @@ struct UserResult {
 struct Keys {
     /// Random per run, so that runs against one server never share a user or a key.
     run: String,
-    /// With `--zipf`: how keys map to partitions, and each partition's cumulative share of
-    /// the users (partition 0 the largest).
-    skew: Option<(Partitioner, Vec<f64>)>,
+    /// With `--zipf`: every user's key, chosen before the load (finding one costs a few
+    /// hashes per partition, which must not count in a request's latency), and the partition it
+    /// landed in.
+    skewed: Option<Vec<(String, u32)>>,
 }
 
 impl Keys {
     fn new(options: &BenchOptions) -> Keys {
-        Keys {
-            run: format!("{:08x}", rand::random::<u32>()),
-            skew: options.zipf.map(|exponent| {
-                let weights: Vec<f64> = (1..=options.partitions)
-                    .map(|rank| 1.0 / f64::from(rank).powf(exponent))
-                    .collect();
-                let total: f64 = weights.iter().sum();
-                let cumulative = weights
-                    .iter()
-                    .scan(0.0, |sum, w| {
-                        *sum += w / total;
-                        Some(*sum)
-                    })
-                    .collect();
-                // The bench's runtime and its baselines' shards place keys this way.
-                let partitioner = Partitioner::new(HashKind::Java, options.partitions);
-                (partitioner, cumulative)
-            }),
-        }
+        let run = format!("{:08x}", rand::random::<u32>());
+        let skewed = options.zipf.map(|exponent| {
+            let cumulative = zipf_cumulative(options.partitions, exponent);
+            // The partitioner the bench's runtime is configured with; the baselines' shards
+            // (`index`) place keys the same way.
+            let hash = base_config(options, PathBuf::new()).partitions.hash;
+            let partitioner = Partitioner::new(hash, options.partitions);
+            (0..options.users)
+                .map(|u| {
+                    let target = zipf_rank(&cumulative, u);
+                    let key = (0u64..)
+                        .map(|i| format!("B-{run}-{u}-{i}"))
+                        .find(|key| partitioner.partition(key) == target)
+                        .expect("some suffix hashes to every partition");
+                    let landed = partitioner.partition(&key);
+                    (key, landed)
+                })
+                .collect()
+        });
+        Keys { run, skewed }
     }
 
     fn user(&self, u: u64) -> String {
         format!("bu-{}-{u}", self.run)
     }
 
-    /// The partition user `u`'s key goes to under `--zipf`: drawn from the Zipf shares by a
-    /// hash of `u`, so a run is the same whatever order the clients go in.
-    fn target_partition(&self, u: u64) -> Option<u32> {
-        let (_, cumulative) = self.skew.as_ref()?;
-        // splitmix64: a well-mixed 64-bit value of `u`, made a uniform fraction in [0, 1).
-        let mut z = u.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        let fraction = (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0);
-        let rank = cumulative.partition_point(|c| *c <= fraction);
-        Some(rank.min(cumulative.len() - 1) as u32)
+    fn key(&self, u: u64) -> String {
+        match &self.skewed {
+            Some(keys) => keys[u as usize].0.clone(),
+            None => format!("B-{}-{u}", self.run),
+        }
     }
 
-    fn key(&self, u: u64) -> String {
-        let plain = format!("B-{}-{u}", self.run);
-        match (&self.skew, self.target_partition(u)) {
-            (Some((partitioner, _)), Some(target)) => (0u64..)
-                .map(|i| format!("{plain}-{i}"))
-                .find(|key| partitioner.partition(key) == target)
-                .expect("some suffix hashes to every partition"),
-            _ => plain,
-        }
+    /// Under `--zipf`: whether user `u`'s key is in the hottest partition (partition 0), as
+    /// the partitioner placed it.
+    fn hot(&self, u: u64) -> bool {
+        self.skewed
+            .as_ref()
+            .is_some_and(|keys| keys[u as usize].1 == 0)
     }
 
     fn reserve(&self, u: u64) -> Request {
@@ -932,6 +930,35 @@ impl Keys {
     }
 }
 
+/// Each partition's cumulative share of the users under a Zipf law of `exponent`, partition 0
+/// the largest.
+fn zipf_cumulative(partitions: u32, exponent: f64) -> Vec<f64> {
+    let weights: Vec<f64> = (1..=partitions)
+        .map(|rank| 1.0 / f64::from(rank).powf(exponent))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    weights
+        .iter()
+        .scan(0.0, |sum, w| {
+            *sum += w / total;
+            Some(*sum)
+        })
+        .collect()
+}
+
+/// The partition user `u` is given: drawn from the cumulative shares by a hash of `u`, so a
+/// run is the same whatever order its clients go in.
+fn zipf_rank(cumulative: &[f64], u: u64) -> u32 {
+    // splitmix64: a well-mixed 64-bit value of `u`; its top 53 bits, a fraction in [0, 1).
+    let mut z = u.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let fraction = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
+    // The last share may sum to a hair under 1.0.
+    let rank = cumulative.partition_point(|c| *c <= fraction);
+    rank.min(cumulative.len() - 1) as u32
+}
+
 /// Sends one user's requests; latency counts from `scheduled` for the first round (from the
 /// send of later rounds, which wait for the previous answers).
 async fn user_work(
@@ -947,7 +974,7 @@ async fn user_work(
         answers: Vec::new(),
         latencies_us: Vec::new(),
         last_answer: scheduled,
-        hot: keys.target_partition(u) == Some(0),
+        hot: keys.hot(u),
     };
     let timed = |system: Arc<dyn System>, request: Request, from: Instant| async move {
         let answer = system.submit(request).await;
@@ -1089,10 +1116,15 @@ async fn drive(
         .iter()
         .zip(&others_started)
         .map(|((label, pid), started)| {
+            // A process gone by now would read as no CPU at all.
+            anyhow::ensure!(
+                std::path::Path::new(&format!("/proc/{pid}/stat")).exists(),
+                "--cpu {label}={pid}: the process ended during the load"
+            );
             let used = process_cpu_time(&pid.to_string()).saturating_sub(*started);
-            (label.clone(), used.as_secs_f64() * 1e6 / total as f64)
+            Ok((label.clone(), used.as_secs_f64() * 1e6 / total as f64))
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     // Read before the final states are read back, which are not the load.
     let commits = commits_started.zip(system.commits());
     progress(total, total);
@@ -1336,8 +1368,11 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
     }
     for r in rows {
         if let Some(hot) = &r.hot_partition {
+            let rate = r
+                .offered_rate
+                .map_or_else(|| "closed loop".to_string(), |o| format!("{o:.0} req/s"));
             out.push_str(&format!(
-                "{}: the hottest partition had {:.0}% of the requests, p99 {:.0} µs; the others p99 {:.0} µs\n",
+                "{} ({rate}): the hottest partition had {:.0}% of the requests, p99 {:.0} µs; the others p99 {:.0} µs\n",
                 r.variant,
                 hot.share * 100.0,
                 hot.p99_us,
@@ -1377,6 +1412,58 @@ mod tests {
 
     fn t(status: &str) -> Answer {
         Answer::Transition(status.into())
+    }
+
+    fn options(partitions: u32, users: u64, zipf: f64) -> BenchOptions {
+        BenchOptions {
+            partitions,
+            users,
+            clients: 1,
+            durability: Durability::None,
+            max_batch: 1,
+            rule: None,
+            compare: false,
+            workload: Workload::Pairs,
+            rates: Vec::new(),
+            url: None,
+            restart: false,
+            cpu: Vec::new(),
+            zipf: Some(zipf),
+        }
+    }
+
+    /// `--zipf`: every key lands in the partition its draw chose, by the partitioner the runtime
+    /// is configured with, and the shares come out as the law says.
+    #[test]
+    fn zipf_keys_land_where_the_law_puts_them() {
+        for partitions in [2, 4, 7, 256] {
+            let options = options(partitions, 3000, 1.0);
+            let keys = Keys::new(&options);
+            let config = base_config(&options, PathBuf::new());
+            let partitioner = Partitioner::new(config.partitions.hash, partitions);
+            let cumulative = zipf_cumulative(partitions, 1.0);
+            let mut in_zero = 0;
+            for u in 0..options.users {
+                let key = keys.key(u);
+                let landed = partitioner.partition(&key);
+                assert_eq!(landed, zipf_rank(&cumulative, u), "{partitions}: {key}");
+                assert_eq!(keys.hot(u), landed == 0);
+                in_zero += u64::from(landed == 0);
+            }
+            let share = in_zero as f64 / options.users as f64;
+            let expected = cumulative[0];
+            assert!(
+                (share - expected).abs() < 0.05,
+                "{partitions} partitions: {share} in partition 0, the law says {expected}"
+            );
+        }
+        // Without the option, keys are as they always were and no one is hot.
+        let plain = Keys::new(&BenchOptions {
+            zipf: None,
+            ..options(4, 10, 1.0)
+        });
+        assert_eq!(plain.key(3), format!("B-{}-3", plain.run));
+        assert!(!plain.hot(0));
     }
 
     #[test]
