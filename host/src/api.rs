@@ -436,10 +436,23 @@ impl IntoResponse for Json {
 #[serde(deny_unknown_fields)]
 struct RequestBody {
     kind: String,
-    key: Option<String>,
+    /// `None`: left out; `Some(None)`: sent as `null`, which is refused rather than read as
+    /// left out (a present field must be a non-empty string).
+    #[serde(default, deserialize_with = "present")]
+    key: Option<Option<String>>,
     user: String,
     payload: Option<Value>,
-    id: Option<String>,
+    /// As `key`.
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Option<String>>,
+}
+
+/// Marks an optional field as present, `null` included, so that `"key": null` can be told
+/// apart from a request without a key.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Some)
 }
 
 async fn healthz() -> Json {
@@ -537,10 +550,17 @@ async fn submit(
             )));
         }
     }
+    for (field, value) in [("key", &body.key), ("id", &body.id)] {
+        if matches!(value, Some(None)) {
+            return Err(ApiError::bad_request(format!(
+                "`{field}` must be a string when present, not null; leave it out instead"
+            )));
+        }
+    }
     let request = Request {
-        id: body.id,
+        id: body.id.flatten(),
         kind: body.kind,
-        key: body.key,
+        key: body.key.flatten(),
         user: body.user,
         payload: body.payload.map(|p| p.to_string()),
     };

@@ -44,15 +44,13 @@ pub fn build(crate_dir: &Path, config: &Config, options: &BuildOptions) -> anyho
             "{} is no rule project: it has no Cargo.toml (Rust), package.json (JavaScript) or pyproject.toml / app.py (Python)",
             crate_dir.display()
         ),
-        None => {}
+        None if crate_dir.exists() => bail!(
+            "{} is a file, not a rule project directory",
+            crate_dir.display()
+        ),
+        None => bail!("{} does not exist", crate_dir.display()),
     }
     let manifest_path = crate_dir.join("Cargo.toml");
-    if !manifest_path.exists() {
-        bail!(
-            "{} has no Cargo.toml; point `turnstile build` at a rule crate",
-            crate_dir.display()
-        );
-    }
     refuse_workspace_root(&manifest_path)?;
     let cargo: PathBuf = std::env::var_os("CARGO")
         .unwrap_or_else(|| "cargo".into())

@@ -216,6 +216,20 @@ async fn bad_inputs_are_400_and_reach_no_partition() {
                 .into_bytes(),
             "`user` must not be empty",
         ),
+        // A present `key` or `id` is a string: `null` is not read as leaving it out (which
+        // would send a keyed reserve down the route cache as a user-only request).
+        (
+            json!({"kind": "reserve", "key": null, "user": "a"})
+                .to_string()
+                .into_bytes(),
+            "`key` must be a string when present, not null",
+        ),
+        (
+            json!({"kind": "reserve", "key": "K", "user": "a", "id": null})
+                .to_string()
+                .into_bytes(),
+            "`id` must be a string when present, not null",
+        ),
     ];
     for (raw, expected) in cases {
         let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();

@@ -153,6 +153,56 @@ fn bench_zipf_makes_partition_zero_hot() {
     );
 }
 
+/// `bench --url` aimed at nothing, at no URL, or at a server that is not a Turnstile fails
+/// with the URL named, instead of printing a table of failures with a zero exit.
+#[test]
+fn bench_over_http_refuses_what_it_cannot_measure() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let (ok, stdout, stderr) = run_cli(&["bench", "--url", &closed, "--users", "10"]);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.starts_with("error: cannot reach the server at ") && stderr.contains(&closed),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run_cli(&["bench", "--url", "notaurl", "--users", "10"]);
+    assert!(!ok);
+    assert!(stderr.contains("--url notaurl is not a URL"), "{stderr}");
+
+    // Something that answers every request 200 with an empty JSON object: its /readyz passes,
+    // then no request gets a state back.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let impostor = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 65536];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+            );
+        }
+    });
+    let (ok, stdout, stderr) = run_cli(&[
+        "bench",
+        "--url",
+        &impostor,
+        "--users",
+        "20",
+        "--clients",
+        "2",
+        "--json",
+    ]);
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("every one of the 40 requests failed") && stderr.contains(&impostor),
+        "{stderr}"
+    );
+}
+
 /// `bench --url` drives a running server and, with `--cpu`, reports the server's own CPU per
 /// request over the load (the number the pinned HTTP measurement in BENCHMARKS.md rests on).
 #[test]

@@ -892,6 +892,27 @@ fn build_refuses_a_workspace_root_with_its_members() {
     assert!(!stderr.contains("Compiling"), "it compiled first: {stderr}");
 }
 
+/// `turnstile build` at a path that is not there, or at a file, says which of the two it is.
+#[test]
+fn build_names_a_missing_path_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-rule");
+    let (ok, _, stderr) = run_cli(&["build", missing.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("{} does not exist", missing.display())),
+        "{stderr}"
+    );
+    let file = dir.path().join("rule.wasm");
+    std::fs::write(&file, b"not a project").unwrap();
+    let (ok, _, stderr) = run_cli(&["build", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("is a file, not a rule project directory"),
+        "{stderr}"
+    );
+}
+
 /// Operations details of issue 16: a reject answer names the rule version that decided it, an
 /// install label shows in the history, and reinstalling the running version adds no entry.
 #[tokio::test(flavor = "multi_thread")]

@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 
 pub mod kafka;
@@ -829,6 +829,9 @@ async fn http(
         // A server that never answers fails the request instead of keeping its connection.
         .timeout(Duration::from_secs(30))
         .build()?;
+    for base in urls {
+        probe(&client, base).await?;
+    }
     let system = Arc::new(HttpSystem {
         client,
         urls: urls.to_vec(),
@@ -836,10 +839,42 @@ async fn http(
         connections: tokio::sync::Semaphore::new(connections),
     });
     let row = drive(system, options, rate, progress).await?;
+    // A server that answered its probe and then failed everything (it went away, or is not a
+    // Turnstile) leaves nothing to measure: the table would show the failures' timings as
+    // latencies and a throughput of 0.
+    if row.requests > 0 && row.errors >= row.requests {
+        bail!(
+            "every one of the {} requests failed against {}: nothing was measured",
+            row.requests,
+            urls.join(", ")
+        );
+    }
     Ok(Row {
         variant: "turnstile-http".into(),
         ..row
     })
+}
+
+/// Checks before the load that `base` is a URL, that a server answers there, and that it says
+/// it is ready (`/readyz`), so a mistyped or dead `--url` is an error instead of a table of
+/// failures.
+async fn probe(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(base).with_context(|| format!("--url {base} is not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("--url {base} is not an http:// or https:// URL");
+    }
+    let readyz = format!("{base}/readyz");
+    let response = client
+        .get(&readyz)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the server at {base} (--url)"))?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!("{readyz} answered {status}: the server at {base} is not a ready Turnstile");
+    }
+    Ok(())
 }
 
 /// What one user's requests got.
