@@ -152,6 +152,9 @@ pub fn repartition(
     let mut dead: Rows = vec![Vec::new(); n];
     let mut routes: HashMap<String, Newest> = HashMap::new();
     let mut dedup: HashMap<String, Newest> = HashMap::new();
+    // Where each log entry lands, (old partition, old seq) → its seq in its new partition, so a
+    // retry of a moved request answers with its new position, not another request's.
+    let mut new_seqs: HashMap<(u32, u64), u64> = HashMap::new();
     let mut superseded = 0;
     let mut last_order = 0;
     let (mut old_states, mut old_log, mut old_dead) = (0, 0, 0);
@@ -195,7 +198,9 @@ pub fn repartition(
         for row in log_table.iter()? {
             let (seq, value) = row?;
             let entry: LogEntry = store::decode(&seq.value(), value.value())?;
-            logs[home(&entry.request.key)].push((Vec::new(), store::encode(&0, &entry)));
+            let rows = &mut logs[home(&entry.request.key)];
+            new_seqs.insert((p as u32, seq.value()), rows.len() as u64 + 1);
+            rows.push((Vec::new(), store::encode(&0, &entry)));
         }
         let dead_table = txn.open_table(DEAD_LETTERS)?;
         old_dead += dead_table.len()?;
@@ -258,9 +263,16 @@ pub fn repartition(
             let mut order = txn.open_table(DEDUP_ORDER)?;
             for (seq, (id, value)) in dedup_rows[p].iter().enumerate() {
                 let id = std::str::from_utf8(id)?;
-                // A retry answers with where the request lives now.
+                // A retry answers with where the request lives now: its partition and its log
+                // entry's new position. An entry the log's retention had already removed has
+                // no position any more: 0, never another request's.
                 let mut stored: StoredDedup = store::decode(id, value)?;
-                stored.entry.decision.partition = p as u32;
+                let decision = &mut stored.entry.decision;
+                decision.seq = new_seqs
+                    .get(&(decision.partition, decision.seq))
+                    .copied()
+                    .unwrap_or(0);
+                decision.partition = p as u32;
                 dedup_table.insert(id, store::encode(id, &stored).as_slice())?;
                 order.insert(seq as u64 + 1, id)?;
             }

@@ -131,6 +131,7 @@ async fn repartition_moves_every_key_route_and_id() {
             .config("[partitions]\nservers = 2\ncontainers = 3\nhash = \"murmur2\"\n"),
     );
     let partitioner = Partitioner::new(HashKind::Murmur2, 6);
+    let mut retried = Vec::new();
     for (u, first) in answers.iter().enumerate() {
         let key = format!("M-{u}");
         let (status, state) = server.get(&format!("/v1/keys/{key}")).await;
@@ -158,7 +159,37 @@ async fn repartition_moves_every_key_route_and_id() {
         assert_eq!(status, 200);
         assert_eq!(answer["state"], first["state"]);
         assert_eq!(answer["partition"], partitioner.partition(&key));
+        retried.push(answer);
     }
+    // Its `seq` is where the request's log entry is now, not where it was: the old position is
+    // another request's in the new layout.
+    assert!(server.terminate());
+    let (ok, stdout, stderr) = run_cli(&["inspect", "--data-dir", data_dir, "--table", "log"]);
+    assert!(ok, "{stderr}");
+    let mut logged = HashMap::new();
+    for line in stdout.lines() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let position = (
+            record["partition"].as_u64().unwrap(),
+            record["key"].as_u64().unwrap(),
+        );
+        logged.insert(position, record["value"]["request"]["id"].clone());
+    }
+    let mut moved = 0;
+    for (u, (first, answer)) in answers.iter().zip(&retried).enumerate() {
+        let position = (
+            answer["partition"].as_u64().unwrap(),
+            answer["seq"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            logged.get(&position),
+            Some(&Value::from(format!("m-{u}"))),
+            "{answer}"
+        );
+        moved += usize::from(first["seq"] != answer["seq"]);
+    }
+    // Positions did change (else the check above could not tell the old one from the new).
+    assert!(moved > 0);
 }
 
 /// A missing or corrupt partition file is reported by path, not silently recreated empty.

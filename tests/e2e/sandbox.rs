@@ -687,6 +687,17 @@ async fn dead_letters_are_pruned_beyond_the_retention() {
         .await;
     assert_eq!(status, 404, "{answer}");
     assert_eq!(answer["error"]["code"], "unknown_dead_letter");
+    // A partition that does not exist is a bad request, not a missing letter.
+    let (status, answer) = server
+        .admin(
+            "POST",
+            "/v1/dead-letters/99/1/resubmit",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "invalid_request");
 }
 
 /// `turnstile test` prints what a rule returned escaped: data holding U+202E (valid in a JSON
@@ -854,8 +865,23 @@ async fn a_key_over_the_failure_budget_is_quarantined() {
         BUDGET
     );
 
-    // A rule install lifts every quarantine.
+    // A canary install on another partition leaves this one's rule, and its quarantine, alone.
     let bytes = std::fs::read(guests::ECHO).unwrap();
+    let (status, answer) = server
+        .admin(
+            "PUT",
+            "/v1/admin/rule?partitions=0",
+            Some(bytes.clone()),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server.request(request("set", &flooded, "canary")).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (503, Some("rule_quarantined"))
+    );
+    // An install that switches its partition lifts every quarantine there.
     let (status, answer) = server
         .admin("PUT", "/v1/admin/rule", Some(bytes), Some(ADMIN_TOKEN))
         .await;
@@ -1025,12 +1051,18 @@ fn compiled_versions(metrics: &str) -> u64 {
 
 /// Installing one version after another keeps at most the running version and
 /// `rule.max_idle_compiled_versions` others compiled; rolling back to a dropped version compiles
-/// it again from the data dir, and it decides again.
+/// it again from the data dir, or without one from the bytes kept in memory, and it decides
+/// again.
 #[tokio::test(flavor = "multi_thread")]
 async fn compiled_versions_no_partition_runs_are_dropped() {
-    const INSTALLS: usize = 6;
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()).config(&format!(
+    roll_back_through_dropped_versions(ServerArgs::default().data_dir(dir.path())).await;
+    roll_back_through_dropped_versions(ServerArgs::default()).await;
+}
+
+async fn roll_back_through_dropped_versions(args: ServerArgs) {
+    const INSTALLS: usize = 6;
+    let server = Server::start_with(args.config(&format!(
         "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[rule]\nmax_idle_compiled_versions = 1\n"
     )));
     let echo = std::fs::read(guests::ECHO).unwrap();
