@@ -164,17 +164,7 @@ async fn repartition_moves_every_key_route_and_id() {
     // Its `seq` is where the request's log entry is now, not where it was: the old position is
     // another request's in the new layout.
     assert!(server.terminate());
-    let (ok, stdout, stderr) = run_cli(&["inspect", "--data-dir", data_dir, "--table", "log"]);
-    assert!(ok, "{stderr}");
-    let mut logged = HashMap::new();
-    for line in stdout.lines() {
-        let record: Value = serde_json::from_str(line).unwrap();
-        let position = (
-            record["partition"].as_u64().unwrap(),
-            record["key"].as_u64().unwrap(),
-        );
-        logged.insert(position, record["value"]["request"]["id"].clone());
-    }
+    let logged = logged_ids(data_dir);
     let mut moved = 0;
     for (u, (first, answer)) in answers.iter().zip(&retried).enumerate() {
         let position = (
@@ -190,6 +180,87 @@ async fn repartition_moves_every_key_route_and_id() {
     }
     // Positions did change (else the check above could not tell the old one from the new).
     assert!(moved > 0);
+}
+
+/// Every log entry of a stopped data dir: (partition, seq) → the id of its request.
+fn logged_ids(data_dir: &str) -> HashMap<(u64, u64), Value> {
+    let (ok, stdout, stderr) = run_cli(&["inspect", "--data-dir", data_dir, "--table", "log"]);
+    assert!(ok, "{stderr}");
+    stdout
+        .lines()
+        .map(|line| {
+            let record: Value = serde_json::from_str(line).unwrap();
+            let position = (
+                record["partition"].as_u64().unwrap(),
+                record["key"].as_u64().unwrap(),
+            );
+            (position, record["value"]["request"]["id"].clone())
+        })
+        .collect()
+}
+
+/// A request whose log entry the log's retention removed before a repartition has no position
+/// in the new layout: a retry answers `seq` 0, never a position another request holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn repartition_answers_seq_0_for_a_request_whose_log_entry_is_gone() {
+    const REQUESTS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        ServerArgs::default()
+            .data_dir(dir.path())
+            .config("[store]\nlog_retention = 4\n"),
+    );
+    for i in 0..REQUESTS {
+        let mut reserve = body("reserve", Some(&format!("G-{i}")), &format!("gu-{i}"));
+        reserve["id"] = format!("g-{i}").into();
+        assert_eq!(server.request(reserve).await.0, 200);
+    }
+    assert!(server.terminate());
+    let data_dir = dir.path().to_str().unwrap();
+    let (ok, _, stderr) = run_cli(&[
+        "repartition",
+        "--data-dir",
+        data_dir,
+        "--servers",
+        "1",
+        "--containers",
+        "3",
+    ]);
+    assert!(ok, "{stderr}");
+    // Read before the server runs again (with a retention it would trim the log further).
+    let logged = logged_ids(data_dir);
+    let config = "[partitions]\nservers = 1\ncontainers = 3\n";
+    let server = Server::start_with(ServerArgs::default().data_dir(dir.path()).config(config));
+    let mut answers = Vec::new();
+    for i in 0..REQUESTS {
+        let mut retry = body("reserve", Some(&format!("G-{i}")), &format!("gu-{i}"));
+        retry["id"] = format!("g-{i}").into();
+        let (status, answer) = server.request(retry).await;
+        assert_eq!(status, 200, "{answer}");
+        answers.push(answer);
+    }
+    let mut gone = 0;
+    for (i, answer) in answers.iter().enumerate() {
+        let id = Value::from(format!("g-{i}"));
+        let position = (
+            answer["partition"].as_u64().unwrap(),
+            answer["seq"].as_u64().unwrap(),
+        );
+        if position.1 == 0 {
+            gone += 1;
+            assert!(
+                !logged.values().any(|logged| *logged == id),
+                "{id} is logged: {answer}"
+            );
+        } else {
+            assert_eq!(logged.get(&position), Some(&id), "{answer}");
+        }
+    }
+    // The retention did remove entries, and kept some.
+    assert!(
+        gone > 0 && gone < REQUESTS,
+        "{gone} of {REQUESTS} answered seq 0"
+    );
 }
 
 /// A missing or corrupt partition file is reported by path, not silently recreated empty.
