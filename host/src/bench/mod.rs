@@ -896,8 +896,7 @@ struct Keys {
     /// Random per run, so that runs against one server never share a user or a key.
     run: String,
     /// With `--zipf`: every user's key, chosen before the load (finding one costs a few
-    /// hashes per partition, which must not count in a request's latency), and the partition it
-    /// landed in.
+    /// hashes per partition, which must not count in a request's latency), and its partition.
     skewed: Option<Vec<(String, u32)>>,
 }
 
@@ -917,8 +916,7 @@ impl Keys {
                         .map(|i| format!("B-{run}-{u}-{i}"))
                         .find(|key| partitioner.partition(key) == target)
                         .expect("some suffix hashes to every partition");
-                    let landed = partitioner.partition(&key);
-                    (key, landed)
+                    (key, target)
                 })
                 .collect()
         });
@@ -1346,7 +1344,7 @@ fn process_cpu_time(pid: &str) -> Duration {
 /// The results as a table, with ratios against the first row of the same rate.
 pub fn render(rows: &[Row], options: &BenchOptions) -> String {
     let mut out = format!(
-        "turnstile bench: workload {:?}, {} partitions, {} users, durability {:?}, max batch {}, {} clients\n\n",
+        "turnstile bench: workload {:?}, {} partitions, {} users, durability {:?}, max batch {}, {} clients",
         options.workload,
         options.partitions,
         options.users,
@@ -1356,12 +1354,9 @@ pub fn render(rows: &[Row], options: &BenchOptions) -> String {
     )
     .to_lowercase();
     if let Some(exponent) = options.zipf {
-        // Before the blank line that ends the header.
-        out.insert_str(
-            out.len() - 2,
-            &format!(", partitions skewed by zipf {exponent}"),
-        );
+        out.push_str(&format!(", partitions skewed by zipf {exponent}"));
     }
+    out.push_str("\n\n");
     out.push_str(&format!(
         "{:<18} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6} {:>6} {:>9} {:>14}\n",
         "variant",
